@@ -8,6 +8,7 @@ its meta registrations need, so the import succeeds and only torchvision's compi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -68,8 +69,6 @@ def ensure_torchvision_importable() -> None:
             pass
     lib = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TOR901 - kept alive below
     for schema in _SCHEMAS.values():
-        try:
+        with contextlib.suppress(RuntimeError):  # already defined
             lib.define(schema)
-        except RuntimeError:
-            pass  # already defined
     globals()["_LIB"] = lib

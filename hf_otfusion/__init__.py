@@ -1,0 +1,27 @@
+"""hf-otfusion: model fusion via optimal transport (Singh & Jaggi, NeurIPS 2020) for the Hugging Face stack."""
+
+from ._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+from .errors import FusionError, PlanError  # noqa: E402
+from .fuse import align, ensemble, fuse, random_permutation, vanilla_average  # noqa: E402
+from .plan import AlignmentPlan, AxisRef, Space  # noqa: E402
+from .trace import build_plan, register_rule  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlignmentPlan",
+    "AxisRef",
+    "FusionError",
+    "PlanError",
+    "Space",
+    "align",
+    "build_plan",
+    "ensemble",
+    "fuse",
+    "random_permutation",
+    "register_rule",
+    "vanilla_average",
+]

@@ -1,0 +1,166 @@
+"""Activation-based ground metric: stream calibration batches and accumulate what the cost needs.
+
+For each space and each (model, target) pair we keep the squared norm of every channel's activation vector
+and the cross Gram matrix between the two models' channels, summed over samples, spatial positions and every
+site where the space is read. Memory grows with channels, never with samples x positions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.export import ExportedProgram
+from torch.fx._pytree import tree_flatten_spec
+from tqdm.auto import tqdm
+
+from .errors import FusionError
+from .plan import AlignmentPlan, Site
+from .trace import as_args
+from .transport import distance_from_gram
+
+CHUNK = 128
+
+
+def iter_batches(calibration: Any) -> Iterator[Any]:
+    """Model inputs from a tensor (chunked), or an iterable of inputs or of (input, label) batches."""
+    if calibration is None:
+        return
+    if isinstance(calibration, torch.Tensor):
+        yield from calibration.split(CHUNK)
+        return
+    if isinstance(calibration, dict):
+        yield calibration
+        return
+    if not isinstance(calibration, Iterable):
+        raise FusionError(f"calibration must be a tensor or an iterable of batches, not {type(calibration).__name__}")
+    for batch in calibration:
+        if isinstance(batch, (tuple, list)) and len(batch) > 0 and isinstance(batch[0], torch.Tensor):
+            yield batch[0]
+        else:
+            yield batch
+
+
+def first_batch(calibration: Any) -> Any:
+    for batch in iter_batches(calibration):
+        return batch
+    raise FusionError("the calibration data is empty")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict) or hasattr(value, "keys"):
+        return {k: _to(v, device) for k, v in dict(value).items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+class _Capture(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.seen[n.name] = out
+        return out
+
+
+class Runner:
+    """Runs one model through its exported graph and returns the values of the requested nodes."""
+
+    def __init__(self, ep: ExportedProgram, model: nn.Module, device: torch.device):
+        gm = ep.module()
+        # our own copy: the unlifted module may share tensors with the user's model, which we must not touch
+        self.gm = copy.deepcopy(gm).to(device)
+        with torch.no_grad():
+            self.gm.load_state_dict({k: v.detach() for k, v in model.state_dict().items()}, strict=False)
+        self.device = device
+
+    @torch.no_grad()
+    def capture(self, batch: Any, wanted: set[str]) -> dict[str, torch.Tensor]:
+        args, kwargs = as_args(_to(batch, self.device))
+        flat = tree_flatten_spec((args, kwargs), self.gm._in_spec)
+        cap = _Capture(self.gm, wanted)
+        cap.run(*flat)
+        return cap.seen
+
+
+def channel_matrix(value: torch.Tensor, site: Site, n: int) -> torch.Tensor:
+    """(rows, n) activations of the n channels a site carries (samples and positions as rows)."""
+    x = value.movedim(site.dim, -1)[..., site.offset : site.offset + n * site.repeat]
+    x = x.reshape(*x.shape[:-1], n, site.repeat).movedim(-2, -1)
+    return x.reshape(-1, n).to(torch.float64)
+
+
+@dataclass
+class _PairStats:
+    sq_a: torch.Tensor
+    sq_b: torch.Tensor
+    cross: torch.Tensor
+    count: int = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if a.shape[0] != b.shape[0]:
+            raise FusionError("two models produced activations of different sizes for one space; the "
+                              "models do not share an architecture")
+        self.sq_a += (a * a).sum(0)
+        self.sq_b += (b * b).sum(0)
+        self.cross += a.T @ b
+        self.count += a.shape[0]
+
+
+def activation_costs(
+    runners: list[Runner],
+    plans: list[AlignmentPlan],
+    target: int,
+    calibration: Any,
+    *,
+    progress: bool = True,
+) -> list[dict[str, torch.Tensor] | None]:
+    """Per model (None for the target): space name -> (n_model, n_target) Euclidean activation distances."""
+    plan_t = plans[target]
+    stats: list[dict[str, _PairStats] | None] = [None] * len(runners)
+    for k, plan_k in enumerate(plans):
+        if k == target:
+            continue
+        stats[k] = {}
+        for space in plan_t.spaces:
+            n_a, n_b = plan_k.space(space.name).size, space.size
+            dev = runners[k].device
+            stats[k][space.name] = _PairStats(
+                torch.zeros(n_a, dtype=torch.float64, device=dev), torch.zeros(n_b, dtype=torch.float64, device=dev),
+                torch.zeros(n_a, n_b, dtype=torch.float64, device=dev),
+            )
+    wanted = [{s.node for sp in plan.spaces for s in sp.sites} for plan in plans]
+    n_batches = 0
+    for batch in tqdm(iter_batches(calibration), desc="calibration", disable=not progress, leave=False):
+        n_batches += 1
+        values = [r.capture(batch, w) for r, w in zip(runners, wanted, strict=True)]
+        for k, per_space in enumerate(stats):
+            if per_space is None:
+                continue
+            for space in plan_t.spaces:
+                space_k = plans[k].space(space.name)
+                for site_b, site_a in zip(space.sites, space_k.sites, strict=False):
+                    a = channel_matrix(values[k][site_a.node], site_a, space_k.size)
+                    b = channel_matrix(values[target][site_b.node], site_b, space.size)
+                    per_space[space.name].add(a, b)
+    if n_batches == 0:
+        raise FusionError("the calibration data is empty")
+    return [
+        None if per_space is None else {
+            name: distance_from_gram(s.sq_a, s.sq_b, s.cross) for name, s in per_space.items()
+        }
+        for per_space in stats
+    ]

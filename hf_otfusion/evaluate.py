@@ -1,0 +1,167 @@
+"""Accuracy and loss of parents, vanilla average, prediction ensemble and fused model on a dataset.
+
+``data`` is either a pair of tensors ``(x, y)`` or an iterable of ``(input, label)`` batches (a
+DataLoader). Models are evaluated in eval mode without gradients; each model's train/eval mode is
+restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Data = tuple[torch.Tensor, torch.Tensor] | Iterable
+_TENSOR_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One line of an evaluation table: a model's name, its role, its accuracy (0-1) and mean loss."""
+
+    name: str
+    kind: str  # "parent", "vanilla", "ensemble" or "fused"
+    accuracy: float
+    loss: float
+
+
+def _batches(data: Data) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise ValueError(f"inputs and labels differ in length: {len(x)} != {len(y)}")
+        for start in range(0, len(x), _TENSOR_BATCH):
+            yield x[start : start + _TENSOR_BATCH], y[start : start + _TENSOR_BATCH]
+        return
+    for batch in data:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise TypeError("data must be (inputs, labels) tensors or an iterable of (input, label) batches")
+        yield batch[0], batch[1]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _run(model: nn.Module, data: Data, device: str | torch.device | None) -> tuple[int, int, float]:
+    """(number correct, number of samples, summed cross-entropy) of ``model`` on ``data``."""
+    if device is not None:
+        model.to(device)
+    dev = _model_device(model)
+    correct, total, loss_sum = 0, 0, 0.0
+    with _eval_mode(model):
+        for x, y in _batches(data):
+            x, y = x.to(dev), y.to(dev)
+            logits = model(x)
+            # cross_entropy applies log_softmax, which leaves log-probabilities (an ensemble) unchanged.
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == y).sum().item()
+            total += len(y)
+    if total == 0:
+        raise ValueError("no samples to evaluate")
+    return correct, total, loss_sum
+
+
+def accuracy(model: nn.Module, data: Data, device: str | torch.device | None = None) -> float:
+    """Fraction (0-1) of samples whose argmax prediction equals the label."""
+    correct, total, _ = _run(model, data, device)
+    return correct / total
+
+
+def loss(model: nn.Module, data: Data, device: str | torch.device | None = None) -> float:
+    """Mean cross-entropy of the model's outputs (logits or log-probabilities) against the labels."""
+    _, total, loss_sum = _run(model, data, device)
+    return loss_sum / total
+
+
+def accuracy_and_loss(
+    model: nn.Module, data: Data, device: str | torch.device | None = None
+) -> tuple[float, float]:
+    """Accuracy and mean loss in one pass over the data."""
+    correct, total, loss_sum = _run(model, data, device)
+    return correct / total, loss_sum / total
+
+
+def agreement(
+    model_a: nn.Module, model_b: nn.Module, data: Data, device: str | torch.device | None = None
+) -> float:
+    """Fraction of samples on which the two models' argmax predictions are equal (labels are ignored)."""
+    if device is not None:
+        model_a.to(device)
+        model_b.to(device)
+    dev_a, dev_b = _model_device(model_a), _model_device(model_b)
+    same, total = 0, 0
+    with _eval_mode(model_a), _eval_mode(model_b):
+        for x, _ in _batches(data):
+            pred_a = model_a(x.to(dev_a)).argmax(dim=-1)
+            pred_b = model_b(x.to(dev_b)).argmax(dim=-1).to(pred_a.device)
+            same += (pred_a == pred_b).sum().item()
+            total += len(x)
+    if total == 0:
+        raise ValueError("no samples to evaluate")
+    return same / total
+
+
+def evaluate_fusion(
+    parents: Sequence[nn.Module],
+    fused: nn.Module,
+    data: Data,
+    vanilla: nn.Module | None = None,
+    weights: Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+) -> list[EvalRow]:
+    """Rows for each parent, the vanilla average, the prediction ensemble and the fused model.
+
+    ``vanilla`` defaults to ``vanilla_average(parents, weights)``; when the parents' shapes differ (no
+    vanilla average exists) that row is left out. The ensemble is ``ensemble(parents, weights)``.
+    """
+    from hf_otfusion import ensemble, vanilla_average
+
+    if len(parents) < 1:
+        raise ValueError("evaluate_fusion needs at least one parent")
+    if vanilla is None:
+        shapes = [{k: tuple(v.shape) for k, v in p.state_dict().items()} for p in parents]
+        if all(s == shapes[0] for s in shapes[1:]):
+            vanilla = vanilla_average(list(parents), weights=weights)
+    candidates: list[tuple[str, str, nn.Module]] = [
+        (f"parent {i}", "parent", p) for i, p in enumerate(parents)
+    ]
+    if vanilla is not None:
+        candidates.append(("vanilla average", "vanilla", vanilla))
+    candidates.append(("ensemble", "ensemble", ensemble(list(parents), weights=weights)))
+    candidates.append(("OT fusion", "fused", fused))
+    rows = []
+    for name, kind, model in candidates:
+        acc, mean_loss = accuracy_and_loss(model, data, device)
+        rows.append(EvalRow(name=name, kind=kind, accuracy=acc, loss=mean_loss))
+    return rows
+
+
+def format_table(rows: Sequence[EvalRow]) -> str:
+    """A markdown table of the rows: model, accuracy (%), loss."""
+    lines = ["| model | accuracy (%) | loss |", "|---|---:|---:|"]
+    for row in rows:
+        loss_text = f"{row.loss:.4f}" if math.isfinite(row.loss) else str(row.loss)
+        lines.append(f"| {row.name} | {100 * row.accuracy:.2f} | {loss_text} |")
+    return "\n".join(lines)

@@ -1,0 +1,426 @@
+"""The fusion engine: walk the plan, transport every other model onto the target, average.
+
+The engine knows nothing of architectures: it reads spaces and (tensor, axis) members from the plan.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .activations import Runner, activation_costs, first_batch
+from .errors import FusionError, PlanError
+from .plan import AlignmentPlan, AxisRef, Space
+from .trace import build_plan, export_model
+from .transport import (
+    MARGINALS,
+    SOLVERS,
+    Marginals,
+    Solver,
+    barycentric_map,
+    marginal,
+    pairwise_distance,
+    rows,
+    solve,
+    transport_axis,
+)
+
+Alignment = Literal["weights", "activations"]
+ALIGNMENTS: tuple[str, ...] = ("weights", "activations")
+State = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plan bookkeeping
+
+
+@dataclass(frozen=True)
+class _Segment:
+    space: str
+    member: AxisRef
+    length: int  # entries on the axis: space size * repeat
+
+
+def _segments(plan: AlignmentPlan) -> dict[tuple[str, int], list[_Segment]]:
+    """For each (tensor, axis), its space segments in offset order."""
+    out: dict[tuple[str, int], list[_Segment]] = {}
+    for space in plan.spaces:
+        for m in space.members:
+            out.setdefault((m.tensor, m.axis), []).append(_Segment(space.name, m, space.size * m.repeat))
+    for segs in out.values():
+        segs.sort(key=lambda s: s.member.offset)
+    return out
+
+
+def _member_keys(plan: AlignmentPlan) -> dict[str, list[tuple[str, int, int]]]:
+    """Per space, its members as (tensor, axis, rank on that axis): comparable across widths."""
+    keys: dict[str, list[tuple[str, int, int]]] = {}
+    for (tensor, axis), segs in _segments(plan).items():
+        for rank, seg in enumerate(segs):
+            keys.setdefault(seg.space, []).append((tensor, axis, rank))
+    return {k: sorted(v) for k, v in keys.items()}
+
+
+def check_compatible(target: AlignmentPlan, other: AlignmentPlan, index: int) -> None:
+    """Raise a :class:`FusionError` naming the first difference that makes two models unfusable."""
+    missing = set(target.tensors) ^ set(other.tensors)
+    if missing:
+        name = sorted(missing)[0]
+        where = "the target" if name not in target.tensors else f"model {index}"
+        raise FusionError(f"model {index} and the target do not share an architecture: {where} has no "
+                          f"tensor {name!r}")
+    names_t, names_o = [s.name for s in target.spaces], [s.name for s in other.spaces]
+    if names_t != names_o:
+        diff = next((a, b) for a, b in zip(names_t + [""], names_o + [""], strict=False) if a != b)
+        raise FusionError(f"model {index} and the target have different alignment plans (space {diff[0]!r} "
+                          f"vs {diff[1]!r}); they do not share an architecture")
+    keys_t, keys_o = _member_keys(target), _member_keys(other)
+    for name in names_t:
+        if keys_t.get(name) != keys_o.get(name):
+            raise FusionError(f"model {index} and the target wire space {name!r} differently")
+    moved = _segments(target)
+    for name, shape in target.tensors.items():
+        other_shape = other.tensors[name]
+        if len(shape) != len(other_shape):
+            raise FusionError(f"tensor {name!r} has shape {other_shape} in model {index} but {shape} in the target")
+        for axis, (a, b) in enumerate(zip(other_shape, shape, strict=True)):
+            if a != b and (name, axis) not in moved:
+                raise FusionError(f"tensor {name!r} has shape {other_shape} in model {index} but {shape} in the "
+                                  f"target, and axis {axis} is fixed (not a hidden space): they cannot be fused")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aligning one model to the target
+
+
+class _Aligner:
+    """Transports one model's tensors, space by space, into the target's channel order and widths."""
+
+    def __init__(self, state: State, plan: AlignmentPlan, target_plan: AlignmentPlan):
+        self.state = dict(state)
+        self.plan = plan
+        self.segs = _segments(plan)
+        self.target_sizes = {s.name: s.size for s in target_plan.spaces}
+        self.done: set[str] = set()
+
+    def offset(self, m: AxisRef) -> int:
+        """Where a member's segment starts now that earlier segments on its axis may have changed width."""
+        shift = 0
+        for seg in self.segs[(m.tensor, m.axis)]:
+            if seg.member.offset < m.offset and seg.space in self.done:
+                shift += (self.target_sizes[seg.space] - self.plan.space(seg.space).size) * seg.member.repeat
+        return m.offset + shift
+
+    def ready(self, m: AxisRef) -> bool:
+        """All other axes of the member's tensor already read the target's channels."""
+        ndim = len(self.plan.tensors[m.tensor])
+        return all(
+            seg.space in self.done
+            for axis in range(ndim) if axis != m.axis
+            for seg in self.segs.get((m.tensor, axis), [])
+        )
+
+    def apply(self, space: Space, m_map: torch.Tensor) -> None:
+        for m in space.members:
+            self.state[m.tensor] = transport_axis(self.state[m.tensor], m_map, m.axis, self.offset(m), m.repeat)
+        self.done.add(space.name)
+
+
+def _features(aligner: _Aligner, space: Space, target_space: Space, target_state: State) -> tuple[torch.Tensor, ...]:
+    """Rows of every ready member (this model's, the target's), features concatenated."""
+    fa, fb = [], []
+    target_members = {(m.tensor, m.axis, m.offset): m for m in target_space.members}
+    by_rank = _rank_pairs(aligner.plan, space, target_space, target_members)
+    for m_a, m_b in by_rank:
+        if not aligner.ready(m_a):
+            continue
+        fa.append(rows(aligner.state[m_a.tensor], m_a.axis, aligner.offset(m_a), space.size, m_a.repeat))
+        fb.append(rows(target_state[m_b.tensor], m_b.axis, m_b.offset, target_space.size, m_b.repeat))
+    if not fa:
+        dev = next(iter(target_state.values())).device
+        return torch.zeros(space.size, 0, device=dev), torch.zeros(target_space.size, 0, device=dev)
+    dtype = torch.promote_types(fa[0].dtype, torch.float32)
+    return torch.cat([f.to(dtype) for f in fa], 1), torch.cat([f.to(dtype) for f in fb], 1)
+
+
+def _rank_pairs(plan: AlignmentPlan, space: Space, target_space: Space, _: Any) -> list[tuple[AxisRef, AxisRef]]:
+    def ranked(members: Sequence[AxisRef]) -> dict[tuple[str, int, int], AxisRef]:
+        out: dict[tuple[str, int, int], AxisRef] = {}
+        for m in sorted(members, key=lambda m: (m.tensor, m.axis, m.offset)):
+            rank = sum(1 for k in out if k[0] == m.tensor and k[1] == m.axis)
+            out[(m.tensor, m.axis, rank)] = m
+        return out
+
+    a, b = ranked(space.members), ranked(target_space.members)
+    return [(a[k], b[k]) for k in a if k in b]
+
+
+def align(
+    state: State,
+    plan: AlignmentPlan,
+    target_state: State,
+    target_plan: AlignmentPlan,
+    *,
+    costs: dict[str, torch.Tensor] | None = None,
+    solver: Solver = "emd",
+    reg: float = 0.05,
+    marginals: Marginals = "uniform",
+    progress: bool = False,
+    desc: str = "aligning",
+) -> tuple[State, dict[str, torch.Tensor]]:
+    """Transport one model's state onto the target's channels; returns it and the coupling of each space."""
+    aligner = _Aligner(state, plan, target_plan)
+    couplings: dict[str, torch.Tensor] = {}
+    for target_space in tqdm(target_plan.spaces, desc=desc, disable=not progress, leave=False):
+        space = plan.space(target_space.name)
+        fa, fb = _features(aligner, space, target_space, target_state)
+        cost = costs[space.name] if costs is not None else pairwise_distance(fa, fb)
+        importance = marginals == "importance" and fa.shape[1] > 0
+        a = marginal(space.size, fa.norm(dim=1) if importance else None, device=cost.device)
+        b = marginal(target_space.size, fb.norm(dim=1) if importance else None, device=cost.device)
+        t = solve(cost, a, b, solver=solver, reg=reg, uniform=not importance)
+        couplings[space.name] = t
+        aligner.apply(space, barycentric_map(t, b).to(fa.device))
+    return aligner.state, couplings
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _state(model: nn.Module, device: torch.device) -> State:
+    return {k: v.detach().to(device) for k, v in model.state_dict().items()}
+
+
+def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    if device is None:
+        return next((p.device for p in model.parameters()), torch.device("cpu"))
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FusionError("device='cuda' was asked for but no CUDA device is available (use 'auto' or 'cpu')")
+    return dev
+
+
+def _normalized_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise FusionError(f"got {len(w)} weights for {n} models")
+    if any(x < 0 or x != x for x in w) or sum(w) <= 0:
+        raise FusionError(f"weights must be non-negative and sum to more than 0, got {w}")
+    return [x / sum(w) for x in w]
+
+
+def _check_finite(models: Sequence[nn.Module]) -> None:
+    for i, model in enumerate(models):
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise FusionError(f"model {i} has NaN or infinite values in {name!r}")
+
+
+def _average(states: Sequence[State], weights: Sequence[float], base: State) -> State:
+    out: State = {}
+    for name, ref in base.items():
+        if ref.is_floating_point():
+            out[name] = sum(w * s[name].to(ref.dtype) for w, s in zip(weights, states, strict=True))
+        else:
+            out[name] = ref.clone()
+    return out
+
+
+def _with_state(model: nn.Module, state: State) -> nn.Module:
+    out = copy.deepcopy(model)
+    device = next((p.device for p in out.parameters()), torch.device("cpu"))
+    out.load_state_dict({k: v.to(device) for k, v in state.items()})
+    return out
+
+
+def vanilla_average(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
+    """Average the parameters of identically shaped models, with no alignment (the baseline).
+
+    Example:
+        >>> from torch import nn
+        >>> avg = vanilla_average([nn.Linear(2, 2), nn.Linear(2, 2)])
+    """
+    if len(models) < 1:
+        raise FusionError("vanilla_average needs at least one model")
+    w = _normalized_weights(weights, len(models))
+    states = [_state(m, torch.device("cpu")) for m in models]
+    for i, s in enumerate(states[1:], 1):
+        for name, t in states[0].items():
+            if name not in s or s[name].shape != t.shape:
+                raise FusionError(f"vanilla averaging needs identical shapes: model {i} differs at {name!r}")
+    return _with_state(models[0], _average(states, w, states[0]))
+
+
+class Ensemble(nn.Module):
+    """Prediction ensemble: the log of the (weighted) average of the members' softmax probabilities."""
+
+    def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.register_buffer("weights", torch.tensor(_normalized_weights(weights, len(models))), persistent=False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        probs = 0
+        for w, model in zip(self.weights, self.members, strict=True):
+            out = model(*args, **kwargs)
+            logits = getattr(out, "logits", out)
+            probs = probs + w * logits.float().softmax(-1)
+        return torch.log(probs.clamp_min(1e-30))
+
+
+def ensemble(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> Ensemble:
+    """A module that averages the members' predicted probabilities (N times the cost of one model)."""
+    return Ensemble(models, weights)
+
+
+def random_permutation(
+    model: nn.Module, plan: AlignmentPlan | None = None, seed: int = 0, *, example_input: Any = None
+) -> nn.Module:
+    """A copy of ``model`` with every space's channels randomly permuted: the same function, other weights.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> p = random_permutation(m, example_input=torch.randn(2, 4))
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(m(x), p(x), atol=1e-6)
+        True
+    """
+    if plan is None:
+        if example_input is None:
+            raise PlanError("random_permutation needs a plan or an example_input to trace the model")
+        plan = build_plan(model, example_input)
+    gen = torch.Generator().manual_seed(seed)
+    state = _state(model, torch.device("cpu"))
+    for space in plan.spaces:
+        perm = torch.eye(space.size, dtype=torch.float64)[torch.randperm(space.size, generator=gen)]
+        for m in space.members:
+            state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat)
+    for alias, name in plan.aliases.items():
+        state[alias] = state[name]
+    return _with_state(model, state)
+
+
+def fuse(
+    models: Sequence[nn.Module],
+    *,
+    target: int = 0,
+    weights: Sequence[float] | None = None,
+    alignment: Alignment = "weights",
+    calibration: Any = None,
+    example_input: Any = None,
+    solver: Solver = "emd",
+    reg: float = 0.05,
+    marginals: Marginals = "uniform",
+    plan: AlignmentPlan | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Fuse N models into one with the target's architecture and widths, by optimal transport.
+
+    Each model other than the target is aligned to it space by space (topological order): a cost between
+    its channels and the target's (``alignment="weights"``: distances between aligned weight rows;
+    ``"activations"``: distances between activations on ``calibration``), an OT coupling (``solver``), then
+    every tensor axis of the space is transported. The aligned models are averaged with ``weights``.
+
+    Args:
+        models: two or more models of one architecture (widths of hidden spaces may differ).
+        target: index of the model whose architecture and widths the result keeps.
+        weights: one non-negative weight per model (default equal).
+        alignment: ``"weights"`` (data-free) or ``"activations"`` (needs ``calibration``).
+        calibration: a tensor of inputs, or an iterable of input batches or of (input, label) batches.
+        example_input: a batch to trace the models with; defaults to the first calibration batch.
+        solver: ``"emd"`` (exact; a linear assignment when the optimum is a permutation) or ``"sinkhorn"``.
+        reg: entropic regularisation for Sinkhorn, relative to the cost's largest entry.
+        marginals: ``"uniform"`` or ``"importance"`` (channel mass proportional to its weights' norm).
+        plan: the target's alignment plan (traced when omitted).
+        device: where costs, solves and transports run: ``"cpu"``, ``"cuda"``, ``"auto"`` (default: the
+            target's device). Exact EMD always solves on the CPU.
+        progress: show progress bars.
+
+    Returns:
+        A new module (a copy of the target with fused weights); the inputs are not modified.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hf_otfusion import fuse
+        >>> a = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> b = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> fused = fuse([a, b], example_input=torch.randn(2, 4), progress=False)
+    """
+    models = list(models)
+    if len(models) < 2:
+        raise FusionError(f"fusion needs at least two models, got {len(models)}")
+    if not -len(models) <= target < len(models):
+        raise FusionError(f"target={target} is out of range for {len(models)} models")
+    target %= len(models)
+    if alignment not in ALIGNMENTS:
+        raise FusionError(f"unknown alignment {alignment!r}: choose one of {', '.join(ALIGNMENTS)}")
+    if solver not in SOLVERS:
+        raise FusionError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    if marginals not in MARGINALS:
+        raise FusionError(f"unknown marginals {marginals!r}: choose one of {', '.join(MARGINALS)}")
+    if solver == "sinkhorn" and not reg > 0:
+        raise FusionError(f"sinkhorn needs reg > 0, got {reg}")
+    if alignment == "activations" and calibration is None:
+        raise FusionError("alignment='activations' needs calibration data (calibration=...)")
+    if example_input is None and calibration is not None:
+        example_input = first_batch(calibration)
+    if plan is None and example_input is None:
+        raise FusionError("pass example_input (or calibration) so the models can be traced, or a plan")
+    w = _normalized_weights(weights, len(models))
+    _check_finite(models)
+    dev = _resolve_device(device, models[target])
+
+    # plans: the target's, reused for every model of the same shapes, traced anew for other widths
+    target_model = models[target]
+    ep_t = export_model(target_model, example_input) if plan is None or alignment == "activations" else None
+    plan_t = plan if plan is not None else build_plan(target_model, example_input, exported=ep_t)
+    shapes_t = plan_t.tensors
+    plans: list[AlignmentPlan] = []
+    exported: list[Any] = []
+    for i, model in enumerate(models):
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if i == target or shapes == shapes_t:
+            plans.append(plan_t)
+            exported.append(ep_t)
+        else:
+            if example_input is None:
+                raise FusionError(f"model {i} has other widths than the target: pass example_input to trace it")
+            ep = export_model(model, example_input)
+            plans.append(build_plan(model, example_input, exported=ep))
+            exported.append(ep)
+        check_compatible(plan_t, plans[i], i)
+
+    costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
+    if alignment == "activations":
+        runners = [Runner(ep, m, dev) for ep, m in zip(exported, models, strict=True)]
+        costs = activation_costs(runners, plans, target, calibration, progress=progress)
+        del runners
+
+    target_state = _state(target_model, dev)
+    aligned: list[State] = []
+    for i, model in enumerate(models):
+        if i == target:
+            aligned.append(target_state)
+            continue
+        state, _ = align(_state(model, dev), plans[i], target_state, plan_t, costs=costs[i], solver=solver,
+                         reg=reg, marginals=marginals, progress=progress, desc=f"aligning model {i}")
+        aligned.append(state)
+    fused = _average(aligned, w, target_state)
+    for alias, name in plan_t.aliases.items():
+        fused[alias] = fused[name]
+    return _with_state(target_model, fused)
