@@ -8,6 +8,7 @@ site where the space is read. Memory grows with channels, never with samples x p
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,9 +80,11 @@ class Runner:
     """Runs one model through its exported graph and returns the values of the requested nodes."""
 
     def __init__(self, ep: ExportedProgram, model: nn.Module, device: torch.device):
-        gm = ep.module()
-        # our own copy: the unlifted module may share tensors with the user's model, which we must not touch
-        self.gm = copy.deepcopy(gm).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            gm = ep.module()
+            # our own copy: the unlifted module may share tensors with the user's model, which we must not touch
+            self.gm = copy.deepcopy(gm).to(device)
         with torch.no_grad():
             self.gm.load_state_dict({k: v.detach() for k, v in model.state_dict().items()}, strict=False)
         self.device = device

@@ -21,8 +21,10 @@ from .trace import build_plan, export_model
 from .transport import (
     MARGINALS,
     SOLVERS,
+    ChannelMap,
     Marginals,
     Solver,
+    all_finite,
     barycentric_map,
     marginal,
     pairwise_distance,
@@ -107,6 +109,7 @@ class _Aligner:
         self.plan = plan
         self.segs = _segments(plan)
         self.target_sizes = {s.name: s.size for s in target_plan.spaces}
+        self.sizes = {s.name: s.size for s in plan.spaces}
         self.done: set[str] = set()
 
     def offset(self, m: AxisRef) -> int:
@@ -114,7 +117,7 @@ class _Aligner:
         shift = 0
         for seg in self.segs[(m.tensor, m.axis)]:
             if seg.member.offset < m.offset and seg.space in self.done:
-                shift += (self.target_sizes[seg.space] - self.plan.space(seg.space).size) * seg.member.repeat
+                shift += (self.target_sizes[seg.space] - self.sizes[seg.space]) * seg.member.repeat
         return m.offset + shift
 
     def ready(self, m: AxisRef) -> bool:
@@ -126,7 +129,7 @@ class _Aligner:
             for seg in self.segs.get((m.tensor, axis), [])
         )
 
-    def apply(self, space: Space, m_map: torch.Tensor) -> None:
+    def apply(self, space: Space, m_map: ChannelMap) -> None:
         for m in space.members:
             self.state[m.tensor] = transport_axis(self.state[m.tensor], m_map, m.axis, self.offset(m), m.repeat)
         self.done.add(space.name)
@@ -180,13 +183,18 @@ def align(
     for target_space in tqdm(target_plan.spaces, desc=desc, disable=not progress, leave=False):
         space = plan.space(target_space.name)
         fa, fb = _features(aligner, space, target_space, target_state)
-        cost = costs[space.name] if costs is not None else pairwise_distance(fa, fb)
+        cost = pairwise_distance(fa, fb)
+        if costs is not None:
+            # activations decide; weights only break their ties (e.g. channels dead on all calibration data)
+            act = costs[space.name].to(cost.device, cost.dtype)
+            scale = act.max() / cost.max() if cost.numel() and cost.max() > 0 else 0.0
+            cost = act + 1e-4 * scale * cost
         importance = marginals == "importance" and fa.shape[1] > 0
         a = marginal(space.size, fa.norm(dim=1) if importance else None, device=cost.device)
         b = marginal(target_space.size, fb.norm(dim=1) if importance else None, device=cost.device)
         t = solve(cost, a, b, solver=solver, reg=reg, uniform=not importance)
         couplings[space.name] = t
-        aligner.apply(space, barycentric_map(t, b).to(fa.device))
+        aligner.apply(space, barycentric_map(t, b))
     return aligner.state, couplings
 
 
@@ -223,7 +231,7 @@ def _normalized_weights(weights: Sequence[float] | None, n: int) -> list[float]:
 def _check_finite(models: Sequence[nn.Module]) -> None:
     for i, model in enumerate(models):
         for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise FusionError(f"model {i} has NaN or infinite values in {name!r}")
 
 
@@ -305,7 +313,7 @@ def random_permutation(
     gen = torch.Generator().manual_seed(seed)
     state = _state(model, torch.device("cpu"))
     for space in plan.spaces:
-        perm = torch.eye(space.size, dtype=torch.float64)[torch.randperm(space.size, generator=gen)]
+        perm = ChannelMap(torch.eye(space.size)[torch.randperm(space.size, generator=gen)])
         for m in space.members:
             state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat)
     for alias, name in plan.aliases.items():

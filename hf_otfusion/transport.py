@@ -64,7 +64,7 @@ def solve(
     """
     n_a, n_b = cost.shape
     device = cost.device
-    if not torch.isfinite(cost).all():
+    if not all_finite(cost):
         raise FusionError("the cost matrix has NaN or infinite entries (NaN weights or activations?)")
     if solver == "emd":
         if uniform and n_a == n_b:
@@ -96,32 +96,64 @@ def solve(
 def _check_coupling(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, solver: str) -> None:
     tol = 1e-6 if solver == "emd" else 1e-3
     err = max((t.sum(1) - a).abs().sum().item(), (t.sum(0) - b).abs().sum().item())
-    if not torch.isfinite(t).all() or err > tol:
+    if not all_finite(t) or err > tol:
         hint = " (raise reg or use solver='emd')" if solver == "sinkhorn" else ""
         raise FusionError(f"the {solver} solver did not converge: marginal error {err:.2e}{hint}")
 
 
-def barycentric_map(t: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``diag(1/b) T^T``: (n_b, n_a) weights that give each of B's channels the mean of A's channels it receives."""
-    col = t.sum(0) if b is None else b.to(t.device, t.dtype)
-    return (t / col.clamp_min(1e-300)[None, :]).T
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t`` (a max reduction propagates NaN, and is far faster than ``isfinite``)."""
+    return t.numel() == 0 or bool(torch.isfinite(t.detach().abs().amax()))
 
 
-def transport_axis(
-    tensor: torch.Tensor, m: torch.Tensor, axis: int, offset: int = 0, repeat: int = 1
-) -> torch.Tensor:
-    """Map the segment ``[offset, offset + n_a * repeat)`` of ``tensor``'s ``axis`` with ``m`` (n_b, n_a).
+class ChannelMap:
+    """An (n_out, n_in) matrix that maps channels: a gather when each row has one entry, sparse or dense else.
 
-    The segment holds n_a channels, each repeated ``repeat`` times (channel-major); the result holds n_b.
+    Built once per space and applied to every tensor axis of that space.
     """
-    n_b, n_a = m.shape
+
+    def __init__(self, m: torch.Tensor):
+        self.n_out, self.n_in = m.shape
+        nonzero = m != 0
+        self.index: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.matrix: torch.Tensor | None = None
+        if bool((nonzero.sum(1) == 1).all()):
+            self.index = nonzero.to(torch.uint8).argmax(1)
+            scale = m.gather(1, self.index[:, None])
+            self.scale = None if bool((scale == 1).all()) else scale
+        elif int(nonzero.sum()) < 0.05 * m.numel() and m.device.type == "cpu":
+            self.matrix = m.to_sparse()  # exact EMD couplings have at most n_in + n_out - 1 entries
+        else:
+            self.matrix = m
+
+    def __call__(self, seg: torch.Tensor) -> torch.Tensor:
+        """Map the rows of ``seg`` (n_in, features) to (n_out, features)."""
+        if self.index is not None:
+            out = seg.index_select(0, self.index.to(seg.device))
+            return out if self.scale is None else out * self.scale.to(seg.device, seg.dtype)
+        m = self.matrix.to(seg.device, seg.dtype)
+        return torch.sparse.mm(m, seg) if m.is_sparse else m @ seg
+
+
+def barycentric_map(t: torch.Tensor, b: torch.Tensor | None = None) -> ChannelMap:
+    """``diag(1/b) T^T``: maps A's channels onto B's, each of B's getting the mean of the A channels it receives."""
+    col = t.sum(0) if b is None else b.to(t.device, t.dtype)
+    return ChannelMap((t / col.clamp_min(1e-300)[None, :]).T)
+
+
+def transport_axis(tensor: torch.Tensor, m: ChannelMap, axis: int, offset: int = 0, repeat: int = 1) -> torch.Tensor:
+    """Map the segment ``[offset, offset + n_in * repeat)`` of ``tensor``'s ``axis`` with ``m``.
+
+    The segment holds n_in channels, each repeated ``repeat`` times (channel-major); the result holds n_out.
+    """
     x = tensor.movedim(axis, 0)
-    end = offset + n_a * repeat
+    end = offset + m.n_in * repeat
     if end > x.shape[0]:
         raise FusionError(f"axis {axis} of a tensor of shape {tuple(tensor.shape)} is shorter than its plan "
                           f"({end} entries); the plan does not fit this model")
-    seg = x[offset:end].reshape(n_a, repeat * int(np.prod(x.shape[1:], dtype=np.int64)))
-    moved = (m.to(seg.dtype) @ seg).reshape(n_b * repeat, *x.shape[1:])
+    seg = x[offset:end].reshape(m.n_in, repeat * int(np.prod(x.shape[1:], dtype=np.int64)))
+    moved = m(seg).reshape(m.n_out * repeat, *x.shape[1:])
     return torch.cat([x[:offset], moved, x[end:]]).movedim(0, axis)
 
 

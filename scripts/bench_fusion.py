@@ -71,9 +71,7 @@ def worker(case: str, mode: str, device_name: str, samples: int, threads: int | 
     _sync(device)
     fuse_s = time.perf_counter() - start
     rss_after = _peak_rss_mb()
-    cuda_peak = (
-        (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20 if device.type == "cuda" else None
-    )
+    cuda_peak = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20 if device.type == "cuda" else None
     with torch.no_grad():
         out = fused.to(device).eval()(calib[:2])
     if not torch.isfinite(out).all():
@@ -115,9 +113,7 @@ def run_case(case: str, mode: str, args: argparse.Namespace) -> dict:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy()
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy())
     except subprocess.TimeoutExpired:
         return {"case": case, "mode": mode, "error": f"timed out after {args.timeout} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -129,10 +125,7 @@ def run_case(case: str, mode: str, args: argparse.Namespace) -> dict:
 
 def format_table(results: Sequence[dict], samples: int) -> str:
     cuda = any(r.get("cuda_peak_mb") is not None for r in results)
-    header = (
-        "| model | params | mode | fuse (s) | vanilla avg (s) | fuse / vanilla | peak RSS (MB) "
-        "| fuse +RSS (MB) |"
-    )
+    header = "| model | params | mode | fuse (s) | vanilla avg (s) | fuse / vanilla | peak RSS (MB) | fuse +RSS (MB) |"
     rule = "|---|---:|---|---:|---:|---:|---:|---:|"
     if cuda:
         header += " GPU peak (MB) |"

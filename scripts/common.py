@@ -17,9 +17,7 @@ from torch import nn
 class MLPNet(nn.Module):
     """Flatten, then Linear+ReLU for each hidden width, then a Linear classifier."""
 
-    def __init__(
-        self, hidden: Sequence[int] = (400, 200, 100), in_features: int = 784, num_classes: int = 10
-    ):
+    def __init__(self, hidden: Sequence[int] = (400, 200, 100), in_features: int = 784, num_classes: int = 10):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
@@ -92,9 +90,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != ch:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, ch, 1, stride, bias=not use_norm), _norm(ch, use_norm)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, ch, 1, stride, bias=not use_norm), _norm(ch, use_norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

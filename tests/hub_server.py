@@ -23,9 +23,11 @@ Repositories live in memory; every request is recorded in :attr:`HubServer.reque
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
+import socket
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -91,9 +93,7 @@ LFS_SUFFIXES = (
     ".mp4",
 )
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
-DEFAULT_GITATTRIBUTES = "".join(
-    f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES
-).encode()
+DEFAULT_GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES).encode()
 
 
 def _now() -> str:
@@ -235,9 +235,7 @@ class RecordedRequest:
 class HubError(Exception):
     """An error answer: status, Hub error code (``X-Error-Code``) and message."""
 
-    def __init__(
-        self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
-    ):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -269,6 +267,7 @@ class HubServer:
         self._commit_counter = 0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -287,16 +286,23 @@ class HubServer:
         httpd.daemon_threads = True
         httpd.hub = self  # type: ignore[attr-defined]
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, name="hub-server", daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
+        )
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket."""
+        """Stop serving, close the listening socket and the clients' keep-alive connections."""
         if self._httpd is None:
             return
         self._httpd.shutdown()
         self._httpd.server_close()
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._httpd = None
@@ -352,6 +358,8 @@ class HubServer:
         Creates the repo if needed and commits on top of branch ``revision`` (created from ``main`` if new).
         Returns the new commit sha. No request is recorded.
         """
+        if revision.startswith("refs/") or _SHA1_RE.match(revision):
+            raise ValueError(f"seed_repo commits to a branch name, not {revision!r}")
         files: dict[str, bytes] = {}
         if isinstance(folder_or_files, Mapping):
             for name, value in folder_or_files.items():
@@ -387,11 +395,7 @@ class HubServer:
     def find_requests(self, method: str | None = None, contains: str = "") -> list[RecordedRequest]:
         """Recorded requests with this method (any if None) whose path contains ``contains``."""
         with self._lock:
-            return [
-                r
-                for r in self.requests
-                if (method is None or r.method == method) and contains in unquote(r.path)
-            ]
+            return [r for r in self.requests if (method is None or r.method == method) and contains in unquote(r.path)]
 
     def commit_requests(self) -> list[RecordedRequest]:
         """The ``POST .../commit/{revision}`` requests."""
@@ -409,9 +413,7 @@ class HubServer:
     ) -> str:
         self._commit_counter += 1
         digest = hashlib.sha1()
-        digest.update(
-            json.dumps([repo.repo_type, repo.repo_id, self._commit_counter, parents, title]).encode()
-        )
+        digest.update(json.dumps([repo.repo_type, repo.repo_id, self._commit_counter, parents, title]).encode())
         for path in sorted(files):
             digest.update(f"{path}\0{files[path].git_oid}\n".encode())
         sha = digest.hexdigest()
@@ -476,9 +478,7 @@ class HubServer:
                 if isinstance(data, dict):
                     info["config"] = {k: data[k] for k in ("architectures", "model_type") if k in data}
         elif repo.repo_type == "space":
-            info.update(
-                sdk="static", runtime={"stage": "RUNNING", "hardware": {"current": None, "requested": None}}
-            )
+            info.update(sdk="static", runtime={"stage": "RUNNING", "hardware": {"current": None, "requested": None}})
         return info
 
     def _tree(self, repo: Repo, revision: str, path: str, recursive: bool) -> list[dict[str, Any]]:
@@ -489,9 +489,7 @@ class HubServer:
             return [files[prefix.rstrip("/")].tree_entry(prefix.rstrip("/"))]
         below = {p: f for p, f in files.items() if p.startswith(prefix)}
         if prefix and not below:
-            raise HubError(
-                404, f"{path} does not exist on {revision}", "EntryNotFound", {"X-Repo-Commit": sha}
-            )
+            raise HubError(404, f"{path} does not exist on {revision}", "EntryNotFound", {"X-Repo-Commit": sha})
         entries: dict[str, dict[str, Any]] = {}
         for file_path, stored in sorted(below.items()):
             rest = file_path[len(prefix) :].split("/")
@@ -510,7 +508,7 @@ class HubServer:
         header = next((line["value"] for line in lines if line.get("key") == "header"), {})
         base = repo.resolve(revision)
         if base is None:
-            if create_pr or not self.create_branch_on_commit or _SHA1_RE.match(revision):
+            if create_pr or not self.create_branch_on_commit or _SHA1_RE.match(revision) or "refs/" in revision:
                 raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
             base = repo.head
         elif not create_pr and revision not in repo.branches and not revision.startswith("refs/pr/"):
@@ -555,9 +553,7 @@ class HubServer:
             repo.branches[revision] = sha
         return repo, sha, pr_num
 
-    def _handle(
-        self, h: _Handler, method: str, raw_path: str, query: dict[str, list[str]], body: bytes
-    ) -> None:
+    def _handle(self, h: _Handler, method: str, raw_path: str, query: dict[str, list[str]], body: bytes) -> None:
         """Route one request (raises HubError for error answers)."""
         authorized = bool(h.headers.get("Authorization"))
         parts = [unquote(p) for p in raw_path.split("/")[1:]]
@@ -673,14 +669,11 @@ class HubServer:
                     return h.send_json(
                         200,
                         {
-                            "branches": [
-                                ref(b, f"refs/heads/{b}", s) for b, s in sorted(repo.branches.items())
-                            ],
+                            "branches": [ref(b, f"refs/heads/{b}", s) for b, s in sorted(repo.branches.items())],
                             "tags": [ref(t, f"refs/tags/{t}", s) for t, s in sorted(repo.tags.items())],
                             "converts": [],
                             "pullRequests": [
-                                ref(f"refs/pr/{n}", f"refs/pr/{n}", s)
-                                for n, s in sorted(repo.pull_requests.items())
+                                ref(f"refs/pr/{n}", f"refs/pr/{n}", s) for n, s in sorted(repo.pull_requests.items())
                             ],
                         },
                     )
@@ -704,7 +697,10 @@ class HubServer:
                     need_auth()
                     payload = jbody()
                     base = repo.resolve("/".join(rest))
-                    if base is None and (not self.create_branch_on_commit or query.get("create_pr")):
+                    revision = "/".join(rest)
+                    if base is None and (
+                        not self.create_branch_on_commit or query.get("create_pr") or "refs/" in revision
+                    ):
                         raise HubError(404, f"Invalid rev id: {'/'.join(rest)}", "RevisionNotFound")
                     existing = repo.commits[base or repo.head].files
                     answer = []
@@ -717,9 +713,7 @@ class HubServer:
                                 "path": item["path"],
                                 "uploadMode": "lfs" if lfs else "regular",
                                 "shouldIgnore": False,
-                                "oid": current.upload_oid
-                                if current is not None and current.lfs == lfs
-                                else None,
+                                "oid": current.upload_oid if current is not None and current.lfs == lfs else None,
                             }
                         )
                     return h.send_json(200, {"files": answer, "commitOid": base or repo.head})
@@ -844,6 +838,21 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         """Silence the default stderr logging."""
 
+    def setup(self) -> None:
+        """Track the connection so that ``HubServer.stop`` can close it."""
+        super().setup()
+        hub: HubServer = self.server.hub  # type: ignore[attr-defined]
+        with hub._lock:
+            hub._connections.add(self.connection)
+
+    def finish(self) -> None:
+        """Forget the connection."""
+        hub: HubServer = self.server.hub  # type: ignore[attr-defined]
+        with hub._lock:
+            hub._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks = []
@@ -909,9 +918,7 @@ class _Handler(BaseHTTPRequestHandler):
                     hub.unhandled.append(record)
             self.send_json(err.status, {"error": err.message}, headers)
         except Exception as err:  # pragma: no cover - surfaced to the client as a 500
-            self.send_json(
-                500, {"error": f"{type(err).__name__}: {err}"}, {"X-Error-Message": str(err)[:200]}
-            )
+            self.send_json(500, {"error": f"{type(err).__name__}: {err}"}, {"X-Error-Message": str(err)[:200]})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
@@ -939,18 +946,14 @@ def point_hub_at(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub.utils import _http
 
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    )
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_URL_HOSTS", frozenset(constants.HF_URL_HOSTS | {host}))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
     if hasattr(_http, "_HUB_ORIGINS"):
-        monkeypatch.setattr(
-            _http, "_HUB_ORIGINS", frozenset(_http._HUB_ORIGINS | {_http._url_origin(endpoint)})
-        )
+        monkeypatch.setattr(_http, "_HUB_ORIGINS", frozenset(_http._HUB_ORIGINS | {_http._url_origin(endpoint)}))
     git_credential = sys.modules.get("huggingface_hub.utils._git_credential")
     if git_credential is not None and hasattr(git_credential, "ENDPOINT"):
         monkeypatch.setattr(git_credential, "ENDPOINT", endpoint)
@@ -1000,9 +1003,7 @@ def isolate_hf_home(hf_home: str | Path, monkeypatch: pytest.MonkeyPatch, token:
 
 
 @pytest.fixture
-def hub_server(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[HubServer]:
+def hub_server(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     """A fresh :class:`HubServer` for one test, with huggingface_hub/timm/transformers pointed at it.
 
     Sets ``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET=1``, ``HF_TOKEN`` (dummy), ``HF_HUB_OFFLINE=0`` and an isolated

@@ -53,7 +53,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_client_is_pointed_at_server(hub_server: HubServer) -> None:
     import huggingface_hub.hf_api
 
-    assert constants.ENDPOINT == hub_server.endpoint
+    assert hub_server.endpoint == constants.ENDPOINT
     assert huggingface_hub.hf_api.api.endpoint == hub_server.endpoint
     assert HfApi().endpoint == hub_server.endpoint
     assert hf_hub_url("org/x", "a/b.txt").startswith(hub_server.endpoint + "/org/x/resolve/main/")
@@ -85,8 +85,9 @@ def test_upload_folder_download_roundtrip(hub_server: HubServer, tmp_path: Path)
     expected = _files(folder)
     for name, content in expected.items():
         assert Path(hf_hub_download("org/roundtrip", name)).read_bytes() == content
-    assert Path(hf_hub_download("org/roundtrip", "config.json", revision=info.oid)).read_bytes() == (
-        expected["config.json"]
+    assert (
+        Path(hf_hub_download("org/roundtrip", "config.json", revision=info.oid)).read_bytes()
+        == (expected["config.json"])
     )
     snapshot = Path(snapshot_download("org/roundtrip"))
     assert snapshot.name == info.oid
@@ -135,11 +136,13 @@ def test_revisions_branches_and_pull_requests(hub_server: HubServer) -> None:
         "a.txt",
         "new/file.safetensors",
     ]
-    assert Path(hf_hub_download("org/revs", "new/file.safetensors", revision="refs/pr/1")).read_bytes() == (
-        b"\0" * 64
-    )
+    assert Path(hf_hub_download("org/revs", "new/file.safetensors", revision="refs/pr/1")).read_bytes() == (b"\0" * 64)
     with pytest.raises(EntryNotFoundError):
         hf_hub_download("org/revs", "new/file.safetensors")
+    follow_up = api.upload_file(path_or_fileobj=b"v3", path_in_repo="a.txt", repo_id="org/revs", revision="refs/pr/1")
+    assert hub_server.repo("org/revs").pull_requests[1] == follow_up.oid
+    with pytest.raises(RevisionNotFoundError):
+        api.upload_file(path_or_fileobj=b"v4", path_in_repo="a.txt", repo_id="org/revs", revision="refs/pr/9")
 
     refs = api.list_repo_refs("org/revs", include_pull_requests=True)
     assert {b.name for b in refs.branches} == {"main", "dev"}
@@ -260,9 +263,22 @@ def test_transformers_push_to_hub_and_upload_folder(hub_server: HubServer, tmp_p
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=x).logits, expected)
 
-    # A pull request with push_to_hub, then upload_folder of a save_pretrained folder into another repo.
-    commit = model.push_to_hub("org/pushed-vit", create_pr=True, commit_message="again")
+    # Pushing unchanged weights again makes no commit; changed weights pushed as a PR leave main alone.
+    hub_server.clear_requests()
+    model.push_to_hub("org/pushed-vit")
+    assert not hub_server.commit_requests()
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    commit = model.push_to_hub("org/pushed-vit", create_pr=True, commit_message="shift bias")
     assert commit.pr_revision == "refs/pr/1"
+    from_pr = AutoModelForImageClassification.from_pretrained("org/pushed-vit", revision="refs/pr/1").eval()
+    from_main = AutoModelForImageClassification.from_pretrained("org/pushed-vit").eval()
+    with torch.no_grad():
+        assert torch.allclose(from_pr(pixel_values=x).logits, expected + 1.0, atol=1e-6)
+        assert torch.equal(from_main(pixel_values=x).logits, expected)
+        model.classifier.bias.sub_(1.0)
+
+    # upload_folder of a save_pretrained folder into another repo.
 
     model.save_pretrained(tmp_path / "vit")
     HfApi().create_repo("org/uploaded-vit")

@@ -1,0 +1,259 @@
+"""Tiny, seeded models of every family the tracer must plan, registered by name (timm-style).
+
+Norm layers get random running statistics so that a wrong permutation of them changes the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hf_otfusion  # noqa: F401 - makes timm importable on CPU-only torch
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def register(name: str, input_shape: tuple[int, ...]) -> Callable:
+    def wrap(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        ZOO[name] = ZooEntry(fn, input_shape)
+        return fn
+
+    return wrap
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+            with torch.no_grad():
+                if getattr(mod, "weight", None) is not None:
+                    mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape, generator=gen))
+                    mod.bias.copy_(0.3 * torch.randn(mod.bias.shape, generator=gen))
+                if getattr(mod, "running_mean", None) is not None:
+                    mod.running_mean.copy_(0.3 * torch.randn(mod.running_mean.shape, generator=gen))
+                    mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=gen))
+    return model
+
+
+def make(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A seeded model of the family and a batch of inputs for it."""
+    torch.manual_seed(seed)
+    entry = ZOO[name]
+    model = randomize_norms(entry.build(), seed).eval()
+    x = torch.randn(4, *entry.input_shape, generator=torch.Generator().manual_seed(seed + 100))
+    return model, x
+
+
+@register("mlp", (20,))
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 24), nn.GELU(), nn.Dropout(0.1), nn.Linear(24, 5))
+
+
+def _vgg(bn: bool) -> nn.Module:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c in (8, "M", 16, "M", 16):
+        if c == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        layers.append(nn.Conv2d(c_in, c, 3, padding=1))
+        if bn:
+            layers.append(nn.BatchNorm2d(c))
+        layers.append(nn.ReLU())
+        c_in = c
+    # flatten after a conv: the classifier's input is the last space repeated once per position
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 4 * 4, 12), nn.ReLU(), nn.Linear(12, 4))
+
+
+@register("vgg", (3, 16, 16))
+def vgg() -> nn.Module:
+    return _vgg(bn=False)
+
+
+@register("vgg_bn", (3, 16, 16))
+def vgg_bn() -> nn.Module:
+    return _vgg(bn=True)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)  # in place, as torchvision/timm write it
+        return F.relu(out)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c_in: int, width: int, stride: int):
+        super().__init__()
+        c_out = width * 4
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block: type[nn.Module], widths: tuple[int, ...], expansion: int, num_classes: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        blocks, c_in = [], 8
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            blocks += [block(c_in, w, stride), block(w * expansion, w, 1)]
+            c_in = w * expansion
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register("resnet_basic", (3, 16, 16))
+def resnet_basic() -> nn.Module:
+    return ResNet(BasicBlock, (8, 16), expansion=1)
+
+
+@register("resnet_bottleneck", (3, 16, 16))
+def resnet_bottleneck() -> nn.Module:
+    return ResNet(Bottleneck, (4, 8), expansion=4)
+
+
+class MBBlock(nn.Module):
+    """Inverted residual: expand, depthwise, squeeze-excitation gate, project (+ identity)."""
+
+    def __init__(self, c: int, expand: int):
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.se_reduce = nn.Conv2d(h, max(2, h // 4), 1)
+        self.se_expand = nn.Conv2d(max(2, h // 4), h, 1)
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(self.expand(x))
+        gate = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(h.mean((2, 3), keepdim=True)))))
+        return x + self.project(h * gate)
+
+
+@register("mobilenet_se", (3, 16, 16))
+def mobilenet_se() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.Hardswish(),
+        # depthwise with a channel multiplier of 2: each input channel feeds two outputs
+        nn.Conv2d(8, 16, 3, 1, 1, groups=8, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU6(),
+        nn.Conv2d(16, 8, 1, bias=False),
+        nn.BatchNorm2d(8),
+        MBBlock(8, 3),
+        MBBlock(8, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(8, 4),
+    )
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, c_in: int, growth: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c_in)
+        self.conv = nn.Conv2d(c_in, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.conv(F.relu(self.bn(x)))], 1)
+
+
+@register("densenet", (3, 16, 16))
+def densenet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 1, 1, bias=False),
+        DenseLayer(8, 4),
+        DenseLayer(12, 4),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1, bias=False),
+        nn.AvgPool2d(2),  # transition
+        DenseLayer(8, 4),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 4),
+    )
+
+
+@register("groupnorm_cnn", (3, 8, 8))
+def groupnorm_cnn() -> nn.Module:
+    # GroupNorm with 1 group (free), with 2 groups (channels may not leave their group: fixed), LayerNorm MLP head
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(1, 8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 16),
+        nn.LayerNorm(16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+
+
+def _timm(name: str, **kwargs: object) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=4, **kwargs)
+
+    return build
+
+
+register("timm_resnet18", (3, 32, 32))(_timm("resnet18"))
+register("timm_resnet50", (3, 32, 32))(_timm("resnet50"))
+register("timm_vgg11", (3, 32, 32))(_timm("vgg11"))
+register("timm_mobilenetv3", (3, 32, 32))(_timm("mobilenetv3_small_050"))
+register("timm_efficientnet_b0", (3, 32, 32))(_timm("efficientnet_b0"))
+register("timm_densenet121", (3, 32, 32))(_timm("densenet121"))
+
+SMALL = [n for n in ZOO if not n.startswith("timm_")]
+TIMM = [n for n in ZOO if n.startswith("timm_")]
