@@ -313,7 +313,10 @@ def random_permutation(
     gen = torch.Generator().manual_seed(seed)
     state = _state(model, torch.device("cpu"))
     for space in plan.spaces:
-        perm = ChannelMap(torch.eye(space.size)[torch.randperm(space.size, generator=gen)])
+        order = torch.randperm(space.size, generator=gen)
+        if bool((order == torch.arange(space.size)).all()):
+            order = order.roll(1)  # never the identity, so every space's weights really move
+        perm = ChannelMap(torch.eye(space.size)[order])
         for m in space.members:
             state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat)
     for alias, name in plan.aliases.items():

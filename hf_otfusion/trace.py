@@ -237,8 +237,10 @@ def _shape(node: Any) -> list[int | None] | None:
 class Tracer:
     """Walks an exported graph once, applying the rule of each op to the labels of its values."""
 
-    def __init__(self, ep: ExportedProgram, state: dict[str, torch.Tensor], strict: bool = False):
+    def __init__(self, ep: ExportedProgram, state: dict[str, torch.Tensor], aliases: dict[str, str],
+                 strict: bool = False):
         self.ep = ep
+        self.aliases = aliases
         self.atoms = _Atoms()
         self.labels: dict[str, Any] = {}
         self.param_axes: dict[str, list[int]] = {}  # tensor name -> atom per axis
@@ -297,11 +299,14 @@ class Tracer:
                     and spec.target in self.state
                     and self.state[spec.target].is_floating_point()
                 )
-                labels = self.fresh(node, fixed=not free)
-                self.labels[node.name] = labels
-                if free and labels is not None:
-                    self.param_axes[spec.target] = [d[0][0] for d in labels]
-                    self.param_of_node[node.name] = spec.target
+                if free:
+                    name = self.aliases.get(spec.target, spec.target)  # tied tensors share their labels
+                    if name not in self.param_axes:
+                        self.param_axes[name] = [d[0][0] for d in self.fresh(node, fixed=False)]
+                    self.labels[node.name] = [((a, 1),) for a in self.param_axes[name]]
+                    self.param_of_node[node.name] = name
+                else:
+                    self.labels[node.name] = self.fresh(node, fixed=True)
             elif node.op == "call_function":
                 self.index += 1
                 for arg in node.all_input_nodes:
@@ -916,17 +921,18 @@ def _no_channels(t: Tracer, node: Node) -> Any:
 # Public entry point
 
 
-def _aliases(model: nn.Module, canonical: set[str]) -> dict[str, str]:
-    """Tied tensors (two state_dict names, one storage) -> the name the graph uses."""
-    by_ptr: dict[tuple[int, tuple], str] = {}
+def tied_tensors(model: nn.Module) -> dict[str, str]:
+    """Tied tensors (two state_dict names, one storage) -> the first name that holds it."""
+    first: dict[tuple[int, tuple], str] = {}
+    out: dict[str, str] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if name in canonical:
-            by_ptr[(tensor.data_ptr(), tuple(tensor.shape))] = name
-    out = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel() == 0:
+            continue
         key = (tensor.data_ptr(), tuple(tensor.shape))
-        if name not in canonical and key in by_ptr and tensor.numel() > 0:
-            out[name] = by_ptr[key]
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
     return out
 
 
@@ -956,9 +962,7 @@ def build_plan(
     """
     ep = exported if exported is not None else export_model(model, example_input)
     state = model.state_dict()
-    tracer = Tracer(ep, state, strict=strict)
+    aliases = tied_tensors(model)
+    tracer = Tracer(ep, state, aliases, strict=strict)
     tracer.run()
-    canonical = set(ep.graph_signature.inputs_to_parameters.values()) | set(
-        ep.graph_signature.inputs_to_buffers.values()
-    )
-    return tracer.plan(state, _aliases(model, canonical))
+    return tracer.plan(state, aliases)

@@ -99,14 +99,7 @@ def test_format_table():
     ]
 
 
-def _engine():
-    return pytest.importorskip("hf_otfusion", reason="engine not importable").__dict__
-
-
 def test_evaluate_fusion_rows_on_hand_made_models():
-    api = _engine()
-    if "ensemble" not in api or "vanilla_average" not in api:
-        pytest.skip("engine API not available yet")
     parents = [_constant(A), _constant(B)]
     fused = _constant([0.2, 0.8])
     rows = evaluate_fusion(parents, fused, (X, Y))
@@ -133,9 +126,6 @@ def test_evaluate_fusion_rows_on_hand_made_models():
 
 
 def test_evaluate_fusion_weights_and_given_vanilla():
-    api = _engine()
-    if "ensemble" not in api:
-        pytest.skip("engine API not available yet")
     parents = [_constant(A), _constant(B)]
     # Weights (0.25, 0.75): ensemble probabilities (0.45, 0.55) -> class 1.
     rows = evaluate_fusion(parents, parents[0], (X, Y), vanilla=_constant(B), weights=[0.25, 0.75])
@@ -146,9 +136,6 @@ def test_evaluate_fusion_weights_and_given_vanilla():
 
 
 def test_evaluate_fusion_skips_vanilla_for_different_widths():
-    api = _engine()
-    if "ensemble" not in api:
-        pytest.skip("engine API not available yet")
     torch.manual_seed(0)
     narrow = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
     wide = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -1,0 +1,32 @@
+"""Shared fixtures: plans and permuted copies of the zoo models, built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from zoo import make  # noqa: E402
+
+from hf_otfusion import build_plan, random_permutation  # noqa: E402
+
+_CACHE: dict[str, tuple] = {}
+
+
+@pytest.fixture
+def family():
+    """family(name) -> (model, inputs, plan, permuted copy), cached across tests."""
+
+    def get(name: str):
+        if name not in _CACHE:
+            model, x = make(name)
+            plan = build_plan(model, x)
+            _CACHE[name] = (model, x, plan, random_permutation(model, plan, seed=1))
+        return _CACHE[name]
+
+    return get
