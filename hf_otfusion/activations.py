@@ -25,7 +25,7 @@ from .plan import AlignmentPlan, Site
 from .trace import as_args
 from .transport import distance_from_gram
 
-CHUNK = 128
+CHUNK = 32  # inputs per forward pass: activations of one chunk are held at a time
 
 
 def iter_batches(calibration: Any) -> Iterator[Any]:

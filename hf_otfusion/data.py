@@ -103,9 +103,7 @@ def load_mnist_5k(test_size: int = 1000, seed: int = 0) -> MnistSplit:
     )
 
 
-def make_loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
-) -> DataLoader:
+def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     """A DataLoader of (input, label) batches over in-memory tensors; shuffling is seeded."""
     if len(x) != len(y):
         raise ValueError(f"x and y differ in length: {len(x)} != {len(y)}")

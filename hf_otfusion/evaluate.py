@@ -95,17 +95,13 @@ def loss(model: nn.Module, data: Data, device: str | torch.device | None = None)
     return loss_sum / total
 
 
-def accuracy_and_loss(
-    model: nn.Module, data: Data, device: str | torch.device | None = None
-) -> tuple[float, float]:
+def accuracy_and_loss(model: nn.Module, data: Data, device: str | torch.device | None = None) -> tuple[float, float]:
     """Accuracy and mean loss in one pass over the data."""
     correct, total, loss_sum = _run(model, data, device)
     return correct / total, loss_sum / total
 
 
-def agreement(
-    model_a: nn.Module, model_b: nn.Module, data: Data, device: str | torch.device | None = None
-) -> float:
+def agreement(model_a: nn.Module, model_b: nn.Module, data: Data, device: str | torch.device | None = None) -> float:
     """Fraction of samples on which the two models' argmax predictions are equal (labels are ignored)."""
     if device is not None:
         model_a.to(device)
@@ -144,9 +140,7 @@ def evaluate_fusion(
         shapes = [{k: tuple(v.shape) for k, v in p.state_dict().items()} for p in parents]
         if all(s == shapes[0] for s in shapes[1:]):
             vanilla = vanilla_average(list(parents), weights=weights)
-    candidates: list[tuple[str, str, nn.Module]] = [
-        (f"parent {i}", "parent", p) for i, p in enumerate(parents)
-    ]
+    candidates: list[tuple[str, str, nn.Module]] = [(f"parent {i}", "parent", p) for i, p in enumerate(parents)]
     if vanilla is not None:
         candidates.append(("vanilla average", "vanilla", vanilla))
     candidates.append(("ensemble", "ensemble", ensemble(list(parents), weights=weights)))

