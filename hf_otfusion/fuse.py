@@ -138,9 +138,7 @@ class _Aligner:
 def _features(aligner: _Aligner, space: Space, target_space: Space, target_state: State) -> tuple[torch.Tensor, ...]:
     """Rows of every ready member (this model's, the target's), features concatenated."""
     fa, fb = [], []
-    target_members = {(m.tensor, m.axis, m.offset): m for m in target_space.members}
-    by_rank = _rank_pairs(aligner.plan, space, target_space, target_members)
-    for m_a, m_b in by_rank:
+    for m_a, m_b in _member_pairs(space, target_space):
         if not aligner.ready(m_a):
             continue
         fa.append(rows(aligner.state[m_a.tensor], m_a.axis, aligner.offset(m_a), space.size, m_a.repeat))
@@ -152,7 +150,9 @@ def _features(aligner: _Aligner, space: Space, target_space: Space, target_state
     return torch.cat([f.to(dtype) for f in fa], 1), torch.cat([f.to(dtype) for f in fb], 1)
 
 
-def _rank_pairs(plan: AlignmentPlan, space: Space, target_space: Space, _: Any) -> list[tuple[AxisRef, AxisRef]]:
+def _member_pairs(space: Space, target_space: Space) -> list[tuple[AxisRef, AxisRef]]:
+    """Pair a space's members with the target's by (tensor, axis, rank on that axis): offsets differ across widths."""
+
     def ranked(members: Sequence[AxisRef]) -> dict[tuple[str, int, int], AxisRef]:
         out: dict[tuple[str, int, int], AxisRef] = {}
         for m in sorted(members, key=lambda m: (m.tensor, m.axis, m.offset)):
