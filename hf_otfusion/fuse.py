@@ -60,13 +60,15 @@ def _segments(plan: AlignmentPlan) -> dict[tuple[str, int], list[_Segment]]:
     return out
 
 
-def _member_keys(plan: AlignmentPlan) -> dict[str, list[tuple[str, int, int]]]:
-    """Per space, its members as (tensor, axis, rank on that axis): comparable across widths."""
-    keys: dict[str, list[tuple[str, int, int]]] = {}
-    for (tensor, axis), segs in _segments(plan).items():
-        for rank, seg in enumerate(segs):
-            keys.setdefault(seg.space, []).append((tensor, axis, rank))
-    return {k: sorted(v) for k, v in keys.items()}
+def _ranked(members: Sequence[AxisRef]) -> dict[tuple[str, int, int], AxisRef]:
+    """A space's members keyed by (tensor, axis, rank on that axis): comparable across widths, unlike offsets."""
+    out: dict[tuple[str, int, int], AxisRef] = {}
+    seen: dict[tuple[str, int], int] = {}
+    for m in sorted(members, key=lambda m: (m.tensor, m.axis, m.offset)):
+        rank = seen.get((m.tensor, m.axis), 0)
+        seen[(m.tensor, m.axis)] = rank + 1
+        out[(m.tensor, m.axis, rank)] = m
+    return out
 
 
 def check_compatible(target: AlignmentPlan, other: AlignmentPlan, index: int) -> None:
@@ -82,9 +84,9 @@ def check_compatible(target: AlignmentPlan, other: AlignmentPlan, index: int) ->
         diff = next((a, b) for a, b in zip(names_t + [""], names_o + [""], strict=False) if a != b)
         raise FusionError(f"model {index} and the target have different alignment plans (space {diff[0]!r} "
                           f"vs {diff[1]!r}); they do not share an architecture")
-    keys_t, keys_o = _member_keys(target), _member_keys(other)
-    for name in names_t:
-        if keys_t.get(name) != keys_o.get(name):
+    for space_t, space_o in zip(target.spaces, other.spaces, strict=True):
+        name = space_t.name
+        if sorted(_ranked(space_t.members)) != sorted(_ranked(space_o.members)):
             raise FusionError(f"model {index} and the target wire space {name!r} differently")
     moved = _segments(target)
     for name, shape in target.tensors.items():
@@ -151,16 +153,8 @@ def _features(aligner: _Aligner, space: Space, target_space: Space, target_state
 
 
 def _member_pairs(space: Space, target_space: Space) -> list[tuple[AxisRef, AxisRef]]:
-    """Pair a space's members with the target's by (tensor, axis, rank on that axis): offsets differ across widths."""
-
-    def ranked(members: Sequence[AxisRef]) -> dict[tuple[str, int, int], AxisRef]:
-        out: dict[tuple[str, int, int], AxisRef] = {}
-        for m in sorted(members, key=lambda m: (m.tensor, m.axis, m.offset)):
-            rank = sum(1 for k in out if k[0] == m.tensor and k[1] == m.axis)
-            out[(m.tensor, m.axis, rank)] = m
-        return out
-
-    a, b = ranked(space.members), ranked(target_space.members)
+    """Each member of a space with the target's member at the same (tensor, axis, rank)."""
+    a, b = _ranked(space.members), _ranked(target_space.members)
     return [(a[k], b[k]) for k in a if k in b]
 
 
