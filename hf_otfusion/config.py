@@ -1,0 +1,172 @@
+"""The merge configuration: a mergekit-style YAML validated by frozen pydantic models.
+
+Example:
+    >>> from hf_otfusion.config import MergeConfig
+    >>> cfg = MergeConfig.model_validate({
+    ...     "merge_method": "otfusion",
+    ...     "models": [{"model": "timm/resnet18.a1_in1k"}, {"model": "you/resnet18-seed1@main"}],
+    ... })
+    >>> cfg.target_index
+    0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import FusionError
+
+MergeMethod = Literal["otfusion", "linear"]
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class ConfigError(FusionError):
+    """A merge configuration that is missing, not YAML, or has a bad field (the message names it)."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelParameters(_Frozen):
+    """Per-model parameters."""
+
+    weight: float = Field(1.0, ge=0.0, description="relative weight in the average (normalised over models)")
+
+
+class ModelEntry(_Frozen):
+    """One parent: a model reference (Hub id with optional @revision, hf-hub:/timm/ name, or local folder)."""
+
+    model: str = Field(min_length=1)
+    parameters: ModelParameters = ModelParameters()
+
+    @field_validator("model")
+    @classmethod
+    def _no_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a model reference cannot be blank")
+        return value.strip()
+
+
+class FusionParameters(_Frozen):
+    """Options of the OT fusion (see ``hf_otfusion.fuse``)."""
+
+    alignment: Literal["weights", "activations"] = "weights"
+    solver: Literal["emd", "sinkhorn"] = "emd"
+    reg: float = Field(0.05, gt=0.0, description="Sinkhorn regularisation, relative to the largest cost")
+    marginals: Literal["uniform", "importance"] = "uniform"
+
+
+class DatasetConfig(_Frozen):
+    """A dataset to calibrate or evaluate on: a Hub dataset name or a local folder / data file."""
+
+    dataset: str = Field(min_length=1)
+    name: str | None = Field(None, description="the dataset's configuration (subset) name")
+    split: str = "train"
+    num_samples: int | None = Field(None, gt=0, description="use the first N samples after a seeded shuffle")
+    batch_size: int = Field(32, gt=0)
+    seed: int = 0
+    image_column: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+
+
+class MergeConfig(_Frozen):
+    """A whole merge: parents, the target (``base_model``), method, options, data and output dtype."""
+
+    merge_method: MergeMethod = "otfusion"
+    base_model: str | None = Field(None, description="the target; default: the first model")
+    models: list[ModelEntry] = Field(min_length=2)
+    parameters: FusionParameters | None = None
+    calibration: DatasetConfig | None = None
+    evaluation: DatasetConfig | None = None
+    dtype: DType = Field("float32", description="dtype of the saved model (fusion itself runs in float32)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MergeConfig:
+        refs = [m.model for m in self.models]
+        if self.base_model is not None and self.base_model not in refs:
+            raise ValueError(f"base_model: {self.base_model!r} is not one of the models; list it under models too")
+        if all(m.parameters.weight == 0 for m in self.models):
+            raise ValueError("models: at least one model needs a weight > 0")
+        if self.merge_method == "linear":
+            if self.parameters is not None:
+                raise ValueError("parameters: merge_method 'linear' (a vanilla average) takes no fusion parameters")
+            if self.calibration is not None:
+                raise ValueError("calibration: merge_method 'linear' uses no calibration data")
+        params = self.fusion_parameters
+        if self.merge_method == "otfusion" and params.alignment == "activations" and self.calibration is None:
+            raise ValueError("calibration: parameters.alignment 'activations' needs a calibration dataset")
+        if self.merge_method == "otfusion" and params.alignment == "weights" and self.calibration is not None:
+            raise ValueError("calibration: is only used with parameters.alignment 'activations'")
+        if "reg" in params.model_fields_set and params.solver != "sinkhorn":
+            raise ValueError("parameters.reg: only the 'sinkhorn' solver is regularised")
+        return self
+
+    @property
+    def fusion_parameters(self) -> FusionParameters:
+        return self.parameters if self.parameters is not None else FusionParameters()
+
+    @property
+    def target_index(self) -> int:
+        """Index of the target (``base_model``, else the first model) in ``models``."""
+        if self.base_model is None:
+            return 0
+        return [m.model for m in self.models].index(self.base_model)
+
+    @property
+    def weights(self) -> list[float]:
+        return [m.parameters.weight for m in self.models]
+
+    def to_yaml(self) -> str:
+        """The config as YAML (fields left at their defaults are omitted)."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem, each naming its field, e.g. ``models.1.parameters.weight: ...``."""
+    lines = []
+    for problem in err.errors():
+        msg = problem["msg"].removeprefix("Value error, ")
+        loc = _field_path(problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            msg = "unknown field"
+        if problem["type"] == "value_error" and ":" in msg.split(" ", 1)[0]:
+            lines.append(msg)  # our own checks name their field already
+        else:
+            lines.append(f"{loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    """Validate a mapping (parsed YAML) as a ``MergeConfig``; a ``ConfigError`` names each bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source} is not a valid merge config:\n{format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a merge YAML file.
+
+    Example:
+        >>> cfg = load_config("examples/mnist-otfusion.yml")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return parse_config(data, source=str(path))
