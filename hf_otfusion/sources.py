@@ -11,9 +11,25 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+import transformers
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from torch import nn
 
 from .errors import FusionError
 
@@ -54,3 +70,191 @@ def parse_ref(text: str) -> ModelRef:
             f"{text!r} is neither an existing local folder nor a Hub model id ('org/name' with optional '@revision')"
         )
     return ModelRef(text=text, repo_id=repo_id, revision=revision or None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolving and loading
+
+Library = Literal["timm", "transformers"]
+# files fetched from a Hub repo: configs, weights, and the preprocessing a saved output copies
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+_LEGACY_WEIGHTS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+# what a transformers output copies from the target: its processor and tokenizer files
+_PREPROCESSING_FILES = (
+    "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
+    "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model", "chat_template.jinja",
+)
+# task suffix of a transformers class -> (pipeline tag, Auto class)
+_TASKS = {
+    "ForImageClassification": ("image-classification", "AutoModelForImageClassification"),
+    "ForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
+    "ForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
+    "ForQuestionAnswering": ("question-answering", "AutoModelForQuestionAnswering"),
+    "ForMaskedLM": ("fill-mask", "AutoModelForMaskedLM"),
+    "ForCausalLM": ("text-generation", "AutoModelForCausalLM"),
+    "LMHeadModel": ("text-generation", "AutoModelForCausalLM"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded from a reference, with what saving it back and preprocessing for it need."""
+
+    ref: ModelRef
+    model: nn.Module
+    library: Library
+    architecture: str  # timm model name, or the transformers class name
+    model_dir: Path  # the local folder (or Hub snapshot) it was loaded from
+    config: dict[str, Any]
+
+    @property
+    def pipeline_tag(self) -> str | None:
+        if self.library == "timm":
+            return "image-classification" if self.config.get("num_classes", 1) else "image-feature-extraction"
+        return next((tag for suffix, (tag, _) in _TASKS.items() if self.architecture.endswith(suffix)), None)
+
+    @property
+    def auto_class(self) -> str | None:
+        """The transformers ``Auto*`` class that loads this model (None for timm)."""
+        if self.library == "timm":
+            return None
+        return next((cls for suffix, (_, cls) in _TASKS.items() if self.architecture.endswith(suffix)), "AutoModel")
+
+
+def resolve(ref: ModelRef) -> Path:
+    """The local folder of a reference: the folder itself, or a snapshot of the Hub repo at its revision."""
+    if ref.path is not None:
+        if not ref.path.is_dir():
+            raise SourceError(f"model folder not found: {ref.path}")
+        return ref.path
+    try:
+        folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=_HUB_PATTERNS))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=_LEGACY_WEIGHTS))
+    except RepositoryNotFoundError:
+        raise SourceError(f"model {ref.repo_id!r} not found on the Hub (if it is private or gated, log in "
+                          "with `hf auth login` or set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise SourceError(f"model {ref.repo_id!r} has no revision {ref.revision!r}") from None
+    except LocalEntryNotFoundError:
+        raise SourceError(f"cannot download {ref.text!r}: the Hub cannot be reached (or HF_HUB_OFFLINE is set) and "
+                          "it is not in the local cache") from None
+    except HfHubHTTPError as err:
+        raise SourceError(f"cannot download {ref.text!r}: {str(err).splitlines()[0]}") from None
+    return folder
+
+
+def _read_config(folder: Path, ref: ModelRef) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SourceError(f"{ref.text!r} has no config.json, so its library (timm or transformers) is unknown")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SourceError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise SourceError(f"{path} does not hold a JSON object")
+    return config
+
+
+def detect_library(config: dict[str, Any]) -> Library | None:
+    """``timm`` (config.json names an ``architecture``), ``transformers`` (a ``model_type``), else None."""
+    if "architecture" in config:
+        return "timm"
+    if "model_type" in config:
+        return "transformers"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_model(ref: ModelRef | str) -> LoadedModel:
+    """Load a reference as a float32 model in eval mode with its library.
+
+    Example:
+        >>> loaded = load_model("timm/resnet18.a1_in1k")  # doctest: +SKIP
+        >>> loaded.library, loaded.architecture            # doctest: +SKIP
+        ('timm', 'resnet18')
+    """
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    folder = resolve(ref)
+    config = _read_config(folder, ref)
+    library = detect_library(config)
+    if library == "timm":
+        architecture = str(config["architecture"])
+        try:
+            model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+        except Exception as err:  # noqa: BLE001 - timm raises many types; the user needs the reference named
+            raise SourceError(f"cannot load {ref.text!r} with timm ({architecture}): {_first_line(err)}") from None
+    elif library == "transformers":
+        architecture, cls = _transformers_class(config, ref)
+        try:
+            model = cls.from_pretrained(folder, dtype=torch.float32)
+        except Exception as err:  # noqa: BLE001
+            raise SourceError(f"cannot load {ref.text!r} with transformers ({architecture}): {_first_line(err)}") \
+                from None
+    else:
+        raise SourceError(f"{ref.text!r}: unknown library — config.json has neither timm's 'architecture' nor "
+                          "transformers' 'model_type'")
+    model = model.float().eval()
+    return LoadedModel(ref=ref, model=model, library=library, architecture=architecture, model_dir=folder,
+                       config=config)
+
+
+def _transformers_class(config: dict[str, Any], ref: ModelRef) -> tuple[str, type]:
+    names = config.get("architectures") or []
+    if not names:
+        return "AutoModel", transformers.AutoModel
+    name = str(names[0])
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise SourceError(f"{ref.text!r}: unknown architecture {name!r} (not in transformers {transformers.__version__}"
+                          "; remote code is not supported)")
+    return name, cls
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Example inputs and saving
+
+
+def example_input(loaded: LoadedModel, batch_size: int = 2) -> Any:
+    """A random batch of the model's input (images at its input size, or token ids), to trace it with."""
+    gen = torch.Generator().manual_seed(0)
+    if loaded.library == "timm":
+        from timm.data import resolve_data_config
+
+        size = resolve_data_config({}, model=loaded.model)["input_size"]
+        return torch.randn(batch_size, *size, generator=gen)
+    cfg = loaded.model.config
+    if hasattr(cfg, "image_size") and hasattr(cfg, "num_channels"):
+        size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size, cfg.image_size)
+        return torch.randn(batch_size, cfg.num_channels, *size, generator=gen)
+    if getattr(cfg, "vocab_size", None):
+        length = min(16, getattr(cfg, "max_position_embeddings", 16) or 16)
+        ids = torch.randint(0, cfg.vocab_size, (batch_size, length), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    raise SourceError(f"cannot build an example input for {loaded.architecture}: give calibration data")
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def save_model(model: nn.Module, out: str | Path, *, like: LoadedModel, dtype: str = "float32") -> None:
+    """Save ``model`` in the format of ``like``'s library (timm ``save_for_hf`` / transformers
+    ``save_pretrained`` plus the target's processor and tokenizer files), in ``dtype``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if _DTYPES[dtype] != torch.float32:
+        model = copy.deepcopy(model).to(_DTYPES[dtype])  # the caller's model stays float32
+    if like.library == "timm":
+        timm.models.save_for_hf(model, str(out), safe_serialization=True)
+        return
+    model.save_pretrained(out)
+    for name in _PREPROCESSING_FILES:
+        if (like.model_dir / name).is_file():
+            shutil.copy2(like.model_dir / name, out / name)

@@ -1,0 +1,148 @@
+"""The ``hf-otfusion`` command line: ``merge`` a YAML config into a model folder, print a model's ``plan``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import FusionError
+
+app = typer.Typer(
+    name="hf-otfusion",
+    help="Model fusion via optimal transport for timm, transformers and the Hugging Face Hub.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into a one-paragraph message and exit code 1 (no traceback)."""
+    try:
+        yield
+    except FusionError as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _quiet_libraries() -> None:
+    import huggingface_hub.utils
+    import transformers
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise typer.BadParameter(f"{device!r} is not one of {', '.join(DEVICES)}", param_hint="--device")
+    return device
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="the merge YAML")],
+    out: Annotated[Path, typer.Argument(help="the output folder (created; must be empty unless --overwrite)")],
+    device: Annotated[str, typer.Option(help="where fusion runs: cpu, cuda or auto", callback=_check_device)] = "auto",
+    push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="push the output to this Hub repo")] = None,
+    private: Annotated[bool, typer.Option(help="create the Hub repo as private")] = False,
+    revision: Annotated[str | None, typer.Option(help="branch to push to")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="push as a pull request")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+    card: Annotated[bool, typer.Option("--card/--no-card", help="write a README.md model card")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate, load the models, print the plan; write nothing")]
+    = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summaries")] = False,
+) -> None:
+    """Fuse the models of a mergekit-style YAML config and write a loadable model with its card.
+
+    Example: hf-otfusion merge examples/mnist-otfusion.yml fused-mnist
+    """
+    from .config import load_config
+    from .evaluate import format_table
+    from .merge import load_parents
+    from .merge import merge as run
+    from .sources import example_input
+    from .trace import build_plan
+
+    if quiet:
+        _quiet_libraries()
+    if (private or revision or create_pr) and not push_to_hub:
+        raise typer.BadParameter("--private, --revision and --create-pr need --push-to-hub REPO")
+    say = (lambda text: None) if quiet else typer.echo
+    with _user_errors():
+        cfg = load_config(config)
+        if push_to_hub:
+            _check_repo_id(push_to_hub)
+        if dry_run:
+            parents = load_parents(cfg, progress=not quiet)
+            _describe(parents, cfg, say)
+            target = parents[cfg.target_index]
+            if cfg.merge_method == "otfusion":
+                typer.echo(str(build_plan(target.model, example_input(target))))
+            typer.echo("dry run: the config is valid and the models load; nothing was written")
+            return
+        result = run(cfg, out, device=device, overwrite=overwrite, card=card, repo_id=push_to_hub,
+                     progress=not quiet, on_loaded=lambda parents: _describe(parents, cfg, say))
+        if result.evaluation is not None:
+            say(f"\nevaluation on {cfg.evaluation.dataset} ({cfg.evaluation.split}):\n")
+            say(format_table(result.evaluation))
+        say(f"\nwrote {out}")
+        if push_to_hub:
+            from .hub import push_to_hub as push
+
+            url = push(out, push_to_hub, private=private, revision=revision, create_pr=create_pr)
+            say(f"pushed to {url}")
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from .sources import SourceError, parse_ref
+
+    try:
+        ref = parse_ref(repo_id)
+    except SourceError:
+        ref = None
+    if ref is None or ref.repo_id is None or ref.revision is not None or repo_id.startswith("hf-hub:"):
+        raise FusionError(f"--push-to-hub {repo_id!r} is not a Hub repo id ('name' or 'org/name')")
+
+
+def _describe(parents, cfg, say) -> None:
+    target = parents[cfg.target_index]
+    say(f"{cfg.merge_method}: {len(parents)} {target.library} models ({target.architecture}), "
+        f"target {target.ref.text}")
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="a model reference: Hub id[@revision], hf-hub:name or local folder")],
+    json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Print the alignment plan of a model: its spaces and the tensor axes that index each.
+
+    Example: hf-otfusion plan timm/resnet18.a1_in1k
+    """
+    from .sources import example_input, load_model
+    from .trace import build_plan
+
+    if quiet:
+        _quiet_libraries()
+    with _user_errors():
+        loaded = load_model(model)
+        built = build_plan(loaded.model, example_input(loaded))
+    typer.echo(built.to_json() if json else str(built))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
