@@ -173,7 +173,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def load_model(ref: ModelRef | str) -> LoadedModel:
+def load_model(ref: ModelRef | str | Path) -> LoadedModel:
     """Load a reference as a float32 model in eval mode with its library.
 
     Example:
@@ -181,7 +181,7 @@ def load_model(ref: ModelRef | str) -> LoadedModel:
         >>> loaded.library, loaded.architecture            # doctest: +SKIP
         ('timm', 'resnet18')
     """
-    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    ref = ref if isinstance(ref, ModelRef) else parse_ref(str(ref))
     folder = resolve(ref)
     config = _read_config(folder, ref)
     library = detect_library(config)
@@ -231,14 +231,31 @@ def example_input(loaded: LoadedModel, batch_size: int = 2) -> Any:
         size = resolve_data_config({}, model=loaded.model)["input_size"]
         return torch.randn(batch_size, *size, generator=gen)
     cfg = loaded.model.config
-    if hasattr(cfg, "image_size") and hasattr(cfg, "num_channels"):
-        size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size, cfg.image_size)
+    if hasattr(cfg, "num_channels"):
+        side = getattr(cfg, "image_size", None) or _processor_size(loaded.model_dir) or 224
+        size = tuple(side) if isinstance(side, (tuple, list)) else (side, side)
         return torch.randn(batch_size, cfg.num_channels, *size, generator=gen)
     if getattr(cfg, "vocab_size", None):
         length = min(16, getattr(cfg, "max_position_embeddings", 16) or 16)
         ids = torch.randint(0, cfg.vocab_size, (batch_size, length), generator=gen)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     raise SourceError(f"cannot build an example input for {loaded.architecture}: give calibration data")
+
+
+def _processor_size(folder: Path) -> tuple[int, int] | int | None:
+    """The image size an image processor produces (``size`` or ``crop_size`` of preprocessor_config.json)."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    size = config.get("crop_size") if config.get("do_center_crop") else config.get("size")
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        if "height" in size and "width" in size:
+            return (size["height"], size["width"])
+        return size.get("shortest_edge")
+    return None
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hub_server import hub_server  # noqa: E402, F401 - the Hub test server fixture, for every test module
 from zoo import make  # noqa: E402
 
 from hf_otfusion import build_plan, random_permutation  # noqa: E402

@@ -30,7 +30,7 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -254,11 +254,20 @@ class HubServer:
         create_branch_on_commit: a commit (or preupload) to an unknown branch name creates the branch from
             ``main`` (the real Hub wants ``create_branch`` first; transformers does call it).
         require_auth_for_writes: writes without an ``Authorization`` header answer 401.
+        write_tokens: when given, only these bearer tokens may write: a write with no token answers 401, one
+            with another token 403 (like a read-only or foreign token on the Hub). Tokens are never recorded.
     """
 
-    def __init__(self, *, create_branch_on_commit: bool = True, require_auth_for_writes: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        create_branch_on_commit: bool = True,
+        require_auth_for_writes: bool = True,
+        write_tokens: Collection[str] | None = None,
+    ) -> None:
         self.create_branch_on_commit = create_branch_on_commit
         self.require_auth_for_writes = require_auth_for_writes
+        self.write_tokens = None if write_tokens is None else frozenset(write_tokens)
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[RecordedRequest] = []
@@ -561,8 +570,12 @@ class HubServer:
             parts = parts[:-1]
 
         def need_auth() -> None:
-            if self.require_auth_for_writes and not authorized:
+            if (self.require_auth_for_writes or self.write_tokens is not None) and not authorized:
                 raise HubError(401, "Invalid credentials in Authorization header")
+            if self.write_tokens is not None:
+                scheme, _, token = h.headers.get("Authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or token.strip() not in self.write_tokens:
+                    raise HubError(403, "You don't have the rights to write to this repository")
 
         def jbody() -> Any:
             try:

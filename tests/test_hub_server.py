@@ -179,6 +179,22 @@ def test_missing_repo_and_missing_file(hub_server: HubServer) -> None:
     assert not hub_server.unhandled
 
 
+def test_write_tokens(hub_server: HubServer) -> None:
+    hub_server.seed_repo("org/guarded", {"config.json": "{}"})
+    hub_server.write_tokens = frozenset({"hf_writer"})
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(token="hf_reader").create_repo("org/other")
+    assert err.value.response.status_code == 403
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(token=False).upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="org/guarded")
+    assert err.value.response.status_code == 401
+    assert Path(hf_hub_download("org/guarded", "config.json", token="hf_reader")).read_text() == "{}"  # reads pass
+    HfApi(token="hf_writer").upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="org/guarded")
+    assert hub_server.file_bytes("org/guarded", "x.txt") == b"x"
+    assert not hub_server.has_repo("org/other")
+    assert all("hf_" not in repr(r) for r in hub_server.requests)  # tokens are never recorded
+
+
 def test_hub_server_context_manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with HubServer() as server:
         point_hub_at(server.endpoint, monkeypatch)

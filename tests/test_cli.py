@@ -1,0 +1,216 @@
+"""``hf-otfusion merge`` and ``plan`` end to end: outputs load with their library, errors leave OUT untouched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from checkpoints import hf_resnet, hf_vit, timm_resnet, timm_vgg_like
+from hub_server import DUMMY_TOKEN, HubServer
+from huggingface_hub import ModelCard
+from transformers import AutoModelForImageClassification
+from typer.testing import CliRunner
+
+from hf_otfusion import AlignmentPlan, fuse, vanilla_average
+from hf_otfusion.cli import app
+from hf_otfusion.config import load_config
+from hf_otfusion.sources import example_input, load_model
+
+runner = CliRunner()
+
+
+def _config(path: Path, models: list[str], **fields) -> Path:
+    data = {"models": [{"model": m} for m in models], **fields}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _outputs(folder: Path, library: str, x: torch.Tensor) -> torch.Tensor:
+    if library == "timm":
+        return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x)
+    return AutoModelForImageClassification.from_pretrained(folder).eval()(x).logits
+
+
+@pytest.fixture
+def timm_pair(tmp_path) -> list[str]:
+    return [str(timm_resnet(tmp_path / "a", seed=0)), str(timm_resnet(tmp_path / "b", seed=1))]
+
+
+@pytest.mark.parametrize(
+    ("make", "library"),
+    [(timm_resnet, "timm"), (hf_resnet, "transformers"), (hf_vit, "transformers")],
+    ids=["timm-resnet", "hf-resnet", "hf-vit"],
+)
+def test_merge_writes_a_loadable_fused_model(tmp_path, make, library):
+    parents = [str(make(tmp_path / "a", seed=0)), str(make(tmp_path / "b", seed=1))]
+    config = _config(tmp_path / "c.yml", parents, base_model=parents[1])
+    config_text = config.read_text()
+    out = tmp_path / "out"
+    result = _invoke("merge", config, out, "--quiet")
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "hf_otfusion.yml", "plan.json", "README.md"} <= names
+    if library == "transformers":
+        assert "preprocessor_config.json" in names
+    assert config.read_text() == config_text
+    assert load_config(out / "hf_otfusion.yml") == load_config(config)
+    plan = AlignmentPlan.from_json((out / "plan.json").read_text())
+
+    loaded = [load_model(p) for p in parents]
+    x = example_input(loaded[0])
+    expected = fuse([m.model for m in loaded], target=1, example_input=x, plan=plan, progress=False)
+    got = _outputs(out, library, x)
+    want = getattr(expected(x), "logits", expected(x))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    assert card["library_name"] == library and card["pipeline_tag"] == "image-classification"
+    assert {"hf-otfusion", "merge", "optimal-transport", library} <= set(card["tags"])
+    assert "base_model" not in card  # local parents cannot be named as Hub base models
+
+
+def test_linear_merge_is_the_vanilla_average(tmp_path, timm_pair):
+    out = tmp_path / "out"
+    result = _invoke("merge", _config(tmp_path / "c.yml", timm_pair, merge_method="linear"), out, "-q")
+    assert result.exit_code == 0, result.output
+    assert not (out / "plan.json").exists()
+    loaded = [load_model(p) for p in timm_pair]
+    x = example_input(loaded[0])
+    torch.testing.assert_close(_outputs(out, "timm", x), vanilla_average([m.model for m in loaded])(x))
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, timm_pair):
+    out = tmp_path / "out"
+    result = _invoke("merge", _config(tmp_path / "c.yml", timm_pair), out, "--dry-run", "-q")
+    assert result.exit_code == 0, result.output
+    assert "AlignmentPlan:" in result.output and "conv1.0.weight:0" in result.output
+    assert "nothing was written" in result.output
+    assert not out.exists()
+
+
+def test_plan_command(tmp_path):
+    folder = timm_resnet(tmp_path / "m", seed=0)
+    table = _invoke("plan", folder, "-q")
+    assert table.exit_code == 0 and "AlignmentPlan: 12 spaces" in table.output
+    as_json = _invoke("plan", f"local-dir:{folder}", "--json", "-q")
+    assert AlignmentPlan.from_json(as_json.output).spaces[0].name == "conv1.0.weight:0"
+
+
+def _bad_config(tmp_path, pair):
+    path = tmp_path / "c.yml"
+    path.write_text(f"models:\n  - model: {pair[0]}\n  - model: {pair[1]}\nalignmnt: weights\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("bad-field", "alignmnt: unknown field"),
+        ("missing-model", "model folder not found"),
+        ("other-architecture", "cannot merge different architectures"),
+        ("other-library", "cannot merge a transformers model"),
+        ("missing-config", "config file not found"),
+        ("not-yaml", "is not valid YAML"),
+    ],
+)
+def test_bad_input_is_one_message_and_leaves_out_untouched(tmp_path, timm_pair, case, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    if case == "bad-field":
+        config = _bad_config(tmp_path, timm_pair)
+    elif case == "missing-model":
+        config = _config(tmp_path / "c.yml", [timm_pair[0], str(tmp_path / "nope")])
+    elif case == "other-architecture":
+        config = _config(tmp_path / "c.yml", [timm_pair[0], str(timm_vgg_like(tmp_path / "v", seed=0))])
+    elif case == "other-library":
+        config = _config(tmp_path / "c.yml", [timm_pair[0], str(hf_vit(tmp_path / "v", seed=0))])
+    elif case == "missing-config":
+        config = tmp_path / "absent.yml"
+    else:
+        config = tmp_path / "c.yml"
+        config.write_text("models: [\n")
+    result = runner.invoke(app, ["merge", str(config), str(out), "--overwrite", "-q"])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_existing_output_needs_overwrite(tmp_path, timm_pair):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    config = _config(tmp_path / "c.yml", timm_pair)
+    refused = runner.invoke(app, ["merge", str(config), str(out), "-q"])
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+    assert (out / "keep.txt").read_text() == "precious"
+    replaced = _invoke("merge", config, out, "--overwrite", "-q")
+    assert replaced.exit_code == 0, replaced.output
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_no_card(tmp_path, timm_pair):
+    out = tmp_path / "out"
+    assert _invoke("merge", _config(tmp_path / "c.yml", timm_pair), out, "--no-card", "-q").exit_code == 0
+    assert not (out / "README.md").exists() and (out / "model.safetensors").is_file()
+
+
+def test_bad_options(tmp_path, timm_pair):
+    config = _config(tmp_path / "c.yml", timm_pair)
+    bad_device = runner.invoke(app, ["merge", str(config), str(tmp_path / "o"), "--device", "tpu"])
+    assert bad_device.exit_code == 2 and "tpu" in bad_device.output
+    private_alone = runner.invoke(app, ["merge", str(config), str(tmp_path / "o"), "--private"])
+    assert private_alone.exit_code == 2 and "--push-to-hub" in private_alone.output
+    bad_repo = runner.invoke(app, ["merge", str(config), str(tmp_path / "o"), "--push-to-hub", "a b"])
+    assert bad_repo.exit_code == 1 and "not a Hub repo id" in bad_repo.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_round_trip(hub_server: HubServer, tmp_path):
+    hub_server.seed_repo("org/parent-a", timm_resnet(tmp_path / "a", seed=0))
+    hub_server.seed_repo("org/parent-b", timm_resnet(tmp_path / "b", seed=1))
+    config = _config(tmp_path / "c.yml", ["org/parent-a", "hf-hub:org/parent-b@main"])
+    out = tmp_path / "out"
+    result = _invoke("merge", config, out, "--push-to-hub", "me/fused", "--private")
+    assert result.exit_code == 0, result.output
+    assert "pushed to" in result.output and DUMMY_TOKEN not in result.output
+    assert hub_server.repo("me/fused").private
+    assert {"config.json", "model.safetensors", "README.md", "hf_otfusion.yml", "plan.json"} <= set(
+        hub_server.list_files("me/fused")
+    )
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    pulled = timm.create_model("hf-hub:me/fused", pretrained=True).eval()
+    torch.testing.assert_close(pulled(x), _outputs(out, "timm", x))
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    assert card["base_model"] == ["org/parent-a", "org/parent-b"] and card["base_model_relation"] == "merge"
+    assert "hf-hub:me/fused" in (out / "README.md").read_text()
+
+
+def test_no_push_after_a_failed_merge(hub_server: HubServer, tmp_path):
+    hub_server.seed_repo("org/parent-a", timm_resnet(tmp_path / "a", seed=0))
+    config = _config(tmp_path / "c.yml", ["org/parent-a", "org/missing"])
+    result = runner.invoke(app, ["merge", str(config), str(tmp_path / "out"), "--push-to-hub", "me/fused", "-q"])
+    assert result.exit_code == 1 and "'org/missing' not found on the Hub" in result.output
+    assert not hub_server.has_repo("me/fused") and hub_server.commit_requests() == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_reports_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_otfusion.cli", "merge", str(tmp_path / "absent.yml"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "Error: config file not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads(json.dumps(proc.stdout)) == ""

@@ -1,0 +1,103 @@
+"""The merge YAML: valid configs parse; every bad field is rejected with a message naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_otfusion.config import ConfigError, MergeConfig, load_config, parse_config
+
+TWO = [{"model": "org/a"}, {"model": "org/b@v1"}]
+CALIB = {"dataset": "ylecun/mnist", "split": "train", "num_samples": 256}
+
+
+def test_issue_example_parses(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text(
+        """merge_method: otfusion
+base_model: timm/resnet18.a1_in1k
+models:
+  - model: timm/resnet18.a1_in1k
+  - model: you/resnet18-other-seed@main
+    parameters: {weight: 0.5}
+parameters: {alignment: activations, solver: emd, marginals: uniform}
+calibration: {dataset: ylecun/mnist, split: train, num_samples: 256, batch_size: 64}
+evaluation: {dataset: ylecun/mnist, split: test, num_samples: 2000}
+dtype: float32
+"""
+    )
+    cfg = load_config(path)
+    assert cfg.target_index == 0 and cfg.weights == [1.0, 0.5]
+    assert cfg.fusion_parameters.alignment == "activations"
+    assert cfg.calibration.batch_size == 64 and cfg.evaluation.split == "test"
+    assert parse_config(__import__("yaml").safe_load(cfg.to_yaml())) == cfg
+
+
+def test_defaults():
+    cfg = parse_config({"models": TWO})
+    assert cfg.merge_method == "otfusion" and cfg.target_index == 0 and cfg.dtype == "float32"
+    assert cfg.fusion_parameters.alignment == "weights" and cfg.fusion_parameters.solver == "emd"
+    assert cfg.to_yaml().startswith("models:")  # defaults stay out of the written config
+
+
+def test_base_model_picks_target():
+    assert parse_config({"models": TWO, "base_model": "org/b@v1"}).target_index == 1
+
+
+def test_frozen():
+    cfg = parse_config({"models": TWO})
+    with pytest.raises(Exception, match="frozen"):
+        cfg.dtype = "float16"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"models": TWO[:1]}, "models: List should have at least 2 items"),
+        ({"models": TWO, "foo": 1}, "foo: unknown field"),
+        ({"models": [{"model": "org/a", "weight": 1}, TWO[1]]}, "models.0.weight: unknown field"),
+        ({"models": [TWO[0], {"model": "org/b", "parameters": {"weight": -1}}]}, "models.1.parameters.weight"),
+        ({"models": [TWO[0], {"model": "org/b", "parameters": {"weight": "x"}}]}, "models.1.parameters.weight"),
+        ({"models": [{"model": "org/a", "parameters": {"weight": 0}}, {"model": "b", "parameters": {"weight": 0}}]},
+         "at least one model needs a weight > 0"),
+        ({"models": [TWO[0], {"model": "  "}]}, "models.1.model"),
+        ({"models": TWO, "merge_method": "ties"}, "merge_method: Input should be 'otfusion' or 'linear'"),
+        ({"models": TWO, "base_model": "org/c"}, "base_model: 'org/c' is not one of the models"),
+        ({"models": TWO, "parameters": {"alignment": "activations"}}, "calibration: parameters.alignment"),
+        ({"models": TWO, "calibration": CALIB}, "calibration: is only used with"),
+        ({"models": TWO, "parameters": {"solver": "emd", "reg": 0.1}}, "parameters.reg: only the 'sinkhorn'"),
+        ({"models": TWO, "parameters": {"solver": "sinkhorn", "reg": 0}}, "parameters.reg"),
+        ({"models": TWO, "parameters": {"solver": "exact"}}, "parameters.solver"),
+        ({"models": TWO, "merge_method": "linear", "parameters": {"solver": "emd"}}, "parameters: merge_method"),
+        ({"models": TWO, "evaluation": {"dataset": "d", "num_samples": 0}}, "evaluation.num_samples"),
+        ({"models": TWO, "evaluation": {"dataset": "d", "batch_size": -2}}, "evaluation.batch_size"),
+        ({"models": TWO, "evaluation": {"split": "test"}}, "evaluation.dataset: Field required"),
+        ({"models": TWO, "dtype": "float64"}, "dtype: Input should be"),
+        ({"models": "org/a"}, "models: Input should be a valid list"),
+    ],
+)
+def test_bad_fields_are_named(data, message):
+    with pytest.raises(ConfigError, match="not a valid merge config") as info:
+        parse_config(data)
+    assert message in str(info.value)
+
+
+def test_top_level_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_config(["models"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_not_yaml(tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text("models: [a, b\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(path)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+    assert MergeConfig.model_config["extra"] == "forbid"
