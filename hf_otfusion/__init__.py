@@ -4,8 +4,10 @@ from ._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 
+from .config import MergeConfig, load_config  # noqa: E402
 from .errors import FusionError, PlanError  # noqa: E402
 from .fuse import align, ensemble, fuse, random_permutation, vanilla_average  # noqa: E402
+from .merge import merge  # noqa: E402
 from .plan import AlignmentPlan, AxisRef, Space  # noqa: E402
 from .trace import build_plan, register_rule  # noqa: E402
 
@@ -15,12 +17,15 @@ __all__ = [
     "AlignmentPlan",
     "AxisRef",
     "FusionError",
+    "MergeConfig",
     "PlanError",
     "Space",
     "align",
     "build_plan",
     "ensemble",
     "fuse",
+    "load_config",
+    "merge",
     "random_permutation",
     "register_rule",
     "vanilla_average",

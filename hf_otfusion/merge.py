@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import MergeConfig
 from .errors import FusionError
 from .evaluate import EvalRow, evaluate_fusion
-from .fuse import fuse, vanilla_average
+from .fuse import _resolve_device, fuse, vanilla_average
 from .plan import AlignmentPlan
 from .sources import LoadedModel, example_input, load_model, save_model
 from .trace import build_plan
@@ -92,6 +92,7 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
     """Fuse loaded parents as the config says, and evaluate when the config has an ``evaluation`` dataset."""
     models = [p.model for p in parents]
     target = parents[config.target_index]
+    dev = _resolve_device(device, target.model)
     plan = None
     if config.merge_method == "linear":
         fused = vanilla_average(models, weights=config.weights)
@@ -102,11 +103,11 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
         plan = build_plan(target.model, example)
         fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
                      calibration=calibration, example_input=example, solver=params.solver, reg=params.reg,
-                     marginals=params.marginals, plan=plan, device=device, progress=progress)
+                     marginals=params.marginals, plan=plan, device=dev, progress=progress)
     rows = None
     if config.evaluation is not None:
         data = _loader(config.evaluation, target, True)
-        rows = evaluate_fusion(models, fused, data, weights=config.weights, device=device)
+        rows = evaluate_fusion(models, fused, data, weights=config.weights, device=dev)
         names = [p.ref.text for p in parents]
         rows = [dataclasses.replace(r, name=names[int(r.name.split()[1])]) if r.kind == "parent" else r for r in rows]
     return MergeResult(config=config, parents=list(parents), model=fused.cpu(), plan=plan, evaluation=rows, out=None)

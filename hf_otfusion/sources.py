@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import timm
 import torch
-import transformers
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -186,6 +184,8 @@ def load_model(ref: ModelRef | str | Path) -> LoadedModel:
     config = _read_config(folder, ref)
     library = detect_library(config)
     if library == "timm":
+        import timm
+
         architecture = str(config["architecture"])
         try:
             model = timm.create_model(f"local-dir:{folder}", pretrained=True)
@@ -207,6 +207,8 @@ def load_model(ref: ModelRef | str | Path) -> LoadedModel:
 
 
 def _transformers_class(config: dict[str, Any], ref: ModelRef) -> tuple[str, type]:
+    import transformers
+
     names = config.get("architectures") or []
     if not names:
         return "AutoModel", transformers.AutoModel
@@ -269,6 +271,8 @@ def save_model(model: nn.Module, out: str | Path, *, like: LoadedModel, dtype: s
     if _DTYPES[dtype] != torch.float32:
         model = copy.deepcopy(model).to(_DTYPES[dtype])  # the caller's model stays float32
     if like.library == "timm":
+        import timm
+
         timm.models.save_for_hf(model, str(out), safe_serialization=True)
         return
     model.save_pretrained(out)
