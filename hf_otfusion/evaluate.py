@@ -1,22 +1,25 @@
 """Accuracy and loss of parents, vanilla average, prediction ensemble and fused model on a dataset.
 
 ``data`` is either a pair of tensors ``(x, y)`` or an iterable of ``(input, label)`` batches (a
-DataLoader). Models are evaluated in eval mode without gradients; each model's train/eval mode is
-restored afterwards.
+DataLoader). An input is a tensor (``model(x)``) or a dict of tensors (``model(**x)``, e.g. tokenized
+text); a model may return a tensor or an object with ``.logits`` (a transformers ``ModelOutput``).
+Models are evaluated in eval mode without gradients; each model's train/eval mode is restored afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 Data = tuple[torch.Tensor, torch.Tensor] | Iterable
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 _TENSOR_BATCH = 1024
 
 
@@ -30,7 +33,22 @@ class EvalRow:
     loss: float
 
 
-def _batches(data: Data) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, or its ``.logits`` (a transformers ``ModelOutput``)."""
+    logits = getattr(output, "logits", output)
+    if not torch.is_tensor(logits):
+        raise TypeError(f"expected the model to return a tensor or an output with .logits, got {type(output).__name__}")
+    return logits
+
+
+def _predict(model: nn.Module, x: Inputs, device: torch.device) -> torch.Tensor:
+    """The model's logits on one batch of inputs, moved to ``device`` first (keyword tensors for a dict)."""
+    if isinstance(x, Mapping):
+        return logits_of(model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()}))
+    return logits_of(model(x.to(device)))
+
+
+def _batches(data: Data) -> Iterator[tuple[Inputs, torch.Tensor]]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         x, y = data
         if len(x) != len(y):
@@ -72,8 +90,8 @@ def _run(model: nn.Module, data: Data, device: str | torch.device | None) -> tup
     correct, total, loss_sum = 0, 0, 0.0
     with _eval_mode(model):
         for x, y in _batches(data):
-            x, y = x.to(dev), y.to(dev)
-            logits = model(x)
+            y = y.to(dev)
+            logits = _predict(model, x, dev)
             # cross_entropy applies log_softmax, which leaves log-probabilities (an ensemble) unchanged.
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += (logits.argmax(dim=-1) == y).sum().item()
@@ -110,10 +128,10 @@ def agreement(model_a: nn.Module, model_b: nn.Module, data: Data, device: str | 
     same, total = 0, 0
     with _eval_mode(model_a), _eval_mode(model_b):
         for x, _ in _batches(data):
-            pred_a = model_a(x.to(dev_a)).argmax(dim=-1)
-            pred_b = model_b(x.to(dev_b)).argmax(dim=-1).to(pred_a.device)
+            pred_a = _predict(model_a, x, dev_a).argmax(dim=-1)
+            pred_b = _predict(model_b, x, dev_b).argmax(dim=-1).to(pred_a.device)
             same += (pred_a == pred_b).sum().item()
-            total += len(x)
+            total += len(pred_a)
     if total == 0:
         raise ValueError("no samples to evaluate")
     return same / total

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_otfusion.data import make_loader
-from hf_otfusion.evaluate import EvalRow, accuracy, agreement, evaluate_fusion, format_table, loss
+from hf_otfusion.evaluate import EvalRow, accuracy, agreement, evaluate_fusion, format_table, logits_of, loss
 
 
 def _constant(probs: list[float]) -> nn.Linear:
@@ -141,3 +142,52 @@ def test_evaluate_fusion_skips_vanilla_for_different_widths():
     wide = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
     rows = evaluate_fusion([narrow, wide], narrow, (X, Y))
     assert [r.kind for r in rows] == ["parent", "parent", "ensemble", "fused"]
+
+
+class _KeywordModel(nn.Module):
+    """A transformers-like model: keyword tensor inputs, an output object with ``.logits``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.eye(2))
+            self.lin.bias.zero_()
+
+    def forward(self, input_ids, attention_mask=None):
+        assert input_ids.device == self.lin.weight.device
+        x = input_ids.float() if attention_mask is None else input_ids.float() * attention_mask
+        return SequenceClassifierOutput(logits=self.lin(x))
+
+
+def test_logits_of():
+    t = torch.ones(2, 3)
+    assert logits_of(t) is t
+    assert logits_of(SequenceClassifierOutput(logits=t)) is t
+    with pytest.raises(TypeError, match="tuple"):
+        logits_of((t,))
+
+
+def test_dict_inputs_and_logits_outputs():
+    ids = torch.tensor([[3, 1], [0, 2], [5, 4], [1, 1]])
+    mask = torch.tensor([[1, 1], [1, 1], [0, 1], [1, 1]])
+    y = torch.tensor([0, 1, 1, 0])  # argmax of ids*mask: [0, 1, 1, 0] (ties go to index 0)
+    batches = [({"input_ids": ids[:3], "attention_mask": mask[:3]}, y[:3]), ({"input_ids": ids[3:]}, y[3:])]
+    model = _KeywordModel()
+    assert accuracy(model, batches) == 1.0
+    expected = nn.functional.cross_entropy((ids * mask).float(), y)
+    assert loss(model, batches) == pytest.approx(expected.item(), rel=1e-6)
+    assert agreement(model, model, batches) == 1.0
+    always_one = _KeywordModel()
+    with torch.no_grad():
+        always_one.lin.weight.zero_()
+        always_one.lin.bias.copy_(torch.tensor([0.0, 1.0]))
+    assert agreement(model, always_one, batches) == 0.5
+
+
+def test_evaluate_fusion_with_dict_inputs():
+    ids = torch.tensor([[3, 1], [0, 2]])
+    batches = [({"input_ids": ids}, torch.tensor([0, 1]))]
+    rows = evaluate_fusion([_KeywordModel(), _KeywordModel()], _KeywordModel(), batches)
+    assert [r.kind for r in rows] == ["parent", "parent", "vanilla", "ensemble", "fused"]
+    assert all(r.accuracy == 1.0 for r in rows)
