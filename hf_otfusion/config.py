@@ -59,6 +59,9 @@ class FusionParameters(_Frozen):
     solver: Literal["emd", "sinkhorn"] = "emd"
     reg: float = Field(0.05, gt=0.0, description="Sinkhorn regularisation, relative to the largest cost")
     marginals: Literal["uniform", "importance"] = "uniform"
+    repair: Literal["none", "reset_bn"] = Field(
+        "none", description="after fusion: recompute BatchNorm statistics on the calibration data (reset_bn)"
+    )
 
 
 class DatasetConfig(_Frozen):
@@ -99,10 +102,13 @@ class MergeConfig(_Frozen):
             if self.calibration is not None:
                 raise ValueError("calibration: merge_method 'linear' uses no calibration data")
         params = self.fusion_parameters
-        if self.merge_method == "otfusion" and params.alignment == "activations" and self.calibration is None:
-            raise ValueError("calibration: parameters.alignment 'activations' needs a calibration dataset")
-        if self.merge_method == "otfusion" and params.alignment == "weights" and self.calibration is not None:
-            raise ValueError("calibration: is only used with parameters.alignment 'activations'")
+        needs_data = params.alignment == "activations" or params.repair != "none"
+        if self.merge_method == "otfusion" and needs_data and self.calibration is None:
+            what = "parameters.alignment 'activations'" if params.alignment == "activations" else \
+                f"parameters.repair '{params.repair}'"
+            raise ValueError(f"calibration: {what} needs a calibration dataset")
+        if self.merge_method == "otfusion" and not needs_data and self.calibration is not None:
+            raise ValueError("calibration: is only used with parameters.alignment 'activations' or a repair")
         if "reg" in params.model_fields_set and params.solver != "sinkhorn":
             raise ValueError("parameters.reg: only the 'sinkhorn' solver is regularised")
         return self

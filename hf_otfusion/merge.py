@@ -22,6 +22,7 @@ from .errors import FusionError
 from .evaluate import EvalRow, evaluate_fusion
 from .fuse import _resolve_device, fuse, vanilla_average
 from .plan import AlignmentPlan
+from .repair import reset_norm_stats
 from .sources import LoadedModel, example_input, load_model, save_model
 from .trace import build_plan
 
@@ -104,6 +105,8 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
         fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
                      calibration=calibration, example_input=example, solver=params.solver, reg=params.reg,
                      marginals=params.marginals, plan=plan, device=dev, progress=progress)
+        if params.repair == "reset_bn":
+            fused = reset_norm_stats(fused, calibration, device=dev)
     rows = None
     if config.evaluation is not None:
         data = _loader(config.evaluation, target, True)
