@@ -116,12 +116,20 @@ def _usage(library: str, repo_id: str | None, auto_class: str | None) -> str:
     return f'from transformers import {cls}\n\nmodel = {cls}.from_pretrained("{repo_id or LOCAL_PLACEHOLDER}")'
 
 
+_REPAIRS = {
+    "none": "none",
+    "reset_bn": "reset_bn (BatchNorm statistics recomputed on the calibration data)",
+    "repair": "repair (each channel's mean and std set to the average of its parents', REPAIR)",
+}
+
+
 def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
     options = config.fusion_parameters
     rows = [("alignment", options.alignment), ("solver", _SOLVERS[options.solver])]
     if options.solver == "sinkhorn":
         rows.append(("reg", f"{options.reg:g} (relative to the largest cost)"))
     rows.append(("marginals", options.marginals))
+    rows.append(("repair", _REPAIRS.get(options.repair, options.repair)))
     if config.calibration is not None:
         rows.append(("calibration data", _describe_data(config.calibration)))
     return rows
