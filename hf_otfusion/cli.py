@@ -91,9 +91,9 @@ def merge(
             return
         result = run(cfg, out, device=device, overwrite=overwrite, card=card, repo_id=push_to_hub,
                      progress=not quiet, on_loaded=lambda parents: _describe(parents, cfg, say))
-        if result.evaluation is not None:
+        if result.evaluation is not None:  # the result itself: printed even with --quiet
             say(f"\nevaluation on {cfg.evaluation.dataset} ({cfg.evaluation.split}):\n")
-            say(format_table(result.evaluation))
+            typer.echo(format_table(result.evaluation))
         say(f"\nwrote {out}")
         if push_to_hub:
             from .hub import push_to_hub as push
@@ -138,6 +138,30 @@ def plan(
         loaded = load_model(model)
         built = build_plan(loaded.model, example_input(loaded))
     typer.echo(built.to_json() if json else str(built))
+
+
+@app.command("demo")
+def demo_command(
+    host: Annotated[str, typer.Option(help="address to serve on (0.0.0.0 to accept other machines)")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="port (default 7860, or the next free one)")] = None,
+    share: Annotated[bool, typer.Option("--share/--no-share", help="also open a public gradio share link")] = False,
+    space: Annotated[bool, typer.Option("--space", help="Space mode: refuse local paths in user input (on by "
+                                        "itself when SPACE_ID is set)")] = False,
+    examples: Annotated[Path | None, typer.Option(help="folder of bundled examples (models/*, data/*)")] = None,
+) -> None:
+    """Start the gradio demo: fuse models in the browser and see why aligning before averaging works.
+
+    Example: hf-otfusion demo --port 7860
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        typer.echo("Error: the demo needs gradio: pip install 'hf-otfusion[demo]'", err=True)
+        raise typer.Exit(1)
+    from .demo.app import launch
+
+    _quiet_libraries()
+    launch(host, port, share=share, space_mode=True if space else None, examples_dir=examples)
 
 
 def main() -> None:
