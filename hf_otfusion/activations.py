@@ -35,8 +35,8 @@ def iter_batches(calibration: Any) -> Iterator[Any]:
     if isinstance(calibration, torch.Tensor):
         yield from calibration.split(CHUNK)
         return
-    if isinstance(calibration, dict):
-        yield calibration
+    if isinstance(calibration, dict) or hasattr(calibration, "keys"):
+        yield from _split_dict(dict(calibration))
         return
     if not isinstance(calibration, Iterable):
         raise FusionError(f"calibration must be a tensor or an iterable of batches, not {type(calibration).__name__}")
@@ -45,6 +45,18 @@ def iter_batches(calibration: Any) -> Iterator[Any]:
             yield batch[0]
         else:
             yield batch
+
+
+def _split_dict(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A dict of keyword tensors in chunks of ``CHUNK`` rows (whole when its tensors differ in length)."""
+    lengths = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(lengths) != 1:
+        yield batch
+        return
+    n = lengths.pop()
+    for start in range(0, n, CHUNK):
+        yield {k: v[start : start + CHUNK] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+               for k, v in batch.items()}
 
 
 def first_batch(calibration: Any) -> Any:
@@ -88,14 +100,33 @@ class Runner:
         with torch.no_grad():
             self.gm.load_state_dict({k: v.detach() for k, v in model.state_dict().items()}, strict=False)
         self.device = device
+        self.static_batch = _static_batch(ep)
 
     @torch.no_grad()
     def capture(self, batch: Any, wanted: set[str]) -> dict[str, torch.Tensor]:
         args, kwargs = as_args(_to(batch, self.device))
         flat = tree_flatten_spec((args, kwargs), self.gm._in_spec)
+        sizes = {t.shape[0] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if self.static_batch is not None and sizes and sizes != {self.static_batch}:
+            raise FusionError(f"the model was traced with a fixed batch size of {self.static_batch} (torch.export "
+                              f"could not keep the batch dimension dynamic), but a calibration batch has "
+                              f"{sorted(sizes)} rows: pass calibration batches of exactly {self.static_batch}")
         cap = _Capture(self.gm, wanted)
         cap.run(*flat)
         return cap.seen
+
+
+def _static_batch(ep: ExportedProgram) -> int | None:
+    """The batch size baked into an exported graph, or None when its user inputs have a dynamic batch dim."""
+    user = set(ep.graph_signature.user_inputs)
+    sizes = set()
+    for node in ep.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
+        if isinstance(val, torch.Tensor) and val.dim() > 0:
+            if not isinstance(val.shape[0], int):
+                return None
+            sizes.add(val.shape[0])
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def channel_matrix(value: torch.Tensor, site: Site, n: int) -> torch.Tensor:
@@ -117,6 +148,8 @@ class _PairStats:
         if a.shape[0] != b.shape[0]:
             raise FusionError("two models produced activations of different sizes for one space; the "
                               "models do not share an architecture")
+        self.extra["sum_a"] = self.extra.get("sum_a", 0) + a.sum(0)  # for standardised distances
+        self.extra["sum_b"] = self.extra.get("sum_b", 0) + b.sum(0)
         self.sq_a += (a * a).sum(0)
         self.sq_b += (b * b).sum(0)
         self.cross += a.T @ b
@@ -129,11 +162,19 @@ def activation_costs(
     target: int,
     calibration: Any,
     *,
+    per_site: set[str] | frozenset[str] = frozenset(),
+    standardize: bool = False,
     progress: bool = True,
 ) -> list[dict[str, torch.Tensor] | None]:
-    """Per model (None for the target): space name -> (n_model, n_target) Euclidean activation distances."""
+    """Per model (None for the target): space name -> (n_model, n_target) Euclidean activation distances.
+
+    A space's statistics are summed over all its sites; for the spaces named in ``per_site`` each site gets its
+    own distance matrix instead, scaled to a mean of one, and the space's cost is their mean (every site counts
+    the same, whatever the scale of its activations). ``standardize``: distances between activations centred and
+    scaled to unit variance per channel (a correlation distance), as Imfeld et al. do for transformers.
+    """
     plan_t = plans[target]
-    stats: list[dict[str, _PairStats] | None] = [None] * len(runners)
+    stats: list[dict[tuple[str, int], _PairStats] | None] = [None] * len(runners)
     for k, plan_k in enumerate(plans):
         if k == target:
             continue
@@ -141,10 +182,12 @@ def activation_costs(
         for space in plan_t.spaces:
             n_a, n_b = plan_k.space(space.name).size, space.size
             dev = runners[k].device
-            stats[k][space.name] = _PairStats(
-                torch.zeros(n_a, dtype=torch.float64, device=dev), torch.zeros(n_b, dtype=torch.float64, device=dev),
-                torch.zeros(n_a, n_b, dtype=torch.float64, device=dev),
-            )
+            for i in range(max(1, len(space.sites)) if space.name in per_site else 1):
+                stats[k][(space.name, i)] = _PairStats(
+                    torch.zeros(n_a, dtype=torch.float64, device=dev),
+                    torch.zeros(n_b, dtype=torch.float64, device=dev),
+                    torch.zeros(n_a, n_b, dtype=torch.float64, device=dev),
+                )
     wanted = [{s.node for sp in plan.spaces for s in sp.sites} for plan in plans]
     n_batches = 0
     for batch in tqdm(iter_batches(calibration), desc="calibration", disable=not progress, leave=False):
@@ -155,15 +198,39 @@ def activation_costs(
                 continue
             for space in plan_t.spaces:
                 space_k = plans[k].space(space.name)
-                for site_b, site_a in zip(space.sites, space_k.sites, strict=False):
+                for i, (site_b, site_a) in enumerate(zip(space.sites, space_k.sites, strict=False)):
                     a = channel_matrix(values[k][site_a.node], site_a, space_k.size)
                     b = channel_matrix(values[target][site_b.node], site_b, space.size)
-                    per_space[space.name].add(a, b)
+                    per_space[(space.name, i if space.name in per_site else 0)].add(a, b)
     if n_batches == 0:
         raise FusionError("the calibration data is empty")
-    return [
-        None if per_space is None else {
-            name: distance_from_gram(s.sq_a, s.sq_b, s.cross) for name, s in per_space.items()
-        }
-        for per_space in stats
-    ]
+    out: list[dict[str, torch.Tensor] | None] = []
+    for per_space in stats:
+        if per_space is None:
+            out.append(None)
+            continue
+        costs: dict[str, list[torch.Tensor]] = {}
+        for (name, _), s in per_space.items():
+            costs.setdefault(name, []).append(_distance(s, standardize))
+        out.append({name: _mean_of_scaled(parts) if name in per_site else parts[0] for name, parts in costs.items()})
+    return out
+
+
+def _distance(s: _PairStats, standardize: bool) -> torch.Tensor:
+    """Euclidean distances between the channels' activation vectors, or (``standardize``) between the vectors
+    centred and scaled to unit variance per channel: ``sqrt(2 (1 - correlation))``."""
+    if not standardize:
+        return distance_from_gram(s.sq_a, s.sq_b, s.cross)
+    n = max(s.count, 1)
+    mu_a, mu_b = s.extra["sum_a"] / n, s.extra["sum_b"] / n
+    sd_a = (s.sq_a / n - mu_a**2).clamp_min(0).sqrt()
+    sd_b = (s.sq_b / n - mu_b**2).clamp_min(0).sqrt()
+    cov = s.cross / n - mu_a[:, None] * mu_b[None, :]
+    denom = sd_a[:, None] * sd_b[None, :]
+    corr = torch.where(denom > 1e-12, cov / denom.clamp_min(1e-12), torch.zeros_like(cov))  # dead channels: 0
+    return (2 * (1 - corr)).clamp_min(0).sqrt()
+
+
+def _mean_of_scaled(parts: list[torch.Tensor]) -> torch.Tensor:
+    scaled = [p / p.mean() for p in parts if p.numel() and p.mean() > 0]
+    return sum(scaled) / len(scaled) if scaled else parts[0]

@@ -4,6 +4,12 @@ A *space* is a set of channels that must be transported together (the output cha
 through norms, activations and residual adds). Each member of a space is one (tensor, axis) pair, possibly a
 segment of that axis (``offset``, after a concat) whose index is channel-major repeated ``repeat`` times (a
 flatten after a conv). Tensors or axes in no space are fixed: they are averaged as they are.
+
+Attention gives a space *heads*: its ``size`` channels form ``heads`` contiguous blocks of ``size // heads``
+(one per head), and its map must be block-diagonal up to a permutation of whole heads: channel ``i`` of head
+``h`` may only go to some channel of head ``sigma(h)``. Spaces with the same ``head_group`` (the query/key
+space and the value/output space of one attention op) share that head permutation ``sigma``; a headed space
+whose ``head_group`` is None keeps every head in place (only the channels inside each head move).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import json
 from collections.abc import Iterator
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SpaceKind = Literal["hidden", "residual"]
 
@@ -44,7 +50,11 @@ class Site(BaseModel):
 
 
 class Space(BaseModel):
-    """A set of channels transported together, with every tensor axis and activation site that indexes it."""
+    """A set of channels transported together, with every tensor axis and activation site that indexes it.
+
+    ``heads > 1``: the channels are ``heads`` contiguous blocks of ``head_dim = size // heads``, mapped block by
+    block (see the module docstring); spaces sharing a ``head_group`` share the permutation of the heads.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -53,6 +63,20 @@ class Space(BaseModel):
     kind: SpaceKind = "hidden"
     members: tuple[AxisRef, ...]
     sites: tuple[Site, ...] = ()
+    heads: int = 1
+    head_group: str | None = None
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> Space:
+        if self.heads < 1 or self.size % self.heads:
+            raise ValueError(f"space {self.name!r}: {self.size} channels cannot form {self.heads} equal heads")
+        if self.head_group is not None and self.heads == 1:
+            raise ValueError(f"space {self.name!r}: a head_group needs heads > 1")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.size // self.heads
 
     def tensors(self) -> set[str]:
         return {m.tensor for m in self.members}
@@ -87,6 +111,14 @@ class AlignmentPlan(BaseModel):
                 return space
         raise KeyError(f"no space named {name!r} in the plan")
 
+    def head_groups(self) -> dict[str, list[Space]]:
+        """Spaces that share one permutation of their heads, by group name (in solving order)."""
+        out: dict[str, list[Space]] = {}
+        for space in self.spaces:
+            if space.head_group is not None:
+                out.setdefault(space.head_group, []).append(space)
+        return out
+
     def members_by_tensor(self) -> dict[str, list[tuple[Space, AxisRef]]]:
         """For each tensor, the (space, member) pairs that index it."""
         out: dict[str, list[tuple[Space, AxisRef]]] = {}
@@ -109,18 +141,27 @@ class AlignmentPlan(BaseModel):
 
     def __str__(self) -> str:
         lines = [f"AlignmentPlan: {len(self.spaces)} spaces, {len(self.fixed_tensors())} fixed tensors"]
-        header = f"{'#':>3}  {'space':<40} {'size':>6}  {'kind':<8}  members (tensor:axis[@offset][xrepeat])"
+        groups = {g: i for i, g in enumerate(self.head_groups())}
+        header = (f"{'#':>3}  {'space':<40} {'size':>6}  {'heads':<9} {'kind':<8}  "
+                  "members (tensor:axis[@offset][xrepeat])")
         lines += [header, "-" * len(header)]
         for i, space in enumerate(self.spaces):
             members = ", ".join(_format_member(m) for m in space.members)
-            lines.append(f"{i:>3}  {space.name:<40} {space.size:>6}  {space.kind:<8}  {members}")
+            heads = "-" if space.heads == 1 else f"{space.heads}x{space.head_dim}"
+            if space.head_group is not None:
+                heads += f" g{groups[space.head_group]}"
+            lines.append(f"{i:>3}  {space.name:<40} {space.size:>6}  {heads:<9} {space.kind:<8}  {members}")
         fixed = self.fixed_tensors()
         if fixed:
             lines.append(f"fixed: {', '.join(fixed)}")
+        for g, i in groups.items():
+            lines.append(f"head group g{i} ({g}): one permutation of the heads for "
+                         + ", ".join(s.name for s in self.head_groups()[g]))
         if self.aliases:
             lines.append("tied: " + ", ".join(f"{a} -> {b}" for a, b in self.aliases.items()))
         if self.unhandled:
-            lines.append(f"ops without a rule (their spaces were fixed): {', '.join(self.unhandled)}")
+            lines.append("ops that fixed hidden channels (no tracer rule, or a structure the plan cannot express): "
+                         + ", ".join(self.unhandled))
         return "\n".join(lines)
 
 

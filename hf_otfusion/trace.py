@@ -13,6 +13,7 @@ reported in ``plan.unhandled``; ``strict=True`` turns that into an error. New op
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -88,11 +89,33 @@ def export_model(model: nn.Module, example_input: Any) -> ExportedProgram:
         model.train(was_training)
 
 
+def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Dynamic-shape spec with a dynamic batch dim for every tensor input: by parameter name when kwargs are given."""
+
+    def spec(v: Any) -> Any:
+        return {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None
+
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return (*(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+    params = inspect.signature(model.forward).parameters
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: spec(v) for k, v in value.items()}
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(spec(v) for v in value)
+        else:
+            out[name] = spec(value)
+    return out
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
-    dyn_args = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
-    dyn_kwargs = {k: ({0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None)
-                  for k, v in kwargs.items()}
-    dynamic = (*dyn_args, dyn_kwargs) if kwargs else dyn_args
+    dynamic = _dynamic_batch(model, args, kwargs)
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception:  # noqa: BLE001 - a model that specialises its batch size still exports statically
@@ -106,10 +129,23 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
 
 @dataclass
 class _Atoms:
+    """Union-find over atoms (sets of channels), with two kinds of structure on a root atom.
+
+    - ``definition``: the atom is a sequence of segments of other atoms (a concat, a channel-major repeat).
+    - ``split``: the atom is ``H`` heads of ``d`` channels (a view (.., H * d) -> (.., H, d)). The split's head
+      atom labels the head dim; its within atom labels the head-dim dim and stands for channel ``i`` of *every*
+      head, which are different channels per head, so a within atom only ever joins another within atom (that
+      joins the two headed atoms: queries with keys); joining it with anything else fixes it. A head atom may
+      join head atoms of other splits (they share one head permutation) or plain per-head parameter axes.
+    """
+
     parent: list[int] = field(default_factory=list)
     size: list[int | None] = field(default_factory=list)
     fixed: list[bool] = field(default_factory=list)
     definition: dict[int, Desc] = field(default_factory=dict)
+    split: dict[int, tuple[int, int]] = field(default_factory=dict)  # root -> (head atom, within atom)
+    owner: dict[int, int] = field(default_factory=dict)  # root of a within atom -> the atom it splits
+    heads: set[int] = field(default_factory=set)  # roots of head atoms
 
     def new(self, size: int | None, fixed: bool = False) -> int:
         self.parent.append(len(self.parent))
@@ -154,11 +190,26 @@ class _Atoms:
     def is_fixed(self, desc: Desc) -> bool:
         return all(self.fixed[a] for a, _ in self.expand(desc))
 
+    def _structured(self, root: int) -> bool:
+        return root in self.split or root in self.owner or root in self.heads
+
+    def _compatible(self, ra: int, rb: int) -> bool:
+        if (ra in self.owner) != (rb in self.owner):
+            return False  # a within-head dim is different channels in every head: only another one matches it
+        for x, y in ((ra, rb), (rb, ra)):
+            if x in self.heads and (y in self.split or y in self.definition):
+                return False
+            if x in self.split and y in self.definition:
+                return False
+        sa, sb = self.split.get(ra), self.split.get(rb)
+        return not (sa and sb and self.size[self.find(sa[0])] != self.size[self.find(sb[0])])
+
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
-        if self.size[ra] is not None and self.size[rb] is not None and self.size[ra] != self.size[rb]:
+        mismatch = self.size[ra] is not None and self.size[rb] is not None and self.size[ra] != self.size[rb]
+        if mismatch or not self._compatible(ra, rb):
             self.fixed[ra] = self.fixed[rb] = True
             for r in (ra, rb):
                 if r in self.definition:
@@ -174,6 +225,20 @@ class _Atoms:
             self.unify(da, db)
         elif da is not None or db is not None:
             self.definition[ra] = da if da is not None else db  # type: ignore[assignment]
+        if rb in self.heads:
+            self.heads.discard(rb)
+            self.heads.add(ra)
+        wa, wb = self.owner.pop(ra, None), self.owner.pop(rb, None)
+        if wa is not None or wb is not None:
+            self.owner[ra] = wa if wa is not None else wb  # type: ignore[assignment]
+        sa, sb = self.split.pop(ra, None), self.split.pop(rb, None)
+        if sa is not None or sb is not None:
+            self.split[ra] = sa if sa is not None else sb  # type: ignore[assignment]
+        if wa is not None and wb is not None:
+            self.union(wa, wb)  # the same channels in every head: the same headed space (queries and keys)
+        if sa is not None and sb is not None:
+            self.union(sa[0], sb[0])
+            self.union(sa[1], sb[1])
         if self.fixed[ra] and ra in self.definition:
             self.fix(self.definition[ra])
 
@@ -190,6 +255,8 @@ class _Atoms:
                 if len(eb) == 1 and eb[0][1] == 1:
                     self.union(root, eb[0][0])
                     return
+                if self._structured(root):
+                    break
                 if self.size[root] is not None and self.width(eb) not in (None, self.size[root]):
                     break
                 self.definition[root] = eb
@@ -206,6 +273,89 @@ class _Atoms:
             self.fix(e1)
             self.fix(e2)
 
+    # -- heads --------------------------------------------------------------------------------------------
+    def head_split(self, desc: Desc, n_heads: int, head_dim: int) -> tuple[Desc, Desc] | None:
+        """Labels of the (heads, head_dim) dims that a free plain channel dim splits into, or None."""
+        pieces = self.expand(desc)
+        if len(pieces) != 1 or pieces[0][1] != 1:
+            return None
+        x = pieces[0][0]
+        if self.fixed[x] or x in self.owner or x in self.heads or self.size[x] != n_heads * head_dim:
+            return None
+        if x not in self.split:
+            h, w = self.new(n_heads), self.new(head_dim)
+            self.heads.add(h)
+            self.owner[w] = x
+            self.split[x] = (h, w)
+        h, w = self.split[x]
+        if self.size[self.find(h)] != n_heads:
+            return None
+        return ((h, 1),), ((w, 1),)
+
+    def head_merge(self, head: Desc, within: Desc) -> Desc | None:
+        """The headed atom whose (head, within) labels these are, or None."""
+        eh, ew = self.expand(head), self.expand(within)
+        if len(eh) != 1 or len(ew) != 1 or eh[0][1] != 1 or ew[0][1] != 1:
+            return None
+        h, w = eh[0][0], ew[0][0]
+        x = self.owner.get(w)
+        if x is None or h not in self.heads:
+            return None
+        rx = self.find(x)
+        if self.find(self.split[rx][0]) != h:
+            return None
+        return ((rx, 1),)
+
+    def chunks(self, desc: Desc, n: int) -> list[int] | None:
+        """``n`` free plain atoms of equal size that make up a dimension (subdividing atoms as needed), or None."""
+        width = self.width(desc)
+        if width is None or width % n or self.is_fixed(desc):
+            return None
+        seg = width // n
+        out: list[int] = []
+        for atom, repeat in self.expand(desc):
+            size = self.size[atom]
+            if repeat != 1 or size is None or size % seg or self.fixed[atom]:
+                return None
+            if size == seg:
+                out.append(atom)
+                continue
+            if self._structured(atom):
+                return None
+            parts = [self.new(seg) for _ in range(size // seg)]
+            self.definition[atom] = tuple((p, 1) for p in parts)
+            out += parts
+        return out
+
+    def cut(self, desc: Desc, position: int) -> None:
+        """Divide the free plain atom of a dimension that ``position`` falls inside into two atoms."""
+        offset = 0
+        for atom, repeat in self.expand(desc):
+            size = self.size[atom]
+            if size is None:
+                return
+            if offset < position < offset + size * repeat:
+                if repeat == 1 and not self.fixed[atom] and not self._structured(atom):
+                    first = position - offset
+                    self.definition[atom] = ((self.new(first), 1), (self.new(size - first), 1))
+                return
+            offset += size * repeat
+
+    def close(self) -> None:
+        """Propagate fixing through structure: a fixed composite fixes its segments, a fixed headed atom its heads."""
+        changed = True
+        while changed:
+            changed = False
+            for root, d in list(self.definition.items()):
+                if self.fixed[self.find(root)] and not self.is_fixed(d):
+                    self.fix(d)
+                    changed = True
+            for x, (h, w) in list(self.split.items()):
+                if self.fixed[self.find(x)]:
+                    for part in (self.find(h), self.find(w)):
+                        if not self.fixed[part]:
+                            self.fixed[part] = changed = True
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The tracer
@@ -220,6 +370,23 @@ class _FakeNode:
     @property
     def meta(self) -> dict[str, Any]:
         return {"val": self.val}
+
+
+@dataclass
+class _Stack:
+    """A value whose dim ``dim`` selects between different labellings of its other dims.
+
+    timm's fused ``qkv``: a (B, N, 3 * D) linear output viewed as (B, N, 3, H, d) holds the query, key and value
+    heads at index 0, 1, 2 of dim 2, each with its own (head, within) labels. Each item is a full labelling
+    (its ``dim`` entry is a fixed placeholder). Only ops that move dims (permute), pick an index of ``dim``
+    (unbind, select) or copy values keep a stack; any other op fixes every label in it.
+    """
+
+    dim: int
+    items: list[Labels]
+
+
+STACK_COPY_OPS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "lift_fresh_copy", "dropout"}
 
 
 def _dim_size(s: Any) -> int | None:
@@ -250,6 +417,9 @@ class Tracer:
         self.consumer_sites: list[tuple[str, int, Desc]] = []
         self.producer_sites: list[tuple[str, int, Desc]] = []
         self.unhandled: list[str] = []
+        self.notes: list[str] = []
+        self.node_name = ""
+        self.op_name = ""
         self.strict = strict
         self.state = state
         self.index = 0
@@ -275,12 +445,17 @@ class Tracer:
         elif isinstance(labels, tuple):
             for item in labels:
                 self.fix_all(item)
+        elif isinstance(labels, _Stack):
+            for item in labels.items:
+                self.fix_all(item)
 
     def is_free(self, labels: Any) -> bool:
         if isinstance(labels, list):
             return any(not self.atoms.is_fixed(d) for d in labels)
         if isinstance(labels, tuple):
             return any(self.is_free(item) for item in labels)
+        if isinstance(labels, _Stack):
+            return any(self.is_free(item) for item in labels.items)
         return False
 
     def join(self, d1: Desc, d2: Desc) -> None:
@@ -309,6 +484,10 @@ class Tracer:
                     self.labels[node.name] = self.fresh(node, fixed=True)
             elif node.op == "call_function":
                 self.index += 1
+                self.node_name = node.name
+                target = node.target
+                self.op_name = (target._overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload)
+                                else getattr(target, "__name__", str(target)))
                 for arg in node.all_input_nodes:
                     if arg.name in self.param_of_node:
                         self.first_use.setdefault(self.param_of_node[arg.name], self.index)
@@ -325,10 +504,29 @@ class Tracer:
             name = getattr(target, "__name__", str(target))
         else:
             name = target._overloadpacket.__name__
+        stacks = [a for a in node.all_input_nodes if isinstance(self.labels.get(a.name), _Stack)]
+        if stacks:
+            out = _stack_rule(self, node, name, stacks)
+            if out is not None:
+                return out
+            for a in stacks:  # any other op: the stack's channels are fixed, its first labelling stands for it
+                value = self.labels[a.name]
+                self.fix_all(value)
+                self.labels[a.name] = value.items[0]
         rule = RULES.get(name)
         if rule is not None:
             return rule(self, node)
         return self.unknown(node, name)
+
+    def structural(self, why: str) -> None:
+        """The current op has a rule but meets a channel structure the plan cannot express: its channels are fixed
+        and the op is reported in ``plan.unhandled`` (an error with ``strict=True``)."""
+        message = f"op '{self.op_name}' (node {self.node_name}): {why}"
+        if self.strict:
+            raise PlanError(f"cannot plan {message}; strict=False would fix those channels instead")
+        if self.op_name not in self.unhandled:
+            self.unhandled.append(self.op_name)
+        self.notes.append(message)
 
     def unknown(self, node: Node, name: str) -> Any:
         inputs = [self.labels.get(a.name) for a in node.all_input_nodes]
@@ -348,6 +546,7 @@ class Tracer:
     # -- result -------------------------------------------------------------------------------------------
     def plan(self, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> AlignmentPlan:
         atoms = self.atoms
+        atoms.close()
         members: dict[int, list[AxisRef]] = {}
         for tensor, axes in self.param_axes.items():
             for axis, atom in enumerate(axes):
@@ -367,33 +566,71 @@ class Tracer:
         order: dict[int, int] = {}
         n_producers: dict[int, int] = {}
         for index, desc in self.producers:
-            for root, _, _ in self._segments(desc):
+            for root in dict.fromkeys(root for root, _, _ in self._segments(desc)):
                 order.setdefault(root, index)
                 n_producers[root] = n_producers.get(root, 0) + 1
         spaces = []
+        names: set[str] = set()
         for root, refs in members.items():
-            if root not in sites:
+            if root not in sites and root not in atoms.heads:
                 continue  # a parameter axis that never meets an activation is not a space (unused tensor)
+            # (per-head parameters move with their heads even where no activation carries them)
             key = order.get(root, min(self.first_use.get(m.tensor, 1 << 30) for m in refs))
-            first = min(refs, key=lambda m: (self.first_use.get(m.tensor, 1 << 30), m.axis != 0))
-            kind = "residual" if n_producers.get(root, 0) > 1 else "hidden"
-            spaces.append((key, Space(name=f"{first.tensor}:{first.axis}", size=atoms.size[root] or 0,
-                                      kind=kind, members=tuple(refs), sites=tuple(sites[root]))))
+            first = min(refs, key=lambda m: (self.first_use.get(m.tensor, 1 << 30), m.axis != 0, m.offset))
+            name = f"{first.tensor}:{first.axis}" + (f"@{first.offset}" if first.offset else "")
+            while name in names:
+                name += "'"
+            names.add(name)
+            heads, group = self._heads(root)
+            kind = "residual" if n_producers.get(root, 0) > 1 and heads == 1 else "hidden"
+            spaces.append((key, group, dict(name=name, size=atoms.size[root] or 0, kind=kind, members=tuple(refs),
+                                            sites=tuple(sites.get(root, ())), heads=heads)))
         spaces.sort(key=lambda kv: kv[0])
+        group_names: dict[int, str] = {}
+        for _, group, fields in spaces:
+            if group is not None:
+                group_names.setdefault(group, fields["name"])
         return AlignmentPlan(
-            spaces=tuple(s for _, s in spaces),
+            spaces=tuple(Space(**fields, head_group=group_names.get(group)) for _, group, fields in spaces),
             tensors={k: tuple(v.shape) for k, v in state.items()},
             aliases=aliases,
             unhandled=tuple(self.unhandled),
         )
 
+    def _resolve(self, root: int) -> tuple[int, int] | None:
+        """The space a free root atom's channels belong to (a key atom) and the repeat of each channel there.
+
+        A headed atom whose head-dim channels are fixed is its heads, each repeated head_dim times.
+        """
+        atoms = self.atoms
+        if atoms.fixed[root]:
+            return None
+        if root in atoms.split:
+            h, w = (atoms.find(a) for a in atoms.split[root])
+            if atoms.fixed[w]:
+                return None if atoms.fixed[h] else (h, atoms.size[w] or 1)
+        return root, 1
+
+    def _heads(self, key: int) -> tuple[int, int | None]:
+        """(number of heads, head atom shared by its head group or None when heads stay in place) of a space."""
+        atoms = self.atoms
+        if key in atoms.heads:
+            size = atoms.size[key] or 1
+            return (size, key) if size > 1 else (1, None)
+        if key in atoms.split:
+            h = atoms.find(atoms.split[key][0])
+            n = atoms.size[h] or 1
+            return (n, None if atoms.fixed[h] or n == 1 else h) if n > 1 else (1, None)
+        return 1, None
+
     def _segments(self, desc: Desc) -> list[tuple[int, int, int]]:
-        """(root, offset, repeat) of each free segment of a dimension."""
+        """(space key, offset, repeat) of each free segment of a dimension."""
         out, offset = [], 0
         for atom, repeat in self.atoms.expand(desc):
             size = self.atoms.size[atom] or 0
-            if not self.atoms.fixed[atom]:
-                out.append((atom, offset, repeat))
+            resolved = self._resolve(atom)
+            if resolved is not None:
+                out.append((resolved[0], offset, repeat * resolved[1]))
             offset += size * repeat
         return out
 
@@ -651,7 +888,20 @@ def _pool(t: Tracer, node: Node) -> Any:
     if xl is None or not isinstance(first, torch.Tensor):
         return t.unknown(node, name)
     out = t.fresh(_FakeNode(first))
+    if name in ("pad", "constant_pad_nd") and isinstance(node.args[1], (list, tuple)):
+        # pad=[last_lo, last_hi, second_last_lo, ...]: only the dims with a non-zero pad get new positions
+        pads = list(node.args[1])
+        spatial = len(pads) // 2
+        padded = {len(xl) - 1 - k for k in range(spatial) if pads[2 * k] != 0 or pads[2 * k + 1] != 0}
+        for k in range(len(xl)):
+            if k not in padded and len(out) == len(xl):
+                out[k] = xl[k]
+            else:
+                t.atoms.fix(xl[k])  # padded channels would be new channels: fix them (positions are fixed anyway)
+        return out
     out[: len(out) - spatial] = xl[: len(xl) - spatial]
+    for d in xl[len(xl) - spatial :]:
+        t.atoms.fix(d)  # the pooled dims must be positions; channels pooled here (channels-last) stay fixed
     if isinstance(val, (tuple, list)):
         return (out, out)
     return out
@@ -681,13 +931,7 @@ def _reduce(t: Tracer, node: Node) -> Any:
     return out
 
 
-@register_rule("permute", "transpose", "t", "swapaxes", "movedim")
-def _permute(t: Tracer, node: Node) -> Any:
-    xl = t.of(node.args[0])
-    if xl is None:
-        return t.fresh(node)
-    n = len(xl)
-    name = node.target._overloadpacket.__name__
+def _permute_order(node: Node, n: int, name: str) -> list[int]:
     order = list(range(n))
     if name == "permute":
         order = [d % n for d in node.args[1]]
@@ -700,19 +944,56 @@ def _permute(t: Tracer, node: Node) -> Any:
     else:
         a, b = node.args[1] % n, node.args[2] % n
         order[a], order[b] = order[b], order[a]
+    return order
+
+
+@register_rule("permute", "transpose", "t", "swapaxes", "movedim")
+def _permute(t: Tracer, node: Node) -> Any:
+    xl = t.of(node.args[0])
+    if xl is None:
+        return t.fresh(node)
+    order = _permute_order(node, len(xl), node.target._overloadpacket.__name__)
     return [xl[i] for i in order]
+
+
+def _stack_rule(t: Tracer, node: Node, name: str, stacks: list[Node]) -> Any:
+    """The ops that keep a :class:`_Stack` (or resolve it); None for any other op."""
+    if len(stacks) != 1 or not node.args or node.args[0] is not stacks[0]:
+        return None
+    st: _Stack = t.labels[stacks[0].name]
+    n = len(st.items[0])
+    tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
+    if name in STACK_COPY_OPS and len(tensors) == 1:
+        return st
+    if name in ("permute", "transpose", "t", "swapaxes", "movedim"):
+        order = _permute_order(node, n, name)
+        return _Stack(order.index(st.dim), [[item[i] for i in order] for item in st.items])
+    if name == "unbind" and _arg(node, 1, "dim", 0) % n == st.dim:
+        return tuple([d for k, d in enumerate(item) if k != st.dim] for item in st.items)
+    if name == "select" and node.args[1] % n == st.dim and isinstance(node.args[2], int):
+        return [d for k, d in enumerate(st.items[node.args[2]]) if k != st.dim]
+    return None
 
 
 @register_rule("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as")
 def _reshape(t: Tracer, node: Node) -> Any:
-    """Any reshape: match dims block by block (same element order, different shape)."""
+    """Any reshape: match dims block by block (same element order, different shape).
+
+    A channel dim split into (heads, head_dim) gets head labels; (3, heads, head_dim) is a stack of three
+    headed dims (a fused qkv); the merge of a (heads, head_dim) pair is the headed dim again.
+    """
     x = node.args[0]
     xl, src, dst = t.of(x), _shape(x), _shape(node)
     if xl is None or src is None or dst is None:
         return t.fresh(node)
     out: Labels = [t.new(s) for s in dst]
+    stacks: list[tuple[int, list[dict[int, Desc]]]] = []
     i_dims = [i for i, s in enumerate(src) if s != 1]
     o_dims = [j for j, s in enumerate(dst) if s != 1]
+    # equal static trailing dims are the same elements (the flat index modulo their size is kept): match them
+    # first, so that symbolic leading dims (a batch times a number of windows) cannot misalign the channels
+    while i_dims and o_dims and src[i_dims[-1]] is not None and src[i_dims[-1]] == dst[o_dims[-1]]:
+        out[o_dims.pop()] = xl[i_dims.pop()]
     i = j = 0
     while i < len(i_dims) and j < len(o_dims):
         si, sj = src[i_dims[i]], dst[o_dims[j]]
@@ -737,30 +1018,72 @@ def _reshape(t: Tracer, node: Node) -> Any:
                 j += 1
             else:
                 break
-        _reshape_block(t, xl, src, dst, ib, jb, out)
+        stack = _reshape_block(t, xl, src, dst, ib, jb, out)
+        if stack is not None:
+            stacks.append(stack)
     for k in i_dims[i:]:
         t.atoms.fix(xl[k])
+    if len(stacks) == 1:
+        dim, per_item = stacks[0]
+        items = []
+        for labels in per_item:
+            item = list(out)
+            for k, d in labels.items():
+                item[k] = d
+            items.append(item)
+        return _Stack(dim, items)
+    for _, per_item in stacks:  # two stacked dims in one value: not expressible
+        for labels in per_item:
+            for d in labels.values():
+                t.atoms.fix(d)
     return out
 
 
-def _reshape_block(t: Tracer, xl: Labels, src: list, dst: list, ib: list[int], jb: list[int], out: Labels) -> None:
+def _reshape_block(
+    t: Tracer, xl: Labels, src: list, dst: list, ib: list[int], jb: list[int], out: Labels
+) -> tuple[int, list[dict[int, Desc]]] | None:
     if len(ib) == 1 and len(jb) == 1:
         out[jb[0]] = xl[ib[0]]
-        return
-    if len(jb) == 1:  # merge: channel-major, inner dims must be fixed positions
+        return None
+    if len(jb) == 1:
+        if len(ib) == 2 and (merged := t.atoms.head_merge(xl[ib[0]], xl[ib[1]])) is not None:
+            out[jb[0]] = merged  # (heads, head_dim) -> the headed channels
+            return None
+        # merge: channel-major, inner dims must be fixed positions
         inner = math.prod(src[k] for k in ib[1:])
+        if any(not t.atoms.is_fixed(xl[k]) for k in ib[1:]):
+            t.structural(f"a flatten {[src[k] for k in ib]} -> {dst[jb[0]]} with hidden channels inside (channel-"
+                         "minor, e.g. a patch merging); only channel-major flattens are expressible")
         for k in ib[1:]:
             t.atoms.fix(xl[k])
         out[jb[0]] = tuple((a, r * inner) for a, r in t.atoms.expand(xl[ib[0]]))
-        return
+        return None
     if len(ib) == 1:  # split: the outer dim keeps the channels when every segment repeats the inner block
         inner = math.prod(dst[k] for k in jb[1:])
         pieces = t.atoms.expand(xl[ib[0]])
         if all(r % inner == 0 for _, r in pieces):
             out[jb[0]] = tuple((a, r // inner) for a, r in pieces)
-            return
+            return None
+        if len(jb) == 2 and (headed := t.atoms.head_split(xl[ib[0]], dst[jb[0]], dst[jb[1]])) is not None:
+            out[jb[0]], out[jb[1]] = headed
+            return None
+        if len(jb) in (2, 3) and (parts := t.atoms.chunks(xl[ib[0]], dst[jb[0]])) is not None:
+            per_item: list[dict[int, Desc]] = []
+            for part in parts:
+                if len(jb) == 2:
+                    per_item.append({jb[1]: ((part, 1),)})
+                elif (headed := t.atoms.head_split(((part, 1),), dst[jb[1]], dst[jb[2]])) is not None:
+                    per_item.append({jb[1]: headed[0], jb[2]: headed[1]})
+                else:
+                    break
+            else:
+                return jb[0], per_item
+    if any(not t.atoms.is_fixed(xl[k]) for k in ib):
+        t.structural(f"a reshape {[src[k] for k in ib]} -> {[dst[k] for k in jb]} of hidden channels that is not "
+                     "a head split, a head merge or a flatten")
     for k in ib:
         t.atoms.fix(xl[k])
+    return None
 
 
 @register_rule("expand", "expand_as", "repeat", "broadcast_to")
@@ -800,7 +1123,12 @@ def _cat(t: Tracer, node: Node) -> Any:
 
 
 def _slice_desc(t: Tracer, desc: Desc, start: int, end: int) -> Desc | None:
-    """The segments covering [start, end) exactly, or None when the slice cuts a segment."""
+    """The segments covering [start, end) exactly, or None when the slice cuts a segment it cannot divide.
+
+    A free plain channel atom is divided where the slice cuts it (GPT-2's ``c_attn`` output split into q, k, v).
+    """
+    for cut in (start, end):
+        t.atoms.cut(desc, cut)
     out, offset = [], 0
     for atom, repeat in t.atoms.expand(desc):
         size = (t.atoms.size[atom] or 0) * repeat

@@ -7,6 +7,7 @@ to one; :func:`barycentric_map` turns it into the (n_b, n_a) matrix that maps A'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -161,3 +162,62 @@ def rows(tensor: torch.Tensor, axis: int, offset: int, n: int, repeat: int) -> t
     """The (n, features) rows of the channels of one axis segment (repeats and other axes flattened)."""
     x = tensor.movedim(axis, 0)[offset : offset + n * repeat]
     return x.reshape(n, -1)
+
+
+def block_value(cost: torch.Tensor) -> float:
+    """Optimal transport cost between the rows and columns of ``cost`` with uniform marginals (a head-to-head cost)."""
+    n_a, n_b = cost.shape
+    c = cost.detach().double().cpu().numpy()
+    if n_a == n_b:
+        rows, cols = linear_sum_assignment(c)
+        return float(c[rows, cols].mean())
+    import ot
+
+    return float(ot.emd2(np.full(n_a, 1.0 / n_a), np.full(n_b, 1.0 / n_b), c))
+
+
+def head_costs(cost: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads, heads) matrix: entry (g, h) is the transport cost between head g of A and head h of B."""
+    n_a, n_b = cost.shape
+    da, db = n_a // heads, n_b // heads
+    out = torch.zeros(heads, heads, dtype=torch.float64)
+    for g in range(heads):
+        for h in range(heads):
+            out[g, h] = block_value(cost[g * da : (g + 1) * da, h * db : (h + 1) * db])
+    return out
+
+
+def match_heads(cost: torch.Tensor) -> list[int]:
+    """The head permutation of least total cost: entry ``h`` is the head of A that goes to head ``h`` of B."""
+    rows, cols = linear_sum_assignment(cost.detach().double().cpu().numpy())
+    out = [0] * len(rows)
+    for r, c in zip(rows, cols, strict=True):
+        out[int(c)] = int(r)
+    return out
+
+
+def solve_heads(
+    cost: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    heads: int,
+    sources: Sequence[int],
+    *,
+    solver: Solver = "emd",
+    reg: float = 0.05,
+    uniform: bool = True,
+) -> torch.Tensor:
+    """Block-diagonal coupling of a headed space: head ``sources[h]`` of A is transported onto head ``h`` of B.
+
+    Each block is an OT problem of its own (marginals renormalised within the head); the blocks are scaled so
+    that every column sums to ``b``, which is all :func:`barycentric_map` needs.
+    """
+    n_a, n_b = cost.shape
+    da, db = n_a // heads, n_b // heads
+    t = torch.zeros(n_a, n_b, dtype=torch.float64, device=cost.device)
+    for h, g in enumerate(sources):
+        ra, rb = slice(g * da, (g + 1) * da), slice(h * db, (h + 1) * db)
+        a_h, b_h = a[ra].double(), b[rb].double()
+        block = solve(cost[ra, rb], a_h / a_h.sum(), b_h / b_h.sum(), solver=solver, reg=reg, uniform=uniform)
+        t[ra, rb] = block.to(t.device, t.dtype) * b_h.sum().to(t.device)
+    return t

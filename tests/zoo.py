@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +20,15 @@ import hf_otfusion  # noqa: F401 - makes timm importable on CPU-only torch
 class ZooEntry:
     build: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
+    inputs: Callable[[int, int], Any] | None = None  # (batch, seed) -> model inputs, when not a random tensor
 
 
 ZOO: dict[str, ZooEntry] = {}
 
 
-def register(name: str, input_shape: tuple[int, ...]) -> Callable:
+def register(name: str, input_shape: tuple[int, ...], inputs: Callable[[int, int], Any] | None = None) -> Callable:
     def wrap(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-        ZOO[name] = ZooEntry(fn, input_shape)
+        ZOO[name] = ZooEntry(fn, input_shape, inputs)
         return fn
 
     return wrap
@@ -46,13 +48,40 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def make(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+def inputs(name: str, batch: int = 4, seed: int = 100) -> Any:
+    """A batch of inputs for a family: a random tensor, or (transformers text models) a dict of keyword tensors."""
+    entry = ZOO[name]
+    if entry.inputs is not None:
+        return entry.inputs(batch, seed)
+    return torch.randn(batch, *entry.input_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def make(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     """A seeded model of the family and a batch of inputs for it."""
     torch.manual_seed(seed)
     entry = ZOO[name]
-    model = randomize_norms(entry.build(), seed).eval()
-    x = torch.randn(4, *entry.input_shape, generator=torch.Generator().manual_seed(seed + 100))
-    return model, x
+    model = entry.build()
+    if name in TRANSFORMERS:
+        randomize_weights(model, seed)
+    model = randomize_norms(model, seed).eval()
+    return model, inputs(name, 4, seed + 100)
+
+
+def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random at the scale of its fan-in (biases and tokens too, unlike the zero/tiny inits)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p.numel() // p.shape[0] if p.dim() > 1 and p.shape[0] > 1 else p.shape[-1]
+            scale = 0.1 if p.dim() == 1 else fan_in**-0.5
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def run(model: nn.Module, x: Any) -> torch.Tensor:
+    """The model's output tensor (its logits for transformers models) on a tensor or a dict of keyword tensors."""
+    out = model(**x) if isinstance(x, dict) else model(x)
+    return getattr(out, "logits", out)
 
 
 @register("mlp", (20,))
@@ -255,5 +284,105 @@ register("timm_mobilenetv3", (3, 32, 32))(_timm("mobilenetv3_small_050"))
 register("timm_efficientnet_b0", (3, 32, 32))(_timm("efficientnet_b0"))
 register("timm_densenet121", (3, 32, 32))(_timm("densenet121"))
 
-SMALL = [n for n in ZOO if not n.startswith("timm_")]
-TIMM = [n for n in ZOO if n.startswith("timm_")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transformers: attention heads, LayerNorm, residual stream, class/position/token embeddings
+
+
+def _vit_timm(name: str, **kwargs: object) -> Callable[[], nn.Module]:
+    # small images and patches, two blocks; the widths and head counts of the real architecture
+    return _timm(name, img_size=32, patch_size=8, depth=2, **kwargs)
+
+
+register("timm_vit", (3, 32, 32))(_vit_timm("vit_tiny_patch16_224"))  # fused qkv, class token, pos_embed
+@register("timm_vit_eager", (3, 32, 32))
+def timm_vit_eager() -> nn.Module:
+    model = _vit_timm("vit_tiny_patch16_224")()
+    for block in model.blocks:
+        block.attn.fused_attn = False  # q @ k^T, softmax, @ v instead of scaled_dot_product_attention
+    return model
+
+
+register("timm_deit_distilled", (3, 32, 32))(_vit_timm("deit_tiny_distilled_patch16_224"))  # dist token, 2 heads
+
+
+def _hf_vit(attn: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=48, num_labels=5, initializer_range=0.2,
+                           attn_implementation=attn)
+        return ViTForImageClassification(config)
+
+    return build
+
+
+def text_inputs(batch: int, seed: int, vocab: int = 50, length: int = 7) -> dict[str, torch.Tensor]:
+    """Token ids with padding at the end of every other sequence, and two token types."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1::2, length - 2 :] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros(batch, length, dtype=torch.long)
+    types[:, length // 2 :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def _bert(attn: str, head: str = "classification") -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+        config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=48, max_position_embeddings=16, num_labels=3, initializer_range=0.2,
+                            attn_implementation=attn)
+        return BertForMaskedLM(config) if head == "mlm" else BertForSequenceClassification(config)
+
+    return build
+
+
+register("hf_vit_sdpa", (3, 16, 16))(_hf_vit("sdpa"))
+register("hf_vit_eager", (3, 16, 16))(_hf_vit("eager"))
+register("hf_bert_sdpa", (7,), text_inputs)(_bert("sdpa"))
+register("hf_bert_eager", (7,), text_inputs)(_bert("eager"))
+register("hf_bert_mlm", (7,), text_inputs)(_bert("sdpa", "mlm"))  # decoder tied to the word embeddings
+
+@register("hf_gpt2", (7,), lambda batch, seed: {"input_ids": text_inputs(batch, seed)["input_ids"]})
+def hf_gpt2() -> nn.Module:
+    # Conv1D (addmm, W stored (in, out)), c_attn split into q, k, v, causal mask, LM head tied to the embeddings
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0, use_cache=False)
+    return GPT2LMHeadModel(config)
+
+
+class HeadScaledAttention(nn.Module):
+    """One attention block with a learned temperature per head: a per-head parameter moves with the heads."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens_in: int = 6, classes: int = 3):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(tokens_in, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, d = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(-1)
+        x = x + self.o((attn @ v).transpose(1, 2).reshape(b, n, d))
+        return self.head(self.norm(x).mean(1))
+
+
+register("head_scaled_attention", (5, 6))(HeadScaledAttention)
+
+TRANSFORMERS = ["head_scaled_attention", "timm_vit", "timm_vit_eager", "timm_deit_distilled", "hf_vit_sdpa",
+                "hf_vit_eager", "hf_bert_sdpa", "hf_bert_eager", "hf_bert_mlm", "hf_gpt2"]
+SMALL = [n for n in ZOO if not n.startswith("timm_") and n not in TRANSFORMERS]
+TIMM = [n for n in ZOO if n.startswith("timm_") and n not in TRANSFORMERS]

@@ -1,0 +1,184 @@
+"""Transformers: timm ViT/DeiT (fused qkv, sdpa and eager), transformers ViT and BERT (sdpa and eager).
+
+Attention heads are plan data (``Space.heads``, ``Space.head_group``): a random permutation inside heads and of
+whole heads keeps every output, and fusing a model with such a permuted copy returns the original function.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from zoo import TRANSFORMERS, inputs, make, run
+
+from hf_otfusion import FusionError, build_plan, fuse, random_permutation
+
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one CPU thread is faster than several (and far faster on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(out, ref, rtol=TOL["rtol"], atol=TOL["atol"] * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_plan_has_heads_and_permutation_keeps_the_function(family, name):
+    model, x, plan, permuted = family(name)
+    assert not plan.unhandled
+    groups = plan.head_groups()
+    # one head group per attention op: queries/keys and values/outputs (and per-head parameters) share it
+    assert len(groups) == (1 if name == "head_scaled_attention" else 2)
+    assert all(len(spaces) >= 2 and len({s.heads for s in spaces}) == 1 for spaces in groups.values())
+    with torch.no_grad():
+        ref, out = run(model, x), run(permuted, x)
+    _close(out, ref)
+    state, moved_state = model.state_dict(), permuted.state_dict()
+    changed = {k for k, v in state.items() if not torch.equal(v, moved_state[k])}
+    moved = {m.tensor for s in plan.spaces for m in s.members}
+    moved |= {alias for alias, tensor in plan.aliases.items() if tensor in moved}
+    assert changed == moved
+
+
+@pytest.mark.parametrize("alignment", ["weights", "activations"])
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_fusing_a_permuted_copy_returns_the_original_function(family, name, alignment):
+    model, x, plan, permuted = family(name)
+    calibration = inputs(name, 16, seed=7)
+    with torch.no_grad():
+        ref = run(model, x)
+        for match_heads, copy in ((True, permuted), (False, random_permutation(model, plan, 2, permute_heads=False))):
+            fused = fuse([model, copy], alignment=alignment, calibration=calibration, example_input=x, plan=plan,
+                         match_heads=match_heads, progress=False)
+            _close(run(fused, x), ref)
+
+
+def test_head_permuted_copy_needs_head_matching(family):
+    model, x, plan, permuted = family("hf_vit_sdpa")
+    fused = fuse([model, permuted], example_input=x, plan=plan, match_heads=False, progress=False)
+    with torch.no_grad():
+        assert not torch.allclose(run(fused, x), run(model, x), rtol=1e-3, atol=1e-3)
+
+
+def test_timm_fused_qkv_is_three_headed_segments(family):
+    model, x, plan, _ = family("timm_vit")
+    qk, vo = plan.space("blocks.0.attn.qkv.weight:0"), plan.space("blocks.0.attn.qkv.weight:0@384")
+    assert (qk.size, qk.heads, qk.head_dim) == (192, 3, 64) and qk.head_group == vo.head_group == qk.name
+    assert {(m.tensor, m.offset) for m in qk.members} == {
+        ("blocks.0.attn.qkv.weight", 0), ("blocks.0.attn.qkv.weight", 192),
+        ("blocks.0.attn.qkv.bias", 0), ("blocks.0.attn.qkv.bias", 192)}
+    vo_axes = {(m.tensor, m.axis) for m in vo.members}
+    assert vo_axes >= {("blocks.0.attn.qkv.weight", 0), ("blocks.0.attn.proj.weight", 1)}
+    stream = plan.spaces[0]
+    assert stream.kind == "residual" and {"cls_token", "pos_embed", "norm.weight", "head.weight"} <= stream.tensors()
+    text = str(plan)
+    assert "3x64 g0" in text and "head group g0" in text
+
+
+def test_bert_embeddings_and_buffers(family):
+    model, x, plan, _ = family("hf_bert_sdpa")
+    stream = plan.spaces[0]
+    assert {f"bert.embeddings.{e}_embeddings.weight" for e in ("word", "position", "token_type")} <= stream.tensors()
+    # the vocabulary, positions and the non-persistent position ids never move
+    assert all(m.axis == 1 for m in stream.members if "embeddings.word" in m.tensor)
+    assert "bert.embeddings.position_ids" not in plan.tensors or "bert.embeddings.position_ids" in plan.fixed_tensors()
+    q = plan.space("bert.encoder.layer.0.attention.self.query.weight:0")
+    assert q.tensors() == {f"bert.encoder.layer.0.attention.self.{n}.{p}" for n in ("query", "key")
+                           for p in ("weight", "bias")}
+
+
+def test_tied_decoder_stays_tied(family):
+    model, x, plan, permuted = family("hf_bert_mlm")
+    assert plan.aliases["cls.predictions.decoder.weight"] == "bert.embeddings.word_embeddings.weight"
+    fused = fuse([model, permuted], example_input=x, plan=plan, progress=False)
+    assert fused.cls.predictions.decoder.weight is fused.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        _close(run(fused, x), run(model, x))
+
+
+def test_different_mlp_widths_fuse_into_the_target():
+    import timm
+
+    x = inputs("timm_vit")
+    a = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32, patch_size=8,
+                          depth=2).eval()
+    wide = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32, patch_size=8,
+                             depth=2, mlp_ratio=6).eval()
+    fused = fuse([a, wide], example_input=x, progress=False)
+    assert [p.shape for p in fused.parameters()] == [p.shape for p in a.parameters()]
+    assert torch.isfinite(fused(x)).all()
+
+
+def test_different_head_counts_are_a_clear_error():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def vit(heads: int):
+        torch.manual_seed(heads)
+        return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=heads, intermediate_size=48)).eval()
+
+    with pytest.raises(FusionError, match="4 attention heads in model 1 but 2 in the target"):
+        fuse([vit(2), vit(4)], example_input=inputs("hf_vit_sdpa"), progress=False)
+
+
+def test_plan_json_round_trip_keeps_heads(family):
+    from hf_otfusion import AlignmentPlan
+
+    _, _, plan, _ = family("timm_vit")
+    again = AlignmentPlan.from_json(plan.to_json())
+    assert again == plan and any(s.heads == 3 for s in again.spaces)
+    with pytest.raises(ValueError, match="cannot form 5 equal heads"):
+        type(plan.spaces[0])(name="s", size=12, members=(), heads=5)
+
+
+def test_tracing_a_transformer_is_strict_clean():
+    model, x = make("hf_bert_eager")
+    assert build_plan(model, x, strict=True).head_groups()
+
+
+def test_per_head_parameters_and_shared_head_norms_move_with_the_heads(family):
+    _, _, plan, _ = family("head_scaled_attention")
+    temperature = next(s for s in plan.spaces if "temperature" in s.tensors())
+    assert (temperature.size, temperature.heads, temperature.head_dim) == (4, 4, 1)
+    assert len(plan.head_groups()[temperature.head_group]) == 3
+    # timm's qk_norm: a LayerNorm over head_dim shared by all heads pins the channels inside the query/key heads;
+    # the heads themselves still move (a space of 3 heads, each repeated head_dim times), with the values' heads
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32, patch_size=8,
+                              depth=1, qk_norm=True).eval()
+    x = inputs("timm_vit")
+    qk_plan = build_plan(model, x)
+    qk = qk_plan.space("blocks.0.attn.qkv.weight:0")
+    assert (qk.size, qk.heads) == (3, 3) and {m.repeat for m in qk.members} == {64}
+    assert qk.head_group == qk_plan.space("blocks.0.attn.qkv.weight:0@384").head_group
+    assert "blocks.0.attn.q_norm.weight" in qk_plan.fixed_tensors() and not qk_plan.unhandled
+    permuted = random_permutation(model, qk_plan, 1)
+    with torch.no_grad():
+        _close(run(permuted, x), run(model, x))
+        _close(run(fuse([model, permuted], example_input=x, plan=qk_plan, progress=False), x), run(model, x))
+
+
+def test_windowed_attention_is_reported_and_strict_mode_refuses_it():
+    import timm
+
+    from hf_otfusion import PlanError
+
+    # Swin: the relative position bias is gathered by index (no rule: the heads stay in place) and patch merging
+    # flattens positions outside channels (channel-minor: that stream stays fixed)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=4, img_size=56,
+                              embed_dim=32, depths=(1, 1), num_heads=(2, 4)).eval()
+    x = torch.randn(2, 3, 56, 56)
+    plan = build_plan(model, x)
+    assert set(plan.unhandled) == {"index", "_unsafe_view"}
+    assert all(s.head_group is None for s in plan.spaces if s.heads > 1)
+    with torch.no_grad():
+        _close(run(random_permutation(model, plan, 1), x), run(model, x))
+    with pytest.raises(PlanError, match="index"):
+        build_plan(model, x, strict=True)
