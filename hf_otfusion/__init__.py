@@ -9,7 +9,9 @@ from .errors import FusionError, PlanError  # noqa: E402
 from .fuse import align, ensemble, fuse, random_permutation, vanilla_average  # noqa: E402
 from .merge import merge  # noqa: E402
 from .plan import AlignmentPlan, AxisRef, Space  # noqa: E402
+from .repair import repair_model, reset_norm_stats  # noqa: E402
 from .trace import build_plan, register_rule  # noqa: E402
+from .train import finetune  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,10 +25,13 @@ __all__ = [
     "align",
     "build_plan",
     "ensemble",
+    "finetune",
     "fuse",
     "load_config",
     "merge",
     "random_permutation",
     "register_rule",
+    "repair_model",
+    "reset_norm_stats",
     "vanilla_average",
 ]

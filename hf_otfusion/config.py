@@ -59,8 +59,10 @@ class FusionParameters(_Frozen):
     solver: Literal["emd", "sinkhorn"] = "emd"
     reg: float = Field(0.05, gt=0.0, description="Sinkhorn regularisation, relative to the largest cost")
     marginals: Literal["uniform", "importance"] = "uniform"
-    repair: Literal["none", "reset_bn"] = Field(
-        "none", description="after fusion: recompute BatchNorm statistics on the calibration data (reset_bn)"
+    repair: Literal["none", "reset_bn", "repair"] = Field(
+        "none",
+        description="after fusion, on the calibration data: recompute BatchNorm statistics (reset_bn), or set each "
+        "hidden channel's mean and std to the average of its parents' (repair: REPAIR, folded into the weights)",
     )
 
 
@@ -78,6 +80,26 @@ class DatasetConfig(_Frozen):
     label_column: str | None = None
 
 
+class FinetuneConfig(DatasetConfig):
+    """A short fine-tune of the merged model on labelled data (the dataset fields as for calibration/evaluation).
+
+    ``num_samples`` rows of ``split`` are loaded in memory and drawn in seeded random mini-batches of
+    ``batch_size`` for ``steps`` gradient steps of cross-entropy.
+    """
+
+    steps: int = Field(gt=0, description="number of gradient steps")
+    lr: float = Field(gt=0.0, description="learning rate")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _momentum_for_sgd(self) -> FinetuneConfig:
+        if "momentum" in self.model_fields_set and self.optimizer != "sgd":
+            raise ValueError("finetune.momentum: only the 'sgd' optimizer uses momentum")
+        return self
+
+
 class MergeConfig(_Frozen):
     """A whole merge: parents, the target (``base_model``), method, options, data and output dtype."""
 
@@ -87,6 +109,7 @@ class MergeConfig(_Frozen):
     parameters: FusionParameters | None = None
     calibration: DatasetConfig | None = None
     evaluation: DatasetConfig | None = None
+    finetune: FinetuneConfig | None = Field(None, description="a short fine-tune after fusion (and repair)")
     dtype: DType = Field("float32", description="dtype of the saved model (fusion itself runs in float32)")
 
     @model_validator(mode="after")

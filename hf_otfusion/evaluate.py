@@ -25,12 +25,17 @@ _TENSOR_BATCH = 1024
 
 @dataclass(frozen=True)
 class EvalRow:
-    """One line of an evaluation table: a model's name, its role, its accuracy (0-1) and mean loss."""
+    """One line of an evaluation table: a model's name, its role, its accuracy (0-1) and mean loss.
+
+    ``agreement`` (0-1, optional): the fraction of samples on which the model predicts the same class as the
+    prediction ensemble of the parents.
+    """
 
     name: str
-    kind: str  # "parent", "vanilla", "ensemble" or "fused"
+    kind: str  # "parent", "vanilla", "ensemble", "fused", or another role (e.g. "fused_before_finetune")
     accuracy: float
     loss: float
+    agreement: float | None = None
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -82,40 +87,46 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _run(model: nn.Module, data: Data, device: str | torch.device | None) -> tuple[int, int, float]:
-    """(number correct, number of samples, summed cross-entropy) of ``model`` on ``data``."""
+def _run(
+    model: nn.Module, data: Data, device: str | torch.device | None, predictions: bool = False
+) -> tuple[int, int, float, torch.Tensor | None]:
+    """(number correct, number of samples, summed cross-entropy, argmax predictions or None) of ``model``."""
     if device is not None:
         model.to(device)
     dev = _model_device(model)
     correct, total, loss_sum = 0, 0, 0.0
+    preds: list[torch.Tensor] = []
     with _eval_mode(model):
         for x, y in _batches(data):
             y = y.to(dev)
             logits = _predict(model, x, dev)
             # cross_entropy applies log_softmax, which leaves log-probabilities (an ensemble) unchanged.
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-            correct += (logits.argmax(dim=-1) == y).sum().item()
+            pred = logits.argmax(dim=-1)
+            correct += (pred == y).sum().item()
             total += len(y)
+            if predictions:
+                preds.append(pred.cpu())
     if total == 0:
         raise ValueError("no samples to evaluate")
-    return correct, total, loss_sum
+    return correct, total, loss_sum, torch.cat(preds) if predictions else None
 
 
 def accuracy(model: nn.Module, data: Data, device: str | torch.device | None = None) -> float:
     """Fraction (0-1) of samples whose argmax prediction equals the label."""
-    correct, total, _ = _run(model, data, device)
+    correct, total, _, _ = _run(model, data, device)
     return correct / total
 
 
 def loss(model: nn.Module, data: Data, device: str | torch.device | None = None) -> float:
     """Mean cross-entropy of the model's outputs (logits or log-probabilities) against the labels."""
-    _, total, loss_sum = _run(model, data, device)
+    _, total, loss_sum, _ = _run(model, data, device)
     return loss_sum / total
 
 
 def accuracy_and_loss(model: nn.Module, data: Data, device: str | torch.device | None = None) -> tuple[float, float]:
     """Accuracy and mean loss in one pass over the data."""
-    correct, total, loss_sum = _run(model, data, device)
+    correct, total, loss_sum, _ = _run(model, data, device)
     return correct / total, loss_sum / total
 
 
@@ -139,41 +150,77 @@ def agreement(model_a: nn.Module, model_b: nn.Module, data: Data, device: str | 
 
 def evaluate_fusion(
     parents: Sequence[nn.Module],
-    fused: nn.Module,
+    fused: nn.Module | None,
     data: Data,
     vanilla: nn.Module | None = None,
     weights: Sequence[float] | None = None,
     device: str | torch.device | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    fused_name: str = "OT fusion",
+    extra: Sequence[tuple[str, str, nn.Module]] = (),
+    agreement: bool = False,
 ) -> list[EvalRow]:
     """Rows for each parent, the vanilla average, the prediction ensemble and the fused model.
 
     ``vanilla`` defaults to ``vanilla_average(parents, weights)``; when the parents' shapes differ (no
     vanilla average exists) that row is left out. The ensemble is ``ensemble(parents, weights)``.
+
+    Args:
+        names: one name per parent (default ``"parent 0"``, ``"parent 1"``, ...).
+        fused_name: the fused model's row name; ``fused=None`` leaves that row out.
+        extra: more ``(name, kind, model)`` rows, after the fused model's (e.g. the fused model after a
+            fine-tune, or before a repair).
+        agreement: also measure each row's agreement with the ensemble's predictions (``EvalRow.agreement``).
+
+    Example:
+        >>> rows = evaluate_fusion([a, b], fused, (x_test, y_test), names=["a", "b"], agreement=True)  # doctest: +SKIP
+        >>> print(format_table(rows))  # doctest: +SKIP
     """
     from hf_otfusion import ensemble, vanilla_average
 
     if len(parents) < 1:
         raise ValueError("evaluate_fusion needs at least one parent")
+    if names is None:
+        names = [f"parent {i}" for i in range(len(parents))]
+    elif len(names) != len(parents):
+        raise ValueError(f"got {len(names)} names for {len(parents)} parents")
     if vanilla is None:
         shapes = [{k: tuple(v.shape) for k, v in p.state_dict().items()} for p in parents]
         if all(s == shapes[0] for s in shapes[1:]):
             vanilla = vanilla_average(list(parents), weights=weights)
-    candidates: list[tuple[str, str, nn.Module]] = [(f"parent {i}", "parent", p) for i, p in enumerate(parents)]
+    ens = ensemble(list(parents), weights=weights)
+    candidates: list[tuple[str, str, nn.Module]] = [(n, "parent", p) for n, p in zip(names, parents, strict=True)]
     if vanilla is not None:
         candidates.append(("vanilla average", "vanilla", vanilla))
-    candidates.append(("ensemble", "ensemble", ensemble(list(parents), weights=weights)))
-    candidates.append(("OT fusion", "fused", fused))
+    candidates.append(("ensemble", "ensemble", ens))
+    if fused is not None:
+        candidates.append((fused_name, "fused", fused))
+    candidates.extend(extra)
+    ens_result = _run(ens, data, device, predictions=agreement)
+    reference = ens_result[3]
     rows = []
     for name, kind, model in candidates:
-        acc, mean_loss = accuracy_and_loss(model, data, device)
-        rows.append(EvalRow(name=name, kind=kind, accuracy=acc, loss=mean_loss))
+        result = ens_result if model is ens else _run(model, data, device, predictions=agreement)
+        correct, total, loss_sum, preds = result
+        agree = None
+        if reference is not None and preds is not None:
+            if len(preds) != len(reference):
+                raise ValueError("the data gave a different number of samples on a second pass")
+            agree = (preds == reference).float().mean().item()
+        rows.append(EvalRow(name=name, kind=kind, accuracy=correct / total, loss=loss_sum / total, agreement=agree))
     return rows
 
 
 def format_table(rows: Sequence[EvalRow]) -> str:
-    """A markdown table of the rows: model, accuracy (%), loss."""
-    lines = ["| model | accuracy (%) | loss |", "|---|---:|---:|"]
+    """A markdown table of the rows: model, accuracy (%), loss, and agreement with the ensemble (%) when measured."""
+    with_agreement = any(row.agreement is not None for row in rows)
+    header = "| model | accuracy (%) | loss |" + (" agreement with ensemble (%) |" if with_agreement else "")
+    lines = [header, "|---|---:|---:|" + ("---:|" if with_agreement else "")]
     for row in rows:
         loss_text = f"{row.loss:.4f}" if math.isfinite(row.loss) else str(row.loss)
-        lines.append(f"| {row.name} | {100 * row.accuracy:.2f} | {loss_text} |")
+        line = f"| {row.name} | {100 * row.accuracy:.2f} | {loss_text} |"
+        if with_agreement:
+            line += " - |" if row.agreement is None else f" {100 * row.agreement:.2f} |"
+        lines.append(line)
     return "\n".join(lines)

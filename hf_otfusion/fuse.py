@@ -26,15 +26,20 @@ from .transport import (
     Solver,
     all_finite,
     barycentric_map,
+    head_costs,
     marginal,
+    match_heads,
     pairwise_distance,
     rows,
     solve,
+    solve_heads,
     transport_axis,
 )
 
 Alignment = Literal["weights", "activations"]
 ALIGNMENTS: tuple[str, ...] = ("weights", "activations")
+Residual = Literal["shared", "mean"]
+RESIDUALS: tuple[str, ...] = ("shared", "mean")
 State = dict[str, torch.Tensor]
 
 
@@ -88,6 +93,10 @@ def check_compatible(target: AlignmentPlan, other: AlignmentPlan, index: int) ->
         name = space_t.name
         if sorted(_ranked(space_t.members)) != sorted(_ranked(space_o.members)):
             raise FusionError(f"model {index} and the target wire space {name!r} differently")
+        if space_t.heads != space_o.heads:
+            raise FusionError(f"space {name!r} has {space_o.heads} attention heads in model {index} but "
+                              f"{space_t.heads} in the target: fusing models with different head counts is not "
+                              "supported (widths inside heads may differ)")
     moved = _segments(target)
     for name, shape in target.tensors.items():
         other_shape = other.tensors[name]
@@ -137,14 +146,16 @@ class _Aligner:
         self.done.add(space.name)
 
 
-def _features(aligner: _Aligner, space: Space, target_space: Space, target_state: State) -> tuple[torch.Tensor, ...]:
-    """Rows of every ready member (this model's, the target's), features concatenated."""
+def _features(aligner: _Aligner, space: Space, target_space: Space, target_state: State, split: bool = False) -> Any:
+    """Rows of every ready member (this model's, the target's), features concatenated (or, ``split``, per member)."""
     fa, fb = [], []
     for m_a, m_b in _member_pairs(space, target_space):
         if not aligner.ready(m_a):
             continue
         fa.append(rows(aligner.state[m_a.tensor], m_a.axis, aligner.offset(m_a), space.size, m_a.repeat))
         fb.append(rows(target_state[m_b.tensor], m_b.axis, m_b.offset, target_space.size, m_b.repeat))
+    if split:
+        return list(zip(fa, fb, strict=True))
     if not fa:
         dev = next(iter(target_state.values())).device
         return torch.zeros(space.size, 0, device=dev), torch.zeros(target_space.size, 0, device=dev)
@@ -158,6 +169,39 @@ def _member_pairs(space: Space, target_space: Space) -> list[tuple[AxisRef, Axis
     return [(a[k], b[k]) for k in a if k in b]
 
 
+def _cost(
+    aligner: _Aligner,
+    space: Space,
+    target_space: Space,
+    target_state: State,
+    costs: dict[str, torch.Tensor] | None,
+    marginals: Marginals,
+    per_tensor: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Cost matrix and marginals of one space: weight rows of its ready members, or activations (weights break ties).
+
+    ``per_tensor``: the mean of each ready member's own distance matrix, each scaled to a mean of one (every
+    tensor counts the same), instead of the distance between their concatenated rows.
+    """
+    fa, fb = _features(aligner, space, target_space, target_state)
+    if per_tensor and costs is None:
+        pairs = _features(aligner, space, target_space, target_state, split=True)
+        parts = [pairwise_distance(a, b) for a, b in pairs if a.shape[1] > 1]  # matrices; vectors are too noisy
+        parts = [c / c.mean() for c in parts if c.numel() and c.mean() > 0]
+        cost = sum(parts) / len(parts) if parts else pairwise_distance(fa, fb)
+    else:
+        cost = pairwise_distance(fa, fb)
+    if costs is not None:
+        # activations decide; weights only break their ties (e.g. channels dead on all calibration data)
+        act = costs[space.name].to(cost.device, cost.dtype)
+        scale = act.max() / cost.max() if cost.numel() and cost.max() > 0 else 0.0
+        cost = act + 1e-4 * scale * cost
+    importance = marginals == "importance" and fa.shape[1] > 0
+    a = marginal(space.size, fa.norm(dim=1) if importance else None, device=cost.device)
+    b = marginal(target_space.size, fb.norm(dim=1) if importance else None, device=cost.device)
+    return cost, a, b, not importance
+
+
 def align(
     state: State,
     plan: AlignmentPlan,
@@ -168,28 +212,87 @@ def align(
     solver: Solver = "emd",
     reg: float = 0.05,
     marginals: Marginals = "uniform",
+    heads: bool = True,
+    residual: Residual = "shared",
     progress: bool = False,
     desc: str = "aligning",
 ) -> tuple[State, dict[str, torch.Tensor]]:
-    """Transport one model's state onto the target's channels; returns it and the coupling of each space."""
+    """Transport one model's state onto the target's channels; returns it and the coupling of each space.
+
+    A space with attention heads gets a block-diagonal coupling: head ``sigma(h)`` of this model onto head ``h``
+    of the target. ``heads=True`` chooses ``sigma`` once per head group, by an assignment over the summed
+    head-to-head transport costs of all the group's spaces (queries/keys and values/outputs); ``heads=False``
+    keeps every head in place. ``residual``: see :func:`fuse`.
+    """
+    opts = dict(costs=costs, solver=solver, reg=reg, marginals=marginals, heads=heads)
+    out, couplings, maps = _align_pass(state, plan, target_state, target_plan, {}, progress=progress, desc=desc,
+                                       **opts)
+    streams = [s for s in target_plan.spaces if s.kind == "residual"]
+    if residual == "mean" and costs is None and streams:
+        given: dict[str, torch.Tensor] = {}
+        for stream in streams:
+            # every writer and reader of the stream, now that the spaces around it are solved
+            aligner = _Aligner(state, plan, target_plan)
+            for other in target_plan.spaces:
+                if other.name != stream.name:
+                    aligner.apply(plan.space(other.name), maps[other.name])
+            space = plan.space(stream.name)
+            cost, a, b, uniform = _cost(aligner, space, stream, target_state, None, marginals, per_tensor=True)
+            given[stream.name] = _solve_space(cost, a, b, stream, list(range(stream.heads)), solver, reg, uniform)
+        out, couplings, _ = _align_pass(state, plan, target_state, target_plan, given, progress=progress,
+                                        desc=desc, **opts)
+    return out, couplings
+
+
+def _solve_space(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Space, order: list[int],
+                 solver: Solver, reg: float, uniform: bool) -> torch.Tensor:
+    if space.heads > 1:
+        return solve_heads(cost, a, b, space.heads, order, solver=solver, reg=reg, uniform=uniform)
+    return solve(cost, a, b, solver=solver, reg=reg, uniform=uniform)
+
+
+def _align_pass(
+    state: State,
+    plan: AlignmentPlan,
+    target_state: State,
+    target_plan: AlignmentPlan,
+    given: dict[str, torch.Tensor],
+    *,
+    costs: dict[str, torch.Tensor] | None,
+    solver: Solver,
+    reg: float,
+    marginals: Marginals,
+    heads: bool,
+    progress: bool,
+    desc: str,
+) -> tuple[State, dict[str, torch.Tensor], dict[str, ChannelMap]]:
+    """One walk over the spaces in order; ``given`` couplings are used as they are instead of solved."""
     aligner = _Aligner(state, plan, target_plan)
     couplings: dict[str, torch.Tensor] = {}
+    maps: dict[str, ChannelMap] = {}
+    sources: dict[str, list[int]] = {}
+    groups = target_plan.head_groups()
     for target_space in tqdm(target_plan.spaces, desc=desc, disable=not progress, leave=False):
         space = plan.space(target_space.name)
-        fa, fb = _features(aligner, space, target_space, target_state)
-        cost = pairwise_distance(fa, fb)
-        if costs is not None:
-            # activations decide; weights only break their ties (e.g. channels dead on all calibration data)
-            act = costs[space.name].to(cost.device, cost.dtype)
-            scale = act.max() / cost.max() if cost.numel() and cost.max() > 0 else 0.0
-            cost = act + 1e-4 * scale * cost
-        importance = marginals == "importance" and fa.shape[1] > 0
-        a = marginal(space.size, fa.norm(dim=1) if importance else None, device=cost.device)
-        b = marginal(target_space.size, fb.norm(dim=1) if importance else None, device=cost.device)
-        t = solve(cost, a, b, solver=solver, reg=reg, uniform=not importance)
+        if space.name in given:
+            t = given[space.name]
+            b = t.sum(0)
+        else:
+            cost, a, b, uniform = _cost(aligner, space, target_space, target_state, costs, marginals)
+            n_heads, group = target_space.heads, target_space.head_group
+            if group is not None and heads and group not in sources:
+                total = head_costs(cost, n_heads)
+                for other in groups[group]:
+                    if other.name != target_space.name:
+                        c_other = _cost(aligner, plan.space(other.name), other, target_state, costs, marginals)[0]
+                        total += head_costs(c_other, n_heads)
+                sources[group] = match_heads(total)
+            order = sources.get(group, list(range(n_heads))) if group is not None else list(range(n_heads))
+            t = _solve_space(cost, a, b, target_space, order, solver, reg, uniform)
         couplings[space.name] = t
-        aligner.apply(space, barycentric_map(t, b))
-    return aligner.state, couplings
+        maps[space.name] = barycentric_map(t, b)
+        aligner.apply(space, maps[space.name])
+    return aligner.state, couplings, maps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,10 +389,36 @@ def ensemble(models: Sequence[nn.Module], weights: Sequence[float] | None = None
     return Ensemble(models, weights)
 
 
+def _random_order(space: Space, gen: torch.Generator, head_orders: dict[str, torch.Tensor],
+                  permute_heads: bool) -> torch.Tensor:
+    """A random channel order for one space: within each head, and of whole heads (one order per head group)."""
+    n, d = space.heads, space.head_dim
+    if space.head_group is not None and permute_heads and n > 1:
+        if space.head_group not in head_orders:
+            order = torch.randperm(n, generator=gen)
+            head_orders[space.head_group] = order.roll(1) if bool((order == torch.arange(n)).all()) else order
+        heads = head_orders[space.head_group]
+    else:
+        heads = torch.arange(n)
+    within = [torch.randperm(d, generator=gen) for _ in range(n)]
+    order = torch.cat([heads[h] * d + within[h] for h in range(n)])
+    if bool((order == torch.arange(space.size)).all()) and d > 1:
+        order = torch.cat([heads[h] * d + within[h].roll(1 if h == 0 else 0) for h in range(n)])
+    return order
+
+
 def random_permutation(
-    model: nn.Module, plan: AlignmentPlan | None = None, seed: int = 0, *, example_input: Any = None
+    model: nn.Module,
+    plan: AlignmentPlan | None = None,
+    seed: int = 0,
+    *,
+    example_input: Any = None,
+    permute_heads: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` with every space's channels randomly permuted: the same function, other weights.
+
+    Spaces with attention heads are permuted inside each head and, with ``permute_heads``, by whole heads (one
+    head order per head group, so queries, keys, values and outputs stay together).
 
     Example:
         >>> import torch
@@ -306,10 +435,9 @@ def random_permutation(
         plan = build_plan(model, example_input)
     gen = torch.Generator().manual_seed(seed)
     state = _state(model, torch.device("cpu"))
+    head_orders: dict[str, torch.Tensor] = {}
     for space in plan.spaces:
-        order = torch.randperm(space.size, generator=gen)
-        if bool((order == torch.arange(space.size)).all()):
-            order = order.roll(1)  # never the identity, so every space's weights really move
+        order = _random_order(space, gen, head_orders, permute_heads)
         perm = ChannelMap(torch.eye(space.size)[order])
         for m in space.members:
             state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat)
@@ -329,9 +457,13 @@ def fuse(
     solver: Solver = "emd",
     reg: float = 0.05,
     marginals: Marginals = "uniform",
+    match_heads: bool = True,
+    residual: Residual = "shared",
+    standardize: bool = False,
     plan: AlignmentPlan | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    repair: str = "none",
 ) -> nn.Module:
     """Fuse N models into one with the target's architecture and widths, by optimal transport.
 
@@ -340,23 +472,49 @@ def fuse(
     ``"activations"``: distances between activations on ``calibration``), an OT coupling (``solver``), then
     every tensor axis of the space is transported. The aligned models are averaged with ``weights``.
 
+    Transformers: a space with attention heads (queries/keys of one attention op; values/output projection) is
+    solved head by head, so its map is block-diagonal and attention stays exact. With ``match_heads`` the heads
+    are first matched to each other (one assignment per attention op over the head-to-head transport costs of
+    its query/key and value/output spaces together); without it head ``h`` goes to head ``h``. LayerNorm
+    parameters, class/position/token embeddings and the classifier's input move with the residual stream.
+
+    Residual streams (every tensor that writes into or reads from a chain of residual adds: one space, one map,
+    which exactness requires) follow the ``residual`` policy:
+
+    - ``"shared"`` (default): the stream is solved once, when the walk reaches it, from everything aligned by
+      then: in weights mode the concatenated rows of its first writers (patch/token embeddings or the stem),
+      norm parameters, biases and the classifier's input columns; in activations mode the statistics of every
+      site where the stream is read, summed (sites with larger activations weigh more).
+    - ``"mean"``: every writer and reader of the stream contributes its own cost matrix, scaled to a mean of
+      one, and the map is solved from their average, as Imfeld et al. (ICLR 2024) average the maps of a
+      residual connection's branches. In weights mode these are the stream's matrix members (1-D norm
+      parameters and biases left out) after a first pass has solved every block, so deep writers' rows are
+      aligned; every other space is then solved again against the stream's new map. In activations mode these
+      are the stream's sites (each place a layer reads it), each weighing the same.
+
     Args:
-        models: two or more models of one architecture (widths of hidden spaces may differ).
+        models: two or more models of one architecture (widths of hidden spaces may differ; head counts not).
         target: index of the model whose architecture and widths the result keeps.
         weights: one non-negative weight per model (default equal).
         alignment: ``"weights"`` (data-free) or ``"activations"`` (needs ``calibration``).
-        calibration: a tensor of inputs, or an iterable of input batches or of (input, label) batches.
+        calibration: a tensor of inputs, a dict of keyword tensors, or an iterable of input batches (tensors,
+            dicts) or of (input, label) batches.
         example_input: a batch to trace the models with; defaults to the first calibration batch.
         solver: ``"emd"`` (exact; a linear assignment when the optimum is a permutation) or ``"sinkhorn"``.
         reg: entropic regularisation for Sinkhorn, relative to the cost's largest entry.
         marginals: ``"uniform"`` or ``"importance"`` (channel mass proportional to its weights' norm).
+        match_heads: match attention heads to heads before the channels inside them (default True).
+        residual: ``"shared"`` or ``"mean"``: how the cost of a residual stream is made (see above).
+        standardize: activations mode: compare activations centred and scaled to unit variance per channel
+            (a correlation distance) instead of raw values.
         plan: the target's alignment plan (traced when omitted).
         device: where costs, solves and transports run: ``"cpu"``, ``"cuda"``, ``"auto"`` (default: the
             target's device). Exact EMD always solves on the CPU.
         progress: show progress bars.
 
     Returns:
-        A new module (a copy of the target with fused weights); the inputs are not modified.
+        A new module (a copy of the target with fused weights); the inputs are not modified. Tied tensors (an
+        LM head tied to the embeddings) stay tied.
 
     Example:
         >>> import torch
@@ -378,10 +536,18 @@ def fuse(
         raise FusionError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     if marginals not in MARGINALS:
         raise FusionError(f"unknown marginals {marginals!r}: choose one of {', '.join(MARGINALS)}")
+    if residual not in RESIDUALS:
+        raise FusionError(f"unknown residual policy {residual!r}: choose one of {', '.join(RESIDUALS)}")
     if solver == "sinkhorn" and not reg > 0:
         raise FusionError(f"sinkhorn needs reg > 0, got {reg}")
     if alignment == "activations" and calibration is None:
         raise FusionError("alignment='activations' needs calibration data (calibration=...)")
+    from .repair import REPAIRS
+
+    if repair not in REPAIRS:
+        raise FusionError(f"unknown repair {repair!r}: choose one of {', '.join(REPAIRS)}")
+    if repair != "none" and calibration is None:
+        raise FusionError(f"repair={repair!r} needs calibration data (calibration=...)")
     if example_input is None and calibration is not None:
         example_input = first_batch(calibration)
     if plan is None and example_input is None:
@@ -395,11 +561,13 @@ def fuse(
     ep_t = export_model(target_model, example_input) if plan is None or alignment == "activations" else None
     plan_t = plan if plan is not None else build_plan(target_model, example_input, exported=ep_t)
     shapes_t = plan_t.tensors
+    # equal shapes do not mean equal head counts: models with attention heads are traced one by one
+    headed = any(s.heads > 1 for s in plan_t.spaces)
     plans: list[AlignmentPlan] = []
     exported: list[Any] = []
     for i, model in enumerate(models):
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if i == target or shapes == shapes_t:
+        if i == target or (shapes == shapes_t and (not headed or example_input is None)):
             plans.append(plan_t)
             exported.append(ep_t)
         else:
@@ -413,19 +581,31 @@ def fuse(
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     if alignment == "activations":
         runners = [Runner(ep, m, dev) for ep, m in zip(exported, models, strict=True)]
-        costs = activation_costs(runners, plans, target, calibration, progress=progress)
+        streams = {s.name for s in plan_t.spaces if s.kind == "residual"} if residual == "mean" else set()
+        costs = activation_costs(runners, plans, target, calibration, per_site=streams, standardize=standardize,
+                                 progress=progress)
         del runners
 
     target_state = _state(target_model, dev)
     aligned: list[State] = []
+    couplings: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     for i, model in enumerate(models):
         if i == target:
             aligned.append(target_state)
             continue
-        state, _ = align(_state(model, dev), plans[i], target_state, plan_t, costs=costs[i], solver=solver,
-                         reg=reg, marginals=marginals, progress=progress, desc=f"aligning model {i}")
+        state, couplings[i] = align(_state(model, dev), plans[i], target_state, plan_t, costs=costs[i], solver=solver,
+                         reg=reg, marginals=marginals, heads=match_heads, residual=residual, progress=progress,
+                         desc=f"aligning model {i}")
         aligned.append(state)
     fused = _average(aligned, w, target_state)
     for alias, name in plan_t.aliases.items():
         fused[alias] = fused[name]
-    return _with_state(target_model, fused)
+    if repair == "none":
+        return _with_state(target_model, fused)
+    from .repair import repair_model, reset_norm_stats
+
+    if repair == "reset_bn":
+        return reset_norm_stats(_with_state(target_model, fused), calibration, device=dev)
+    # each parent's statistics, measured on the parent and carried over by its couplings (exact for any widths)
+    return repair_model(_with_state(target_model, fused), models, calibration, weights=w, couplings=couplings,
+                        device=dev, plan=plan_t, example_input=example_input, exported=ep_t)

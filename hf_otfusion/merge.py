@@ -7,24 +7,24 @@ never leaves half a model behind and never touches an existing ``out`` (which is
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import MergeConfig
+from .config import FinetuneConfig, MergeConfig
 from .errors import FusionError
 from .evaluate import EvalRow, evaluate_fusion
 from .fuse import _resolve_device, fuse, vanilla_average
 from .plan import AlignmentPlan
-from .repair import reset_norm_stats
 from .sources import LoadedModel, example_input, load_model, save_model
 from .trace import build_plan
+from .train import finetune
 
 CONFIG_FILE = "hf_otfusion.yml"
 PLAN_FILE = "plan.json"
@@ -104,16 +104,39 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
         plan = build_plan(target.model, example)
         fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
                      calibration=calibration, example_input=example, solver=params.solver, reg=params.reg,
-                     marginals=params.marginals, plan=plan, device=dev, progress=progress)
-        if params.repair == "reset_bn":
-            fused = reset_norm_stats(fused, calibration, device=dev)
+                     marginals=params.marginals, plan=plan, device=dev, progress=progress, repair=params.repair)
+    untuned = None
+    if config.finetune is not None:
+        untuned, fused = fused, finetune_merged(fused, config.finetune, target, device=dev, progress=progress)
     rows = None
     if config.evaluation is not None:
         data = _loader(config.evaluation, target, True)
-        rows = evaluate_fusion(models, fused, data, weights=config.weights, device=dev)
         names = [p.ref.text for p in parents]
-        rows = [dataclasses.replace(r, name=names[int(r.name.split()[1])]) if r.kind == "parent" else r for r in rows]
+        if untuned is None:
+            rows = evaluate_fusion(models, fused, data, weights=config.weights, device=dev, names=names,
+                                   agreement=True)
+        else:  # the fused model before and after the fine-tune; the saved model is the fine-tuned one
+            extra = [("OT fusion", "fused_before_finetune", untuned), ("OT fusion + fine-tune", "fused", fused)]
+            rows = evaluate_fusion(models, None, data, weights=config.weights, device=dev, names=names, extra=extra,
+                                   agreement=True)
     return MergeResult(config=config, parents=list(parents), model=fused.cpu(), plan=plan, evaluation=rows, out=None)
+
+
+def finetune_merged(model: nn.Module, cfg: FinetuneConfig, target: LoadedModel, *, device=None,
+                    progress: bool = True) -> nn.Module:
+    """A copy of ``model`` fine-tuned as ``cfg`` says, on its dataset preprocessed for the target.
+
+    The selected rows are loaded in memory (image batches are concatenated, so ``finetune`` draws seeded random
+    mini-batches; text batches, padded per batch, are cycled in order).
+    """
+    loader = _loader(cfg, target, True)
+    batches = list(loader)
+    data: object = batches
+    if batches and all(torch.is_tensor(x) for x, _ in batches) and len({x.shape[1:] for x, _ in batches}) == 1:
+        data = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    return finetune(model, data, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, device=device,
+                    optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                    progress=progress)
 
 
 def write_output(result: MergeResult, out: str | Path, *, overwrite: bool = False, card: bool = True,

@@ -73,6 +73,20 @@ def test_frozen():
         ({"models": TWO, "evaluation": {"split": "test"}}, "evaluation.dataset: Field required"),
         ({"models": TWO, "dtype": "float64"}, "dtype: Input should be"),
         ({"models": "org/a"}, "models: Input should be a valid list"),
+        ({"models": TWO, "parameters": {"repair": "repair"}}, "calibration: parameters.repair 'repair' needs"),
+        ({"models": TWO, "parameters": {"repair": "rebasin"}}, "parameters.repair: Input should be 'none', 'reset_bn'"),
+        ({"models": TWO, "finetune": {"dataset": "d", "lr": 0.1}}, "finetune.steps: Field required"),
+        ({"models": TWO, "finetune": {"dataset": "d", "steps": 0, "lr": 0.1}}, "finetune.steps: Input should be"),
+        ({"models": TWO, "finetune": {"dataset": "d", "steps": 5, "lr": -1}}, "finetune.lr: Input should be"),
+        ({"models": TWO, "finetune": {"steps": 5, "lr": 0.1}}, "finetune.dataset: Field required"),
+        ({"models": TWO, "finetune": {"dataset": "d", "steps": 5, "lr": 0.1, "epochs": 2}}, "finetune.epochs: unknown"),
+        ({"models": TWO, "finetune": {"dataset": "d", "steps": 5, "lr": 0.1, "optimizer": "lbfgs"}},
+         "finetune.optimizer: Input should be 'sgd' or 'adam'"),
+        ({"models": TWO, "finetune": {"dataset": "d", "steps": 5, "lr": 0.1, "optimizer": "adam", "momentum": 0.5}},
+         "finetune.momentum: only the 'sgd' optimizer uses momentum"),
+        ({"models": TWO, "finetune": {"dataset": "d", "steps": 5, "lr": 0.1, "momentum": 1.0}}, "finetune.momentum"),
+        ({"models": TWO, "finetune": {"dataset": "d", "steps": 5, "lr": 0.1, "batch_size": 0}},
+         "finetune.batch_size"),
     ],
 )
 def test_bad_fields_are_named(data, message):
@@ -101,3 +115,22 @@ def test_not_yaml(tmp_path):
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     assert MergeConfig.model_config["extra"] == "forbid"
+
+
+def test_repair_and_finetune_fields():
+    cfg = parse_config({
+        "models": TWO,
+        "parameters": {"alignment": "activations", "repair": "repair"},
+        "calibration": CALIB,
+        "finetune": {"dataset": "ylecun/mnist", "split": "train", "num_samples": 512, "steps": 100, "lr": 0.01},
+    })
+    assert cfg.fusion_parameters.repair == "repair"
+    ft = cfg.finetune
+    assert (ft.steps, ft.lr, ft.optimizer, ft.momentum, ft.weight_decay, ft.batch_size) == (100, 0.01, "sgd", 0.9, 0.0,
+                                                                                            32)
+    assert ft.dataset == "ylecun/mnist" and ft.num_samples == 512 and ft.seed == 0
+    assert parse_config(__import__("yaml").safe_load(cfg.to_yaml())) == cfg
+    assert "finetune:" in cfg.to_yaml() and "momentum" not in cfg.to_yaml()  # defaults stay out
+    linear = parse_config({"models": TWO, "merge_method": "linear", "finetune": {"dataset": "d", "steps": 1, "lr": 1}})
+    assert linear.finetune.steps == 1
+    assert parse_config({"models": TWO}).finetune is None

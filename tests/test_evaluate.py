@@ -191,3 +191,37 @@ def test_evaluate_fusion_with_dict_inputs():
     rows = evaluate_fusion([_KeywordModel(), _KeywordModel()], _KeywordModel(), batches)
     assert [r.kind for r in rows] == ["parent", "parent", "vanilla", "ensemble", "fused"]
     assert all(r.accuracy == 1.0 for r in rows)
+
+
+def test_evaluate_fusion_names_extra_rows_and_agreement():
+    parents = [_constant(A), _constant(B)]
+    fused = _constant([0.2, 0.8])
+    before = _constant([0.6, 0.4])
+    rows = evaluate_fusion(parents, None, (X, Y), names=["org/a", "org/b"], agreement=True,
+                           extra=[("OT fusion", "fused_before_finetune", before),
+                                  ("OT fusion + fine-tune", "fused", fused)])
+    assert [(r.name, r.kind) for r in rows] == [
+        ("org/a", "parent"),
+        ("org/b", "parent"),
+        ("vanilla average", "vanilla"),
+        ("ensemble", "ensemble"),
+        ("OT fusion", "fused_before_finetune"),
+        ("OT fusion + fine-tune", "fused"),
+    ]
+    # the ensemble predicts class 0 everywhere: parent A and the model "before" agree with it, B and "fused" never
+    agree = {r.name: r.agreement for r in rows}
+    assert agree == {"org/a": 1.0, "org/b": 0.0, "vanilla average": 1.0, "ensemble": 1.0, "OT fusion": 1.0,
+                     "OT fusion + fine-tune": 0.0}
+    table = format_table(rows).splitlines()
+    assert table[0] == "| model | accuracy (%) | loss | agreement with ensemble (%) |"
+    assert table[-1].startswith("| OT fusion + fine-tune | 25.00 |") and table[-1].endswith("| 0.00 |")
+    named = evaluate_fusion(parents, fused, (X, Y), fused_name="fused!")
+    assert named[-1].name == "fused!" and named[-1].agreement is None
+    assert "agreement" not in format_table(named)
+    with pytest.raises(ValueError, match="3 names for 2 parents"):
+        evaluate_fusion(parents, fused, (X, Y), names=["a", "b", "c"])
+
+
+def test_format_table_marks_rows_without_agreement():
+    rows = [EvalRow("parent 0", "parent", 0.9, 0.25, agreement=0.5), EvalRow("x", "fused", 0.5, 1.0)]
+    assert format_table(rows).splitlines()[-1] == "| x | 50.00 | 1.0000 | - |"
