@@ -511,6 +511,11 @@ def fuse(
         device: where costs, solves and transports run: ``"cpu"``, ``"cuda"``, ``"auto"`` (default: the
             target's device). Exact EMD always solves on the CPU.
         progress: show progress bars.
+        repair: after averaging, ``"none"``; ``"reset_bn"`` (recompute BatchNorm running statistics on
+            ``calibration``, see ``hf_otfusion.repair.reset_norm_stats``); or ``"repair"`` (REPAIR: each hidden
+            channel's mean and std set to the weighted average of its parents' on ``calibration``, measured on each
+            parent and carried over by its couplings, folded into the weights; BatchNorm statistics are recomputed
+            too; see ``hf_otfusion.repair.repair_model``).
 
     Returns:
         A new module (a copy of the target with fused weights); the inputs are not modified. Tied tensors (an

@@ -112,11 +112,12 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
     if config.evaluation is not None:
         data = _loader(config.evaluation, target, True)
         names = [p.ref.text for p in parents]
+        name = "OT fusion" if config.merge_method == "otfusion" else "linear merge"
         if untuned is None:
             rows = evaluate_fusion(models, fused, data, weights=config.weights, device=dev, names=names,
-                                   agreement=True)
-        else:  # the fused model before and after the fine-tune; the saved model is the fine-tuned one
-            extra = [("OT fusion", "fused_before_finetune", untuned), ("OT fusion + fine-tune", "fused", fused)]
+                                   fused_name=name, agreement=True)
+        else:  # the merged model before and after the fine-tune; the saved model is the fine-tuned one
+            extra = [(name, "fused_before_finetune", untuned), (f"{name} + fine-tune", "fused", fused)]
             rows = evaluate_fusion(models, None, data, weights=config.weights, device=dev, names=names, extra=extra,
                                    agreement=True)
     return MergeResult(config=config, parents=list(parents), model=fused.cpu(), plan=plan, evaluation=rows, out=None)
