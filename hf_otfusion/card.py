@@ -130,6 +130,10 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
         rows.append(("reg", f"{options.reg:g} (relative to the largest cost)"))
     rows.append(("marginals", options.marginals))
     rows.append(("repair", _REPAIRS.get(options.repair, options.repair)))
+    rows.append(("attention heads", "matched first" if options.match_heads else "kept in place"))
+    rows.append(("residual stream cost", options.residual))
+    if options.alignment == "activations":
+        rows.append(("activations compared by", "correlation" if options.standardize else "Euclidean distance"))
     if config.calibration is not None:
         rows.append(("calibration data", _describe_data(config.calibration)))
     return rows

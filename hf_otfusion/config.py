@@ -64,6 +64,11 @@ class FusionParameters(_Frozen):
         description="after fusion, on the calibration data: recompute BatchNorm statistics (reset_bn), or set each "
         "hidden channel's mean and std to the average of its parents' (repair: REPAIR, folded into the weights)",
     )
+    match_heads: bool = Field(True, description="match attention heads to heads before the channels inside them")
+    residual: Literal["shared", "mean"] = Field(
+        "shared", description="cost of a residual stream: solved once (shared), or the mean of its writers' costs"
+    )
+    standardize: bool = Field(False, description="activations mode: compare channels by correlation")
 
 
 class DatasetConfig(_Frozen):

@@ -104,7 +104,8 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
         plan = build_plan(target.model, example)
         fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
                      calibration=calibration, example_input=example, solver=params.solver, reg=params.reg,
-                     marginals=params.marginals, plan=plan, device=dev, progress=progress, repair=params.repair)
+                     marginals=params.marginals, plan=plan, device=dev, progress=progress, repair=params.repair,
+                     match_heads=params.match_heads, residual=params.residual, standardize=params.standardize)
     untuned = None
     if config.finetune is not None:
         untuned, fused = fused, finetune_merged(fused, config.finetune, target, device=dev, progress=progress)

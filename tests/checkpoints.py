@@ -56,3 +56,18 @@ def hf_resnet(folder: Path, seed: int) -> Path:
     ResNetForImageClassification(config).eval().save_pretrained(folder)
     _processor().save_pretrained(folder)
     return folder
+
+
+def hf_bert(folder: Path, seed: int) -> Path:
+    """transformers ``BertForSequenceClassification`` (2 layers, 2 heads, 3 labels) with a WordPiece tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    BertForSequenceClassification(config).eval().save_pretrained(folder)
+    vocab = folder / "vocab.txt"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(35)]
+    vocab.write_text("\n".join(words) + "\n")
+    BertTokenizer(vocab_file=str(vocab)).save_pretrained(folder)
+    return folder

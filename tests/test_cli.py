@@ -241,3 +241,23 @@ def test_bundled_example_activations_reset_bn_and_evaluation(tmp_path):
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and f"| OT fusion | {rows['OT fusion']:.2f} |" in card
     assert ModelCard.load(out / "README.md").data.to_dict()["library_name"] == "timm"
+
+
+def test_merge_bert_keeps_heads_and_copies_the_tokenizer(tmp_path):
+    from checkpoints import hf_bert
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    parents = [str(hf_bert(tmp_path / "a", seed=0)), str(hf_bert(tmp_path / "b", seed=1))]
+    out = tmp_path / "out"
+    result = _invoke("merge", _config(tmp_path / "c.yml", parents), out, "-q")
+    assert result.exit_code == 0, result.output
+    plan = AlignmentPlan.from_json((out / "plan.json").read_text())
+    assert any(space.heads == 2 for space in plan.spaces)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["w1 w2 w3", "w4 w5"], padding=True, return_tensors="pt")
+    loaded = [load_model(p) for p in parents]
+    expected = fuse([m.model for m in loaded], example_input=example_input(loaded[0]), plan=plan, progress=False)
+    got = AutoModelForSequenceClassification.from_pretrained(out).eval()(**batch).logits
+    torch.testing.assert_close(got, expected.eval()(**batch).logits, rtol=1e-4, atol=1e-5)
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    assert card["pipeline_tag"] == "text-classification" and card["library_name"] == "transformers"

@@ -134,3 +134,10 @@ def test_repair_and_finetune_fields():
     linear = parse_config({"models": TWO, "merge_method": "linear", "finetune": {"dataset": "d", "steps": 1, "lr": 1}})
     assert linear.finetune.steps == 1
     assert parse_config({"models": TWO}).finetune is None
+
+
+def test_transformer_options():
+    params = parse_config({"models": TWO, "parameters": {"match_heads": False, "residual": "mean"}}).fusion_parameters
+    assert (params.match_heads, params.residual, params.standardize) == (False, "mean", False)
+    with pytest.raises(ConfigError, match="parameters.residual"):
+        parse_config({"models": TWO, "parameters": {"residual": "sum"}})
