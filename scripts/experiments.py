@@ -239,7 +239,8 @@ def plot_bars(path: Path, groups: dict[str, Table], rows: Sequence[str] | None, 
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(xlabel)
         lo = min(means) if means else 0
-        ax.set_xlim(*(xlim or (max(0.0, lo - 5), 104)))
+        hi = max((m + sd for m, sd in zip(means, stds, strict=True)), default=100)
+        ax.set_xlim(*(xlim or (max(0.0, lo - 5), min(104.0, hi + 1.5))))
         ax.grid(axis="x", alpha=0.3)
         for i, (m, sd) in enumerate(zip(means, stds, strict=True)):
             ax.text(m + sd + 0.5, i, f"{m:.1f}", va="center", fontsize=7)
