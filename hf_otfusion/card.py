@@ -36,6 +36,7 @@ _KIND_LEGEND = {
     "vanilla": "the same weighted average of the parents' parameters, without aligning the neurons first",
     "ensemble": "the average of the parents' predictions (one forward pass per parent)",
     "fused": "this model",
+    "fused_before_finetune": "this model before its fine-tune",
 }
 
 
