@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .activations import Runner, activation_costs, first_batch
 from .errors import FusionError, PlanError
+from .evaluate import logits_of
 from .plan import AlignmentPlan, AxisRef, Space
 from .trace import build_plan, export_model
 from .transport import (
@@ -303,7 +304,7 @@ def _state(model: nn.Module, device: torch.device) -> State:
     return {k: v.detach().to(device) for k, v in model.state_dict().items()}
 
 
-def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
     if device is None:
         return next((p.device for p in model.parameters()), torch.device("cpu"))
     if str(device) == "auto":
@@ -379,8 +380,7 @@ class Ensemble(nn.Module):
         probs = 0
         for w, model in zip(self.weights, self.members, strict=True):
             out = model(*args, **kwargs)
-            logits = getattr(out, "logits", out)
-            probs = probs + w * logits.float().softmax(-1)
+            probs = probs + w * logits_of(out).float().softmax(-1)
         return torch.log(probs.clamp_min(1e-30))
 
 
@@ -559,7 +559,7 @@ def fuse(
         raise FusionError("pass example_input (or calibration) so the models can be traced, or a plan")
     w = _normalized_weights(weights, len(models))
     _check_finite(models)
-    dev = _resolve_device(device, models[target])
+    dev = resolve_device(device, models[target])
 
     # plans: the target's, reused for every model of the same shapes, traced anew for other widths
     target_model = models[target]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import FinetuneConfig, MergeConfig
 from .errors import FusionError
 from .evaluate import EvalRow, evaluate_fusion
-from .fuse import _resolve_device, fuse, vanilla_average
+from .fuse import fuse, resolve_device, vanilla_average
 from .plan import AlignmentPlan
 from .sources import LoadedModel, example_input, load_model, save_model
 from .trace import build_plan
@@ -93,7 +93,7 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
     """Fuse loaded parents as the config says, and evaluate when the config has an ``evaluation`` dataset."""
     models = [p.model for p in parents]
     target = parents[config.target_index]
-    dev = _resolve_device(device, target.model)
+    dev = resolve_device(device, target.model)
     plan = None
     if config.merge_method == "linear":
         fused = vanilla_average(models, weights=config.weights)

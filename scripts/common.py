@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 import torch
@@ -173,3 +174,10 @@ def seeded(factory, seed: int, *args, **kwargs) -> nn.Module:
     """Build ``factory(*args, **kwargs)`` with ``torch.manual_seed(seed)`` set first."""
     torch.manual_seed(seed)
     return factory(*args, **kwargs)
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """'mean ± std' in percent (sample std; 0 for one value)."""
+    pct = [100 * v for v in values]
+    std = statistics.stdev(pct) if len(pct) > 1 else 0.0
+    return f"{statistics.fmean(pct):.2f} ± {std:.2f}"

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import seeded
+from common import mean_std, seeded
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
@@ -66,13 +66,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown report to this file")
     return parser.parse_args(argv)
-
-
-def mean_std(values: Sequence[float]) -> str:
-    """'mean ± std' in percent (sample std; 0 for one value)."""
-    pct = [100 * v for v in values]
-    std = statistics.stdev(pct) if len(pct) > 1 else 0.0
-    return f"{statistics.fmean(pct):.2f} ± {std:.2f}"
 
 
 def small_vit(args: argparse.Namespace) -> nn.Module:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +18,15 @@ from zoo import make  # noqa: E402
 from hf_otfusion import build_plan, random_permutation  # noqa: E402
 
 _CACHE: dict[str, tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for a module: tiny models run fastest so, and stay fast when other processes hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

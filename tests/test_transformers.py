@@ -15,13 +15,7 @@ from hf_otfusion import FusionError, build_plan, fuse, random_permutation
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one CPU thread is faster than several (and far faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
