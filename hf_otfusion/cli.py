@@ -60,6 +60,10 @@ def merge(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate, load the models, print the plan; write nothing")]
     = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summaries")] = False,
+    out_shard_size: Annotated[str | None, typer.Option("--out-shard-size", help="split the weights into shards of at "
+                              "most this size, e.g. 5GB or 500MB (transformers outputs)")] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="print where the time went (load, trace, activations, "
+                       "cost, solve, transport, write, ...)")] = False,
 ) -> None:
     """Fuse the models of a mergekit-style YAML config and write a loadable model with its card.
 
@@ -69,6 +73,7 @@ def merge(
     from .evaluate import format_table
     from .merge import load_parents
     from .merge import merge as run
+    from .profile import profiling
     from .sources import example_input
     from .trace import build_plan
 
@@ -89,12 +94,18 @@ def merge(
                 typer.echo(str(build_plan(target.model, example_input(target))))
             typer.echo("dry run: the config is valid and the models load; nothing was written")
             return
-        result = run(cfg, out, device=device, overwrite=overwrite, card=card, repo_id=push_to_hub,
-                     progress=not quiet, on_loaded=lambda parents: _describe(parents, cfg, say))
+        with profiling() if profile else contextlib.nullcontext() as prof:
+            result = run(cfg, out, device=device, overwrite=overwrite, card=card, repo_id=push_to_hub,
+                         progress=not quiet, on_loaded=lambda parents: _describe(parents, cfg, say),
+                         out_shard_size=out_shard_size)
+        if result.streamed:
+            say("streamed: each parent's tensors were read from disk as needed, each fused tensor written when final")
         if result.evaluation is not None:  # the result itself: printed even with --quiet
             say(f"\nevaluation on {cfg.evaluation.dataset} ({cfg.evaluation.split}):\n")
             typer.echo(format_table(result.evaluation))
         say(f"\nwrote {out}")
+        if prof is not None:
+            typer.echo(f"\nprofile ({cfg.merge_method}, device {device}):\n\n{prof.table()}")
         if push_to_hub:
             from .hub import push_to_hub as push
 

@@ -6,7 +6,8 @@ The engine knows nothing of architectures: it reads spaces and (tensor, axis) me
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,9 +16,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import Runner, activation_costs, first_batch
+from .checkpoint import StateSource, TensorSource
 from .errors import FusionError, PlanError
 from .evaluate import logits_of
 from .plan import AlignmentPlan, AxisRef, Space
+from .profile import record_space, timed
 from .trace import build_plan, export_model
 from .transport import (
     MARGINALS,
@@ -109,20 +112,53 @@ def check_compatible(target: AlignmentPlan, other: AlignmentPlan, index: int) ->
                                   f"target, and axis {axis} is fixed (not a hidden space): they cannot be fused")
 
 
+def plans_for(
+    plan_t: AlignmentPlan,
+    shapes: Sequence[Mapping[str, tuple[int, ...]]],
+    target: int,
+    trace: Callable[[int], AlignmentPlan] | None,
+) -> list[AlignmentPlan]:
+    """Each model's plan: the target's for a model of the target's shapes, else ``trace(i)`` (other widths; and
+    always with attention heads, since equal shapes do not mean equal head counts). ``trace`` None: cannot trace."""
+    own = {k: tuple(v) for k, v in plan_t.tensors.items() if k not in plan_t.aliases}
+    headed = any(s.heads > 1 for s in plan_t.spaces)
+    plans = []
+    for i, s in enumerate(shapes):
+        same = {k: tuple(v) for k, v in s.items() if k not in plan_t.aliases} == own
+        if i == target or (same and (not headed or trace is None)):
+            plans.append(plan_t)
+        elif trace is None:
+            raise FusionError(f"model {i} has other widths than the target: pass example_input to trace it")
+        else:
+            plans.append(trace(i))
+    return plans
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Aligning one model to the target
 
 
 class _Aligner:
-    """Transports one model's tensors, space by space, into the target's channel order and widths."""
+    """One model's tensors, transported lazily into the target's channel order and widths.
 
-    def __init__(self, state: State, plan: AlignmentPlan, target_plan: AlignmentPlan):
-        self.state = dict(state)
+    A solved space's map is recorded on each of its members; a tensor is read from its source, and the maps
+    recorded on it applied, only when something needs it (its rows for a cost, or its final value), and it is
+    kept from then until :meth:`release`. So a tensor is held from its first use until every space it belongs
+    to is solved, and a checkpoint on disk is never read whole.
+    """
+
+    def __init__(self, source: TensorSource, plan: AlignmentPlan, target_plan: AlignmentPlan,
+                 device: torch.device, index: int = 0):
+        self.source = source
         self.plan = plan
+        self.device = device
+        self.index = index
         self.segs = _segments(plan)
         self.target_sizes = {s.name: s.size for s in target_plan.spaces}
         self.sizes = {s.name: s.size for s in plan.spaces}
         self.done: set[str] = set()
+        self.ops: dict[str, list[tuple[ChannelMap, int, int, int]]] = {}
+        self.cache: State = {}
 
     def offset(self, m: AxisRef) -> int:
         """Where a member's segment starts now that earlier segments on its axis may have changed width."""
@@ -143,23 +179,44 @@ class _Aligner:
 
     def apply(self, space: Space, m_map: ChannelMap) -> None:
         for m in space.members:
-            self.state[m.tensor] = transport_axis(self.state[m.tensor], m_map, m.axis, self.offset(m), m.repeat)
+            self.ops.setdefault(m.tensor, []).append((m_map, m.axis, self.offset(m), m.repeat))
         self.done.add(space.name)
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor with every map solved so far applied."""
+        t = self.cache.get(name)
+        if t is None:
+            with timed("load"):
+                t = self.source.get(name).to(self.device)
+            _check_finite(t, self.index, name)
+        ops = self.ops.pop(name, None)
+        if ops:
+            with timed("transport"):
+                for m_map, axis, offset, repeat in ops:
+                    t = transport_axis(t, m_map, axis, offset, repeat)
+        self.cache[name] = t
+        return t
 
-def _features(aligner: _Aligner, space: Space, target_space: Space, target_state: State, split: bool = False) -> Any:
+    def release(self, name: str) -> torch.Tensor:
+        """The tensor's final value (all its spaces solved); it is no longer held."""
+        t = self.tensor(name)
+        del self.cache[name]
+        return t
+
+
+def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: Space, split: bool = False) -> Any:
     """Rows of every ready member (this model's, the target's), features concatenated (or, ``split``, per member)."""
     fa, fb = [], []
     for m_a, m_b in _member_pairs(space, target_space):
         if not aligner.ready(m_a):
             continue
-        fa.append(rows(aligner.state[m_a.tensor], m_a.axis, aligner.offset(m_a), space.size, m_a.repeat))
-        fb.append(rows(target_state[m_b.tensor], m_b.axis, m_b.offset, target_space.size, m_b.repeat))
+        fa.append(rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat))
+        fb.append(rows(target.tensor(m_b.tensor), m_b.axis, m_b.offset, target_space.size, m_b.repeat))
     if split:
         return list(zip(fa, fb, strict=True))
     if not fa:
-        dev = next(iter(target_state.values())).device
-        return torch.zeros(space.size, 0, device=dev), torch.zeros(target_space.size, 0, device=dev)
+        return (torch.zeros(space.size, 0, device=aligner.device),
+                torch.zeros(target_space.size, 0, device=aligner.device))
     dtype = torch.promote_types(fa[0].dtype, torch.float32)
     return torch.cat([f.to(dtype) for f in fa], 1), torch.cat([f.to(dtype) for f in fb], 1)
 
@@ -173,8 +230,8 @@ def _member_pairs(space: Space, target_space: Space) -> list[tuple[AxisRef, Axis
 def _cost(
     aligner: _Aligner,
     space: Space,
+    target: _Aligner,
     target_space: Space,
-    target_state: State,
     costs: dict[str, torch.Tensor] | None,
     marginals: Marginals,
     per_tensor: bool = False,
@@ -184,23 +241,199 @@ def _cost(
     ``per_tensor``: the mean of each ready member's own distance matrix, each scaled to a mean of one (every
     tensor counts the same), instead of the distance between their concatenated rows.
     """
-    fa, fb = _features(aligner, space, target_space, target_state)
-    if per_tensor and costs is None:
-        pairs = _features(aligner, space, target_space, target_state, split=True)
-        parts = [pairwise_distance(a, b) for a, b in pairs if a.shape[1] > 1]  # matrices; vectors are too noisy
-        parts = [c / c.mean() for c in parts if c.numel() and c.mean() > 0]
-        cost = sum(parts) / len(parts) if parts else pairwise_distance(fa, fb)
-    else:
-        cost = pairwise_distance(fa, fb)
-    if costs is not None:
-        # activations decide; weights only break their ties (e.g. channels dead on all calibration data)
-        act = costs[space.name].to(cost.device, cost.dtype)
-        scale = act.max() / cost.max() if cost.numel() and cost.max() > 0 else 0.0
-        cost = act + 1e-4 * scale * cost
-    importance = marginals == "importance" and fa.shape[1] > 0
-    a = marginal(space.size, fa.norm(dim=1) if importance else None, device=cost.device)
-    b = marginal(target_space.size, fb.norm(dim=1) if importance else None, device=cost.device)
+    fa, fb = _features(aligner, space, target, target_space)
+    with timed("cost"):
+        if per_tensor and costs is None:
+            pairs = _features(aligner, space, target, target_space, split=True)
+            parts = [pairwise_distance(a, b) for a, b in pairs if a.shape[1] > 1]  # matrices; vectors are too noisy
+            parts = [c / c.mean() for c in parts if c.numel() and c.mean() > 0]
+            cost = sum(parts) / len(parts) if parts else pairwise_distance(fa, fb)
+        else:
+            cost = pairwise_distance(fa, fb)
+        if costs is not None:
+            # activations decide; weights only break their ties (e.g. channels dead on all calibration data)
+            act = costs[space.name].to(cost.device, cost.dtype)
+            scale = act.max() / cost.max() if cost.numel() and cost.max() > 0 else 0.0
+            cost = act + 1e-4 * scale * cost
+        importance = marginals == "importance" and fa.shape[1] > 0
+        a = marginal(space.size, fa.norm(dim=1) if importance else None, device=cost.device)
+        b = marginal(target_space.size, fb.norm(dim=1) if importance else None, device=cost.device)
     return cost, a, b, not importance
+
+
+@dataclass(frozen=True)
+class _Options:
+    solver: Solver
+    reg: float
+    marginals: Marginals
+    heads: bool
+
+
+def _solve_space(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Space, order: list[int],
+                 opts: _Options, uniform: bool) -> torch.Tensor:
+    with timed("solve"):
+        if space.heads > 1:
+            return solve_heads(cost, a, b, space.heads, order, solver=opts.solver, reg=opts.reg, uniform=uniform)
+        return solve(cost, a, b, solver=opts.solver, reg=opts.reg, uniform=uniform)
+
+
+class _Walker:
+    """Solves one model's map of each space in turn, against the target; ``given`` couplings are used as they are."""
+
+    def __init__(self, aligner: _Aligner, target: _Aligner, costs: dict[str, torch.Tensor] | None,
+                 given: dict[str, torch.Tensor], opts: _Options, keep: set[str]):
+        self.aligner, self.target, self.costs, self.given, self.opts = aligner, target, costs, given, opts
+        self.keep = keep  # what to keep of each space once solved: "couplings", "maps" (n x n each, so optional)
+        self.couplings: dict[str, torch.Tensor] = {}
+        self.maps: dict[str, ChannelMap] = {}
+        self.head_sources: dict[str, list[int]] = {}
+
+    def step(self, target_space: Space, groups: dict[str, list[Space]]) -> None:
+        plan, opts = self.aligner.plan, self.opts
+        space = plan.space(target_space.name)
+        if space.name in self.given:
+            t = self.given[space.name]
+            b = t.sum(0)
+        else:
+            cost, a, b, uniform = _cost(self.aligner, space, self.target, target_space, self.costs, opts.marginals)
+            n_heads, group = target_space.heads, target_space.head_group
+            if group is not None and opts.heads and group not in self.head_sources:
+                total = head_costs(cost, n_heads)
+                for other in groups[group]:
+                    if other.name != target_space.name:
+                        c_other = _cost(self.aligner, plan.space(other.name), self.target, other, self.costs,
+                                        opts.marginals)[0]
+                        total += head_costs(c_other, n_heads)
+                with timed("solve"):
+                    self.head_sources[group] = match_heads(total)
+            order = self.head_sources.get(group, list(range(n_heads))) if group is not None else list(range(n_heads))
+            t = _solve_space(cost, a, b, target_space, order, opts, uniform)
+        m_map = barycentric_map(t, b)
+        self.aligner.apply(space, m_map)
+        if "couplings" in self.keep:
+            self.couplings[space.name] = t
+        if "maps" in self.keep:
+            self.maps[space.name] = m_map
+
+
+Finished = Callable[[str, list[torch.Tensor]], None]
+
+
+def _walk(
+    sources: Sequence[TensorSource],
+    plans: Sequence[AlignmentPlan],
+    target: int,
+    device: torch.device,
+    costs: Sequence[dict[str, torch.Tensor] | None],
+    given: Sequence[dict[str, torch.Tensor]],
+    opts: _Options,
+    finished: Finished | None,
+    progress: bool,
+    keep: set[str],
+) -> list[_Walker | None]:
+    """One walk over the target's spaces in order, every model aligned to the target space by space.
+
+    As soon as every space of a tensor is solved, ``finished(name, [its value in each model])`` gets it (the
+    target's unchanged) and no model holds it any more.
+    """
+    target_plan = plans[target]
+    aligners = [_Aligner(s, p, target_plan, device, k) for k, (s, p) in enumerate(zip(sources, plans, strict=True))]
+    walkers = [None if k == target else _Walker(aligners[k], aligners[target], costs[k], given[k], opts, keep)
+               for k in range(len(sources))]
+    remaining: dict[str, set[str]] = {name: set() for name in target_plan.tensors if name not in target_plan.aliases}
+    for space in target_plan.spaces:
+        for m in space.members:
+            remaining[m.tensor].add(space.name)
+
+    def finish(names: Iterable[str]) -> None:
+        for name in names:
+            values = [a.release(name) for a in aligners]
+            if finished is not None:
+                finished(name, values)
+
+    finish([name for name, spaces in remaining.items() if not spaces])  # fixed tensors: nothing to solve
+    groups = target_plan.head_groups()
+    bar = tqdm(target_plan.spaces, desc="solving spaces", disable=not progress, leave=False, unit="space")
+    for target_space in bar:
+        start = time.perf_counter()
+        for walker in walkers:
+            if walker is not None:
+                walker.step(target_space, groups)
+        done = []
+        for m in target_space.members:
+            spaces = remaining[m.tensor]
+            spaces.discard(target_space.name)
+            if not spaces:
+                done.append(m.tensor)
+        finish(dict.fromkeys(done))
+        seconds = time.perf_counter() - start
+        record_space(target_space.name, seconds)
+        bar.set_postfix_str(f"{target_space.name} ({target_space.size} ch) {seconds:.2f}s", refresh=False)
+    return walkers
+
+
+def _stream_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
+                      device: torch.device, walkers: Sequence[_Walker | None], opts: _Options,
+                      ) -> list[dict[str, torch.Tensor]]:
+    """``residual="mean"``: each residual stream solved from the mean of its members' own costs, once every other
+    space is solved (so deep writers' rows are aligned)."""
+    target_plan = plans[target]
+    streams = [s for s in target_plan.spaces if s.kind == "residual"]
+    given: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+    for k, walker in enumerate(walkers):
+        if walker is None:
+            continue
+        for stream in streams:
+            aligner = _Aligner(sources[k], plans[k], target_plan, device, k)
+            for other in target_plan.spaces:
+                if other.name != stream.name:
+                    aligner.apply(plans[k].space(other.name), walker.maps[other.name])
+            reference = _Aligner(sources[target], target_plan, target_plan, device, target)
+            space = plans[k].space(stream.name)
+            cost, a, b, uniform = _cost(aligner, space, reference, stream, None, opts.marginals, per_tensor=True)
+            given[k][stream.name] = _solve_space(cost, a, b, stream, list(range(stream.heads)), opts, uniform)
+    return given
+
+
+def align_sources(
+    sources: Sequence[TensorSource],
+    plans: Sequence[AlignmentPlan],
+    finished: Finished,
+    *,
+    target: int = 0,
+    costs: Sequence[dict[str, torch.Tensor] | None] | None = None,
+    solver: Solver = "emd",
+    reg: float = 0.05,
+    marginals: Marginals = "uniform",
+    heads: bool = True,
+    residual: Residual = "shared",
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    couplings: bool = True,
+) -> list[dict[str, torch.Tensor] | None]:
+    """The engine on tensors: align every source to the target's, space by space, handing on finished tensors.
+
+    ``sources`` give each model's tensors by state-dict name (in memory, or read lazily from safetensors files);
+    ``plans`` are their alignment plans (the same plan for models of the same shapes). Each tensor is read when
+    first needed and handed to ``finished(name, [value in each model])`` as soon as all of its spaces are
+    solved, so only the tensors of the spaces in flight are held. Options as in :func:`fuse`.
+
+    Returns:
+        Each model's coupling per space (None for the target); empty dicts with ``couplings=False``, which keeps
+        no (n x n) coupling once its space is solved.
+    """
+    device = torch.device(device)
+    n = len(sources)
+    costs = list(costs) if costs is not None else [None] * n
+    opts = _Options(solver=solver, reg=reg, marginals=marginals, heads=heads)
+    given: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    streams = any(s.kind == "residual" for s in plans[target].spaces)
+    if residual == "mean" and all(c is None for c in costs) and streams:
+        first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
+        given = _stream_couplings(sources, plans, target, device, first, opts)
+    walkers = _walk(sources, plans, target, device, costs, given, opts, finished, progress,
+                    {"couplings"} if couplings else set())
+    return [None if w is None else w.couplings for w in walkers]
 
 
 def align(
@@ -216,7 +449,6 @@ def align(
     heads: bool = True,
     residual: Residual = "shared",
     progress: bool = False,
-    desc: str = "aligning",
 ) -> tuple[State, dict[str, torch.Tensor]]:
     """Transport one model's state onto the target's channels; returns it and the coupling of each space.
 
@@ -225,75 +457,16 @@ def align(
     head-to-head transport costs of all the group's spaces (queries/keys and values/outputs); ``heads=False``
     keeps every head in place. ``residual``: see :func:`fuse`.
     """
-    opts = dict(costs=costs, solver=solver, reg=reg, marginals=marginals, heads=heads)
-    out, couplings, maps = _align_pass(state, plan, target_state, target_plan, {}, progress=progress, desc=desc,
-                                       **opts)
-    streams = [s for s in target_plan.spaces if s.kind == "residual"]
-    if residual == "mean" and costs is None and streams:
-        given: dict[str, torch.Tensor] = {}
-        for stream in streams:
-            # every writer and reader of the stream, now that the spaces around it are solved
-            aligner = _Aligner(state, plan, target_plan)
-            for other in target_plan.spaces:
-                if other.name != stream.name:
-                    aligner.apply(plan.space(other.name), maps[other.name])
-            space = plan.space(stream.name)
-            cost, a, b, uniform = _cost(aligner, space, stream, target_state, None, marginals, per_tensor=True)
-            given[stream.name] = _solve_space(cost, a, b, stream, list(range(stream.heads)), solver, reg, uniform)
-        out, couplings, _ = _align_pass(state, plan, target_state, target_plan, given, progress=progress,
-                                        desc=desc, **opts)
-    return out, couplings
+    out: State = {}
 
+    def keep(name: str, values: list[torch.Tensor]) -> None:
+        out[name] = values[1]
 
-def _solve_space(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Space, order: list[int],
-                 solver: Solver, reg: float, uniform: bool) -> torch.Tensor:
-    if space.heads > 1:
-        return solve_heads(cost, a, b, space.heads, order, solver=solver, reg=reg, uniform=uniform)
-    return solve(cost, a, b, solver=solver, reg=reg, uniform=uniform)
-
-
-def _align_pass(
-    state: State,
-    plan: AlignmentPlan,
-    target_state: State,
-    target_plan: AlignmentPlan,
-    given: dict[str, torch.Tensor],
-    *,
-    costs: dict[str, torch.Tensor] | None,
-    solver: Solver,
-    reg: float,
-    marginals: Marginals,
-    heads: bool,
-    progress: bool,
-    desc: str,
-) -> tuple[State, dict[str, torch.Tensor], dict[str, ChannelMap]]:
-    """One walk over the spaces in order; ``given`` couplings are used as they are instead of solved."""
-    aligner = _Aligner(state, plan, target_plan)
-    couplings: dict[str, torch.Tensor] = {}
-    maps: dict[str, ChannelMap] = {}
-    sources: dict[str, list[int]] = {}
-    groups = target_plan.head_groups()
-    for target_space in tqdm(target_plan.spaces, desc=desc, disable=not progress, leave=False):
-        space = plan.space(target_space.name)
-        if space.name in given:
-            t = given[space.name]
-            b = t.sum(0)
-        else:
-            cost, a, b, uniform = _cost(aligner, space, target_space, target_state, costs, marginals)
-            n_heads, group = target_space.heads, target_space.head_group
-            if group is not None and heads and group not in sources:
-                total = head_costs(cost, n_heads)
-                for other in groups[group]:
-                    if other.name != target_space.name:
-                        c_other = _cost(aligner, plan.space(other.name), other, target_state, costs, marginals)[0]
-                        total += head_costs(c_other, n_heads)
-                sources[group] = match_heads(total)
-            order = sources.get(group, list(range(n_heads))) if group is not None else list(range(n_heads))
-            t = _solve_space(cost, a, b, target_space, order, solver, reg, uniform)
-        couplings[space.name] = t
-        maps[space.name] = barycentric_map(t, b)
-        aligner.apply(space, maps[space.name])
-    return aligner.state, couplings, maps
+    device = next(iter(target_state.values())).device if target_state else torch.device("cpu")
+    couplings = align_sources([StateSource(target_state), StateSource(state)], [target_plan, plan], keep,
+                              costs=[None, costs], solver=solver, reg=reg, marginals=marginals, heads=heads,
+                              residual=residual, device=device, progress=progress)
+    return out, couplings[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,9 +477,11 @@ def _state(model: nn.Module, device: torch.device) -> State:
     return {k: v.detach().to(device) for k, v in model.state_dict().items()}
 
 
-def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU; None: ``model``'s device (the CPU without one)."""
     if device is None:
-        return next((p.device for p in model.parameters()), torch.device("cpu"))
+        return next((p.device for p in model.parameters()), torch.device("cpu")) if model is not None \
+            else torch.device("cpu")
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -315,7 +490,8 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
     return dev
 
 
-def _normalized_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+def normalized_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """One weight per model summing to one (equal by default); a ``FusionError`` for a bad list."""
     if weights is None:
         return [1.0 / n] * n
     w = [float(x) for x in weights]
@@ -326,21 +502,17 @@ def _normalized_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [x / sum(w) for x in w]
 
 
-def _check_finite(models: Sequence[nn.Module]) -> None:
-    for i, model in enumerate(models):
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and not all_finite(tensor):
-                raise FusionError(f"model {i} has NaN or infinite values in {name!r}")
+def _check_finite(tensor: torch.Tensor, index: int, name: str) -> None:
+    if tensor.is_floating_point() and not all_finite(tensor):
+        raise FusionError(f"model {index} has NaN or infinite values in {name!r}")
 
 
-def _average(states: Sequence[State], weights: Sequence[float], base: State) -> State:
-    out: State = {}
-    for name, ref in base.items():
-        if ref.is_floating_point():
-            out[name] = sum(w * s[name].to(ref.dtype) for w, s in zip(weights, states, strict=True))
-        else:
-            out[name] = ref.clone()
-    return out
+def average_tensor(values: Sequence[torch.Tensor], weights: Sequence[float], ref: torch.Tensor) -> torch.Tensor:
+    """The weighted mean of one tensor's aligned values, in ``ref``'s dtype (non-float tensors: ``ref``'s copy)."""
+    if not ref.is_floating_point():
+        return ref.clone()
+    with timed("average"):
+        return sum(w * v.to(ref.dtype) for w, v in zip(weights, values, strict=True))
 
 
 def _with_state(model: nn.Module, state: State) -> nn.Module:
@@ -359,13 +531,14 @@ def vanilla_average(models: Sequence[nn.Module], weights: Sequence[float] | None
     """
     if len(models) < 1:
         raise FusionError("vanilla_average needs at least one model")
-    w = _normalized_weights(weights, len(models))
+    w = normalized_weights(weights, len(models))
     states = [_state(m, torch.device("cpu")) for m in models]
     for i, s in enumerate(states[1:], 1):
         for name, t in states[0].items():
             if name not in s or s[name].shape != t.shape:
                 raise FusionError(f"vanilla averaging needs identical shapes: model {i} differs at {name!r}")
-    return _with_state(models[0], _average(states, w, states[0]))
+    return _with_state(models[0], {name: average_tensor([s[name] for s in states], w, ref)
+                                   for name, ref in states[0].items()})
 
 
 class Ensemble(nn.Module):
@@ -374,7 +547,7 @@ class Ensemble(nn.Module):
     def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None):
         super().__init__()
         self.members = nn.ModuleList(models)
-        self.register_buffer("weights", torch.tensor(_normalized_weights(weights, len(models))), persistent=False)
+        self.register_buffer("weights", torch.tensor(normalized_weights(weights, len(models))), persistent=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         probs = 0
@@ -557,60 +730,54 @@ def fuse(
         example_input = first_batch(calibration)
     if plan is None and example_input is None:
         raise FusionError("pass example_input (or calibration) so the models can be traced, or a plan")
-    w = _normalized_weights(weights, len(models))
-    _check_finite(models)
+    w = normalized_weights(weights, len(models))
+    for i, model in enumerate(models):  # before the (slow) tracing; file sources are checked as they are read
+        for name, tensor in model.state_dict().items():
+            _check_finite(tensor, i, name)
     dev = resolve_device(device, models[target])
 
-    # plans: the target's, reused for every model of the same shapes, traced anew for other widths
-    target_model = models[target]
-    ep_t = export_model(target_model, example_input) if plan is None or alignment == "activations" else None
-    plan_t = plan if plan is not None else build_plan(target_model, example_input, exported=ep_t)
-    shapes_t = plan_t.tensors
-    # equal shapes do not mean equal head counts: models with attention heads are traced one by one
-    headed = any(s.heads > 1 for s in plan_t.spaces)
-    plans: list[AlignmentPlan] = []
-    exported: list[Any] = []
-    for i, model in enumerate(models):
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if i == target or (shapes == shapes_t and (not headed or example_input is None)):
-            plans.append(plan_t)
-            exported.append(ep_t)
-        else:
-            if example_input is None:
-                raise FusionError(f"model {i} has other widths than the target: pass example_input to trace it")
-            ep = export_model(model, example_input)
-            plans.append(build_plan(model, example_input, exported=ep))
-            exported.append(ep)
-        check_compatible(plan_t, plans[i], i)
+    with timed("trace"):
+        target_model = models[target]
+        ep_t = export_model(target_model, example_input) if plan is None or alignment == "activations" else None
+        plan_t = plan if plan is not None else build_plan(target_model, example_input, exported=ep_t)
+        exported: dict[int, Any] = {}
+
+        def trace(i: int) -> AlignmentPlan:
+            exported[i] = export_model(models[i], example_input)
+            return build_plan(models[i], example_input, exported=exported[i])
+
+        shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
+        plans = plans_for(plan_t, shapes, target, trace if example_input is not None else None)
+        for i, plan_i in enumerate(plans):
+            check_compatible(plan_t, plan_i, i)
 
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     if alignment == "activations":
-        runners = [Runner(ep, m, dev) for ep, m in zip(exported, models, strict=True)]
+        runners = [Runner(exported.get(i, ep_t), m, dev) for i, m in enumerate(models)]
         streams = {s.name for s in plan_t.spaces if s.kind == "residual"} if residual == "mean" else set()
-        costs = activation_costs(runners, plans, target, calibration, per_site=streams, standardize=standardize,
-                                 progress=progress)
+        with timed("activations"):
+            costs = activation_costs(runners, plans, target, calibration, per_site=streams,
+                                     standardize=standardize, progress=progress)
         del runners
 
-    target_state = _state(target_model, dev)
-    aligned: list[State] = []
-    couplings: list[dict[str, torch.Tensor] | None] = [None] * len(models)
-    for i, model in enumerate(models):
-        if i == target:
-            aligned.append(target_state)
-            continue
-        state, couplings[i] = align(_state(model, dev), plans[i], target_state, plan_t, costs=costs[i], solver=solver,
-                         reg=reg, marginals=marginals, heads=match_heads, residual=residual, progress=progress,
-                         desc=f"aligning model {i}")
-        aligned.append(state)
-    fused = _average(aligned, w, target_state)
+    fused: State = {}
+
+    def average(name: str, values: list[torch.Tensor]) -> None:
+        fused[name] = average_tensor(values, w, values[target])
+
+    sources = [StateSource(m.state_dict()) for m in models]
+    couplings = align_sources(sources, plans, average, target=target, costs=costs, solver=solver, reg=reg,
+                              marginals=marginals, heads=match_heads, residual=residual, device=dev,
+                              progress=progress, couplings=repair == "repair")
     for alias, name in plan_t.aliases.items():
         fused[alias] = fused[name]
     if repair == "none":
         return _with_state(target_model, fused)
     from .repair import repair_model, reset_norm_stats
 
-    if repair == "reset_bn":
-        return reset_norm_stats(_with_state(target_model, fused), calibration, device=dev)
-    # each parent's statistics, measured on the parent and carried over by its couplings (exact for any widths)
-    return repair_model(_with_state(target_model, fused), models, calibration, weights=w, couplings=couplings,
-                        device=dev, plan=plan_t, example_input=example_input, exported=ep_t)
+    with timed("repair"):
+        if repair == "reset_bn":
+            return reset_norm_stats(_with_state(target_model, fused), calibration, device=dev)
+        # each parent's statistics, measured on the parent and carried over by its couplings (exact for any widths)
+        return repair_model(_with_state(target_model, fused), models, calibration, weights=w, couplings=couplings,
+                            device=dev, plan=plan_t, example_input=example_input, exported=ep_t)

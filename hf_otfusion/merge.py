@@ -17,12 +17,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import parse_size
 from .config import FinetuneConfig, MergeConfig
 from .errors import FusionError
 from .evaluate import EvalRow, evaluate_fusion
 from .fuse import fuse, resolve_device, vanilla_average
 from .plan import AlignmentPlan
-from .sources import LoadedModel, example_input, load_model, save_model
+from .profile import timed
+from .sources import LoadedModel, ModelInfo, check_shardable, example_input, inspect_model, load_model, save_model
 from .trace import build_plan
 from .train import finetune
 
@@ -37,17 +39,19 @@ class MergeError(FusionError):
 
 @dataclass
 class MergeResult:
-    """What a merge produced: the fused model, its plan (None for a linear merge) and evaluation rows."""
+    """What a merge produced: the fused model (None when it was streamed from disk to disk), its plan (None for a
+    linear merge) and evaluation rows."""
 
     config: MergeConfig
-    parents: list[LoadedModel]
+    parents: list[ModelInfo]
     model: nn.Module | None
     plan: AlignmentPlan | None
     evaluation: list[EvalRow] | None
     out: Path | None
+    streamed: bool = False
 
     @property
-    def target(self) -> LoadedModel:
+    def target(self) -> ModelInfo:
         return self.parents[self.config.target_index]
 
 
@@ -62,14 +66,15 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def load_parents(config: MergeConfig, progress: bool = True) -> list[LoadedModel]:
-    """Load every model of the config and check they can be merged (one library, one architecture)."""
-    loaded: dict[str, LoadedModel] = {}
+def inspect_parents(config: MergeConfig, progress: bool = True) -> list[ModelInfo]:
+    """Resolve every model of the config (no weights loaded) and check they can be merged (one library, one
+    architecture)."""
+    found: dict[str, ModelInfo] = {}
     refs = [m.model for m in config.models]
-    for ref in tqdm(refs, desc="loading models", disable=not progress):
-        if ref not in loaded:
-            loaded[ref] = load_model(ref)
-    parents = [loaded[ref] for ref in refs]  # a model listed twice is one object: fusion never modifies its inputs
+    for ref in tqdm(refs, desc="resolving models", disable=not progress):
+        if ref not in found:
+            found[ref] = inspect_model(ref)
+    parents = [found[ref] for ref in refs]
     target = parents[config.target_index]
     for p in parents:
         if p.library != target.library:
@@ -79,6 +84,18 @@ def load_parents(config: MergeConfig, progress: bool = True) -> list[LoadedModel
             raise MergeError(f"cannot merge different architectures: {p.ref.text} is {p.architecture}, the target "
                              f"{target.ref.text} is {target.architecture}")
     return parents
+
+
+def load_parents(config: MergeConfig, progress: bool = True,
+                 infos: Sequence[ModelInfo] | None = None) -> list[LoadedModel]:
+    """Load every model of the config (``infos``: already inspected) and check they can be merged."""
+    infos = list(infos) if infos is not None else inspect_parents(config, progress=progress)
+    loaded: dict[str, LoadedModel] = {}
+    with timed("load"):
+        for info in tqdm(infos, desc="loading models", disable=not progress):
+            if info.ref.text not in loaded:
+                loaded[info.ref.text] = load_model(info)
+    return [loaded[info.ref.text] for info in infos]  # a model listed twice is one object: fusion never modifies it
 
 
 def _loader(cfg, target: LoadedModel, require_labels: bool):
@@ -101,27 +118,39 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
         params = config.fusion_parameters
         calibration = _loader(config.calibration, target, False) if config.calibration is not None else None
         example = example_input(target)
-        plan = build_plan(target.model, example)
+        with timed("trace"):
+            plan = build_plan(target.model, example)
         fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
                      calibration=calibration, example_input=example, solver=params.solver, reg=params.reg,
                      marginals=params.marginals, plan=plan, device=dev, progress=progress, repair=params.repair,
                      match_heads=params.match_heads, residual=params.residual, standardize=params.standardize)
     untuned = None
     if config.finetune is not None:
-        untuned, fused = fused, finetune_merged(fused, config.finetune, target, device=dev, progress=progress)
+        with timed("finetune"):
+            untuned, fused = fused, finetune_merged(fused, config.finetune, target, device=dev, progress=progress)
     rows = None
     if config.evaluation is not None:
-        data = _loader(config.evaluation, target, True)
-        names = [p.ref.text for p in parents]
-        name = "OT fusion" if config.merge_method == "otfusion" else "linear merge"
-        if untuned is None:
-            rows = evaluate_fusion(models, fused, data, weights=config.weights, device=dev, names=names,
-                                   fused_name=name, agreement=True)
-        else:  # the merged model before and after the fine-tune; the saved model is the fine-tuned one
-            extra = [(name, "fused_before_finetune", untuned), (f"{name} + fine-tune", "fused", fused)]
-            rows = evaluate_fusion(models, None, data, weights=config.weights, device=dev, names=names, extra=extra,
-                                   agreement=True)
+        with timed("evaluate"):
+            rows = _evaluate(config, parents, fused, untuned, dev)
     return MergeResult(config=config, parents=list(parents), model=fused.cpu(), plan=plan, evaluation=rows, out=None)
+
+
+def _evaluate(config: MergeConfig, parents: Sequence[LoadedModel], fused: nn.Module, untuned: nn.Module | None,
+              dev: torch.device) -> list[EvalRow]:
+    """Parents, vanilla average, ensemble and the merged model (before and after a fine-tune) on the eval set."""
+    models = [p.model for p in parents]
+    target = parents[config.target_index]
+    data = _loader(config.evaluation, target, True)
+    names = [p.ref.text for p in parents]
+    name = "OT fusion" if config.merge_method == "otfusion" else "linear merge"
+    if untuned is None:
+        rows = evaluate_fusion(models, fused, data, weights=config.weights, device=dev, names=names,
+                               fused_name=name, agreement=True)
+    else:  # the merged model before and after the fine-tune; the saved model is the fine-tuned one
+        extra = [(name, "fused_before_finetune", untuned), (f"{name} + fine-tune", "fused", fused)]
+        rows = evaluate_fusion(models, None, data, weights=config.weights, device=dev, names=names, extra=extra,
+                               agreement=True)
+    return rows
 
 
 def finetune_merged(model: nn.Module, cfg: FinetuneConfig, target: LoadedModel, *, device=None,
@@ -142,13 +171,22 @@ def finetune_merged(model: nn.Module, cfg: FinetuneConfig, target: LoadedModel, 
 
 
 def write_output(result: MergeResult, out: str | Path, *, overwrite: bool = False, card: bool = True,
-                 repo_id: str | None = None) -> Path:
-    """Write the model (its library's format), the config, the plan and the card; atomically replace ``out``."""
+                 repo_id: str | None = None, max_shard_size: int | None = None,
+                 save: Callable[[Path], None] | None = None) -> Path:
+    """Write the model (its library's format), the config, the plan and the card; atomically replace ``out``.
+
+    ``save(folder)`` writes the model files instead of ``save_model(result.model, ...)`` (a streamed merge).
+    """
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        save_model(result.model, staging, like=result.target, dtype=result.config.dtype)
+        if save is not None:
+            save(staging)
+        else:
+            with timed("write"):
+                save_model(result.model, staging, like=result.target, dtype=result.config.dtype,
+                           max_shard_size=max_shard_size)
         (staging / CONFIG_FILE).write_text(result.config.to_yaml(), encoding="utf-8")
         if result.plan is not None:
             (staging / PLAN_FILE).write_text(result.plan.to_json(), encoding="utf-8")
@@ -180,26 +218,51 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, overwrite: bool = False,
           card: bool = True, repo_id: str | None = None, progress: bool = True,
-          on_loaded: Callable[[list[LoadedModel]], None] | None = None) -> MergeResult:
+          on_loaded: Callable[[list[ModelInfo]], None] | None = None, out_shard_size: int | str | None = None,
+          stream: bool = True) -> MergeResult:
     """Run a merge config end to end and write the result to ``out``.
+
+    A weights-mode OT merge with no calibration, evaluation or fine-tune, of parents stored as safetensors, is
+    streamed from disk to disk (see ``hf_otfusion.streaming``): each parent's tensors are read as the fusion needs
+    them and each fused tensor is written as soon as it is final, so memory stays near one model whatever the
+    number of parents. Every other merge loads the parents.
 
     Args:
         config: a validated ``MergeConfig`` (see ``hf_otfusion.config.load_config``).
         out: the output folder; it must not exist or be empty unless ``overwrite``.
-        device: where fusion runs (``"cpu"``, ``"cuda"``, ``"auto"``; default the models' device, the CPU).
+        device: where fusion runs (``"cpu"``, ``"cuda"``, ``"auto"``; default the CPU).
         card: write a README.md model card.
         repo_id: the Hub repo the output is meant for (used in the card's usage snippet).
         progress: show progress bars.
-        on_loaded: called with the loaded parents before fusing (e.g. to print them).
+        on_loaded: called with the resolved parents before fusing (e.g. to print them).
+        out_shard_size: split the weights into shards of at most this size (bytes, or ``"5GB"``, ``"500MB"``);
+            transformers outputs only.
+        stream: stream from disk when the merge allows it (``False``: always load the parents).
 
     Example:
         >>> from hf_otfusion import load_config, merge
         >>> result = merge(load_config("examples/mnist-otfusion.yml"), "fused-mnist")  # doctest: +SKIP
     """
     check_output(out, overwrite)  # fail before any download or fusion
-    parents = load_parents(config, progress=progress)
+    max_shard_size = parse_size(out_shard_size) if out_shard_size is not None else None
+    with timed("load"):
+        infos = inspect_parents(config, progress=progress)
+    check_shardable(infos[config.target_index], max_shard_size)
     if on_loaded is not None:
-        on_loaded(parents)
+        on_loaded(infos)
+    if stream:
+        from .streaming import plan_stream, streamable, write_stream
+
+        job = plan_stream(config, infos) if streamable(config, infos) is None else None
+        if job is not None:
+            dev = resolve_device(device, None)
+            result = MergeResult(config=config, parents=infos, model=None, plan=job.plan, evaluation=None, out=None,
+                                 streamed=True)
+            write_output(result, out, overwrite=overwrite, card=card, repo_id=repo_id,
+                         save=lambda folder: write_stream(job, folder, device=dev, max_shard_size=max_shard_size,
+                                                          progress=progress))
+            return result
+    parents = load_parents(config, progress=progress, infos=infos)
     result = run_merge(config, parents, device=device, progress=progress)
-    write_output(result, out, overwrite=overwrite, card=card, repo_id=repo_id)
+    write_output(result, out, overwrite=overwrite, card=card, repo_id=repo_id, max_shard_size=max_shard_size)
     return result

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -97,11 +98,10 @@ _TASKS = {
 
 
 @dataclass
-class LoadedModel:
-    """A model loaded from a reference, with what saving it back and preprocessing for it need."""
+class ModelInfo:
+    """A resolved reference with its library and architecture (read from config.json; no weights loaded)."""
 
     ref: ModelRef
-    model: nn.Module
     library: Library
     architecture: str  # timm model name, or the transformers class name
     model_dir: Path  # the local folder (or Hub snapshot) it was loaded from
@@ -119,6 +119,13 @@ class LoadedModel:
         if self.library == "timm":
             return None
         return next((cls for suffix, (_, cls) in _TASKS.items() if self.architecture.endswith(suffix)), "AutoModel")
+
+
+@dataclass
+class LoadedModel(ModelInfo):
+    """A model loaded from a reference, with what saving it back and preprocessing for it need."""
+
+    model: nn.Module
 
 
 def resolve(ref: ModelRef) -> Path:
@@ -171,12 +178,12 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def load_model(ref: ModelRef | str | Path) -> LoadedModel:
-    """Load a reference as a float32 model in eval mode with its library.
+def inspect_model(ref: ModelRef | str | Path) -> ModelInfo:
+    """Resolve a reference (downloading a Hub snapshot) and read its library and architecture, loading no weights.
 
     Example:
-        >>> loaded = load_model("timm/resnet18.a1_in1k")  # doctest: +SKIP
-        >>> loaded.library, loaded.architecture            # doctest: +SKIP
+        >>> info = inspect_model("timm/resnet18.a1_in1k")  # doctest: +SKIP
+        >>> info.library, info.architecture                 # doctest: +SKIP
         ('timm', 'resnet18')
     """
     ref = ref if isinstance(ref, ModelRef) else parse_ref(str(ref))
@@ -184,26 +191,47 @@ def load_model(ref: ModelRef | str | Path) -> LoadedModel:
     config = _read_config(folder, ref)
     library = detect_library(config)
     if library == "timm":
-        import timm
-
         architecture = str(config["architecture"])
-        try:
-            model = timm.create_model(f"local-dir:{folder}", pretrained=True)
-        except Exception as err:  # noqa: BLE001 - timm raises many types; the user needs the reference named
-            raise SourceError(f"cannot load {ref.text!r} with timm ({architecture}): {_first_line(err)}") from None
     elif library == "transformers":
-        architecture, cls = _transformers_class(config, ref)
-        try:
-            model = cls.from_pretrained(folder, dtype=torch.float32)
-        except Exception as err:  # noqa: BLE001
-            raise SourceError(f"cannot load {ref.text!r} with transformers ({architecture}): {_first_line(err)}") \
-                from None
+        architecture = _transformers_class(config, ref)[0]
     else:
         raise SourceError(f"{ref.text!r}: unknown library — config.json has neither timm's 'architecture' nor "
                           "transformers' 'model_type'")
+    return ModelInfo(ref=ref, library=library, architecture=architecture, model_dir=folder, config=config)
+
+
+def load_model(ref: ModelRef | str | Path | ModelInfo, *, empty: bool = False) -> LoadedModel:
+    """Load a reference (or an inspected one) as a float32 model in eval mode with its library.
+
+    ``empty``: build the architecture on the ``meta`` device and read no weights (enough to trace a plan).
+
+    Example:
+        >>> loaded = load_model("timm/resnet18.a1_in1k")  # doctest: +SKIP
+        >>> loaded.library, loaded.architecture            # doctest: +SKIP
+        ('timm', 'resnet18')
+    """
+    info = ref if isinstance(ref, ModelInfo) else inspect_model(ref)
+    ref, folder, architecture = info.ref, info.model_dir, info.architecture
+    try:
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            if info.library == "timm":
+                import timm
+
+                model = timm.create_model(f"local-dir:{folder}", pretrained=not empty)
+            else:
+                cls = _transformers_class(info.config, ref)[1]
+                if empty:
+                    from transformers import AutoConfig
+
+                    model = cls._from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+                else:
+                    model = cls.from_pretrained(folder, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - the libraries raise many types; the user needs the reference named
+        raise SourceError(f"cannot load {ref.text!r} with {info.library} ({architecture}): {_first_line(err)}") \
+            from None
     model = model.float().eval()
-    return LoadedModel(ref=ref, model=model, library=library, architecture=architecture, model_dir=folder,
-                       config=config)
+    return LoadedModel(ref=ref, library=info.library, architecture=architecture, model_dir=folder,
+                       config=info.config, model=model)
 
 
 def _transformers_class(config: dict[str, Any], ref: ModelRef) -> tuple[str, type]:
@@ -263,9 +291,14 @@ def _processor_size(folder: Path) -> tuple[int, int] | int | None:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def save_model(model: nn.Module, out: str | Path, *, like: LoadedModel, dtype: str = "float32") -> None:
+def save_model(model: nn.Module, out: str | Path, *, like: ModelInfo, dtype: str = "float32",
+               max_shard_size: int | None = None) -> None:
     """Save ``model`` in the format of ``like``'s library (timm ``save_for_hf`` / transformers
-    ``save_pretrained`` plus the target's processor and tokenizer files), in ``dtype``."""
+    ``save_pretrained`` plus the target's processor and tokenizer files), in ``dtype``.
+
+    ``max_shard_size`` (bytes): split the weights into shards of at most that size (transformers only: timm
+    loads one ``model.safetensors``)."""
+    check_shardable(like, max_shard_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if _DTYPES[dtype] != torch.float32:
@@ -275,7 +308,37 @@ def save_model(model: nn.Module, out: str | Path, *, like: LoadedModel, dtype: s
 
         timm.models.save_for_hf(model, str(out), safe_serialization=True)
         return
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+    _copy_preprocessing(like, out)
+
+
+def check_shardable(like: ModelInfo, max_shard_size: int | None) -> None:
+    """A ``SourceError`` when ``max_shard_size`` is asked of a library that cannot load sharded weights."""
+    if max_shard_size is not None and like.library == "timm":
+        raise SourceError("--out-shard-size (out_shard_size) is for transformers outputs: timm loads its weights "
+                          "from one model.safetensors file")
+
+
+def save_model_files(model: nn.Module, out: str | Path, *, like: ModelInfo, dtype: str = "float32") -> None:
+    """Everything :func:`save_model` writes except the weights (configs, processor and tokenizer files), for a
+    caller that writes the weights itself (``model`` only lends its config; its weights are not read)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if like.library == "timm":
+        from timm.models._hub import save_config_for_hf
+
+        save_config_for_hf(model, str(out / "config.json"))
+        return
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    _copy_preprocessing(like, out)
+
+
+def _copy_preprocessing(like: ModelInfo, out: Path) -> None:
     for name in _PREPROCESSING_FILES:
         if (like.model_dir / name).is_file():
             shutil.copy2(like.model_dir / name, out / name)

@@ -1256,7 +1256,8 @@ def tied_tensors(model: nn.Module) -> dict[str, str]:
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.numel() == 0:
             continue
-        key = (tensor.data_ptr(), tuple(tensor.shape))
+        # meta tensors have no storage (every data_ptr is 0): there, tied means one and the same tensor object
+        key = (id(tensor) if tensor.is_meta else tensor.data_ptr(), tuple(tensor.shape))
         if key in first:
             out[name] = first[key]
         else:

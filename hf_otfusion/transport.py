@@ -115,15 +115,16 @@ class ChannelMap:
 
     def __init__(self, m: torch.Tensor):
         self.n_out, self.n_in = m.shape
-        nonzero = m != 0
         self.index: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.matrix: torch.Tensor | None = None
-        if bool((nonzero.sum(1) == 1).all()):
-            self.index = nonzero.to(torch.uint8).argmax(1)
-            scale = m.gather(1, self.index[:, None])
+        # non-negative rows with one entry each: the row's largest entry is its sum (no n x n temporaries)
+        largest, index = m.max(1)
+        if bool((largest == m.sum(1)).all()) and bool((largest > 0).all()):
+            self.index = index
+            scale = largest[:, None]
             self.scale = None if bool((scale == 1).all()) else scale
-        elif int(nonzero.sum()) < 0.05 * m.numel() and m.device.type == "cpu":
+        elif int(torch.count_nonzero(m)) < 0.05 * m.numel() and m.device.type == "cpu":
             self.matrix = m.to_sparse()  # exact EMD couplings have at most n_in + n_out - 1 entries
         else:
             self.matrix = m

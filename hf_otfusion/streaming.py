@@ -1,0 +1,226 @@
+"""Weights-mode fusion of checkpoints on disk, tensor by tensor: peak memory near the tensors in flight, not N models.
+
+Every parent's weights are read lazily from its safetensors files; each fused tensor is written to its place in
+the output checkpoint as soon as every space it belongs to is solved. The plan is traced on an *empty* target
+(built on the ``meta`` device, no weights read), or on the loaded target when a model cannot be traced empty.
+The engine is the one :func:`~hf_otfusion.fuse` uses (:func:`~hf_otfusion.fuse.align_sources`), so a merge
+streamed from disk gives the in-memory path's tensors, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .activations import _to
+from .checkpoint import CheckpointError, SafetensorsSource, ShardedWriter, TensorSource, find_checkpoint
+from .config import MergeConfig
+from .errors import FusionError
+from .fuse import Residual, align_sources, average_tensor, check_compatible, normalized_weights, plans_for
+from .plan import AlignmentPlan
+from .profile import timed
+from .sources import _DTYPES, LoadedModel, ModelInfo, example_input, load_model, save_model_files
+from .trace import build_plan
+from .transport import Marginals, Solver
+
+
+class Float32Source:
+    """A source whose floating tensors are read as float32, as :func:`~hf_otfusion.sources.load_model` loads."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+
+    def keys(self) -> list[str]:
+        return self.source.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        dtype = self.source.dtype(name)
+        return torch.float32 if dtype.is_floating_point else dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.source.get(name)
+        return t.float() if t.is_floating_point() else t
+
+
+def fuse_sources(
+    sources: Sequence[TensorSource],
+    plans: Sequence[AlignmentPlan],
+    out: str | Path,
+    *,
+    target: int = 0,
+    weights: Sequence[float] | None = None,
+    solver: Solver = "emd",
+    reg: float = 0.05,
+    marginals: Marginals = "uniform",
+    match_heads: bool = True,
+    residual: Residual = "shared",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    max_shard_size: int | str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Fuse tensor sources into a safetensors checkpoint in ``out``, each tensor written as soon as it is final.
+
+    The tensors written are the target source's, in its order (``dtype``: floating tensors cast to it). Returns
+    the files written (the shards, then the index when sharded).
+    """
+    w = normalized_weights(weights, len(sources))
+    for i, (source, plan) in enumerate(zip(sources, plans, strict=True)):
+        _check_shapes(source, plan, i)
+    ref = sources[target]
+    names = ref.keys()
+
+    def out_dtype(name: str) -> torch.dtype:
+        return dtype if dtype is not None and ref.dtype(name).is_floating_point else ref.dtype(name)
+
+    layout = [(n, ref.shape(n), out_dtype(n)) for n in names]
+    with ShardedWriter(out, layout, max_shard_size=max_shard_size) as writer:
+
+        def write(name: str, values: list[torch.Tensor]) -> None:
+            fused = average_tensor(values, w, values[target])
+            with timed("write"):
+                writer.write(name, fused.to(out_dtype(name)))
+
+        align_sources(sources, plans, write, target=target, solver=solver, reg=reg, marginals=marginals,
+                      heads=match_heads, residual=residual, device=device, progress=progress, couplings=False)
+        with timed("write"):
+            return writer.close()
+
+
+def _check_shapes(source: TensorSource, plan: AlignmentPlan, index: int) -> None:
+    """The source holds exactly the plan's tensors (tied aliases aside), with the plan's shapes."""
+    expected = {name: tuple(shape) for name, shape in plan.tensors.items() if name not in plan.aliases}
+    found = set(source.keys())
+    for name in sorted(set(expected) ^ found):
+        where = "has no tensor" if name in expected else "has a tensor the plan does not know:"
+        raise CheckpointError(f"checkpoint {index} {where} {name!r}; it does not fit the plan")
+    for name, shape in expected.items():
+        if tuple(source.shape(name)) != shape:
+            raise CheckpointError(f"checkpoint {index}: tensor {name!r} has shape {tuple(source.shape(name))}, its "
+                                  f"plan says {shape}")
+
+
+def fuse_checkpoints(
+    checkpoints: Sequence[str | Path],
+    out: str | Path,
+    plan: AlignmentPlan,
+    *,
+    plans: Sequence[AlignmentPlan] | None = None,
+    target: int = 0,
+    **options,
+) -> list[Path]:
+    """Fuse safetensors checkpoints on disk into one, reading and writing one tensor at a time (weights mode).
+
+    Peak memory is the tensors of the spaces being solved, whatever the size or number of the checkpoints.
+
+    Args:
+        checkpoints: checkpoint folders (``model.safetensors`` or a sharded index) or ``.safetensors`` files.
+        out: the folder to write ``model.safetensors`` (or shards and their index) into.
+        plan: the target's alignment plan, e.g. ``build_plan`` of the architecture built on the meta device.
+        plans: one plan per checkpoint when widths differ (default: ``plan`` for all).
+        target: the checkpoint whose widths, tensor names and order the result keeps.
+        **options: ``weights``, ``solver``, ``reg``, ``marginals``, ``match_heads``, ``residual``, ``dtype``,
+            ``device``, ``max_shard_size``, ``progress``, as in :func:`fuse_sources` and :func:`~hf_otfusion.fuse`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hf_otfusion import build_plan
+        >>> with torch.device("meta"):  # the architecture only: no memory for weights
+        ...     mlp = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
+        >>> plan = build_plan(mlp, torch.empty(2, 4096, device="meta"))
+        >>> files = fuse_checkpoints(["run-a", "run-b"], "fused", plan)  # doctest: +SKIP
+    """
+    sources = [SafetensorsSource(path) for path in checkpoints]
+    try:
+        plans = list(plans) if plans is not None else [plan] * len(sources)
+        if len(plans) != len(sources):
+            raise FusionError(f"got {len(plans)} plans for {len(sources)} checkpoints")
+        for i, p in enumerate(plans):
+            check_compatible(plan, p, i)
+        return fuse_sources(sources, plans, out, target=target, **options)
+    finally:
+        for source in sources:
+            source.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The merge command's streamed path
+
+
+def streamable(config: MergeConfig, parents: Sequence[ModelInfo]) -> str | None:
+    """Why this merge cannot stream from disk (None when it can): weights-mode OT fusion with nothing that needs
+    the models in memory (calibration, repair, fine-tune, evaluation) and safetensors weights for every parent."""
+    if config.merge_method != "otfusion":
+        return "a linear merge loads the models"
+    if config.fusion_parameters.alignment != "weights":
+        return "activations alignment runs the models"
+    if config.calibration is not None or config.evaluation is not None or config.finetune is not None:
+        return "calibration, repair, fine-tuning and evaluation run the models"
+    missing = next((p for p in parents if find_checkpoint(p.model_dir) is None), None)
+    if missing is not None:
+        return f"{missing.ref.text} has no safetensors checkpoint"
+    return None
+
+
+@dataclass
+class StreamJob:
+    """A streamable merge, traced and checked: the (empty) target, every parent's plan and lazy source."""
+
+    config: MergeConfig
+    target: LoadedModel
+    plan: AlignmentPlan
+    plans: list[AlignmentPlan]
+    sources: list[Float32Source]
+
+
+def _trace(info: ModelInfo, example: object | None = None) -> tuple[LoadedModel, object, AlignmentPlan]:
+    """A model's plan, traced on its empty (meta) build when that works, else on the loaded model."""
+    with timed("trace"):
+        try:
+            empty = load_model(info, empty=True)
+            x = example if example is not None else example_input(empty)
+            return empty, x, build_plan(empty.model, _to(x, torch.device("meta")))
+        except FusionError:
+            pass
+    with timed("load"):
+        loaded = load_model(info)
+    with timed("trace"):
+        x = example if example is not None else example_input(loaded)
+        return loaded, x, build_plan(loaded.model, x)
+
+
+def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo]) -> StreamJob | None:
+    """Trace the target and open every parent's checkpoint lazily; None when the checkpoints' tensor names are not
+    the models' own state-dict names (a checkpoint the library renames while loading): then the merge must load
+    the models."""
+    index = config.target_index
+    target, example, plan_t = _trace(parents[index])
+    sources = [Float32Source(SafetensorsSource(find_checkpoint(p.model_dir))) for p in parents]
+    names = {name for name in plan_t.tensors if name not in plan_t.aliases}
+    if any(set(s.keys()) != names for s in sources):
+        return None
+    shapes = [{name: s.shape(name) for name in names} for s in sources]
+    plans = plans_for(plan_t, shapes, index, lambda i: _trace(parents[i], example)[2])
+    for i, plan in enumerate(plans):
+        check_compatible(plan_t, plan, i)
+    return StreamJob(config=config, target=target, plan=plan_t, plans=plans, sources=sources)
+
+
+def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "cpu",
+                 max_shard_size: int | None = None, progress: bool = True) -> None:
+    """Write the job's merge into ``folder``: the library's config and preprocessing files, then the weights."""
+    config, params = job.config, job.config.fusion_parameters
+    with timed("write"):
+        save_model_files(job.target.model, folder, like=job.target, dtype=config.dtype)
+    job.target.model = None  # type: ignore[assignment]  # a loaded (not empty) target is let go before fusing
+    fuse_sources(job.sources, job.plans, folder, target=config.target_index, weights=config.weights,
+                 solver=params.solver, reg=params.reg, marginals=params.marginals, match_heads=params.match_heads,
+                 residual=params.residual, dtype=_DTYPES[config.dtype], device=device, max_shard_size=max_shard_size,
+                 progress=progress)
