@@ -10,6 +10,7 @@ from .fuse import align, ensemble, fuse, random_permutation, vanilla_average  # 
 from .merge import merge  # noqa: E402
 from .plan import AlignmentPlan, AxisRef, Space  # noqa: E402
 from .repair import repair_model, reset_norm_stats  # noqa: E402
+from .streaming import fuse_checkpoints  # noqa: E402
 from .trace import build_plan, register_rule  # noqa: E402
 from .train import finetune  # noqa: E402
 
@@ -27,6 +28,7 @@ __all__ = [
     "ensemble",
     "finetune",
     "fuse",
+    "fuse_checkpoints",
     "load_config",
     "merge",
     "random_permutation",

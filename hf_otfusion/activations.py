@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,16 @@ def _split_dict(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
                for k, v in batch.items()}
 
 
+def _pieces(batch: Any) -> Iterator[Any]:
+    """A batch in pieces of at most ``CHUNK`` rows (a tensor or a dict of keyword tensors; anything else whole)."""
+    if isinstance(batch, torch.Tensor):
+        yield from batch.split(CHUNK)
+    elif isinstance(batch, dict) or hasattr(batch, "keys"):
+        yield from _split_dict(dict(batch))
+    else:
+        yield batch
+
+
 def first_batch(calibration: Any) -> Any:
     for batch in iter_batches(calibration):
         return batch
@@ -76,15 +86,20 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 class _Capture(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]):
+    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str],
+                 on_value: Callable[[str, torch.Tensor], None] | None = None):
         super().__init__(gm)
         self.wanted = wanted
+        self.on_value = on_value
         self.seen: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
         if n.name in self.wanted:
-            self.seen[n.name] = out
+            if self.on_value is not None:
+                self.on_value(n.name, out)
+            else:
+                self.seen[n.name] = out
         return out
 
 
@@ -103,7 +118,10 @@ class Runner:
         self.static_batch = _static_batch(ep)
 
     @torch.no_grad()
-    def capture(self, batch: Any, wanted: set[str]) -> dict[str, torch.Tensor]:
+    def capture(self, batch: Any, wanted: set[str],
+                on_value: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+        """The values of the ``wanted`` nodes on ``batch`` (or, ``on_value``, each handed on as it is computed and
+        not kept)."""
         args, kwargs = as_args(_to(batch, self.device))
         flat = tree_flatten_spec((args, kwargs), self.gm._in_spec)
         sizes = {t.shape[0] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0}
@@ -111,7 +129,7 @@ class Runner:
             raise FusionError(f"the model was traced with a fixed batch size of {self.static_batch} (torch.export "
                               f"could not keep the batch dimension dynamic), but a calibration batch has "
                               f"{sorted(sizes)} rows: pass calibration batches of exactly {self.static_batch}")
-        cap = _Capture(self.gm, wanted)
+        cap = _Capture(self.gm, wanted, on_value)
         cap.run(*flat)
         return cap.seen
 
@@ -130,10 +148,11 @@ def _static_batch(ep: ExportedProgram) -> int | None:
 
 
 def channel_matrix(value: torch.Tensor, site: Site, n: int) -> torch.Tensor:
-    """(rows, n) activations of the n channels a site carries (samples and positions as rows)."""
+    """(rows, n) activations of the n channels a site carries (samples and positions as rows), in float32 or
+    better: one chunk's products are exact enough in float32, and their running sums are kept in float64."""
     x = value.movedim(site.dim, -1)[..., site.offset : site.offset + n * site.repeat]
     x = x.reshape(*x.shape[:-1], n, site.repeat).movedim(-2, -1)
-    return x.reshape(-1, n).to(torch.float64)
+    return x.reshape(-1, n).to(torch.promote_types(x.dtype, torch.float32))
 
 
 @dataclass
@@ -148,12 +167,24 @@ class _PairStats:
         if a.shape[0] != b.shape[0]:
             raise FusionError("two models produced activations of different sizes for one space; the "
                               "models do not share an architecture")
-        self.extra["sum_a"] = self.extra.get("sum_a", 0) + a.sum(0)  # for standardised distances
-        self.extra["sum_b"] = self.extra.get("sum_b", 0) + b.sum(0)
-        self.sq_a += (a * a).sum(0)
-        self.sq_b += (b * b).sum(0)
-        self.cross += a.T @ b
+        f64 = torch.float64
+        self.extra["sum_a"] = self.extra.get("sum_a", 0) + a.sum(0, dtype=f64)  # for standardised distances
+        self.extra["sum_b"] = self.extra.get("sum_b", 0) + b.sum(0, dtype=f64)
+        self.sq_a += (a * a).sum(0, dtype=f64)
+        self.sq_b += (b * b).sum(0, dtype=f64)
+        self.cross += (a.T @ b).to(f64)
         self.count += a.shape[0]
+
+
+def _accumulator(per_space: dict[tuple[str, int], _PairStats], by_node: dict[str, list], ref: dict[str, torch.Tensor],
+                 ) -> Callable[[str, torch.Tensor], None]:
+    """Adds one of this model's activations, as it is computed, to the statistics against the target's ``ref``."""
+
+    def add(node: str, value: torch.Tensor) -> None:
+        for key, site_a, n_a, site_b, n_b in by_node[node]:
+            per_space[key].add(channel_matrix(value, site_a, n_a), channel_matrix(ref[site_b.node], site_b, n_b))
+
+    return add
 
 
 def activation_costs(
@@ -188,20 +219,29 @@ def activation_costs(
                     torch.zeros(n_b, dtype=torch.float64, device=dev),
                     torch.zeros(n_a, n_b, dtype=torch.float64, device=dev),
                 )
-    wanted = [{s.node for sp in plan.spaces for s in sp.sites} for plan in plans]
+    # model k's node -> every (stats key, its site, the target's site) it feeds
+    by_node: list[dict[str, list[tuple[tuple[str, int], Site, int, Site, int]]]] = []
+    for k, plan_k in enumerate(plans):
+        found: dict[str, list[tuple[tuple[str, int], Site, int, Site, int]]] = {}
+        for space in plan_t.spaces if k != target else ():
+            space_k = plan_k.space(space.name)
+            for i, (site_b, site_a) in enumerate(zip(space.sites, space_k.sites, strict=False)):
+                key = (space.name, i if space.name in per_site else 0)
+                found.setdefault(site_a.node, []).append((key, site_a, space_k.size, site_b, space.size))
+        by_node.append(found)
+    wanted_t = {s.node for sp in plan_t.spaces for s in sp.sites}
+    splittable = all(r.static_batch is None for r in runners)
     n_batches = 0
     for batch in tqdm(iter_batches(calibration), desc="calibration", disable=not progress, leave=False):
         n_batches += 1
-        values = [r.capture(batch, w) for r, w in zip(runners, wanted, strict=True)]
-        for k, per_space in enumerate(stats):
-            if per_space is None:
-                continue
-            for space in plan_t.spaces:
-                space_k = plans[k].space(space.name)
-                for i, (site_b, site_a) in enumerate(zip(space.sites, space_k.sites, strict=False)):
-                    a = channel_matrix(values[k][site_a.node], site_a, space_k.size)
-                    b = channel_matrix(values[target][site_b.node], site_b, space.size)
-                    per_space[(space.name, i if space.name in per_site else 0)].add(a, b)
+        # at most CHUNK rows at a time, and each other model's activations used as they come and let go: memory
+        # holds the target's activations of one chunk, whatever the batch size
+        for chunk in _pieces(batch) if splittable else [batch]:
+            ref = runners[target].capture(chunk, wanted_t)
+            for k, per_space in enumerate(stats):
+                if per_space is not None:
+                    runners[k].capture(chunk, set(by_node[k]), _accumulator(per_space, by_node[k], ref))
+            del ref
     if n_batches == 0:
         raise FusionError("the calibration data is empty")
     out: list[dict[str, torch.Tensor] | None] = []

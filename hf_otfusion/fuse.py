@@ -203,6 +203,11 @@ class _Aligner:
         del self.cache[name]
         return t
 
+    def drop(self, name: str) -> None:
+        """Let go of a tensor without computing its final value."""
+        self.cache.pop(name, None)
+        self.ops.pop(name, None)
+
 
 def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: Space, split: bool = False) -> Any:
     """Rows of every ready member (this model's, the target's), features concatenated (or, ``split``, per member)."""
@@ -218,6 +223,8 @@ def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: S
         return (torch.zeros(space.size, 0, device=aligner.device),
                 torch.zeros(target_space.size, 0, device=aligner.device))
     dtype = torch.promote_types(fa[0].dtype, torch.float32)
+    if len(fa) == 1:  # no copy
+        return fa[0].to(dtype), fb[0].to(dtype)
     return torch.cat([f.to(dtype) for f in fa], 1), torch.cat([f.to(dtype) for f in fb], 1)
 
 
@@ -347,9 +354,11 @@ def _walk(
 
     def finish(names: Iterable[str]) -> None:
         for name in names:
-            values = [a.release(name) for a in aligners]
-            if finished is not None:
-                finished(name, values)
+            if finished is None:
+                for a in aligners:
+                    a.drop(name)
+            else:
+                finished(name, [a.release(name) for a in aligners])
 
     finish([name for name, spaces in remaining.items() if not spaces])  # fixed tensors: nothing to solve
     groups = target_plan.head_groups()

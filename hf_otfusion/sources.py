@@ -16,6 +16,7 @@ import copy
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -336,6 +337,34 @@ def save_model_files(model: nn.Module, out: str | Path, *, like: ModelInfo, dtyp
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     _copy_preprocessing(like, out)
+
+
+def checkpoint_names(model: nn.Module, keys: Sequence[str], names: set[str], *,
+                     library: Library) -> dict[str, str] | None:
+    """The state-dict name (one of ``names``) of each checkpoint tensor name, when ``model``'s library maps them one
+    to one (the same names, or transformers' renamings of legacy checkpoint names); None when a tensor is converted
+    (split, fused, ...) while loading or the names do not match."""
+    if set(keys) == names:
+        return {k: k for k in keys}
+    if library != "transformers":
+        return None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        out = {}
+        for key in keys:
+            renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix,
+                                                   model.state_dict())
+            if converted is not None:
+                return None
+            out[key] = renamed if renamed in names or key not in names else key
+    except Exception:  # noqa: BLE001 - transformers' loading internals move between releases: then load instead
+        return None
+    return out if set(out.values()) == names and len(set(out.values())) == len(out) else None
 
 
 def _copy_preprocessing(like: ModelInfo, out: Path) -> None:

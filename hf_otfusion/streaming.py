@@ -9,7 +9,7 @@ streamed from disk gives the in-memory path's tensors, bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,29 +22,31 @@ from .errors import FusionError
 from .fuse import Residual, align_sources, average_tensor, check_compatible, normalized_weights, plans_for
 from .plan import AlignmentPlan
 from .profile import timed
-from .sources import _DTYPES, LoadedModel, ModelInfo, example_input, load_model, save_model_files
+from .sources import _DTYPES, LoadedModel, ModelInfo, checkpoint_names, example_input, load_model, save_model_files
 from .trace import build_plan
 from .transport import Marginals, Solver
 
 
-class Float32Source:
-    """A source whose floating tensors are read as float32, as :func:`~hf_otfusion.sources.load_model` loads."""
+class ParentSource:
+    """A parent's checkpoint as its loaded model sees it: tensors by state-dict name (``names``: checkpoint name ->
+    state-dict name), floating ones read as float32, as :func:`~hf_otfusion.sources.load_model` loads them."""
 
-    def __init__(self, source: TensorSource):
+    def __init__(self, source: TensorSource, names: dict[str, str]):
         self.source = source
+        self.files = {model: file for file, model in names.items()}
 
     def keys(self) -> list[str]:
-        return self.source.keys()
+        return list(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.source.shape(name)
+        return self.source.shape(self.files[name])
 
     def dtype(self, name: str) -> torch.dtype:
-        dtype = self.source.dtype(name)
+        dtype = self.source.dtype(self.files[name])
         return torch.float32 if dtype.is_floating_point else dtype
 
     def get(self, name: str) -> torch.Tensor:
-        t = self.source.get(name)
+        t = self.source.get(self.files[name])
         return t.float() if t.is_floating_point() else t
 
 
@@ -64,11 +66,12 @@ def fuse_sources(
     device: torch.device | str = "cpu",
     max_shard_size: int | str | None = None,
     progress: bool = True,
+    out_names: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Fuse tensor sources into a safetensors checkpoint in ``out``, each tensor written as soon as it is final.
 
-    The tensors written are the target source's, in its order (``dtype``: floating tensors cast to it). Returns
-    the files written (the shards, then the index when sharded).
+    The tensors written are the target source's, in its order (``dtype``: floating tensors cast to it; named
+    ``out_names[name]`` when given). Returns the files written (the shards, then the index when sharded).
     """
     w = normalized_weights(weights, len(sources))
     for i, (source, plan) in enumerate(zip(sources, plans, strict=True)):
@@ -79,13 +82,14 @@ def fuse_sources(
     def out_dtype(name: str) -> torch.dtype:
         return dtype if dtype is not None and ref.dtype(name).is_floating_point else ref.dtype(name)
 
-    layout = [(n, ref.shape(n), out_dtype(n)) for n in names]
+    written = dict(out_names or {})
+    layout = [(written.get(n, n), ref.shape(n), out_dtype(n)) for n in names]
     with ShardedWriter(out, layout, max_shard_size=max_shard_size) as writer:
 
         def write(name: str, values: list[torch.Tensor]) -> None:
             fused = average_tensor(values, w, values[target])
             with timed("write"):
-                writer.write(name, fused.to(out_dtype(name)))
+                writer.write(written.get(name, name), fused.to(out_dtype(name)))
 
         align_sources(sources, plans, write, target=target, solver=solver, reg=reg, marginals=marginals,
                       heads=match_heads, residual=residual, device=device, progress=progress, couplings=False)
@@ -177,7 +181,8 @@ class StreamJob:
     target: LoadedModel
     plan: AlignmentPlan
     plans: list[AlignmentPlan]
-    sources: list[Float32Source]
+    sources: list[ParentSource]
+    out_names: dict[str, str]  # state-dict name -> the name the library saves it under (the target's file names)
 
 
 def _trace(info: ModelInfo, example: object | None = None) -> tuple[LoadedModel, object, AlignmentPlan]:
@@ -202,15 +207,20 @@ def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo]) -> StreamJob 
     the models."""
     index = config.target_index
     target, example, plan_t = _trace(parents[index])
-    sources = [Float32Source(SafetensorsSource(find_checkpoint(p.model_dir))) for p in parents]
     names = {name for name in plan_t.tensors if name not in plan_t.aliases}
-    if any(set(s.keys()) != names for s in sources):
-        return None
+    sources = []
+    for parent in parents:
+        files = SafetensorsSource(find_checkpoint(parent.model_dir))
+        renamed = checkpoint_names(target.model, files.keys(), names, library=target.library)
+        if renamed is None:
+            return None
+        sources.append(ParentSource(files, renamed))
     shapes = [{name: s.shape(name) for name in names} for s in sources]
     plans = plans_for(plan_t, shapes, index, lambda i: _trace(parents[i], example)[2])
     for i, plan in enumerate(plans):
         check_compatible(plan_t, plan, i)
-    return StreamJob(config=config, target=target, plan=plan_t, plans=plans, sources=sources)
+    return StreamJob(config=config, target=target, plan=plan_t, plans=plans, sources=sources,
+                     out_names=sources[index].files)
 
 
 def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "cpu",
@@ -223,4 +233,4 @@ def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "
     fuse_sources(job.sources, job.plans, folder, target=config.target_index, weights=config.weights,
                  solver=params.solver, reg=params.reg, marginals=params.marginals, match_heads=params.match_heads,
                  residual=params.residual, dtype=_DTYPES[config.dtype], device=device, max_shard_size=max_shard_size,
-                 progress=progress)
+                 progress=progress, out_names=job.out_names)

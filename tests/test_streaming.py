@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -38,15 +39,16 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-# transformers 5 saves ViT under its legacy tensor names and renames them while loading: not streamable
-@pytest.mark.parametrize(("make", "streams"), [(timm_resnet, True), (hf_resnet, True), (hf_bert, True),
-                                              (hf_vit, False)], ids=["timm-resnet", "hf-resnet", "hf-bert", "hf-vit"])
-def test_streamed_merge_equals_the_in_memory_merge(tmp_path, make, streams):
+# hf-vit: transformers 5 saves ViT under legacy tensor names and renames them while loading; the streamed merge
+# reads them through those renamings and writes the legacy names, as save_pretrained does
+@pytest.mark.parametrize("make", [timm_resnet, hf_resnet, hf_bert, hf_vit],
+                         ids=["timm-resnet", "hf-resnet", "hf-bert", "hf-vit"])
+def test_streamed_merge_equals_the_in_memory_merge(tmp_path, make):
     parents = [make(tmp_path / f"m{seed}", seed=seed) for seed in (0, 1)]
     config = _config(parents, residual="mean")
     streamed = merge(config, tmp_path / "streamed", progress=False)
     loaded = merge(config, tmp_path / "loaded", progress=False, stream=False)
-    assert streamed.streamed == streams and not loaded.streamed
+    assert streamed.streamed and not loaded.streamed
     a, b = _weights(tmp_path / "streamed"), _weights(tmp_path / "loaded")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -169,7 +171,7 @@ def test_fusion_of_checkpoints_larger_than_the_memory_cap(tmp_path):
     """A permuted copy of an ~800 MB MLP fused with the original while the process may allocate 320 MB more than
     its imports took (the pair is 5x that, the output 2.5x): the result is the original, tensor for tensor."""
     script = textwrap.dedent(f"""
-        import re, resource, sys
+        import ctypes, gc, re, resource, sys
         import torch
         from torch import nn
         from hf_otfusion import build_plan
@@ -185,12 +187,14 @@ def test_fusion_of_checkpoints_larger_than_the_memory_cap(tmp_path):
             mlp = nn.Sequential(*layers, nn.Linear({WIDTH}, 10))
         plan = build_plan(mlp, torch.empty(2, {WIDTH}, device="meta"))
         assert len(plan.spaces) == {DEPTH}, plan
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the baseline is what is really held
         status = open("/proc/self/status").read()
         base = int(re.search(r"VmData:\\s+(\\d+) kB", status).group(1)) * 1024
         cap = base + {HEADROOM_MB} * 2**20
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
         try:
-            torch.empty({HEADROOM_MB * 5 // 4} * 2**20, dtype=torch.uint8).fill_(1)  # the cap binds
+            torch.empty({2 * HEADROOM_MB} * 2**20, dtype=torch.uint8).fill_(1)  # the cap binds
             sys.exit("the memory cap is not enforced")
         except (RuntimeError, MemoryError):
             pass
@@ -201,9 +205,12 @@ def test_fusion_of_checkpoints_larger_than_the_memory_cap(tmp_path):
     _write_permuted_mlp_pair(a, b)
     size = sum(f.stat().st_size for f in [*a.iterdir(), *b.iterdir()])
     assert size > 4 * HEADROOM_MB * 2**20
+    # glibc may keep freed blocks of up to 32 MB in its heap instead of unmapping them: the cap would then count
+    # memory that is free, not what the fusion holds
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     proc = subprocess.run([sys.executable, "-c", script, str(a), str(b), str(tmp_path / "out")], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+                          text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
     assert size > 1.5 * float(proc.stdout.split()[1]) * 2**20  # the pair alone is well over the whole cap
     with SafetensorsSource(a) as original, SafetensorsSource(tmp_path / "out") as fused:
         assert fused.keys() == original.keys()
