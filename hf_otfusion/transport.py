@@ -181,6 +181,7 @@ def head_costs(cost: torch.Tensor, heads: int) -> torch.Tensor:
     """(heads, heads) matrix: entry (g, h) is the transport cost between head g of A and head h of B."""
     n_a, n_b = cost.shape
     da, db = n_a // heads, n_b // heads
+    cost = cost.detach().double().cpu()  # one copy off the device, not one per block (the solver is on the CPU)
     out = torch.zeros(heads, heads, dtype=torch.float64)
     for g in range(heads):
         for h in range(heads):

@@ -297,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.prepare:
+        import hf_otfusion  # noqa: F401 - before timm: makes a CPU torch's torchvision importable
+
         prepare(args.prepare[0], Path(args.prepare[1]))
         return 0
     if args.threads:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,22 @@ def test_merge_bert_keeps_heads_and_copies_the_tokenizer(tmp_path):
     torch.testing.assert_close(got, expected.eval()(**batch).logits, rtol=1e-4, atol=1e-5)
     card = ModelCard.load(out / "README.md").data.to_dict()
     assert card["pipeline_tag"] == "text-classification" and card["library_name"] == "transformers"
+
+
+def test_profile_prints_where_the_time_went(tmp_path, timm_pair):
+    config = _config(tmp_path / "c.yml", timm_pair, merge_method="otfusion")
+    result = _invoke("merge", config, tmp_path / "out", "--profile")
+    assert result.exit_code == 0, result.output
+    assert "streamed: each parent's tensors were read from disk" in result.output
+    phases = dict(re.findall(r"^\| (\w+) \| ([\d.]+) \|", result.output, flags=re.M))
+    assert {"load", "trace", "cost", "solve", "transport", "write"} <= set(phases)
+    assert "| slowest spaces | seconds |" in result.output
+
+
+def test_out_shard_size_options_are_checked(tmp_path, timm_pair):
+    config = _config(tmp_path / "c.yml", timm_pair)
+    result = _invoke("merge", config, tmp_path / "out", "--out-shard-size", "10MB", "-q")
+    assert result.exit_code == 1 and "timm loads its weights from one model.safetensors" in result.output
+    result = _invoke("merge", config, tmp_path / "out", "--out-shard-size", "huge", "-q")
+    assert result.exit_code == 1 and "huge" in result.output
+    assert not (tmp_path / "out").exists()
