@@ -147,6 +147,18 @@ def test_fuse_checkpoints_equals_fuse(tmp_path, residual):
     assert all(torch.equal(streamed[k], fused[k]) for k in fused)
 
 
+def test_fuse_checkpoints_fuses_other_widths(tmp_path):
+    models = [_mlp(16, 2), _mlp(24, 2, seed=1)]  # the wider one is brought down to the target's widths
+    x = torch.randn(2, 32)
+    plans = [build_plan(m, x) for m in models]
+    files = fuse_checkpoints([_save(m, tmp_path / f"m{i}") for i, m in enumerate(models)], tmp_path / "out",
+                             plans[0], plans=plans, progress=False)
+    fused = fuse(models, example_input=x, progress=False).state_dict()
+    streamed = load_file(files[0])
+    assert streamed["0.weight"].shape == (16, 32)
+    assert all(torch.equal(streamed[k], fused[k]) for k in fused)
+
+
 def test_fuse_checkpoints_rejects_a_checkpoint_that_does_not_fit_the_plan(tmp_path):
     a, b = _mlp(16, 2), _mlp(16, 2, seed=1)
     plan = build_plan(a, torch.randn(2, 32))
