@@ -32,11 +32,8 @@ def iter_batches(calibration: Any) -> Iterator[Any]:
     """Model inputs from a tensor (chunked), or an iterable of inputs or of (input, label) batches."""
     if calibration is None:
         return
-    if isinstance(calibration, torch.Tensor):
-        yield from calibration.split(CHUNK)
-        return
-    if isinstance(calibration, dict) or hasattr(calibration, "keys"):
-        yield from _split_dict(dict(calibration))
+    if isinstance(calibration, (torch.Tensor, dict)) or hasattr(calibration, "keys"):
+        yield from _pieces(calibration)
         return
     if not isinstance(calibration, Iterable):
         raise FusionError(f"calibration must be a tensor or an iterable of batches, not {type(calibration).__name__}")
