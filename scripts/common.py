@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -181,3 +182,24 @@ def mean_std(values: Sequence[float]) -> str:
     pct = [100 * v for v in values]
     std = statistics.stdev(pct) if len(pct) > 1 else 0.0
     return f"{statistics.fmean(pct):.2f} ± {std:.2f}"
+
+
+def gap_table(gaps: Sequence[tuple[str, Sequence[float]]]) -> list[str]:
+    """Markdown rows: each named per-pair difference (fractions) as 'mean ± std' and its worst pair, in points."""
+    out = ["", "| difference (points) | mean ± std | worst pair |", "|---|---:|---:|"]
+    return out + [f"| {name} | {mean_std(values)} | {100 * min(values):+.2f} |" for name, values in gaps]
+
+
+def finish_report(out: list[str], fuse_times: dict[str, list[float]], elapsed: float, path: Path | None) -> str:
+    """Add the timing line to a report's lines, print the report and write it to ``path`` when given."""
+    out += [
+        "",
+        f"Fusion time per pair (s): weights {statistics.fmean(fuse_times['weights']):.2f}, "
+        f"activations {statistics.fmean(fuse_times['activations']):.2f}; whole run {elapsed:.0f} s "
+        f"on {torch.get_num_threads()} CPU thread(s), torch {torch.__version__}.",
+    ]
+    report = "\n".join(out)
+    print(report)
+    if path is not None:
+        path.write_text(report + "\n")
+    return report

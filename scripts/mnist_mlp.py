@@ -17,14 +17,13 @@ MLPNet with the other MLPNet of its pair: vanilla averaging cannot mix widths).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import MLPNet, mean_std, seeded
+from common import MLPNet, finish_report, gap_table, mean_std, seeded
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
@@ -164,9 +163,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             [w - p for w, p in zip(rows["ot_a"], rows["parents"], strict=True)],
         ),
     ]
-    out += ["", "| difference (points) | mean ± std | worst pair |", "|---|---:|---:|"]
-    for name, values in gaps:
-        out.append(f"| {name} | {mean_std(values)} | {100 * min(values):+.2f} |")
+    out += gap_table(gaps)
     if not args.no_width:
         out += [
             "",
@@ -188,17 +185,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         header += " wide | wide→A weights | wide→A activations |"
         rule += "---:|---:|---:|"
     out += ["", "Per pair (test accuracy, %):", "", header, rule, *per_pair]
-    out += [
-        "",
-        f"Fusion time per pair (s): weights {statistics.fmean(fuse_times['weights']):.2f}, "
-        f"activations {statistics.fmean(fuse_times['activations']):.2f}; whole run {elapsed:.0f} s "
-        f"on {torch.get_num_threads()} CPU thread(s), torch {torch.__version__}.",
-    ]
-    report = "\n".join(out)
-    print(report)
-    if args.out is not None:
-        args.out.write_text(report + "\n")
-    return report
+    return finish_report(out, fuse_times, elapsed, args.out)
 
 
 if __name__ == "__main__":

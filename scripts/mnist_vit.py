@@ -19,14 +19,13 @@ Prints mean ± std over the pairs as markdown tables.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import mean_std, seeded
+from common import finish_report, gap_table, mean_std, seeded
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
@@ -137,23 +136,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         ("head matching gain, weights", "ot_w", "ot_w_nomatch"),
         ("head matching gain, activations", "ot_a", "ot_a_nomatch"),
     ]
-    out += ["", "| difference (points) | mean ± std | worst pair |", "|---|---:|---:|"]
-    for name, key, base in gaps:
-        values = [x - y for x, y in zip(rows[key], rows[base], strict=True)]
-        out.append(f"| {name} | {mean_std(values)} | {100 * min(values):+.2f} |")
+    out += gap_table([(name, [x - y for x, y in zip(rows[key], rows[base], strict=True)])
+                      for name, key, base in gaps])
     header = "| seeds | parent A | parent B | vanilla | ensemble | OT weights | OT activations | OT activations, std |"
     out += ["", "Per pair (test accuracy, %):", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|", *per_pair]
-    out += [
-        "",
-        f"Fusion time per pair (s): weights {statistics.fmean(fuse_times['weights']):.2f}, "
-        f"activations {statistics.fmean(fuse_times['activations']):.2f}; whole run {elapsed:.0f} s "
-        f"on {torch.get_num_threads()} CPU thread(s), torch {torch.__version__}.",
-    ]
-    report = "\n".join(out)
-    print(report)
-    if args.out is not None:
-        args.out.write_text(report + "\n")
-    return report
+    return finish_report(out, fuse_times, elapsed, args.out)
 
 
 if __name__ == "__main__":
