@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import FusionError
 from .plan import AlignmentPlan, Site
 from .trace import as_args
-from .transport import distance_from_gram
+from .transport import channel_major, distance_from_gram
 
 CHUNK = 32  # inputs per forward pass: activations of one chunk are held at a time
 
@@ -38,7 +38,7 @@ def iter_batches(calibration: Any) -> Iterator[Any]:
     if not isinstance(calibration, Iterable):
         raise FusionError(f"calibration must be a tensor or an iterable of batches, not {type(calibration).__name__}")
     for batch in calibration:
-        if isinstance(batch, (tuple, list)) and len(batch) > 0 and isinstance(batch[0], torch.Tensor):
+        if isinstance(batch, (tuple, list)) and len(batch) > 0 and isinstance(batch[0], (torch.Tensor, Mapping)):
             yield batch[0]
         else:
             yield batch
@@ -144,11 +144,12 @@ def _static_batch(ep: ExportedProgram) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def channel_matrix(value: torch.Tensor, site: Site, n: int) -> torch.Tensor:
+def channel_matrix(value: torch.Tensor, site: Site, n: int, heads: int = 1) -> torch.Tensor:
     """(rows, n) activations of the n channels a site carries (samples and positions as rows), in float32 or
     better: one chunk's products are exact enough in float32, and their running sums are kept in float64."""
-    x = value.movedim(site.dim, -1)[..., site.offset : site.offset + n * site.repeat]
-    x = x.reshape(*x.shape[:-1], n, site.repeat).movedim(-2, -1)
+    x = value.movedim(site.dim, 0)[site.offset : site.offset + n * site.repeat * site.tile]
+    x = channel_major(x, heads, site.tile, site.repeat).movedim(0, -1)
+    x = x.reshape(*x.shape[:-1], n, site.repeat * site.tile).movedim(-2, -1)
     return x.reshape(-1, n).to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -178,8 +179,9 @@ def _accumulator(per_space: dict[tuple[str, int], _PairStats], by_node: dict[str
     """Adds one of this model's activations, as it is computed, to the statistics against the target's ``ref``."""
 
     def add(node: str, value: torch.Tensor) -> None:
-        for key, site_a, n_a, site_b, n_b in by_node[node]:
-            per_space[key].add(channel_matrix(value, site_a, n_a), channel_matrix(ref[site_b.node], site_b, n_b))
+        for key, site_a, n_a, site_b, n_b, heads in by_node[node]:
+            per_space[key].add(channel_matrix(value, site_a, n_a, heads),
+                               channel_matrix(ref[site_b.node], site_b, n_b, heads))
 
     return add
 
@@ -224,7 +226,8 @@ def activation_costs(
             space_k = plan_k.space(space.name)
             for i, (site_b, site_a) in enumerate(zip(space.sites, space_k.sites, strict=False)):
                 key = (space.name, i if space.name in per_site else 0)
-                found.setdefault(site_a.node, []).append((key, site_a, space_k.size, site_b, space.size))
+                found.setdefault(site_a.node, []).append((key, site_a, space_k.size, site_b, space.size,
+                                                          space.heads))
         by_node.append(found)
     wanted_t = {s.node for sp in plan_t.spaces for s in sp.sites}
     splittable = all(r.static_batch is None for r in runners)

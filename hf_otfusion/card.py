@@ -22,12 +22,22 @@ from .config import DatasetConfig, MergeConfig
 from .evaluate import EvalRow, format_table
 from .sources import parse_ref
 
-TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "otfusion.md"
+
+def _template_path(name: str = "otfusion.md") -> Path:
+    """A card template: in the package (``hf_otfusion/model_cards/``, where the wheel puts the repository's
+    top-level ``model_cards/`` folder), else in the source checkout (or editable install) beside the package."""
+    package = Path(__file__).resolve().parent
+    candidates = [package / "model_cards" / name, package.parent / "model_cards" / name]
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
+TEMPLATE_PATH = _template_path()
 PAPER_URL = "https://arxiv.org/abs/1910.05653"
 HUB_URL = "https://huggingface.co"
 LIBRARIES = ("timm", "transformers")
 LOCAL_PLACEHOLDER = "PATH/TO/THIS/FOLDER"
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 _DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DATA_FILE_SUFFIXES = (".parquet", ".csv", ".json", ".jsonl", ".tsv", ".txt", ".arrow", ".gz", ".zip")
 _SOLVERS = {"emd": "emd (exact optimal transport)", "sinkhorn": "sinkhorn (entropy-regularised optimal transport)"}
@@ -84,17 +94,27 @@ def _describe_data(data: DatasetConfig) -> str:
     return f"{name}, split `{_cell(data.split)}`, {count}"
 
 
-def _parents(config: MergeConfig) -> tuple[list[dict[str, str]], list[str]]:
+def _parents(config: MergeConfig, commits: Sequence[str | None] | None) -> tuple[list[dict[str, str]], list[str]]:
     """Rows of the parents table, and the Hub repo ids of the parents (de-duplicated, in order)."""
+    if commits is not None and len(commits) != len(config.models):
+        raise ValueError(f"commits must name one commit (or None) per parent: {len(config.models)} parents, "
+                         f"{len(commits)} commits")
     total = sum(config.weights)
     rows, repo_ids = [], []
     for index, entry in enumerate(config.models):
         ref = parse_ref(entry.model)
+        commit = commits[index] if commits is not None else None
         if ref.is_local:
-            model, revision = f"`{_cell(entry.model)}` (local folder)", "local"
+            model, revision, resolved = f"`{_cell(entry.model)}` (local folder)", "local", "not on the Hub"
         else:
             assert ref.repo_id is not None
             model, revision = f"[{ref.repo_id}]({HUB_URL}/{ref.repo_id})", _cell(ref.revision or "main")
+            if commit is None:
+                resolved = "not recorded"
+            elif not _COMMIT.fullmatch(commit):
+                raise ValueError(f"commit of parent {index} must be a 40-digit hex Hub commit sha, got {commit!r}")
+            else:
+                resolved = f"[`{commit}`]({HUB_URL}/{ref.repo_id}/tree/{commit})"
             if ref.repo_id not in repo_ids:
                 repo_ids.append(ref.repo_id)
         if index == config.target_index:
@@ -103,9 +123,8 @@ def _parents(config: MergeConfig) -> tuple[list[dict[str, str]], list[str]]:
             role = "averaged"
         else:
             role = "aligned to the target, then averaged"
-        rows.append(
-            {"model": model, "revision": revision, "weight": _percent(entry.parameters.weight / total), "role": role}
-        )
+        rows.append({"model": model, "revision": revision, "commit": resolved,
+                     "weight": _percent(entry.parameters.weight / total), "role": role})
     return rows, repo_ids
 
 
@@ -145,7 +164,20 @@ def _evaluation(config: MergeConfig, rows: Sequence[EvalRow]) -> dict[str, str]:
         source = f"Measured on {_describe_data(config.evaluation)}."
     else:
         source = "Measured on data that the merge config does not record."
-    legend = ["Accuracy is top-1 accuracy, loss the mean cross-entropy. The rows:", ""]
+    task = rows[0].task if rows else "classification"
+    tokens = next((row.tokens for row in rows if row.tokens is not None), None)
+    over = f" over {tokens} tokens" if tokens is not None else ""
+    if task == "causal-lm":
+        metric = (f"Loss is the mean next-token cross-entropy (nats per token){over} (padding not counted), "
+                  "perplexity its exp.")
+    elif task == "masked-lm":
+        metric = (f"Loss is the mean cross-entropy on masked tokens{over}: 15% of each text's tokens, masked at "
+                  "random with a fixed seed, the same tokens for every model; perplexity is its exp.")
+    else:
+        metric = "Accuracy is top-1 accuracy, loss the mean cross-entropy."
+    if any(row.agreement is not None for row in rows) and task != "classification":
+        metric += " Agreement is the share of scored tokens whose top-1 prediction equals the ensemble's."
+    legend = [f"{metric} The rows:", ""]
     for kind, meaning in _KIND_LEGEND.items():
         names = list(dict.fromkeys(row.name for row in rows if row.kind == kind))
         if names:
@@ -161,6 +193,7 @@ def render_card(
     evaluation: Sequence[EvalRow] | None = None,
     repo_id: str | None = None,
     auto_class: str | None = None,
+    commits: Sequence[str | None] | None = None,
 ) -> ModelCard:
     """Render the model card (README.md) of a model made from ``config``.
 
@@ -173,6 +206,9 @@ def render_card(
         repo_id: the Hub repo the model will be pushed to, used in the usage snippet; without it the snippet loads
             from a local folder.
         auto_class: for transformers, the Auto class that loads the model (default ``"AutoModel"``).
+        commits: per parent, in the config's order, the Hub commit sha its revision resolved to (None for a local
+            folder; see ``hf_otfusion.sources.ModelInfo.commit``); without them the commit column says
+            "not recorded".
 
     Returns:
         A ``huggingface_hub.ModelCard``; ``card.save(folder / "README.md")`` writes it, ``card.push_to_hub`` pushes it.
@@ -196,7 +232,7 @@ def render_card(
     if repo_id is not None:
         validate_repo_id(repo_id)
 
-    parents, base_models = _parents(config)
+    parents, base_models = _parents(config, commits)
     tags = ["hf-otfusion", "merge"]
     if config.merge_method == "otfusion":
         tags.append("optimal-transport")

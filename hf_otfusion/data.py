@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .config import DatasetConfig
 from .errors import FusionError
+from .evaluate import IGNORE_INDEX, language_model_kind, mask_tokens
 
 MNIST_5K_RESOURCE = "data/data/mnist_5k.csv.gz"
 
@@ -237,7 +238,9 @@ def _is_string(feature: object) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def _resolve_columns(ds: datasets.Dataset, cfg: DatasetConfig, require_labels: bool) -> _Columns:
+def _resolve_columns(ds: datasets.Dataset, cfg: DatasetConfig, require_labels: bool,
+                     labels: bool = True) -> _Columns:
+    """The input column (image or text) and the label column (None when ``labels`` is False: a language model)."""
     features = ds.features
     where = f"dataset {cfg.dataset!r} (split {cfg.split!r})"
     for given in (cfg.image_column, cfg.text_column, cfg.label_column):
@@ -264,6 +267,8 @@ def _resolve_columns(ds: datasets.Dataset, cfg: DatasetConfig, require_labels: b
             f"{where}: found no image or text column (columns: {', '.join(features)}); set image_column or text_column"
         )
 
+    if not labels:
+        return _Columns(input=column, kind=kind, label=None)
     label = cfg.label_column
     if label is None:
         label = first(lambda n, f: n != column and isinstance(f, datasets.ClassLabel)) or first(
@@ -305,10 +310,32 @@ def _max_length(tokenizer: object, model: nn.Module) -> int | None:
     return min(known) if known else None
 
 
+def _load_tokenizer(cfg: DatasetConfig, model_dir: str | Path) -> object:
+    """The tokenizer saved with the model; one without a padding token pads with its end-of-text (or unknown)
+    token, which the attention mask hides (a causal LM's tokenizer often has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as err:
+        raise DataError(f"dataset {cfg.dataset!r} holds text, but {str(model_dir)!r} has no tokenizer: {err}") from None
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise DataError(f"the tokenizer in {str(model_dir)!r} has no padding, end-of-text or unknown token to pad "
+                            "batches of text with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
 def _preprocessor(
-    columns: _Columns, cfg: DatasetConfig, library: str, model: nn.Module, model_dir: str | Path | None
-) -> Callable[[list[object]], torch.Tensor | dict[str, torch.Tensor]]:
-    """A function from a list of raw column values to the model's input batch."""
+    columns: _Columns, cfg: DatasetConfig, library: str, model: nn.Module, model_dir: str | Path | None,
+    texts: list[object] | None = None,
+) -> tuple[Callable[[list[object]], torch.Tensor | dict[str, torch.Tensor]], object | None]:
+    """A function from a list of raw column values to the model's input batch, and the tokenizer (text) or None.
+
+    ``texts`` (all the split's texts): pad every batch to the longest of them instead of the longest of its batch,
+    so every batch has one sequence length."""
     where = f"dataset {cfg.dataset!r}"
     if library not in _LIBRARIES:
         raise DataError(f"unknown library {library!r}: choose one of {', '.join(_LIBRARIES)}")
@@ -320,11 +347,11 @@ def _preprocessor(
         data_config = timm.data.resolve_data_config({}, model=model)
         transform = timm.data.create_transform(**data_config)
         mode = "L" if data_config["input_size"][0] == 1 else "RGB"
-        return lambda values: torch.stack([transform(_to_pil(v, mode)) for v in values])
+        return lambda values: torch.stack([transform(_to_pil(v, mode)) for v in values]), None
 
     if model_dir is None:
         raise DataError(f"{where}: a transformers model needs its folder (model_dir) for its preprocessing")
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoImageProcessor
 
     if columns.kind == "image":
         try:
@@ -334,25 +361,26 @@ def _preprocessor(
         mode = "L" if getattr(getattr(model, "config", None), "num_channels", 3) == 1 else "RGB"
         return lambda values: processor(images=[_to_pil(v, mode) for v in values], return_tensors="pt")[
             "pixel_values"
-        ].float()
+        ].float(), None
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{where} holds text, but {str(model_dir)!r} has no tokenizer: {err}") from None
+    tokenizer = _load_tokenizer(cfg, model_dir)
     max_length = _max_length(tokenizer, model)
+    padding, pad_length = "longest", max_length
+    if texts is not None:
+        lengths = tokenizer([str(v) for v in texts], truncation=max_length is not None, max_length=max_length)
+        padding, pad_length = "max_length", max((len(ids) for ids in lengths["input_ids"]), default=1)
 
     def tokenize(values: list[object]) -> dict[str, torch.Tensor]:
         enc = tokenizer(
             [str(v) for v in values],
-            padding="longest",
+            padding=padding,
             truncation=max_length is not None,
-            max_length=max_length,
+            max_length=pad_length,
             return_tensors="pt",
         )
         return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
-    return tokenize
+    return tokenize, tokenizer
 
 
 def _check_num_classes(ds: datasets.Dataset, columns: _Columns, cfg: DatasetConfig, model: nn.Module) -> None:
@@ -366,6 +394,22 @@ def _check_num_classes(ds: datasets.Dataset, columns: _Columns, cfg: DatasetConf
         )
 
 
+class _Indexed(torch.utils.data.Dataset):
+    """A dataset's rows with their row numbers (a masked LM's masking is seeded per row)."""
+
+    def __init__(self, ds: datasets.Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {**self.ds[index], _ROW: index}
+
+
+_ROW = "__row__"
+
+
 def make_loader_for_model(
     cfg: DatasetConfig,
     *,
@@ -373,6 +417,7 @@ def make_loader_for_model(
     model: nn.Module,
     model_dir: str | Path | None,
     require_labels: bool = True,
+    fixed_length: bool = False,
 ) -> DataLoader:
     """A DataLoader of ``(inputs, labels)`` batches of ``cfg``'s split, preprocessed the way ``model`` expects.
 
@@ -380,18 +425,51 @@ def make_loader_for_model(
     image processor or tokenizer saved in ``model_dir``). ``inputs`` is a float tensor (images) or a dict of
     tensors (text: input_ids, attention_mask, token_type_ids); ``labels`` an int64 tensor, all -1 when the data
     has no labels and ``require_labels`` is False. Batches come in the split's order (no shuffling).
+
+    A language model (see ``hf_otfusion.evaluate.language_model_kind``) needs only a text column (a label column
+    is ignored), and its labels are token labels of ``input_ids``' shape, -100 where not scored: for a causal LM
+    ``input_ids`` with -100 at padding (unshifted, as transformers takes ``labels=``); for a masked LM with
+    ``require_labels`` (evaluation), ``input_ids`` come masked (``hf_otfusion.evaluate.mask_tokens``, 15% of each
+    row's tokens, seeded with ``cfg.seed`` per row, so every pass masks the same tokens) and the labels hold the
+    original ids of the masked tokens; without ``require_labels`` (calibration) inputs are unmasked and every label
+    is -100. ``fixed_length``: pad text to the longest row of the split, not of each batch (one sequence length).
     """
     ds = load_split(cfg)
-    columns = _resolve_columns(ds, cfg, require_labels)
-    preprocess = _preprocessor(columns, cfg, library, model, model_dir)
+    lm = language_model_kind(model) if library == "transformers" else None
+    columns = _resolve_columns(ds, cfg, require_labels and lm is None, labels=lm is None)
+    if lm is not None and columns.kind != "text":
+        raise DataError(f"dataset {cfg.dataset!r}: a language model reads text, but column {columns.input!r} holds "
+                        "images; set text_column")
+    texts = list(ds[columns.input]) if fixed_length and columns.kind == "text" else None
+    preprocess, tokenizer = _preprocessor(columns, cfg, library, model, model_dir, texts)
     keep = [columns.input] + ([columns.label] if columns.label is not None else [])
     ds = ds.select_columns(keep)
 
-    if require_labels:
+    if require_labels and lm is None:
         _check_num_classes(ds, columns, cfg, model)
+    mask = lm == "masked" and require_labels
+    if mask and getattr(tokenizer, "mask_token_id", None) is None:
+        raise DataError(f"the tokenizer in {str(model_dir)!r} has no mask token, which a masked LM evaluation needs")
+
+    def lm_labels(rows: list[dict[str, object]], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, attention = inputs["input_ids"], inputs.get("attention_mask")
+        if lm == "causal":
+            return ids if attention is None else ids.masked_fill(attention == 0, IGNORE_INDEX)
+        if not mask:
+            return torch.full_like(ids, IGNORE_INDEX)
+        first = int(rows[0][_ROW])
+        if [int(row[_ROW]) for row in rows] != list(range(first, first + len(rows))):
+            raise DataError("internal: a masked LM batch is not a run of consecutive rows")
+        special = [i for i in tokenizer.all_special_ids if i != tokenizer.mask_token_id]
+        masked, labels = mask_tokens(ids, attention, mask_token_id=tokenizer.mask_token_id, special_ids=special,
+                                     seed=cfg.seed, first_row=first)
+        inputs["input_ids"] = masked
+        return labels
 
     def collate(rows: list[dict[str, object]]) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
         inputs = preprocess([row[columns.input] for row in rows])
+        if lm is not None:
+            return inputs, lm_labels(rows, inputs)
         if columns.label is None:
             labels = torch.full((len(rows),), -1, dtype=torch.int64)
         else:
@@ -403,4 +481,72 @@ def make_loader_for_model(
                 )
         return inputs, labels
 
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0)
+    source = _Indexed(ds) if mask else ds
+    return DataLoader(source, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real text with no download: the source of Python standard-library modules
+# ---------------------------------------------------------------------------------------------------------------------
+
+STDLIB_TEXT_MODULES = ("textwrap", "string", "heapq", "bisect", "fnmatch", "colorsys", "shlex", "glob", "queue")
+
+
+def stdlib_text(
+    length: int = 128, num_chunks: int | None = None, modules: tuple[str, ...] = STDLIB_TEXT_MODULES
+) -> list[str]:
+    """Real text offline: the source files of a few standard-library modules, cut into chunks of ``length`` chars.
+
+    Each module's source (as this Python ships it) is cut into consecutive, non-overlapping chunks in file order
+    (a module's last partial chunk is dropped), modules in the order given; ``num_chunks`` keeps the first N.
+    The same Python version always gives the same chunks.
+    """
+    import importlib
+
+    if length < 1:
+        raise ValueError(f"length must be at least 1, got {length}")
+    chunks: list[str] = []
+    for name in modules:
+        module = importlib.import_module(name)
+        path = getattr(module, "__file__", None)
+        if path is None or not str(path).endswith(".py"):
+            raise ValueError(f"module {name!r} has no Python source file")
+        source = Path(path).read_text(encoding="utf-8")
+        chunks.extend(source[start : start + length] for start in range(0, len(source) - length + 1, length))
+        if num_chunks is not None and len(chunks) >= num_chunks:
+            break
+    return chunks if num_chunks is None else chunks[:num_chunks]
+
+
+def write_text_parquet(
+    folder: str | Path, texts: list[str], test_size: int, seed: int = 0, column: str = "text"
+) -> Path:
+    """Write ``texts`` as ``train.parquet`` and ``test.parquet`` (one ``column``) in ``folder``: a seeded split,
+    each part kept in the texts' order. ``load_split`` reads the folder back with splits "train" and "test"."""
+    n = len(texts)
+    if not 0 < test_size < n:
+        raise ValueError(f"test_size must be in (0, {n}), got {test_size}")
+    order = np.random.default_rng(seed).permutation(n)
+    test = set(order[:test_size].tolist())
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", [t for i, t in enumerate(texts) if i not in test]),
+                        ("test", [t for i, t in enumerate(texts) if i in test])):
+        datasets.Dataset.from_dict({column: rows}).to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+def stdlib_text_dataset(folder: str | Path, *, length: int = 128, num_train: int = 64, num_test: int = 16,
+                        seed: int = 0) -> Path:
+    """``stdlib_text`` chunks written as a parquet folder with ``text`` train/test splits (``write_text_parquet``).
+
+    Example:
+        >>> from hf_otfusion.config import DatasetConfig
+        >>> folder = stdlib_text_dataset("data/stdlib-text", length=64)  # doctest: +SKIP
+        >>> len(load_split(DatasetConfig(dataset=str(folder), split="test")))  # doctest: +SKIP
+        16
+    """
+    texts = stdlib_text(length, num_train + num_test)
+    if len(texts) < num_train + num_test:
+        raise ValueError(f"the standard-library modules give only {len(texts)} chunks of {length} characters")
+    return write_text_parquet(folder, texts, num_test, seed=seed)

@@ -55,7 +55,7 @@ State = dict[str, torch.Tensor]
 class _Segment:
     space: str
     member: AxisRef
-    length: int  # entries on the axis: space size * repeat
+    length: int  # entries on the axis: space size * repeat * tile
 
 
 def _segments(plan: AlignmentPlan) -> dict[tuple[str, int], list[_Segment]]:
@@ -63,7 +63,7 @@ def _segments(plan: AlignmentPlan) -> dict[tuple[str, int], list[_Segment]]:
     out: dict[tuple[str, int], list[_Segment]] = {}
     for space in plan.spaces:
         for m in space.members:
-            out.setdefault((m.tensor, m.axis), []).append(_Segment(space.name, m, space.size * m.repeat))
+            out.setdefault((m.tensor, m.axis), []).append(_Segment(space.name, m, space.size * m.repeat * m.tile))
     for segs in out.values():
         segs.sort(key=lambda s: s.member.offset)
     return out
@@ -157,7 +157,7 @@ class _Aligner:
         self.target_sizes = {s.name: s.size for s in target_plan.spaces}
         self.sizes = {s.name: s.size for s in plan.spaces}
         self.done: set[str] = set()
-        self.ops: dict[str, list[tuple[ChannelMap, int, int, int]]] = {}
+        self.ops: dict[str, list[tuple[ChannelMap, int, int, int, int, int]]] = {}
         self.cache: State = {}
 
     def offset(self, m: AxisRef) -> int:
@@ -165,7 +165,8 @@ class _Aligner:
         shift = 0
         for seg in self.segs[(m.tensor, m.axis)]:
             if seg.member.offset < m.offset and seg.space in self.done:
-                shift += (self.target_sizes[seg.space] - self.sizes[seg.space]) * seg.member.repeat
+                per_channel = seg.member.repeat * seg.member.tile
+                shift += (self.target_sizes[seg.space] - self.sizes[seg.space]) * per_channel
         return m.offset + shift
 
     def ready(self, m: AxisRef) -> bool:
@@ -179,7 +180,8 @@ class _Aligner:
 
     def apply(self, space: Space, m_map: ChannelMap) -> None:
         for m in space.members:
-            self.ops.setdefault(m.tensor, []).append((m_map, m.axis, self.offset(m), m.repeat))
+            op = (m_map, m.axis, self.offset(m), m.repeat, m.tile, space.heads)
+            self.ops.setdefault(m.tensor, []).append(op)
         self.done.add(space.name)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -192,8 +194,8 @@ class _Aligner:
         ops = self.ops.pop(name, None)
         if ops:
             with timed("transport"):
-                for m_map, axis, offset, repeat in ops:
-                    t = transport_axis(t, m_map, axis, offset, repeat)
+                for m_map, axis, offset, repeat, tile, heads in ops:
+                    t = transport_axis(t, m_map, axis, offset, repeat, tile, heads)
         self.cache[name] = t
         return t
 
@@ -215,8 +217,10 @@ def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: S
     for m_a, m_b in _member_pairs(space, target_space):
         if not aligner.ready(m_a):
             continue
-        fa.append(rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat))
-        fb.append(rows(target.tensor(m_b.tensor), m_b.axis, m_b.offset, target_space.size, m_b.repeat))
+        fa.append(rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat, m_a.tile,
+                       space.heads))
+        fb.append(rows(target.tensor(m_b.tensor), m_b.axis, m_b.offset, target_space.size, m_b.repeat, m_b.tile,
+                       target_space.heads))
     if split:
         return list(zip(fa, fb, strict=True))
     if not fa:
@@ -622,7 +626,8 @@ def random_permutation(
         order = _random_order(space, gen, head_orders, permute_heads)
         perm = ChannelMap(torch.eye(space.size)[order])
         for m in space.members:
-            state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat)
+            state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat, m.tile,
+                                             space.heads)
     for alias, name in plan.aliases.items():
         state[alias] = state[name]
     return _with_state(model, state)

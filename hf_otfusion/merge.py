@@ -7,9 +7,11 @@ never leaves half a model behind and never touches an existing ``out`` (which is
 
 from __future__ import annotations
 
+import inspect
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+import stat
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoint import parse_size
 from .config import FinetuneConfig, MergeConfig
 from .errors import FusionError
-from .evaluate import EvalRow, evaluate_fusion
+from .evaluate import EvalRow, evaluate_fusion, language_model_kind
 from .fuse import fuse, resolve_device, vanilla_average
 from .plan import AlignmentPlan
 from .profile import timed
@@ -98,11 +100,63 @@ def load_parents(config: MergeConfig, progress: bool = True,
     return [loaded[info.ref.text] for info in infos]  # a model listed twice is one object: fusion never modifies it
 
 
-def _loader(cfg, target: LoadedModel, require_labels: bool):
+def _loader(cfg, target: LoadedModel, require_labels: bool, fixed_length: bool = False):
     from .data import make_loader_for_model
 
     return make_loader_for_model(cfg, library=target.library, model=target.model, model_dir=target.model_dir,
-                                 require_labels=require_labels)
+                                 require_labels=require_labels, fixed_length=fixed_length)
+
+
+class _Inputs:
+    """The model inputs of a loader's ``(inputs, labels)`` batches (calibration needs no labels)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator:
+        for inputs, _ in self.loader:
+            yield inputs
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def _calibration(config: MergeConfig, target: LoadedModel) -> tuple[_Inputs, object]:
+    """The calibration inputs and an example batch to trace with (two rows of the first calibration batch, so the
+    traced inputs are those the data gives; text is padded to one length for the whole split, since the traced
+    graph keeps the sequence length it saw)."""
+    from .data import DataError
+
+    assert config.calibration is not None
+    calibration = _Inputs(_loader(config.calibration, target, False, fixed_length=True))
+    batch = next(iter(calibration), None)
+    if batch is None:
+        raise DataError(f"calibration dataset {config.calibration.dataset!r} is empty")
+    if not isinstance(batch, Mapping):
+        return calibration, example_input(target)
+    _check_inputs(batch, target, config.calibration.dataset)
+    return calibration, {k: v[:2] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _check_inputs(batch: Mapping, target: LoadedModel, dataset: str) -> None:
+    """A ``DataError`` when the model's forward cannot take the keyword inputs the data gives (a name it does not
+    take, or a required one the data lacks); a forward with ``**kwargs`` is taken at its word."""
+    from .data import DataError
+
+    try:
+        params = inspect.signature(target.model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    kinds = {p.kind for p in params.values()}
+    unknown = [] if inspect.Parameter.VAR_KEYWORD in kinds else [k for k in batch if k not in params]
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in batch
+               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if unknown or missing:
+        problem = f"takes no {', '.join(map(repr, unknown))}" if unknown else \
+            f"needs {', '.join(map(repr, missing))}"
+        raise DataError(f"calibration dataset {dataset!r} gives the inputs {', '.join(map(repr, batch))}, but "
+                        f"{target.ref.text} ({target.architecture}) {problem}; its forward takes "
+                        f"{', '.join(params)}")
 
 
 def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: str | None = None,
@@ -116,8 +170,8 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
         fused = vanilla_average(models, weights=config.weights)
     else:
         params = config.fusion_parameters
-        calibration = _loader(config.calibration, target, False) if config.calibration is not None else None
-        example = example_input(target)
+        calibration, example = (_calibration(config, target) if config.calibration is not None
+                                else (None, example_input(target)))
         with timed("trace"):
             plan = build_plan(target.model, example)
         fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
@@ -160,6 +214,8 @@ def finetune_merged(model: nn.Module, cfg: FinetuneConfig, target: LoadedModel, 
     The selected rows are loaded in memory (image batches are concatenated, so ``finetune`` draws seeded random
     mini-batches; text batches, padded per batch, are cycled in order).
     """
+    if language_model_kind(target.model) is not None:
+        raise MergeError("finetune: fine-tuning a merged language model is not supported yet; leave finetune out")
     loader = _loader(cfg, target, True)
     batches = list(loader)
     data: object = batches
@@ -179,7 +235,7 @@ def write_output(result: MergeResult, out: str | Path, *, overwrite: bool = Fals
     """
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging = _staging_folder(out)
     try:
         if save is not None:
             save(staging)
@@ -195,14 +251,45 @@ def write_output(result: MergeResult, out: str | Path, *, overwrite: bool = Fals
 
             model_card = render_card(result.config, library=result.target.library,
                                      pipeline_tag=result.target.pipeline_tag, evaluation=result.evaluation,
-                                     repo_id=repo_id, auto_class=result.target.auto_class)
+                                     repo_id=repo_id, auto_class=result.target.auto_class,
+                                     commits=[parent.commit for parent in result.parents])
             model_card.save(staging / CARD_FILE)
+        _modes_from_umask(staging)
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     result.out = out
     return out
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new empty folder beside ``out`` for building it. Unlike ``tempfile.mkdtemp`` (always 0700) it gets the
+    mode the user's umask gives a new folder, as ``save_pretrained`` and ``save_for_hf`` folders do, since it
+    becomes ``out``."""
+    for _ in range(100):
+        staging = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            staging.mkdir()
+        except FileExistsError:
+            continue
+        return staging
+    raise MergeError(f"cannot create a staging folder beside {out}")
+
+
+def _modes_from_umask(staging: Path) -> None:
+    """Give every file under ``staging`` the mode a new file gets from the umask (``0o666 & ~umask``), every folder
+    the staging folder's own. safetensors 0.8 writes through a temporary file that keeps mode 0600 whatever the
+    umask (safetensors/safetensors#782), so without this ``model.safetensors`` is readable by its owner only."""
+    folder_mode = stat.S_IMODE(staging.stat().st_mode) & 0o777  # mkdir gave it 0o777 & ~umask
+    file_mode = folder_mode & 0o666
+    for path in staging.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(folder_mode)
+        elif path.is_file() and stat.S_IMODE(path.stat().st_mode) != file_mode:
+            path.chmod(file_mode)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

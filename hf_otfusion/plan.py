@@ -5,6 +5,9 @@ through norms, activations and residual adds). Each member of a space is one (te
 segment of that axis (``offset``, after a concat) whose index is channel-major repeated ``repeat`` times (a
 flatten after a conv). Tensors or axes in no space are fixed: they are averaged as they are.
 
+A member may also be *tiled* (``tile > 1``): grouped-query attention reads each key/value head once per query
+head of its group, so the output projection's input axis holds every head block ``tile`` times in a row.
+
 Attention gives a space *heads*: its ``size`` channels form ``heads`` contiguous blocks of ``size // heads``
 (one per head), and its map must be block-diagonal up to a permutation of whole heads: channel ``i`` of head
 ``h`` may only go to some channel of head ``sigma(h)``. Spaces with the same ``head_group`` (the query/key
@@ -26,8 +29,10 @@ SpaceKind = Literal["hidden", "residual"]
 class AxisRef(BaseModel):
     """One segment of one tensor axis that indexes a space.
 
-    Positions ``offset + c * repeat + r`` of ``tensor``'s axis ``axis`` hold channel ``c`` of the space, for
-    ``r`` in ``range(repeat)``.
+    Positions ``offset + ((h * tile + s) * head_dim + i) * repeat + r`` of ``tensor``'s axis ``axis`` hold
+    channel ``h * head_dim + i`` of the space (channel ``i`` of head ``h``), for ``s`` in ``range(tile)`` and
+    ``r`` in ``range(repeat)``: with ``tile == 1`` that is ``offset + c * repeat + r``. A space without heads is
+    one head, so ``tile`` then repeats the whole space. The segment is ``size * tile * repeat`` entries long.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -36,6 +41,7 @@ class AxisRef(BaseModel):
     axis: int
     offset: int = 0
     repeat: int = 1
+    tile: int = 1
 
 
 class Site(BaseModel):
@@ -47,6 +53,7 @@ class Site(BaseModel):
     dim: int
     offset: int = 0
     repeat: int = 1
+    tile: int = 1
 
 
 class Space(BaseModel):
@@ -82,6 +89,20 @@ class Space(BaseModel):
         return {m.tensor for m in self.members}
 
 
+class FixedAxes(BaseModel):
+    """Hidden channels that the plan leaves in place, and why (never a model input or output)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size: int
+    members: tuple[str, ...] = Field(description="'tensor:axis' entries holding these channels")
+    reason: str
+
+    def __str__(self) -> str:
+        shown = ", ".join(self.members[:4]) + (f" (+{len(self.members) - 4})" if len(self.members) > 4 else "")
+        return f"{self.size} channels of {shown}: {self.reason}"
+
+
 class AlignmentPlan(BaseModel):
     """Spaces in solving order (topological), plus what the tracer could not handle.
 
@@ -98,6 +119,7 @@ class AlignmentPlan(BaseModel):
     tensors: dict[str, tuple[int, ...]] = Field(description="state_dict name -> shape, for every tensor")
     aliases: dict[str, str] = Field(default_factory=dict, description="tied tensor -> the tensor it shares")
     unhandled: tuple[str, ...] = Field(default=(), description="ops that fixed the spaces they touched")
+    fixed: tuple[FixedAxes, ...] = Field(default=(), description="hidden channels left in place, with the reason")
 
     def __iter__(self) -> Iterator[Space]:  # type: ignore[override]
         return iter(self.spaces)
@@ -143,7 +165,7 @@ class AlignmentPlan(BaseModel):
         lines = [f"AlignmentPlan: {len(self.spaces)} spaces, {len(self.fixed_tensors())} fixed tensors"]
         groups = {g: i for i, g in enumerate(self.head_groups())}
         header = (f"{'#':>3}  {'space':<40} {'size':>6}  {'heads':<9} {'kind':<8}  "
-                  "members (tensor:axis[@offset][xrepeat])")
+                  "members (tensor:axis[@offset][xrepeat][ttile])")
         lines += [header, "-" * len(header)]
         for i, space in enumerate(self.spaces):
             members = ", ".join(_format_member(m) for m in space.members)
@@ -162,7 +184,16 @@ class AlignmentPlan(BaseModel):
         if self.unhandled:
             lines.append("ops that fixed hidden channels (no tracer rule, or a structure the plan cannot express): "
                          + ", ".join(self.unhandled))
+        if self.fixed:
+            lines.append(f"hidden channels left fixed ({len(self.fixed)}):")
+            lines += [f"  - {f}" for f in self.fixed]
         return "\n".join(lines)
+
+    def fixed_summary(self) -> str | None:
+        """One line naming the hidden channels left fixed (for warnings and cards), or None when there are none."""
+        if not self.fixed:
+            return None
+        return f"{len(self.fixed)} hidden spaces left fixed: " + "; ".join(str(f) for f in self.fixed)
 
 
 def _format_member(m: AxisRef) -> str:
@@ -171,4 +202,6 @@ def _format_member(m: AxisRef) -> str:
         text += f"@{m.offset}"
     if m.repeat != 1:
         text += f"x{m.repeat}"
+    if m.tile != 1:
+        text += f"t{m.tile}"
     return text

@@ -36,6 +36,7 @@ from .activations import _to, iter_batches
 from .errors import FusionError
 from .plan import AlignmentPlan
 from .trace import as_args, build_plan, export_model
+from .transport import channel_major, tiled
 
 Repair = Literal["none", "reset_bn", "repair"]
 REPAIRS: tuple[str, ...] = ("none", "reset_bn", "repair")
@@ -417,6 +418,7 @@ def _transport(values: torch.Tensor, plan: AlignmentPlan, tensor: str, axis: int
     segments = sorted((m for _, m in plan.members_by_tensor().get(tensor, []) if m.axis == axis),
                       key=lambda m: m.offset)
     by_space = {(m.tensor, m.axis, m.offset): s.name for s, m in plan.members_by_tensor().get(tensor, [])}
+    heads = {s.name: s.heads for s, _ in plan.members_by_tensor().get(tensor, [])}
     values = values.to(torch.float64)
     out = torch.empty(length, dtype=torch.float64, device=values.device)
     pos_t = pos_p = 0
@@ -429,10 +431,11 @@ def _transport(values: torch.Tensor, plan: AlignmentPlan, tensor: str, axis: int
             raise FusionError(f"repair: no coupling for space {space!r}")
         t = coupling[space].to(values.device, torch.float64)
         n_p, n_t = t.shape
-        block = values[pos_p : pos_p + n_p * m.repeat].reshape(n_p, m.repeat)
+        k = m.repeat * m.tile
+        block = channel_major(values[pos_p : pos_p + n_p * k], heads[space], m.tile, m.repeat).reshape(n_p, k)
         bary = t / t.sum(0, keepdim=True).clamp_min(1e-300)
-        out[pos_t : pos_t + n_t * m.repeat] = (bary.T @ block).reshape(-1)
-        pos_t, pos_p = pos_t + n_t * m.repeat, pos_p + n_p * m.repeat
+        out[pos_t : pos_t + n_t * k] = tiled((bary.T @ block).reshape(-1), heads[space], m.tile, m.repeat)
+        pos_t, pos_p = pos_t + n_t * k, pos_p + n_p * k
     out[pos_t:] = values[pos_p : pos_p + length - pos_t]
     if pos_p + length - pos_t != len(values):
         raise FusionError(f"repair: the channels of {tensor!r} do not match between a parent and the fused model")

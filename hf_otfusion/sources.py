@@ -34,6 +34,7 @@ from torch import nn
 from .errors import FusionError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class SourceError(FusionError):
@@ -113,6 +114,14 @@ class ModelInfo:
         if self.library == "timm":
             return "image-classification" if self.config.get("num_classes", 1) else "image-feature-extraction"
         return next((tag for suffix, (tag, _) in _TASKS.items() if self.architecture.endswith(suffix)), None)
+
+    @property
+    def commit(self) -> str | None:
+        """The Hub commit a Hub reference resolved to (its snapshot folder is named by it); None for a local folder."""
+        if self.ref.is_local:
+            return None
+        name = self.model_dir.name
+        return name if self.model_dir.parent.name == "snapshots" and _COMMIT.fullmatch(name) else None
 
     @property
     def auto_class(self) -> str | None:
@@ -370,4 +379,4 @@ def checkpoint_names(model: nn.Module, keys: Sequence[str], names: set[str], *,
 def _copy_preprocessing(like: ModelInfo, out: Path) -> None:
     for name in _PREPROCESSING_FILES:
         if (like.model_dir / name).is_file():
-            shutil.copy2(like.model_dir / name, out / name)
+            shutil.copyfile(like.model_dir / name, out / name)  # a new file: its mode from the umask, as saved

@@ -144,25 +144,48 @@ def barycentric_map(t: torch.Tensor, b: torch.Tensor | None = None) -> ChannelMa
     return ChannelMap((t / col.clamp_min(1e-300)[None, :]).T)
 
 
-def transport_axis(tensor: torch.Tensor, m: ChannelMap, axis: int, offset: int = 0, repeat: int = 1) -> torch.Tensor:
-    """Map the segment ``[offset, offset + n_in * repeat)`` of ``tensor``'s ``axis`` with ``m``.
+def channel_major(seg: torch.Tensor, heads: int, tile: int, repeat: int) -> torch.Tensor:
+    """Reorder dim 0 of a tiled segment (see :class:`~hf_otfusion.plan.AxisRef`) so that each channel's
+    ``tile * repeat`` entries are contiguous: the layout of an untiled member with repeat ``tile * repeat``."""
+    if tile == 1:
+        return seg
+    rest = seg.shape[1:]
+    d = seg.shape[0] // (heads * tile * repeat)
+    return seg.reshape(heads, tile, d, repeat, *rest).movedim(1, 3).reshape(seg.shape)
 
-    The segment holds n_in channels, each repeated ``repeat`` times (channel-major); the result holds n_out.
+
+def tiled(seg: torch.Tensor, heads: int, tile: int, repeat: int) -> torch.Tensor:
+    """The inverse of :func:`channel_major`."""
+    if tile == 1:
+        return seg
+    rest = seg.shape[1:]
+    d = seg.shape[0] // (heads * tile * repeat)
+    return seg.reshape(heads, d, repeat, tile, *rest).movedim(3, 1).reshape(seg.shape)
+
+
+def transport_axis(tensor: torch.Tensor, m: ChannelMap, axis: int, offset: int = 0, repeat: int = 1,
+                   tile: int = 1, heads: int = 1) -> torch.Tensor:
+    """Map the segment ``[offset, offset + n_in * tile * repeat)`` of ``tensor``'s ``axis`` with ``m``.
+
+    The segment holds n_in channels (``heads`` blocks), each repeated ``repeat`` times (channel-major) and each
+    head block ``tile`` times; the result holds n_out.
     """
     x = tensor.movedim(axis, 0)
-    end = offset + m.n_in * repeat
+    end = offset + m.n_in * repeat * tile
     if end > x.shape[0]:
         raise FusionError(f"axis {axis} of a tensor of shape {tuple(tensor.shape)} is shorter than its plan "
                           f"({end} entries); the plan does not fit this model")
-    seg = x[offset:end].reshape(m.n_in, repeat * int(np.prod(x.shape[1:], dtype=np.int64)))
-    moved = m(seg).reshape(m.n_out * repeat, *x.shape[1:])
+    seg = channel_major(x[offset:end], heads, tile, repeat)
+    seg = seg.reshape(m.n_in, repeat * tile * int(np.prod(x.shape[1:], dtype=np.int64)))
+    moved = tiled(m(seg).reshape(m.n_out * repeat * tile, *x.shape[1:]), heads, tile, repeat)
     return torch.cat([x[:offset], moved, x[end:]]).movedim(0, axis)
 
 
-def rows(tensor: torch.Tensor, axis: int, offset: int, n: int, repeat: int) -> torch.Tensor:
-    """The (n, features) rows of the channels of one axis segment (repeats and other axes flattened)."""
-    x = tensor.movedim(axis, 0)[offset : offset + n * repeat]
-    return x.reshape(n, -1)
+def rows(tensor: torch.Tensor, axis: int, offset: int, n: int, repeat: int, tile: int = 1,
+         heads: int = 1) -> torch.Tensor:
+    """The (n, features) rows of the channels of one axis segment (repeats, tiles and other axes flattened)."""
+    x = tensor.movedim(axis, 0)[offset : offset + n * repeat * tile]
+    return channel_major(x, heads, tile, repeat).reshape(n, -1)
 
 
 def block_value(cost: torch.Tensor) -> float:

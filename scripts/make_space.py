@@ -152,6 +152,10 @@ def make_space(out: Path, *, title: str = "hf-otfusion demo", models: Sequence[s
     (out / "requirements.txt").write_text(requirements_txt(), encoding="utf-8")
     (out / "README.md").write_text(readme(title, sdk_version, models), encoding="utf-8")
     shutil.copytree(package, out / PACKAGE, ignore=_IGNORE)
+    # the card templates, where an installed wheel has them (a source checkout keeps them in ROOT / "model_cards")
+    templates = ROOT / "model_cards"
+    if templates.is_dir():
+        shutil.copytree(templates, out / PACKAGE / "model_cards", ignore=_IGNORE, dirs_exist_ok=True)
     for part in ("models", "data"):
         shutil.copytree(examples / part, out / "examples" / part, ignore=_IGNORE)
     return out

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 import hf_otfusion
-from hf_otfusion.card import is_local_dataset, render_card
+from hf_otfusion.card import TEMPLATE_PATH, is_local_dataset, render_card
 from hf_otfusion.config import MergeConfig, parse_config
 from hf_otfusion.evaluate import EvalRow, format_table
 
@@ -119,11 +124,29 @@ def test_parents_table_and_local_parent_in_body() -> None:
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     assert [row[0] for row in rows] == ["0", "1", "2", "3"]
     # weights 1, 3, 1 (default), 1 → 16.67%, 50%, 16.67%, 16.67%; the target is org/b at revision v2.
-    assert "timm/resnet18.a1_in1k" in rows[0][1] and rows[0][2:4] == ["main", "16.67%"]
-    assert "org/b" in rows[1][1] and rows[1][2:4] == ["v2", "50%"] and rows[1][4].startswith("target")
-    assert "./parents/local-c" in rows[2][1] and rows[2][2] == "local"
+    assert "timm/resnet18.a1_in1k" in rows[0][1] and rows[0][2:5] == ["main", "not recorded", "16.67%"]
+    assert "org/b" in rows[1][1] and rows[1][2:5] == ["v2", "not recorded", "50%"] and rows[1][5].startswith("target")
+    assert "./parents/local-c" in rows[2][1] and rows[2][2:4] == ["local", "not on the Hub"]
     assert "hf-hub" not in rows[3][1] and "timm/resnet18.a1_in1k" in rows[3][1]
-    assert [row[4].startswith("target") for row in rows] == [False, True, False, False]
+    assert [row[5].startswith("target") for row in rows] == [False, True, False, False]
+
+
+def test_parents_table_shows_the_resolved_commits() -> None:
+    a, b = "a" * 40, "0123456789abcdef0123456789abcdef01234567"
+    card = render_card(_config(), library="timm", pipeline_tag=None, commits=[a, b, None, a])
+    lines = [line for line in _section(card, "Parents").splitlines() if re.match(r"^\| \d", line)]
+    commits = [line.strip("|").split("|")[3].strip() for line in lines]
+    assert commits == [
+        f"[`{a}`](https://huggingface.co/timm/resnet18.a1_in1k/tree/{a})",
+        f"[`{b}`](https://huggingface.co/org/b/tree/{b})",
+        "not on the Hub",
+        f"[`{a}`](https://huggingface.co/timm/resnet18.a1_in1k/tree/{a})",
+    ]
+    assert "| v2 |" in card.text  # the revision asked for stays beside the commit it resolved to
+    with pytest.raises(ValueError, match="one commit"):
+        render_card(_config(), library="timm", pipeline_tag=None, commits=[a])
+    with pytest.raises(ValueError, match="40-digit"):
+        render_card(_config(), library="timm", pipeline_tag=None, commits=["main", b, None, a])
 
 
 def test_otfusion_wording_and_options() -> None:
@@ -222,11 +245,66 @@ def test_save_and_reload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert loaded.data.to_dict() == card.data.to_dict() and loaded.text == card.text
 
 
-def test_template_is_package_data() -> None:
-    template = importlib.resources.files("hf_otfusion") / "model_cards" / "otfusion.md"
-    assert template.is_file()
-    pyproject = Path(__file__).parent.parent / "pyproject.toml"
-    if pyproject.is_file():
-        tomllib = pytest.importorskip("tomllib")
-        package_data = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]
-        assert "model_cards/*.md" in package_data["hf_otfusion"]
+ROOT = Path(__file__).resolve().parents[1]
+_BUILD = """\
+import json, os, sys, tarfile
+from pathlib import Path
+from setuptools import build_meta
+
+dist = Path(sys.argv[1])
+sdist = dist / build_meta.build_sdist(str(dist))
+with tarfile.open(sdist) as tar:
+    names = tar.getnames()
+    tar.extractall(dist / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+(source,) = (dist / "unpacked").iterdir()
+os.chdir(source)  # the wheel is built from the sdist, as pip builds it for a user
+wheel = dist / build_meta.build_wheel(str(dist))
+print(json.dumps({"sdist": names, "wheel": str(wheel)}))
+"""
+
+
+def test_template_lives_in_the_top_level_model_cards_folder() -> None:
+    assert (ROOT / "model_cards" / "otfusion.md").is_file()
+    assert not (ROOT / "hf_otfusion" / "model_cards").exists()
+    assert TEMPLATE_PATH.resolve() == (ROOT / "model_cards" / "otfusion.md").resolve()  # a source checkout
+
+
+def test_wheel_ships_the_template_and_renders_from_an_install(tmp_path: Path) -> None:
+    """sdist and wheel built as pip builds them for a user; the wheel unpacked (a plain install) renders a card."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(ROOT / name, tree / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("hf_otfusion", "model_cards"):
+        shutil.copytree(ROOT / name, tree / name, ignore=ignore)
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _BUILD, str(dist)], cwd=tree, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert any(name.endswith("/model_cards/otfusion.md") for name in built["sdist"]), built["sdist"]
+    with zipfile.ZipFile(built["wheel"]) as wheel:
+        names = wheel.namelist()
+        assert "hf_otfusion/model_cards/otfusion.md" in names and "hf_otfusion/py.typed" in names
+        assert not [n for n in names if n.startswith("model_cards/")]  # inside the package, not a top-level folder
+        assert wheel.read("hf_otfusion/model_cards/otfusion.md") == (ROOT / "model_cards" / "otfusion.md").read_bytes()
+        for package in ("hf_otfusion/demo/", "hf_otfusion/trace/"):
+            if (ROOT / package / "__init__.py").is_file():
+                assert f"{package}__init__.py" in names  # subpackages are still found
+        site = tmp_path / "site"
+        wheel.extractall(site)
+
+    code = ("import json, hf_otfusion.card as c; from hf_otfusion.config import MergeConfig; "
+            "cfg = MergeConfig.model_validate({'models': [{'model': 'org/a'}, {'model': 'org/b'}]}); "
+            "card = c.render_card(cfg, library='timm', pipeline_tag=None); "
+            "print(json.dumps({'module': c.__file__, 'template': str(c.TEMPLATE_PATH), 'text': card.text}))")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(result["module"]).resolve().is_relative_to(site.resolve())
+    assert Path(result["template"]).resolve() == (site / "hf_otfusion" / "model_cards" / "otfusion.md").resolve()
+    assert "## Parents" in result["text"] and "[org/a](https://huggingface.co/org/a)" in result["text"]

@@ -198,6 +198,31 @@ def test_hub_round_trip(hub_server: HubServer, tmp_path):
     assert "hf-hub:me/fused" in (out / "README.md").read_text()
 
 
+def test_card_names_the_commit_each_hub_parent_resolved_to(hub_server: HubServer, tmp_path):
+    first = hub_server.seed_repo("org/parent-a", timm_resnet(tmp_path / "a", seed=0))
+    hub_server.seed_repo("org/parent-a", {"notes.txt": "a later commit on main"})
+    head = hub_server.repo("org/parent-a").head
+    branch = hub_server.seed_repo("org/parent-b", timm_resnet(tmp_path / "b", seed=1), revision="v1")
+    local = timm_resnet(tmp_path / "c", seed=2)
+    config = _config(tmp_path / "c.yml", ["org/parent-a", f"org/parent-a@{first}", "hf-hub:org/parent-b@v1",
+                                          str(local)])
+    out = tmp_path / "out"
+    result = _invoke("merge", config, out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len({head, first, branch}) == 3
+    parents = (out / "README.md").read_text().split("\n## Parents\n")[1].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in parents.splitlines()
+            if re.match(r"^\| \d \|", line)]
+    assert [row[2] for row in rows] == ["main", first, "v1", "local"]  # the revision asked for ...
+    assert [row[3] for row in rows] == [  # ... and the commit it resolved to
+        f"[`{head}`](https://huggingface.co/org/parent-a/tree/{head})",
+        f"[`{first}`](https://huggingface.co/org/parent-a/tree/{first})",
+        f"[`{branch}`](https://huggingface.co/org/parent-b/tree/{branch})",
+        "not on the Hub",
+    ]
+    assert f"`{local}` (local folder)" in rows[3][1]  # a local parent shows its path
+
+
 def test_no_push_after_a_failed_merge(hub_server: HubServer, tmp_path):
     hub_server.seed_repo("org/parent-a", timm_resnet(tmp_path / "a", seed=0))
     config = _config(tmp_path / "c.yml", ["org/parent-a", "org/missing"])

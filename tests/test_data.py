@@ -410,3 +410,114 @@ def test_examples_configs_validate(monkeypatch):
     for data_cfg in (ot.evaluation, linear.evaluation):
         assert data_cfg.split == "test" and data_cfg.num_samples is None  # the whole test split, in file order
         assert len(load_split(data_cfg)) == 1000
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text for language models: the standard-library text set, LM batches, calibration inputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_stdlib_text_is_fixed_length_and_deterministic(tmp_path):
+    from hf_otfusion.data import stdlib_text, stdlib_text_dataset
+
+    chunks = stdlib_text(64, 50)
+    assert len(chunks) == 50 and all(len(c) == 64 for c in chunks)
+    assert chunks == stdlib_text(64, 50) and chunks[0].startswith('"""Text wrapping')  # textwrap comes first
+    assert len(set(chunks)) == 50
+    folder = stdlib_text_dataset(tmp_path / "t", length=64, num_train=20, num_test=5)
+    train, test = (load_split(_cfg(folder, split=s)) for s in ("train", "test"))
+    assert len(train) == 20 and len(test) == 5 and train.column_names == ["text"]
+    assert set(train["text"]) | set(test["text"]) == set(stdlib_text(64, 25)) and not set(train["text"]) & set(
+        test["text"])
+    with pytest.raises(ValueError, match="only"):
+        stdlib_text_dataset(tmp_path / "u", length=100_000, num_train=20, num_test=5)
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory):
+    from lm import tiny_bert_mlm, tiny_llama
+
+    root = tmp_path_factory.mktemp("lms")
+    return {"causal": tiny_llama(root / "llama", seed=0), "masked": tiny_bert_mlm(root / "bert", seed=0)}
+
+
+def _lm_loader(folder, kind, lm_dirs, **kw):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    model = auto.from_pretrained(str(lm_dirs[kind]))
+    require = kw.pop("require_labels", True)
+    fixed = kw.pop("fixed_length", False)
+    return make_loader_for_model(_cfg(folder, **kw), library="transformers", model=model, model_dir=lm_dirs[kind],
+                                 require_labels=require, fixed_length=fixed)
+
+
+def test_causal_lm_batches_need_no_label_column(tmp_path, lm_dirs):
+    texts = ["abc", "hello world", "x", "def f(): pass"]
+    # a label column of strings would be refused for a classifier; a language model ignores it
+    datasets.Dataset.from_dict({"text": texts, "label": ["a", "b", "c", "d"]}).to_parquet(str(tmp_path / "t.parquet"))
+    (x, y), (x2, y2) = list(_lm_loader(tmp_path / "t.parquet", "causal", lm_dirs, batch_size=3))
+    assert set(x) == {"input_ids", "attention_mask"} and x["input_ids"].shape == (3, 11)
+    assert x["input_ids"][0, :3].tolist() == [97, 98, 99] and x["attention_mask"][0].tolist() == [1] * 3 + [0] * 8
+    assert torch.equal(y, x["input_ids"].masked_fill(x["attention_mask"] == 0, -100))  # token labels, pads -100
+    assert x2["input_ids"].shape == (1, 13) and torch.equal(y2, x2["input_ids"])
+    fixed = list(_lm_loader(tmp_path / "t.parquet", "causal", lm_dirs, batch_size=3, fixed_length=True))
+    assert [b[0]["input_ids"].shape[1] for b in fixed] == [13, 13]  # one length for the whole split
+    datasets.Dataset.from_dict({"image": _images(2)}).to_parquet(str(tmp_path / "i.parquet"))
+    with pytest.raises(DataError, match="a language model reads text"):
+        _lm_loader(tmp_path / "i.parquet", "causal", lm_dirs)
+
+
+def test_masked_lm_batches_are_masked_the_same_way_every_pass(tmp_path, lm_dirs):
+    from hf_otfusion.data import stdlib_text
+
+    texts = stdlib_text(40, 6)
+    datasets.Dataset.from_dict({"text": texts}).to_parquet(str(tmp_path / "t.parquet"))
+    loader = _lm_loader(tmp_path / "t.parquet", "masked", lm_dirs, batch_size=4)
+    first, second = list(loader), list(loader)
+    for (x, y), (x2, y2) in zip(first, second, strict=True):
+        assert torch.equal(x["input_ids"], x2["input_ids"]) and torch.equal(y, y2)
+    x, y = first[0]
+    chosen = y != -100
+    assert (chosen.sum(1) == 6).all()  # round(0.15 * 40) of each row's 40 byte tokens (specials are never masked)
+    assert bool((x["input_ids"][chosen] == 259).all())  # the tokenizer's <mask>
+    other = list(_lm_loader(tmp_path / "t.parquet", "masked", lm_dirs, batch_size=2))  # other batches, same rows
+    assert torch.equal(torch.cat([b[1] for b in other]), torch.cat([b[1] for b in first]))
+    x, y = next(iter(_lm_loader(tmp_path / "t.parquet", "masked", lm_dirs, require_labels=False)))
+    assert bool((y == -100).all()) and not bool((x["input_ids"] == 259).any())  # calibration: unmasked
+
+
+def test_activations_merge_on_text_calibrates_a_causal_lm(tmp_path):
+    """A calibration loader's (inputs, labels) batches reach the activation statistics as inputs, at one length."""
+    from lm import tiny_llama
+
+    from hf_otfusion import merge
+    from hf_otfusion.config import parse_config
+    from hf_otfusion.data import stdlib_text_dataset
+
+    data = stdlib_text_dataset(tmp_path / "text", length=32, num_train=6, num_test=2)
+    parents = [tiny_llama(tmp_path / f"lm{s}", seed=s) for s in (0, 1)]
+    config = parse_config({"models": [{"model": str(p)} for p in parents], "parameters": {"alignment": "activations"},
+                           "calibration": {"dataset": str(data), "batch_size": 4}})
+    result = merge(config, tmp_path / "out", progress=False)
+    assert result.model is not None and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_calibration_inputs_the_model_cannot_take_are_a_data_error():
+    import importlib
+
+    merge_mod = importlib.import_module("hf_otfusion.merge")
+
+    class Takes(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    target = SimpleNamespace(model=Takes(), ref=SimpleNamespace(text="some/model"), architecture="Takes")
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    merge_mod._check_inputs({"input_ids": ids, "attention_mask": ids}, target, "d")  # fine
+    with pytest.raises(DataError, match=r"gives the inputs 'input_ids', 'token_type_ids'.*takes no 'token_type_ids'"):
+        merge_mod._check_inputs({"input_ids": ids, "token_type_ids": ids}, target, "d")
+    with pytest.raises(DataError, match=r"needs 'input_ids'"):
+        merge_mod._check_inputs({"pixel_values": ids, "attention_mask": ids}, SimpleNamespace(
+            model=type("K", (torch.nn.Module,), {"forward": lambda self, input_ids, **kw: input_ids})(),
+            ref=target.ref, architecture="K"), "d")

@@ -225,3 +225,201 @@ def test_evaluate_fusion_names_extra_rows_and_agreement():
 def test_format_table_marks_rows_without_agreement():
     rows = [EvalRow("parent 0", "parent", 0.9, 0.25, agreement=0.5), EvalRow("x", "fused", 0.5, 1.0)]
     assert format_table(rows).splitlines()[-1] == "| x | 50.00 | 1.0000 | - |"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Language models: token-level loss and perplexity
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _llama(seed: int):
+    from lm import VOCAB_SIZE
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, use_cache=False,
+                      pad_token_id=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _bert_mlm(seed: int):
+    from lm import VOCAB_SIZE
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=4, max_position_embeddings=64, pad_token_id=256)
+    return BertForMaskedLM(cfg).eval()
+
+
+def _rows(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=gen) for n in lengths]
+
+
+def _padded(rows: list[torch.Tensor], pad: int = 256) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros(len(rows), width, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _batches_of(rows: list[torch.Tensor], size: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    return [(_padded(rows[i : i + size]), torch.full((len(rows[i : i + size]),), -1))
+            for i in range(0, len(rows), size)]
+
+
+def _hand_causal(log_probs_of, rows: list[torch.Tensor]) -> tuple[float, int]:
+    """(summed next-token loss, number of tokens) row by row, unpadded: the definition, by hand."""
+    total, count = 0.0, 0
+    for r in rows:
+        logp = log_probs_of(r[None])[0]  # (T, V)
+        for t in range(len(r) - 1):
+            total -= logp[t, r[t + 1]].item()
+            count += 1
+    return total, count
+
+
+LENGTHS = [5, 9, 2, 7, 12]
+
+
+def test_causal_lm_loss_is_token_weighted_and_ignores_padding():
+    from hf_otfusion.evaluate import EvalRow, language_model_kind, perplexity
+
+    model = _llama(0)
+    assert language_model_kind(model) == "causal"
+    rows = _rows(LENGTHS)
+    with torch.no_grad():
+        total, count = _hand_causal(lambda ids: model(input_ids=ids).logits.log_softmax(-1), rows)
+    assert count == sum(n - 1 for n in LENGTHS)
+    expected = total / count
+    # ragged, padded batches of 2 (the last has one row): the sum over tokens / the number of tokens
+    assert loss(model, _batches_of(rows, 2)) == pytest.approx(expected, rel=1e-5)
+    assert loss(model, _batches_of(rows, 5)) == pytest.approx(expected, rel=1e-5)  # one batch, much padding
+    # not a mean of batch means (they would weigh the 2-token row like the 12-token ones)
+    batch_means = [loss(model, [b]) for b in _batches_of(rows, 1)]
+    assert abs(sum(batch_means) / len(batch_means) - expected) > 1e-3
+    assert perplexity(model, _batches_of(rows, 2)) == pytest.approx(math.exp(expected), rel=1e-5)
+    # the same as transformers' own loss on one unpadded batch
+    x = {"input_ids": rows[1][None]}
+    with torch.no_grad():
+        assert loss(model, [(x, torch.tensor([-1]))]) == pytest.approx(model(**x, labels=x["input_ids"]).loss.item(),
+                                                                      rel=1e-5)
+    with pytest.raises(ValueError, match="classifiers"):
+        accuracy(model, _batches_of(rows, 2))
+    assert EvalRow("m", "parent", None, 1.0).accuracy is None
+
+
+def test_causal_lm_token_labels_in_the_label_slot():
+    model = _llama(0)
+    rows = _rows(LENGTHS)
+    x = _padded(rows)
+    labels = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    assert loss(model, [(x, labels)]) == pytest.approx(loss(model, _batches_of(rows, 5)), rel=1e-6)
+    only_first = labels.clone()
+    only_first[1:] = -100  # score row 0 only
+    assert loss(model, [(x, only_first)]) == pytest.approx(loss(model, _batches_of(rows[:1], 1)), rel=1e-5)
+
+
+def test_mask_tokens_is_seeded_per_row():
+    from hf_otfusion.evaluate import mask_tokens
+
+    rows = _rows([20, 40, 7, 1, 33], seed=3)
+    x = _padded(rows)
+    ids, labels = mask_tokens(x["input_ids"], x["attention_mask"], mask_token_id=259, special_ids=[256], seed=0)
+    for i, r in enumerate(rows):
+        chosen = labels[i] != -100
+        assert int(chosen.sum()) == max(1, round(0.15 * len(r)))
+        assert not chosen[len(r):].any()  # never padding
+        assert torch.equal(labels[i][chosen], r[chosen[: len(r)]])
+        assert bool((ids[i][chosen] == 259).all()) and torch.equal(ids[i][~chosen], x["input_ids"][i][~chosen])
+    again = mask_tokens(x["input_ids"], x["attention_mask"], mask_token_id=259, special_ids=[256], seed=0)
+    assert torch.equal(again[0], ids) and torch.equal(again[1], labels)
+    # the same positions when the rows come in other batches, padded otherwise
+    tail = _padded(rows[2:])
+    _, tail_labels = mask_tokens(tail["input_ids"], tail["attention_mask"], mask_token_id=259, seed=0, first_row=2)
+    for i in range(2, 5):
+        assert torch.equal(tail_labels[i - 2][: len(rows[i])], labels[i][: len(rows[i])])
+    other = mask_tokens(x["input_ids"], x["attention_mask"], mask_token_id=259, seed=1)[1]
+    assert not torch.equal(other != -100, labels != -100)
+
+
+def test_masked_lm_loss_on_masked_tokens_only():
+    from hf_otfusion.evaluate import language_model_kind, mask_tokens
+
+    model = _bert_mlm(0)
+    assert language_model_kind(model) == "masked"
+    rows = _rows([10, 30, 16, 25], seed=1)
+    batches = _batches_of(rows, 2)
+    first = loss(model, batches, mask_token_id=259)
+    assert loss(model, batches, mask_token_id=259) == first  # deterministic
+    assert loss(model, _batches_of(rows, 3), mask_token_id=259) == pytest.approx(first, rel=1e-5)  # batching
+    # by hand: mask all rows in one batch, score the masked tokens with the model's log-probabilities
+    x = _padded(rows)
+    ids, labels = mask_tokens(x["input_ids"], x["attention_mask"], mask_token_id=259, special_ids=[256])
+    with torch.no_grad():
+        logp = model(input_ids=ids, attention_mask=x["attention_mask"]).logits.log_softmax(-1)
+    chosen = labels != -100
+    hand = -logp[chosen].gather(1, labels[chosen][:, None]).sum().item() / int(chosen.sum())
+    assert first == pytest.approx(hand, rel=1e-5)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        loss(model, batches)  # BERT's config names no mask token
+
+
+def test_evaluate_fusion_rows_for_language_models():
+    a, b = _llama(0), _llama(1)
+    rows = _rows(LENGTHS)
+    data = _batches_of(rows, 2)
+    result = evaluate_fusion([a, b], a, data, names=["a", "b"], agreement=True)
+    by_kind = {r.kind: r for r in result}
+    assert [r.kind for r in result] == ["parent", "parent", "vanilla", "ensemble", "fused"]
+    for r in result:
+        assert r.accuracy is None and r.task == "causal-lm" and r.tokens == sum(n - 1 for n in LENGTHS)
+        assert r.perplexity == pytest.approx(math.exp(r.loss), rel=1e-9)
+        assert 0 <= r.agreement <= 1
+    assert by_kind["ensemble"].agreement == 1.0
+    assert by_kind["fused"].loss == pytest.approx(result[0].loss, rel=1e-6)  # the "fused" model here is parent a
+    # the ensemble averages token probabilities: -log((p_a + p_b) / 2) per token, by hand
+    with torch.no_grad():
+        total, count = _hand_causal(
+            lambda ids: ((a(input_ids=ids).logits.softmax(-1) + b(input_ids=ids).logits.softmax(-1)) / 2).log(), rows)
+    assert by_kind["ensemble"].loss == pytest.approx(total / count, rel=1e-5)
+    assert by_kind["ensemble"].loss <= (result[0].loss + result[1].loss) / 2  # -log of a mean <= mean of -logs
+    table = format_table(result)
+    assert table.splitlines()[0] == "| model | loss | perplexity | agreement with ensemble (%) |"
+    assert f"| ensemble | {by_kind['ensemble'].loss:.4f} | {by_kind['ensemble'].perplexity:.2f} | 100.00 |" in table
+    with pytest.raises(ValueError, match="mix language models"):
+        evaluate_fusion([a, _constant(A)], None, data)
+
+
+def test_format_table_mixes_missing_cells():
+    rows = [EvalRow("lm", "parent", None, 2.0, perplexity=math.exp(2.0)), EvalRow("clf", "parent", 0.5, 1.0)]
+    assert format_table(rows).splitlines()[2:] == ["| lm | - | 2.0000 | 7.39 |", "| clf | 50.00 | 1.0000 | - |"]
+
+
+def test_merge_evaluates_a_causal_lm_pair_on_stdlib_text(tmp_path):
+    from lm import tiny_llama
+
+    from hf_otfusion import merge
+    from hf_otfusion.config import parse_config
+    from hf_otfusion.data import stdlib_text_dataset
+
+    data = stdlib_text_dataset(tmp_path / "text", length=48, num_train=8, num_test=6)
+    parents = [tiny_llama(tmp_path / f"lm{s}", seed=s) for s in (0, 1)]
+    config = parse_config({"merge_method": "linear", "models": [{"model": str(p)} for p in parents],
+                           "evaluation": {"dataset": str(data), "split": "test", "batch_size": 4}})
+    result = merge(config, tmp_path / "out", progress=False)
+    rows = result.evaluation
+    assert [r.kind for r in rows] == ["parent", "parent", "vanilla", "ensemble", "fused"]
+    # 6 texts of 48 ASCII characters: one token per byte, 47 predicted tokens each
+    assert all(r.task == "causal-lm" and r.accuracy is None and r.tokens == 6 * 47 for r in rows)
+    assert all(r.perplexity == pytest.approx(math.exp(r.loss)) for r in rows)
+    assert rows[2].loss == pytest.approx(rows[4].loss, rel=1e-6)  # a linear merge is the vanilla average
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| model | loss | perplexity | agreement with ensemble (%) |" in card
+    assert f"| linear merge | {rows[4].loss:.4f} | {rows[4].perplexity:.2f} |" in card
+    assert "mean next-token cross-entropy (nats per token) over 282 tokens" in card

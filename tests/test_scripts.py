@@ -49,3 +49,32 @@ def test_bench_script_one_case():
     assert float(memory[3]) > 0 and float(memory[5]) > 0 and float(memory[6]) > 0  # fuse, vanilla, forward (s)
     disk = [c.strip() for c in rows[1].strip("|").split("|")]
     assert float(disk[2]) > 0 and float(disk[3]) > 0 and disk[4].endswith("x")  # fuse, load+save, ratio
+
+
+def test_bundled_example_parents_have_cards_saying_where_they_came_from(tmp_path):
+    """``examples/models/*/README.md``: what ``make_examples.write_model_card`` writes, with the measured accuracy."""
+    import importlib.util
+
+    import timm  # conftest imported hf_otfusion first, which makes torchvision importable
+    from huggingface_hub import ModelCard
+
+    from hf_otfusion.data import load_mnist_5k
+    from hf_otfusion.evaluate import accuracy
+
+    spec = importlib.util.spec_from_file_location("make_examples", ROOT / "scripts" / "make_examples.py")
+    make_examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_examples)
+    split = load_mnist_5k()
+    summary = (ROOT / "examples" / "README.md").read_text()
+    for seed in make_examples.SEEDS:
+        folder = ROOT / "examples" / "models" / f"mnist-resnet-seed{seed}"
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.library_name == "timm" and card.data.pipeline_tag == "image-classification"
+        assert "scripts/make_examples.py" in card.text and f"from seed {seed}," in card.text
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        measured = accuracy(model, (make_examples.normalise(split.x_test), split.y_test))
+        assert f"Test accuracy on the 1,000 held-out digits: {100 * measured:.1f}%." in card.text
+        assert f"seed {seed}: {100 * measured:.1f}%" in summary
+        (tmp_path / folder.name).mkdir()
+        make_examples.write_model_card(tmp_path / folder.name, seed, measured)
+        assert (tmp_path / folder.name / "README.md").read_text() == (folder / "README.md").read_text()

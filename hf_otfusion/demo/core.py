@@ -626,7 +626,7 @@ def run_demo_fusion(
             if path.is_file():
                 zf.write(path, path.relative_to(folder.parent))
     card_info = {"library": target.library, "pipeline_tag": target.pipeline_tag, "auto_class": target.auto_class,
-                 "config": config, "evaluation": result.evaluation}
+                 "config": config, "evaluation": result.evaluation, "commits": [p.commit for p in result.parents]}
     stored = {name: t.detach().cpu().float().numpy() for name, t in couplings.items()
               if max(t.shape) <= _MAX_STORED_MAP}
     say(1.0, "done")
@@ -643,7 +643,8 @@ def rewrite_card(result: DemoResult, repo_id: str | None) -> None:
 
     info = result.card_info
     card = render_card(info["config"], library=info["library"], pipeline_tag=info["pipeline_tag"],
-                       evaluation=info["evaluation"], repo_id=repo_id, auto_class=info["auto_class"])
+                       evaluation=info["evaluation"], repo_id=repo_id, auto_class=info["auto_class"],
+                       commits=info.get("commits"))
     card.save(result.folder / "README.md")
 
 

@@ -1,0 +1,337 @@
+"""The tracer core: the rule registry, the graph walk and the plan built from the labels.
+
+Op rules live in :mod:`hf_otfusion.trace.rules` (one module per op family) and depend on this module, never the
+reverse; the package ``__init__`` imports them, so every rule is registered whenever the tracer can be used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.fx import Node
+
+from ..errors import PlanError
+from ..plan import AlignmentPlan, AxisRef, Site, Space
+from .export import export_model
+from .labels import Desc, Labels, _Atoms, _FakeNode, _shape, _Stack
+
+Rule = Callable[["Tracer", Node], Any]
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register a tracer rule for ATen ops by overload-packet name (e.g. ``"linear"``, ``"conv2d"``)."""
+
+    def wrap(fn: Rule) -> Rule:
+        for name in names:
+            RULES[name] = fn
+        return fn
+
+    return wrap
+
+
+StackRule = Callable[["Tracer", Node, str, list[Node]], Any]
+STACK_RULES: list[StackRule] = []
+
+
+def register_stack_rule(fn: StackRule) -> StackRule:
+    """Register a rule for ops that read a :class:`_Stack`: it returns the op's labels, or None when it does not
+    keep the stack (the stack is then resolved: its channels fixed, its first labelling standing for it)."""
+    STACK_RULES.append(fn)
+    return fn
+
+
+class Tracer:
+    """Walks an exported graph once, applying the rule of each op to the labels of its values."""
+
+    def __init__(self, ep: ExportedProgram, state: dict[str, torch.Tensor], aliases: dict[str, str],
+                 strict: bool = False):
+        self.ep = ep
+        self.aliases = aliases
+        self.atoms = _Atoms()
+        self.labels: dict[str, Any] = {}
+        self.param_axes: dict[str, list[int]] = {}  # tensor name -> atom per axis
+        self.param_of_node: dict[str, str] = {}
+        self.first_use: dict[str, int] = {}
+        self.producers: list[tuple[int, Desc]] = []  # (op index, output channel desc) of weight layers
+        self.consumer_sites: list[tuple[str, int, Desc]] = []
+        self.producer_sites: list[tuple[str, int, Desc]] = []
+        self.unhandled: list[str] = []
+        self.notes: list[str] = []
+        self.node_name = ""
+        self.op_name = ""
+        self.strict = strict
+        self.state = state
+        self.index = 0
+
+    # -- labels -------------------------------------------------------------------------------------------
+    def new(self, size: int | None, fixed: bool = True) -> Desc:
+        return ((self.atoms.new(size, fixed), 1),)
+
+    def fresh(self, node: Any, fixed: bool = True) -> Labels | None:
+        shape = _shape(node)
+        return None if shape is None else [self.new(s, fixed) for s in shape]
+
+    def of(self, arg: Any) -> Labels | None:
+        if isinstance(arg, Node):
+            value = self.labels.get(arg.name)
+            return value if isinstance(value, list) else None
+        return None
+
+    def fix_all(self, labels: Any) -> None:
+        if isinstance(labels, list):
+            for d in labels:
+                self.atoms.fix(d)
+        elif isinstance(labels, tuple):
+            for item in labels:
+                self.fix_all(item)
+        elif isinstance(labels, _Stack):
+            for item in labels.items:
+                self.fix_all(item)
+
+    def is_free(self, labels: Any) -> bool:
+        if isinstance(labels, list):
+            return any(not self.atoms.is_fixed(d) for d in labels)
+        if isinstance(labels, tuple):
+            return any(self.is_free(item) for item in labels)
+        if isinstance(labels, _Stack):
+            return any(self.is_free(item) for item in labels.items)
+        return False
+
+    def join(self, d1: Desc, d2: Desc) -> None:
+        self.atoms.unify(d1, d2)
+
+    # -- walking ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        sig = self.ep.graph_signature
+        specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
+        for node in self.ep.graph.nodes:
+            if node.op == "placeholder":
+                spec = specs.get(node.name)
+                free = (
+                    spec is not None
+                    and spec.kind in (InputKind.PARAMETER, InputKind.BUFFER)
+                    and spec.target in self.state
+                    and self.state[spec.target].is_floating_point()
+                )
+                if free:
+                    name = self.aliases.get(spec.target, spec.target)  # tied tensors share their labels
+                    if name not in self.param_axes:
+                        self.param_axes[name] = [d[0][0] for d in self.fresh(node, fixed=False)]
+                    self.labels[node.name] = [((a, 1),) for a in self.param_axes[name]]
+                    self.param_of_node[node.name] = name
+                else:
+                    self.labels[node.name] = self.fresh(node, fixed=True)
+            elif node.op == "call_function":
+                self.index += 1
+                self.node_name = node.name
+                target = node.target
+                self.op_name = (target._overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload)
+                                else getattr(target, "__name__", str(target)))
+                for arg in node.all_input_nodes:
+                    if arg.name in self.param_of_node:
+                        self.first_use.setdefault(self.param_of_node[arg.name], self.index)
+                self.labels[node.name] = self.apply(node)
+            elif node.op == "output":
+                for arg in node.all_input_nodes:
+                    self.fix_all(self.labels.get(arg.name))
+
+    def apply(self, node: Node) -> Any:
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload):
+            if getattr(target, "__name__", "") == "getitem":
+                return _getitem(self, node)
+            name = getattr(target, "__name__", str(target))
+        else:
+            name = target._overloadpacket.__name__
+        stacks = [a for a in node.all_input_nodes if isinstance(self.labels.get(a.name), _Stack)]
+        if stacks:
+            for stack_rule in STACK_RULES:
+                out = stack_rule(self, node, name, stacks)
+                if out is not None:
+                    return out
+            for a in stacks:  # any other op: the stack's channels are fixed, its first labelling stands for it
+                value = self.labels[a.name]
+                self.fix_all(value)
+                self.labels[a.name] = value.items[0]
+        rule = RULES.get(name)
+        if rule is not None:
+            return rule(self, node)
+        return self.unknown(node, name)
+
+    def structural(self, why: str) -> None:
+        """The current op has a rule but meets a channel structure the plan cannot express: its channels are fixed
+        and the op is reported in ``plan.unhandled`` (an error with ``strict=True``)."""
+        message = f"op '{self.op_name}' (node {self.node_name}): {why}"
+        if self.strict:
+            raise PlanError(f"cannot plan {message}; strict=False would fix those channels instead")
+        if self.op_name not in self.unhandled:
+            self.unhandled.append(self.op_name)
+        self.notes.append(message)
+
+    def unknown(self, node: Node, name: str) -> Any:
+        inputs = [self.labels.get(a.name) for a in node.all_input_nodes]
+        if any(self.is_free(x) for x in inputs):
+            if self.strict:
+                raise PlanError(f"no tracer rule for op '{name}' (node {node.name}) which touches hidden "
+                                "channels; register one with hf_otfusion.trace.register_rule")
+            if name not in self.unhandled:
+                self.unhandled.append(name)
+            for x in inputs:
+                self.fix_all(x)
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            return tuple(self.fresh(_FakeNode(v)) for v in val)
+        return self.fresh(node)
+
+    # -- result -------------------------------------------------------------------------------------------
+    def plan(self, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> AlignmentPlan:
+        atoms = self.atoms
+        atoms.close()
+        members: dict[int, list[AxisRef]] = {}
+        for tensor, axes in self.param_axes.items():
+            for axis, atom in enumerate(axes):
+                for root, offset, repeat in self._segments(((atom, 1),)):
+                    members.setdefault(root, []).append(AxisRef(tensor=tensor, axis=axis, offset=offset,
+                                                                repeat=repeat))
+        sites: dict[int, list[Site]] = {}
+        for kind in (self.consumer_sites, self.producer_sites):
+            found: dict[int, list[Site]] = {}
+            for node, dim, desc in kind:
+                for root, offset, repeat in self._segments(desc):
+                    site = Site(node=node, dim=dim, offset=offset, repeat=repeat)
+                    if site not in found.setdefault(root, []):
+                        found[root].append(site)
+            for root, s in found.items():
+                sites.setdefault(root, s)
+        order: dict[int, int] = {}
+        n_producers: dict[int, int] = {}
+        for index, desc in self.producers:
+            for root in dict.fromkeys(root for root, _, _ in self._segments(desc)):
+                order.setdefault(root, index)
+                n_producers[root] = n_producers.get(root, 0) + 1
+        spaces = []
+        names: set[str] = set()
+        for root, refs in members.items():
+            if root not in sites and root not in atoms.heads:
+                continue  # a parameter axis that never meets an activation is not a space (unused tensor)
+            # (per-head parameters move with their heads even where no activation carries them)
+            key = order.get(root, min(self.first_use.get(m.tensor, 1 << 30) for m in refs))
+            first = min(refs, key=lambda m: (self.first_use.get(m.tensor, 1 << 30), m.axis != 0, m.offset))
+            name = f"{first.tensor}:{first.axis}" + (f"@{first.offset}" if first.offset else "")
+            while name in names:
+                name += "'"
+            names.add(name)
+            heads, group = self._heads(root)
+            kind = "residual" if n_producers.get(root, 0) > 1 and heads == 1 else "hidden"
+            spaces.append((key, group, dict(name=name, size=atoms.size[root] or 0, kind=kind, members=tuple(refs),
+                                            sites=tuple(sites.get(root, ())), heads=heads)))
+        spaces.sort(key=lambda kv: kv[0])
+        group_names: dict[int, str] = {}
+        for _, group, fields in spaces:
+            if group is not None:
+                group_names.setdefault(group, fields["name"])
+        return AlignmentPlan(
+            spaces=tuple(Space(**fields, head_group=group_names.get(group)) for _, group, fields in spaces),
+            tensors={k: tuple(v.shape) for k, v in state.items()},
+            aliases=aliases,
+            unhandled=tuple(self.unhandled),
+        )
+
+    def _resolve(self, root: int) -> tuple[int, int] | None:
+        """The space a free root atom's channels belong to (a key atom) and the repeat of each channel there.
+
+        A headed atom whose head-dim channels are fixed is its heads, each repeated head_dim times.
+        """
+        atoms = self.atoms
+        if atoms.fixed[root]:
+            return None
+        if root in atoms.split:
+            h, w = (atoms.find(a) for a in atoms.split[root])
+            if atoms.fixed[w]:
+                return None if atoms.fixed[h] else (h, atoms.size[w] or 1)
+        return root, 1
+
+    def _heads(self, key: int) -> tuple[int, int | None]:
+        """(number of heads, head atom shared by its head group or None when heads stay in place) of a space."""
+        atoms = self.atoms
+        if key in atoms.heads:
+            size = atoms.size[key] or 1
+            return (size, key) if size > 1 else (1, None)
+        if key in atoms.split:
+            h = atoms.find(atoms.split[key][0])
+            n = atoms.size[h] or 1
+            return (n, None if atoms.fixed[h] or n == 1 else h) if n > 1 else (1, None)
+        return 1, None
+
+    def _segments(self, desc: Desc) -> list[tuple[int, int, int]]:
+        """(space key, offset, repeat) of each free segment of a dimension."""
+        out, offset = [], 0
+        for atom, repeat in self.atoms.expand(desc):
+            size = self.atoms.size[atom] or 0
+            resolved = self._resolve(atom)
+            if resolved is not None:
+                out.append((resolved[0], offset, repeat * resolved[1]))
+            offset += size * repeat
+        return out
+
+
+def _getitem(t: Tracer, node: Node) -> Any:
+    src, i = node.args
+    value = t.labels.get(src.name)
+    if isinstance(value, tuple) and i < len(value):
+        return value[i]
+    return t.fresh(node)
+
+
+def tied_tensors(model: nn.Module) -> dict[str, str]:
+    """Tied tensors (two state_dict names, one storage) -> the first name that holds it."""
+    first: dict[tuple[int, tuple], str] = {}
+    out: dict[str, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel() == 0:
+            continue
+        # meta tensors have no storage (every data_ptr is 0): there, tied means one and the same tensor object
+        key = (id(tensor) if tensor.is_meta else tensor.data_ptr(), tuple(tensor.shape))
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
+def build_plan(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    strict: bool = False,
+    exported: ExportedProgram | None = None,
+) -> AlignmentPlan:
+    """Trace ``model`` on ``example_input`` and derive its alignment plan.
+
+    Args:
+        model: the network (any ``nn.Module`` that ``torch.export`` can trace).
+        example_input: a batch of inputs: a tensor, a tuple of tensors, or a dict of keyword tensors.
+        strict: raise :class:`PlanError` on an op without a tracer rule instead of fixing its spaces.
+        exported: an already exported program of ``model`` (skips the export).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hf_otfusion import build_plan
+        >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> plan = build_plan(mlp, torch.randn(2, 4))
+        >>> [(s.name, s.size) for s in plan.spaces]
+        [('0.weight:0', 8)]
+    """
+    ep = exported if exported is not None else export_model(model, example_input)
+    state = model.state_dict()
+    aliases = tied_tensors(model)
+    tracer = Tracer(ep, state, aliases, strict=strict)
+    tracer.run()
+    return tracer.plan(state, aliases)

@@ -1,0 +1,84 @@
+"""Export one forward pass of a model as an ATen graph (``torch.export`` + the empty decomposition table)."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+
+from ..errors import PlanError
+
+
+def as_args(example_input: Any) -> tuple[tuple, dict]:
+    """Split an example input (tensor, tuple/list of tensors, or dict of keyword tensors) into args, kwargs."""
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,), {}
+    if isinstance(example_input, dict) or hasattr(example_input, "keys"):
+        return (), {k: v for k, v in dict(example_input).items() if k != "labels"}
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    raise PlanError(f"cannot use an example input of type {type(example_input).__name__}: pass a tensor, "
+                    "a tuple of tensors or a dict of keyword tensors")
+
+
+def _at_least_two(value: Any) -> Any:
+    # View arguments bake the batch size in when it is 1; a batch of 2 keeps it symbolic.
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return torch.cat([value, value])
+    return value
+
+
+def export_model(model: nn.Module, example_input: Any) -> ExportedProgram:
+    """Export one forward pass of ``model`` (eval mode) as an ATen graph with a dynamic batch dimension."""
+    args, kwargs = as_args(example_input)
+    args = tuple(_at_least_two(a) for a in args)
+    kwargs = {k: _at_least_two(v) for k, v in kwargs.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return _export(model, args, kwargs)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types; the user needs one clear message
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PlanError(f"could not trace {type(model).__name__} with torch.export: {first}") from exc
+    finally:
+        model.train(was_training)
+
+
+def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Dynamic-shape spec with a dynamic batch dim for every tensor input: by parameter name when kwargs are given."""
+
+    def spec(v: Any) -> Any:
+        return {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None
+
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return (*(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+    params = inspect.signature(model.forward).parameters
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: spec(v) for k, v in value.items()}
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(spec(v) for v in value)
+        else:
+            out[name] = spec(value)
+    return out
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
+    dynamic = _dynamic_batch(model, args, kwargs)
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception:  # noqa: BLE001 - a model that specialises its batch size still exports statically
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    return ep.run_decompositions({})

@@ -1,0 +1,292 @@
+"""Labels of graph values: the types and shape helpers that the tracer core and every rule module share.
+
+A dimension's label (:data:`Desc`) is a sequence of segments, each a channel-major repeated atom; the atoms are
+classes of a union-find (:class:`_Atoms`) with composite definitions (concats, repeats) and head splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from ..errors import PlanError
+
+Piece = tuple[int, int]  # (atom, repeat)
+Desc = tuple[Piece, ...]  # one dimension: concatenated segments, each a channel-major repeated atom
+Labels = list[Desc]  # one tensor: a Desc per dimension
+
+
+@dataclass
+class _Atoms:
+    """Union-find over atoms (sets of channels), with two kinds of structure on a root atom.
+
+    - ``definition``: the atom is a sequence of segments of other atoms (a concat, a channel-major repeat).
+    - ``split``: the atom is ``H`` heads of ``d`` channels (a view (.., H * d) -> (.., H, d)). The split's head
+      atom labels the head dim; its within atom labels the head-dim dim and stands for channel ``i`` of *every*
+      head, which are different channels per head, so a within atom only ever joins another within atom (that
+      joins the two headed atoms: queries with keys); joining it with anything else fixes it. A head atom may
+      join head atoms of other splits (they share one head permutation) or plain per-head parameter axes.
+    """
+
+    parent: list[int] = field(default_factory=list)
+    size: list[int | None] = field(default_factory=list)
+    fixed: list[bool] = field(default_factory=list)
+    definition: dict[int, Desc] = field(default_factory=dict)
+    split: dict[int, tuple[int, int]] = field(default_factory=dict)  # root -> (head atom, within atom)
+    owner: dict[int, int] = field(default_factory=dict)  # root of a within atom -> the atom it splits
+    heads: set[int] = field(default_factory=set)  # roots of head atoms
+
+    def new(self, size: int | None, fixed: bool = False) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.fixed.append(fixed)
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def expand(self, desc: Desc, depth: int = 0) -> Desc:
+        """Resolve composite atoms into segments of plain (undefined) root atoms."""
+        if depth > 64:
+            raise PlanError("cyclic channel structure while tracing (please report this model)")
+        out: list[Piece] = []
+        for atom, repeat in desc:
+            root = self.find(atom)
+            if root in self.definition:
+                out += [(a, r * repeat) for a, r in self.expand(self.definition[root], depth + 1)]
+            else:
+                out.append((root, repeat))
+        return tuple(out)
+
+    def width(self, desc: Desc) -> int | None:
+        total = 0
+        for atom, repeat in self.expand(desc):
+            size = self.size[atom]
+            if size is None:
+                return None
+            total += size * repeat
+        return total
+
+    def fix(self, desc: Desc) -> None:
+        for atom, _ in self.expand(desc):
+            self.fixed[atom] = True
+
+    def is_fixed(self, desc: Desc) -> bool:
+        return all(self.fixed[a] for a, _ in self.expand(desc))
+
+    def _structured(self, root: int) -> bool:
+        return root in self.split or root in self.owner or root in self.heads
+
+    def _compatible(self, ra: int, rb: int) -> bool:
+        if (ra in self.owner) != (rb in self.owner):
+            return False  # a within-head dim is different channels in every head: only another one matches it
+        for x, y in ((ra, rb), (rb, ra)):
+            if x in self.heads and (y in self.split or y in self.definition):
+                return False
+            if x in self.split and y in self.definition:
+                return False
+        sa, sb = self.split.get(ra), self.split.get(rb)
+        return not (sa and sb and self.size[self.find(sa[0])] != self.size[self.find(sb[0])])
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        mismatch = self.size[ra] is not None and self.size[rb] is not None and self.size[ra] != self.size[rb]
+        if mismatch or not self._compatible(ra, rb):
+            self.fixed[ra] = self.fixed[rb] = True
+            for r in (ra, rb):
+                if r in self.definition:
+                    self.fix(self.definition[r])
+            return
+        self.parent[rb] = ra
+        if self.size[ra] is None:
+            self.size[ra] = self.size[rb]
+        self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
+        da, db = self.definition.pop(ra, None), self.definition.pop(rb, None)
+        if da is not None and db is not None:
+            self.definition[ra] = da
+            self.unify(da, db)
+        elif da is not None or db is not None:
+            self.definition[ra] = da if da is not None else db  # type: ignore[assignment]
+        if rb in self.heads:
+            self.heads.discard(rb)
+            self.heads.add(ra)
+        wa, wb = self.owner.pop(ra, None), self.owner.pop(rb, None)
+        if wa is not None or wb is not None:
+            self.owner[ra] = wa if wa is not None else wb  # type: ignore[assignment]
+        sa, sb = self.split.pop(ra, None), self.split.pop(rb, None)
+        if sa is not None or sb is not None:
+            self.split[ra] = sa if sa is not None else sb  # type: ignore[assignment]
+        if wa is not None and wb is not None:
+            self.union(wa, wb)  # the same channels in every head: the same headed space (queries and keys)
+        if sa is not None and sb is not None:
+            self.union(sa[0], sb[0])
+            self.union(sa[1], sb[1])
+        if self.fixed[ra] and ra in self.definition:
+            self.fix(self.definition[ra])
+
+    def unify(self, d1: Desc, d2: Desc) -> None:
+        """Make two dimensions the same channels; structures that cannot be matched are fixed."""
+        e1, e2 = self.expand(d1), self.expand(d2)
+        if e1 == e2:
+            return
+        for ea, eb in ((e1, e2), (e2, e1)):
+            if len(ea) == 1 and ea[0][1] == 1 and len(eb) > 0:
+                root = ea[0][0]
+                if any(a == root for a, _ in eb):
+                    break
+                if len(eb) == 1 and eb[0][1] == 1:
+                    self.union(root, eb[0][0])
+                    return
+                if self._structured(root):
+                    break
+                if self.size[root] is not None and self.width(eb) not in (None, self.size[root]):
+                    break
+                self.definition[root] = eb
+                if self.fixed[root]:
+                    self.fix(eb)
+                return
+        same_shape = len(e1) == len(e2) and all(
+            r1 == r2 and self.size[a1] == self.size[a2] for (a1, r1), (a2, r2) in zip(e1, e2, strict=True)
+        )
+        if same_shape:
+            for (a1, _), (a2, _) in zip(e1, e2, strict=True):
+                self.union(a1, a2)
+        else:
+            self.fix(e1)
+            self.fix(e2)
+
+    # -- heads --------------------------------------------------------------------------------------------
+    def head_split(self, desc: Desc, n_heads: int, head_dim: int) -> tuple[Desc, Desc] | None:
+        """Labels of the (heads, head_dim) dims that a free plain channel dim splits into, or None."""
+        pieces = self.expand(desc)
+        if len(pieces) != 1 or pieces[0][1] != 1:
+            return None
+        x = pieces[0][0]
+        if self.fixed[x] or x in self.owner or x in self.heads or self.size[x] != n_heads * head_dim:
+            return None
+        if x not in self.split:
+            h, w = self.new(n_heads), self.new(head_dim)
+            self.heads.add(h)
+            self.owner[w] = x
+            self.split[x] = (h, w)
+        h, w = self.split[x]
+        if self.size[self.find(h)] != n_heads:
+            return None
+        return ((h, 1),), ((w, 1),)
+
+    def head_merge(self, head: Desc, within: Desc) -> Desc | None:
+        """The headed atom whose (head, within) labels these are, or None."""
+        eh, ew = self.expand(head), self.expand(within)
+        if len(eh) != 1 or len(ew) != 1 or eh[0][1] != 1 or ew[0][1] != 1:
+            return None
+        h, w = eh[0][0], ew[0][0]
+        x = self.owner.get(w)
+        if x is None or h not in self.heads:
+            return None
+        rx = self.find(x)
+        if self.find(self.split[rx][0]) != h:
+            return None
+        return ((rx, 1),)
+
+    def chunks(self, desc: Desc, n: int) -> list[int] | None:
+        """``n`` free plain atoms of equal size that make up a dimension (subdividing atoms as needed), or None."""
+        width = self.width(desc)
+        if width is None or width % n or self.is_fixed(desc):
+            return None
+        seg = width // n
+        out: list[int] = []
+        for atom, repeat in self.expand(desc):
+            size = self.size[atom]
+            if repeat != 1 or size is None or size % seg or self.fixed[atom]:
+                return None
+            if size == seg:
+                out.append(atom)
+                continue
+            if self._structured(atom):
+                return None
+            parts = [self.new(seg) for _ in range(size // seg)]
+            self.definition[atom] = tuple((p, 1) for p in parts)
+            out += parts
+        return out
+
+    def cut(self, desc: Desc, position: int) -> None:
+        """Divide the free plain atom of a dimension that ``position`` falls inside into two atoms."""
+        offset = 0
+        for atom, repeat in self.expand(desc):
+            size = self.size[atom]
+            if size is None:
+                return
+            if offset < position < offset + size * repeat:
+                if repeat == 1 and not self.fixed[atom] and not self._structured(atom):
+                    first = position - offset
+                    self.definition[atom] = ((self.new(first), 1), (self.new(size - first), 1))
+                return
+            offset += size * repeat
+
+    def close(self) -> None:
+        """Propagate fixing through structure: a fixed composite fixes its segments, a fixed headed atom its heads."""
+        changed = True
+        while changed:
+            changed = False
+            for root, d in list(self.definition.items()):
+                if self.fixed[self.find(root)] and not self.is_fixed(d):
+                    self.fix(d)
+                    changed = True
+            for x, (h, w) in list(self.split.items()):
+                if self.fixed[self.find(x)]:
+                    for part in (self.find(h), self.find(w)):
+                        if not self.fixed[part]:
+                            self.fixed[part] = changed = True
+
+
+@dataclass
+class _FakeNode:
+    """One element of a tuple-valued node, so rules can read its shape like a node's."""
+
+    val: Any
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"val": self.val}
+
+
+@dataclass
+class _Stack:
+    """A value whose dim ``dim`` selects between different labellings of its other dims.
+
+    timm's fused ``qkv``: a (B, N, 3 * D) linear output viewed as (B, N, 3, H, d) holds the query, key and value
+    heads at index 0, 1, 2 of dim 2, each with its own (head, within) labels. Each item is a full labelling
+    (its ``dim`` entry is a fixed placeholder). Only ops that move dims (permute), pick an index of ``dim``
+    (unbind, select) or copy values keep a stack; any other op fixes every label in it.
+    """
+
+    dim: int
+    items: list[Labels]
+
+
+def _dim_size(s: Any) -> int | None:
+    return s if isinstance(s, int) else None
+
+
+def _shape(node: Any) -> list[int | None] | None:
+    """Static sizes of a graph value (None for a symbolic size such as the batch), or None for a non-tensor."""
+    val = node.meta.get("val") if isinstance(node, (Node, _FakeNode)) else None
+    if isinstance(val, torch.Tensor):
+        return [_dim_size(s) for s in val.shape]
+    return None
+
+
+def _arg(node: Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)

@@ -1,0 +1,7 @@
+"""Tracer rules, one module per op family. Importing this package registers every rule.
+
+A new architecture is a new rule: write ``@register_rule("op_name")`` on a function ``(tracer, node) -> labels``
+in the module of its family (or in your own code); the core and the fusion engine never need to change.
+"""
+
+from . import attention, gather, linear, norms, pointwise, shape  # noqa: F401

@@ -1,0 +1,121 @@
+"""Weight layers: linear, addmm (GPT-2's Conv1D), matrix products, convolutions, embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.fx import Node
+
+from ..core import Tracer, register_rule
+from ..labels import Desc, Labels, _arg, _shape
+
+
+def _producer(t: Tracer, node: Node, out: Labels, channel_dim: int) -> None:
+    t.producers.append((t.index, out[channel_dim]))
+    t.producer_sites.append((node.name, channel_dim % len(out), out[channel_dim]))
+
+
+@register_rule("linear")
+def _linear(t: Tracer, node: Node) -> Any:
+    x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
+    xl, wl = t.of(x), t.of(w)
+    out = t.fresh(node)
+    if xl is None or wl is None or out is None:
+        return t.unknown(node, "linear")
+    out[:-1] = xl[:-1]
+    out[-1] = wl[0]
+    t.join(wl[1], xl[-1])
+    if (bl := t.of(b)) is not None:
+        t.join(bl[0], wl[0])
+    t.consumer_sites.append((x.name, len(xl) - 1, xl[-1]))
+    _producer(t, node, out, len(out) - 1)
+    return out
+
+
+@register_rule("addmm")
+def _addmm(t: Tracer, node: Node) -> Any:
+    """``bias + x @ W`` with W stored (in, out), as in GPT-2's Conv1D."""
+    b, x, w = node.args[:3]
+    xl, wl, bl = t.of(x), t.of(w), t.of(b)
+    out = t.fresh(node)
+    if xl is None or wl is None or out is None:
+        return t.unknown(node, "addmm")
+    out[0], out[1] = xl[0], wl[1]
+    t.join(wl[0], xl[1])
+    if bl is not None:
+        t.join(bl[-1], wl[1])
+    t.consumer_sites.append((x.name, 1, xl[1]))
+    if w.name in t.param_of_node:
+        _producer(t, node, out, 1)
+    return out
+
+
+@register_rule("mm", "bmm", "matmul")
+def _matmul(t: Tracer, node: Node) -> Any:
+    """Batched matrix product: the contracted dims are the same channels; batch dims broadcast."""
+    a, b = node.args[:2]
+    al, bl, out = t.of(a), t.of(b), t.fresh(node)
+    if al is None or bl is None or out is None or len(al) < 2 or len(bl) < 2:
+        return t.unknown(node, str(node.target))
+    t.join(al[-1], bl[-2])
+    out[-2], out[-1] = al[-2], bl[-1]
+    sa, sb, so = _shape(a), _shape(b), _shape(node)
+    for pos in range(len(out) - 2):
+        chosen: Desc | None = None
+        for labels, shape in ((al, sa), (bl, sb)):
+            k = pos - (len(out) - len(labels))
+            if k < 0 or k >= len(labels) - 2 or (shape[k] == 1 and so[pos] != 1):
+                continue
+            if chosen is None:
+                chosen = labels[k]
+            else:
+                t.join(chosen, labels[k])
+        if chosen is not None:
+            out[pos] = chosen
+    if b.name in t.param_of_node:
+        t.consumer_sites.append((a.name, len(al) - 1, al[-1]))
+        _producer(t, node, out, len(out) - 1)
+    return out
+
+
+@register_rule("conv1d", "conv2d", "conv3d", "convolution")
+def _conv(t: Tracer, node: Node) -> Any:
+    x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
+    if node.target._overloadpacket.__name__ == "convolution":
+        transposed, groups = bool(_arg(node, 6, "transposed", False)), int(_arg(node, 8, "groups", 1))
+    else:
+        transposed, groups = False, int(_arg(node, 6, "groups", 1))
+    xl, wl, out = t.of(x), t.of(w), t.fresh(node)
+    if xl is None or wl is None or out is None or transposed:
+        return t.unknown(node, "conv_transpose" if transposed else "conv")
+    out[0] = xl[0]
+    out[1] = wl[0]
+    if (bl := t.of(b)) is not None:
+        t.join(bl[0], wl[0])
+    in_ch, out_ch = _shape(x)[1], _shape(node)[1]
+    if groups == 1:
+        t.join(wl[1], xl[1])
+    elif groups == in_ch and out_ch is not None and in_ch and out_ch % in_ch == 0:
+        # depthwise: output channel g * m + k reads input channel g, so it is the input's space repeated
+        mult = out_ch // in_ch
+        t.join(wl[0], tuple((a, r * mult) for a, r in t.atoms.expand(xl[1])))
+    else:  # other grouped convs keep channels inside their group: fix rather than mis-align
+        t.atoms.fix(xl[1])
+        t.atoms.fix(wl[0])
+    t.consumer_sites.append((x.name, 1, xl[1]))
+    _producer(t, node, out, 1)
+    return out
+
+
+@register_rule("embedding")
+def _embedding(t: Tracer, node: Node) -> Any:
+    w, idx = node.args[:2]
+    wl, il, out = t.of(w), t.of(idx), t.fresh(node)
+    if wl is None or out is None:
+        return t.unknown(node, "embedding")
+    t.atoms.fix(wl[0])  # the vocabulary
+    if il is not None:
+        out[:-1] = il
+    out[-1] = wl[1]
+    _producer(t, node, out, len(out) - 1)
+    return out

@@ -1,0 +1,285 @@
+"""Ops that move, split or join dims: permutes, reshapes (head splits and merges, fused qkv stacks), expand,
+cat, slice/narrow and split, and the ops that keep a :class:`_Stack`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch.fx import Node
+
+from ..core import Tracer, register_rule, register_stack_rule
+from ..labels import Desc, Labels, _arg, _FakeNode, _shape, _Stack
+
+STACK_COPY_OPS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "lift_fresh_copy", "dropout"}
+
+
+def _permute_order(node: Node, n: int, name: str) -> list[int]:
+    order = list(range(n))
+    if name == "permute":
+        order = [d % n for d in node.args[1]]
+    elif name == "t":
+        order = order[::-1]
+    elif name == "movedim":
+        src, dst = node.args[1] % n, node.args[2] % n
+        order.remove(src)
+        order.insert(dst, src)
+    else:
+        a, b = node.args[1] % n, node.args[2] % n
+        order[a], order[b] = order[b], order[a]
+    return order
+
+
+@register_rule("permute", "transpose", "t", "swapaxes", "movedim")
+def _permute(t: Tracer, node: Node) -> Any:
+    xl = t.of(node.args[0])
+    if xl is None:
+        return t.fresh(node)
+    order = _permute_order(node, len(xl), node.target._overloadpacket.__name__)
+    return [xl[i] for i in order]
+
+
+@register_stack_rule
+def _stack_rule(t: Tracer, node: Node, name: str, stacks: list[Node]) -> Any:
+    """The ops that keep a :class:`_Stack` (or resolve it); None for any other op."""
+    if len(stacks) != 1 or not node.args or node.args[0] is not stacks[0]:
+        return None
+    st: _Stack = t.labels[stacks[0].name]
+    n = len(st.items[0])
+    tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
+    if name in STACK_COPY_OPS and len(tensors) == 1:
+        return st
+    if name in ("permute", "transpose", "t", "swapaxes", "movedim"):
+        order = _permute_order(node, n, name)
+        return _Stack(order.index(st.dim), [[item[i] for i in order] for item in st.items])
+    if name == "unbind" and _arg(node, 1, "dim", 0) % n == st.dim:
+        return tuple([d for k, d in enumerate(item) if k != st.dim] for item in st.items)
+    if name == "select" and node.args[1] % n == st.dim and isinstance(node.args[2], int):
+        return [d for k, d in enumerate(st.items[node.args[2]]) if k != st.dim]
+    return None
+
+
+@register_rule("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as")
+def _reshape(t: Tracer, node: Node) -> Any:
+    """Any reshape: match dims block by block (same element order, different shape).
+
+    A channel dim split into (heads, head_dim) gets head labels; (3, heads, head_dim) is a stack of three
+    headed dims (a fused qkv); the merge of a (heads, head_dim) pair is the headed dim again.
+    """
+    x = node.args[0]
+    xl, src, dst = t.of(x), _shape(x), _shape(node)
+    if xl is None or src is None or dst is None:
+        return t.fresh(node)
+    out: Labels = [t.new(s) for s in dst]
+    stacks: list[tuple[int, list[dict[int, Desc]]]] = []
+    i_dims = [i for i, s in enumerate(src) if s != 1]
+    o_dims = [j for j, s in enumerate(dst) if s != 1]
+    # equal static trailing dims are the same elements (the flat index modulo their size is kept): match them
+    # first, so that symbolic leading dims (a batch times a number of windows) cannot misalign the channels
+    while i_dims and o_dims and src[i_dims[-1]] is not None and src[i_dims[-1]] == dst[o_dims[-1]]:
+        out[o_dims.pop()] = xl[i_dims.pop()]
+    i = j = 0
+    while i < len(i_dims) and j < len(o_dims):
+        si, sj = src[i_dims[i]], dst[o_dims[j]]
+        if si is None or sj is None:
+            if si is None and sj is None:
+                out[o_dims[j]] = xl[i_dims[i]]
+                i, j = i + 1, j + 1
+                continue
+            for k in i_dims[i:]:
+                t.atoms.fix(xl[k])
+            return out
+        ib, jb, pi, pj = [i_dims[i]], [o_dims[j]], si, sj
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(i_dims) and src[i_dims[i]] is not None:
+                pi *= src[i_dims[i]]
+                ib.append(i_dims[i])
+                i += 1
+            elif pj < pi and j < len(o_dims) and dst[o_dims[j]] is not None:
+                pj *= dst[o_dims[j]]
+                jb.append(o_dims[j])
+                j += 1
+            else:
+                break
+        stack = _reshape_block(t, xl, src, dst, ib, jb, out)
+        if stack is not None:
+            stacks.append(stack)
+    for k in i_dims[i:]:
+        t.atoms.fix(xl[k])
+    if len(stacks) == 1:
+        dim, per_item = stacks[0]
+        items = []
+        for labels in per_item:
+            item = list(out)
+            for k, d in labels.items():
+                item[k] = d
+            items.append(item)
+        return _Stack(dim, items)
+    for _, per_item in stacks:  # two stacked dims in one value: not expressible
+        for labels in per_item:
+            for d in labels.values():
+                t.atoms.fix(d)
+    return out
+
+
+def _reshape_block(
+    t: Tracer, xl: Labels, src: list, dst: list, ib: list[int], jb: list[int], out: Labels
+) -> tuple[int, list[dict[int, Desc]]] | None:
+    if len(ib) == 1 and len(jb) == 1:
+        out[jb[0]] = xl[ib[0]]
+        return None
+    if len(jb) == 1:
+        if len(ib) == 2 and (merged := t.atoms.head_merge(xl[ib[0]], xl[ib[1]])) is not None:
+            out[jb[0]] = merged  # (heads, head_dim) -> the headed channels
+            return None
+        # merge: channel-major, inner dims must be fixed positions
+        inner = math.prod(src[k] for k in ib[1:])
+        if any(not t.atoms.is_fixed(xl[k]) for k in ib[1:]):
+            t.structural(f"a flatten {[src[k] for k in ib]} -> {dst[jb[0]]} with hidden channels inside (channel-"
+                         "minor, e.g. a patch merging); only channel-major flattens are expressible")
+        for k in ib[1:]:
+            t.atoms.fix(xl[k])
+        out[jb[0]] = tuple((a, r * inner) for a, r in t.atoms.expand(xl[ib[0]]))
+        return None
+    if len(ib) == 1:  # split: the outer dim keeps the channels when every segment repeats the inner block
+        inner = math.prod(dst[k] for k in jb[1:])
+        pieces = t.atoms.expand(xl[ib[0]])
+        if all(r % inner == 0 for _, r in pieces):
+            out[jb[0]] = tuple((a, r // inner) for a, r in pieces)
+            return None
+        if len(jb) == 2 and (headed := t.atoms.head_split(xl[ib[0]], dst[jb[0]], dst[jb[1]])) is not None:
+            out[jb[0]], out[jb[1]] = headed
+            return None
+        if len(jb) in (2, 3) and (parts := t.atoms.chunks(xl[ib[0]], dst[jb[0]])) is not None:
+            per_item: list[dict[int, Desc]] = []
+            for part in parts:
+                if len(jb) == 2:
+                    per_item.append({jb[1]: ((part, 1),)})
+                elif (headed := t.atoms.head_split(((part, 1),), dst[jb[1]], dst[jb[2]])) is not None:
+                    per_item.append({jb[1]: headed[0], jb[2]: headed[1]})
+                else:
+                    break
+            else:
+                return jb[0], per_item
+    if any(not t.atoms.is_fixed(xl[k]) for k in ib):
+        t.structural(f"a reshape {[src[k] for k in ib]} -> {[dst[k] for k in jb]} of hidden channels that is not "
+                     "a head split, a head merge or a flatten")
+    for k in ib:
+        t.atoms.fix(xl[k])
+    return None
+
+
+@register_rule("expand", "expand_as", "repeat", "broadcast_to")
+def _expand(t: Tracer, node: Node) -> Any:
+    xl, src, dst = t.of(node.args[0]), _shape(node.args[0]), _shape(node)
+    if xl is None or src is None or dst is None:
+        return t.fresh(node)
+    out = [t.new(s) for s in dst]
+    lead = len(dst) - len(src)
+    name = node.target._overloadpacket.__name__
+    for k in range(len(src)):
+        if src[k] == dst[lead + k] or (src[k] is None and dst[lead + k] is None):
+            out[lead + k] = xl[k]
+        elif name == "repeat" and src[k] != 1:
+            t.atoms.fix(xl[k])  # tiling channels is not a channel-major repeat
+    return out
+
+
+@register_rule("cat", "concat", "concatenate")
+def _cat(t: Tracer, node: Node) -> Any:
+    tensors = [a for a in node.args[0] if isinstance(a, Node) and _shape(a) and any(s != 0 for s in _shape(a))]
+    out = t.fresh(node)
+    if out is None or not tensors:
+        return out
+    dim = _arg(node, 1, "dim", 0) % len(out)
+    labels = [t.of(a) for a in tensors]
+    if any(lab is None or len(lab) != len(out) for lab in labels):
+        return t.unknown(node, "cat")
+    for k in range(len(out)):
+        if k == dim:
+            out[k] = tuple(p for lab in labels for p in t.atoms.expand(lab[k]))
+            continue
+        out[k] = labels[0][k]
+        for lab in labels[1:]:
+            t.join(out[k], lab[k])
+    return out
+
+
+def _slice_desc(t: Tracer, desc: Desc, start: int, end: int) -> Desc | None:
+    """The segments covering [start, end) exactly, or None when the slice cuts a segment it cannot divide.
+
+    A free plain channel atom is divided where the slice cuts it (GPT-2's ``c_attn`` output split into q, k, v).
+    """
+    for cut in (start, end):
+        t.atoms.cut(desc, cut)
+    out, offset = [], 0
+    for atom, repeat in t.atoms.expand(desc):
+        size = (t.atoms.size[atom] or 0) * repeat
+        if offset >= start and offset + size <= end:
+            out.append((atom, repeat))
+        elif offset < end and offset + size > start:
+            return None
+        offset += size
+    return tuple(out)
+
+
+@register_rule("slice", "narrow")
+def _slice(t: Tracer, node: Node) -> Any:
+    x = node.args[0]
+    xl, src, out = t.of(x), _shape(x), t.fresh(node)
+    if xl is None or src is None or out is None:
+        return out
+    dim = _arg(node, 1, "dim", 0) % len(xl)
+    name = node.target._overloadpacket.__name__
+    size = src[dim]
+    if name == "narrow":
+        start, end, step = node.args[2], node.args[2] + node.args[3], 1
+    else:
+        start, end, step = _arg(node, 2, "start", 0), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    if not all(isinstance(v, (int, type(None))) for v in (start, end, step)) or size is None:
+        for k in range(len(xl)):
+            if k != dim:
+                out[k] = xl[k]
+        return out
+    start = 0 if start is None else (start + size if start < 0 else min(start, size))
+    end = size if end is None else (end + size if end < 0 else min(end, size))
+    for k in range(len(xl)):
+        if k != dim:
+            out[k] = xl[k]
+    if step == 1 and (piece := _slice_desc(t, xl[dim], start, end)) is not None and piece:
+        out[dim] = piece
+    elif not t.atoms.is_fixed(xl[dim]):
+        t.atoms.fix(xl[dim])
+    return out
+
+
+@register_rule("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
+def _split(t: Tracer, node: Node) -> Any:
+    x = node.args[0]
+    xl, src = t.of(x), _shape(x)
+    val = node.meta.get("val")
+    if xl is None or src is None or not isinstance(val, (tuple, list)):
+        return t.unknown(node, str(node.target))
+    name = node.target._overloadpacket.__name__
+    dim = (_arg(node, 1, "dim", 0) if name == "unbind" else _arg(node, 2, "dim", 0)) % len(xl)
+    outs, offset = [], 0
+    for v in val:
+        o = t.fresh(_FakeNode(v))
+        if name == "unbind":
+            t.atoms.fix(xl[dim])
+            o = [xl[k] for k in range(len(xl)) if k != dim]
+        else:
+            width = v.shape[dim]
+            piece = _slice_desc(t, xl[dim], offset, offset + width) if isinstance(width, int) else None
+            for k in range(len(xl)):
+                if k != dim:
+                    o[k] = xl[k]
+            if piece:
+                o[dim] = piece
+            else:
+                t.atoms.fix(xl[dim])
+            offset += width if isinstance(width, int) else 0
+        outs.append(o)
+    return tuple(outs)
