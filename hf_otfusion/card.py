@@ -20,6 +20,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .config import DatasetConfig, MergeConfig
 from .evaluate import EvalRow, format_table
+from .plan import AlignmentPlan
 from .sources import parse_ref
 
 
@@ -140,6 +141,9 @@ _REPAIRS = {
     "none": "none",
     "reset_bn": "reset_bn (BatchNorm statistics recomputed on the calibration data)",
     "repair": "repair (each channel's mean and std set to the average of its parents', REPAIR)",
+    "refit": "refit (every linear and conv layer re-solved in forward order by ridge least squares so that, on the "
+             "unlabelled calibration inputs as the fused model computes them, it reproduces the mean of its parents' "
+             "outputs; a layer-wise closed-form distillation: no labels, no gradient step)",
 }
 
 
@@ -194,6 +198,7 @@ def render_card(
     repo_id: str | None = None,
     auto_class: str | None = None,
     commits: Sequence[str | None] | None = None,
+    plan: AlignmentPlan | None = None,
 ) -> ModelCard:
     """Render the model card (README.md) of a model made from ``config``.
 
@@ -209,6 +214,7 @@ def render_card(
         commits: per parent, in the config's order, the Hub commit sha its revision resolved to (None for a local
             folder; see ``hf_otfusion.sources.ModelInfo.commit``); without them the commit column says
             "not recorded".
+        plan: the target's alignment plan; its hidden channels left fixed (``plan.fixed``) are listed.
 
     Returns:
         A ``huggingface_hub.ModelCard``; ``card.save(folder / "README.md")`` writes it, ``card.push_to_hub`` pushes it.
@@ -264,6 +270,8 @@ def render_card(
         "evaluation_source": "",
         "evaluation_table": "",
         "evaluation_legend": "",
+        "fixed": [(_cell(str(f.size)), _cell(", ".join(f.members)), _cell(f.reason)) for f in plan.fixed]
+        if plan is not None else [],
     }
     if evaluation:
         variables.update(_evaluation(config, evaluation))

@@ -1,4 +1,5 @@
-"""The ``hf-otfusion`` command line: ``merge`` a YAML config into a model folder, print a model's ``plan``."""
+"""The ``hf-otfusion`` command line: ``merge`` a YAML config into a model folder, ``align`` its parents into one
+basis for other merge tools, print a model's ``plan``."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def merge(
                               "most this size, e.g. 5GB or 500MB (transformers outputs)")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="print where the time went (load, trace, activations, "
                        "cost, solve, transport, write, ...)")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="refuse a plan that leaves movable hidden channels fixed "
+                      "(as parameters.strict: true)")] = False,
 ) -> None:
     """Fuse the models of a mergekit-style YAML config and write a loadable model with its card.
 
@@ -71,7 +74,7 @@ def merge(
     """
     from .config import load_config
     from .evaluate import format_table
-    from .merge import load_parents
+    from .merge import check_plan, load_parents
     from .merge import merge as run
     from .profile import profiling
     from .sources import example_input
@@ -84,6 +87,9 @@ def merge(
     say = (lambda text: None) if quiet else typer.echo
     with _user_errors():
         cfg = load_config(config)
+        if strict and cfg.merge_method == "otfusion":
+            params = cfg.fusion_parameters.model_copy(update={"strict": True})
+            cfg = cfg.model_copy(update={"parameters": params})
         if push_to_hub:
             _check_repo_id(push_to_hub)
         if dry_run:
@@ -91,7 +97,9 @@ def merge(
             _describe(parents, cfg, say)
             target = parents[cfg.target_index]
             if cfg.merge_method == "otfusion":
-                typer.echo(str(build_plan(target.model, example_input(target))))
+                built = build_plan(target.model, example_input(target))
+                typer.echo(str(built))
+                check_plan(built, cfg.fusion_parameters.strict)
             typer.echo("dry run: the config is valid and the models load; nothing was written")
             return
         with profiling() if profile else contextlib.nullcontext() as prof:
@@ -113,6 +121,43 @@ def merge(
             say(f"pushed to {url}")
 
 
+@app.command()
+def align(
+    config: Annotated[Path, typer.Argument(help="a merge YAML (merge_method: otfusion): parents, target, parameters")],
+    out: Annotated[Path, typer.Argument(help="the output folder (created; must be empty unless --overwrite)")],
+    device: Annotated[str, typer.Option(help="where alignment runs: cpu, cuda or auto", callback=_check_device)]
+    = "auto",
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summaries")] = False,
+) -> None:
+    """Transport every parent into the target's basis and write each as its own model, plus mergekit configs.
+
+    OUT/<name>/ is each parent (the target unchanged) in its library's format with a short card;
+    OUT/mergekit-linear.yml (and, for two parents, OUT/mergekit-slerp.yml) merge them next:
+    mergekit-yaml OUT/mergekit-slerp.yml MERGED. Their plain average is the OT fusion of the same config.
+
+    Example: hf-otfusion align examples/mnist-otfusion.yml aligned-mnist
+    """
+    from .config import load_config
+    from .merge import align_notes, align_parents
+
+    if quiet:
+        _quiet_libraries()
+    say = (lambda text: None) if quiet else typer.echo
+    with _user_errors():
+        cfg = load_config(config)
+        for note in align_notes(cfg):
+            typer.echo(f"note: {note}", err=True)
+        result = align_parents(cfg, out, device=device, overwrite=overwrite, progress=not quiet,
+                               on_loaded=lambda parents: _describe(parents, cfg, say, "align"))
+        configs = sorted(p.name for p in out.glob("mergekit-*.yml"))
+        say(f"\nwrote {out}: " + " ".join([f"{name}/" for name in result.names] + configs))
+        if configs:
+            say(f"next: mergekit-yaml {out / configs[-1]} MERGED")
+        else:
+            say(f"mergekit reads transformers checkpoints only: no mergekit config for {result.target.library} models")
+
+
 def _check_repo_id(repo_id: str) -> None:
     from .sources import SourceError, parse_ref
 
@@ -124,9 +169,9 @@ def _check_repo_id(repo_id: str) -> None:
         raise FusionError(f"--push-to-hub {repo_id!r} is not a Hub repo id ('name' or 'org/name')")
 
 
-def _describe(parents, cfg, say) -> None:
+def _describe(parents, cfg, say, method: str | None = None) -> None:
     target = parents[cfg.target_index]
-    say(f"{cfg.merge_method}: {len(parents)} {target.library} models ({target.architecture}), "
+    say(f"{method or cfg.merge_method}: {len(parents)} {target.library} models ({target.architecture}), "
         f"target {target.ref.text}")
 
 
@@ -135,6 +180,8 @@ def plan(
     model: Annotated[str, typer.Argument(help="a model reference: Hub id[@revision], hf-hub:name or local folder")],
     json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="exit with an error if the plan leaves movable hidden "
+                      "channels fixed")] = False,
 ) -> None:
     """Print the alignment plan of a model: its spaces and the tensor axes that index each.
 
@@ -148,7 +195,9 @@ def plan(
     with _user_errors():
         loaded = load_model(model)
         built = build_plan(loaded.model, example_input(loaded))
-    typer.echo(built.to_json() if json else str(built))
+        typer.echo(built.to_json() if json else str(built))
+        if strict:
+            built.check_strict()
 
 
 @app.command("demo")

@@ -59,16 +59,20 @@ class FusionParameters(_Frozen):
     solver: Literal["emd", "sinkhorn"] = "emd"
     reg: float = Field(0.05, gt=0.0, description="Sinkhorn regularisation, relative to the largest cost")
     marginals: Literal["uniform", "importance"] = "uniform"
-    repair: Literal["none", "reset_bn", "repair"] = Field(
+    repair: Literal["none", "reset_bn", "repair", "refit"] = Field(
         "none",
-        description="after fusion, on the calibration data: recompute BatchNorm statistics (reset_bn), or set each "
-        "hidden channel's mean and std to the average of its parents' (repair: REPAIR, folded into the weights)",
+        description="after fusion, on the calibration data: recompute BatchNorm statistics (reset_bn), set each "
+        "hidden channel's mean and std to the average of its parents' (repair: REPAIR, folded into the weights), or "
+        "refit every linear and conv layer in closed form onto the mean of its parents' outputs (refit: ridge least "
+        "squares on unlabelled inputs, no labels, no gradient)",
     )
     match_heads: bool = Field(True, description="match attention heads to heads before the channels inside them")
     residual: Literal["shared", "mean"] = Field(
         "shared", description="cost of a residual stream: solved once (shared), or the mean of its writers' costs"
     )
     standardize: bool = Field(False, description="activations mode: compare channels by correlation")
+    strict: bool = Field(False, description="refuse a plan that leaves hidden channels fixed that a permutation "
+                         "could move (an op without a tracer rule, a structure the plan cannot express)")
 
 
 class DatasetConfig(_Frozen):

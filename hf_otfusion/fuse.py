@@ -702,7 +702,11 @@ def fuse(
             ``calibration``, see ``hf_otfusion.repair.reset_norm_stats``); or ``"repair"`` (REPAIR: each hidden
             channel's mean and std set to the weighted average of its parents' on ``calibration``, measured on each
             parent and carried over by its couplings, folded into the weights; BatchNorm statistics are recomputed
-            too; see ``hf_otfusion.repair.repair_model``).
+            too; see ``hf_otfusion.repair.repair_model``); or ``"refit"`` (closed-form layer refit: every linear and
+            conv layer, in forward order, re-solved by ridge least squares so that on ``calibration`` its outputs,
+            with the fused model's inputs, match the weighted mean of the parents' outputs of the same layer; a
+            layer and the BatchNorm after it fitted as one and folded back; no labels and no gradient; see
+            ``hf_otfusion.refit.refit_model``).
 
     Returns:
         A new module (a copy of the target with fused weights); the inputs are not modified. Tied tensors (an
@@ -782,7 +786,7 @@ def fuse(
     sources = [StateSource(m.state_dict()) for m in models]
     couplings = align_sources(sources, plans, average, target=target, costs=costs, solver=solver, reg=reg,
                               marginals=marginals, heads=match_heads, residual=residual, device=dev,
-                              progress=progress, couplings=repair == "repair")
+                              progress=progress, couplings=repair in ("repair", "refit"))
     for alias, name in plan_t.aliases.items():
         fused[alias] = fused[name]
     if repair == "none":
@@ -792,6 +796,11 @@ def fuse(
     with timed("repair"):
         if repair == "reset_bn":
             return reset_norm_stats(_with_state(target_model, fused), calibration, device=dev)
+        if repair == "refit":
+            from .refit import refit_model
+
+            return refit_model(_with_state(target_model, fused), models, calibration, weights=w, couplings=couplings,
+                               device=dev, plan=plan_t, example_input=example_input, exported=ep_t)
         # each parent's statistics, measured on the parent and carried over by its couplings (exact for any widths)
         return repair_model(_with_state(target_model, fused), models, calibration, weights=w, couplings=couplings,
                             device=dev, plan=plan_t, example_input=example_input, exported=ep_t)

@@ -97,6 +97,7 @@ class FixedAxes(BaseModel):
     size: int
     members: tuple[str, ...] = Field(description="'tensor:axis' entries holding these channels")
     reason: str
+    necessary: bool = Field(False, description="no permutation of these channels keeps the function")
 
     def __str__(self) -> str:
         shown = ", ".join(self.members[:4]) + (f" (+{len(self.members) - 4})" if len(self.members) > 4 else "")
@@ -189,11 +190,27 @@ class AlignmentPlan(BaseModel):
             lines += [f"  - {f}" for f in self.fixed]
         return "\n".join(lines)
 
+    def refusals(self) -> list[str]:
+        """What ``strict`` refuses: ops without a rule, and hidden channels left fixed that a permutation could
+        move (the tracer could not express their structure); channels that no permutation may move pass."""
+        out = [f"no tracer rule for op {op!r}" for op in self.unhandled]
+        return out + [str(f) for f in self.fixed if not f.necessary]
+
+    def check_strict(self) -> None:
+        """Raise :class:`~hf_otfusion.errors.PlanError` listing :meth:`refusals`, if any."""
+        problems = self.refusals()
+        if problems:
+            from .errors import PlanError
+
+            raise PlanError(f"strict: the plan leaves {len(problems)} hidden structures unaligned: "
+                            + "; ".join(problems))
+
     def fixed_summary(self) -> str | None:
         """One line naming the hidden channels left fixed (for warnings and cards), or None when there are none."""
         if not self.fixed:
             return None
-        return f"{len(self.fixed)} hidden spaces left fixed: " + "; ".join(str(f) for f in self.fixed)
+        shown = "; ".join(str(f) for f in self.fixed[:2]) + ("; ..." if len(self.fixed) > 2 else "")
+        return f"{len(self.fixed)} hidden spaces left fixed: {shown}"
 
 
 def _format_member(m: AxisRef) -> str:

@@ -38,8 +38,8 @@ from .plan import AlignmentPlan
 from .trace import as_args, build_plan, export_model
 from .transport import channel_major, tiled
 
-Repair = Literal["none", "reset_bn", "repair"]
-REPAIRS: tuple[str, ...] = ("none", "reset_bn", "repair")
+Repair = Literal["none", "reset_bn", "repair", "refit"]
+REPAIRS: tuple[str, ...] = ("none", "reset_bn", "repair", "refit")  # refit: hf_otfusion.refit.refit_model
 REPAIR_CHUNK = 1024  # rows per pass when calibration is one tensor: REPAIR normalises with each batch's statistics
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 State = dict[str, torch.Tensor]

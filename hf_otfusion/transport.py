@@ -1,7 +1,8 @@
 """Ground metrics, marginals, OT solvers and the transport of tensor axes.
 
 Backend-agnostic torch code: everything runs on the device of its inputs, except exact EMD, which POT solves
-on the CPU (and the assignment fast path, solved by SciPy). ``T`` is always an (n_a, n_b) coupling that sums
+on the CPU (and the assignment fast path, solved on the CPU by lapx's Jonker-Volgenant solver, or SciPy's
+``linear_sum_assignment`` where lapx is not installed). ``T`` is always an (n_a, n_b) coupling that sums
 to one; :func:`barycentric_map` turns it into the (n_b, n_a) matrix that maps A's channels onto B's.
 """
 
@@ -69,7 +70,7 @@ def solve(
         raise FusionError("the cost matrix has NaN or infinite entries (NaN weights or activations?)")
     if solver == "emd":
         if uniform and n_a == n_b:
-            rows, cols = linear_sum_assignment(cost.detach().double().cpu().numpy())
+            rows, cols = assignment(cost.detach().double().cpu().numpy())
             t = torch.zeros((n_a, n_b), dtype=torch.float64)
             t[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0 / n_a
             return t.to(device)
@@ -92,6 +93,31 @@ def solve(
         raise FusionError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     _check_coupling(t, a.to(t.device), b.to(t.device), solver)
     return t
+
+
+def assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact linear assignment of a square ``cost``: ``(rows, cols)``, row ``rows[i]`` going to column ``cols[i]``.
+
+    lapx's ``lapjvs`` (Jonker-Volgenant, with its float64 kernel, so the optimum is exact in float64) when lapx
+    is installed: 3-6x faster than SciPy on hard costs at 3,072-5,632 channels, about 2x on near-permutation
+    ones (docs/bench.md).
+    Else SciPy's ``linear_sum_assignment``. Both return the optimum; between tied optima they may differ.
+    """
+    lapjvs = _lapjvs()
+    if lapjvs is None or cost.shape[0] != cost.shape[1]:
+        return linear_sum_assignment(cost)
+    rows, cols = lapjvs(np.ascontiguousarray(cost, dtype=np.float64), extend_cost=False, return_cost=False,
+                        jvx_like=True, prefer_float32=False)
+    return np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+
+
+def _lapjvs():
+    """lapx's JV solver, or None where lapx is absent (the ``lap`` module of the older ``lap`` has no lapjvs)."""
+    try:
+        from lap import lapjvs
+    except ImportError:
+        return None
+    return lapjvs
 
 
 def _check_coupling(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, solver: str) -> None:

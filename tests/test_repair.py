@@ -175,7 +175,7 @@ def test_fuse_repair_options_and_errors():
     model = _bn_cnn(0)
     x = X[:4]
     permuted = random_permutation(model, example_input=x)
-    assert REPAIRS == ("none", "reset_bn", "repair")
+    assert REPAIRS == ("none", "reset_bn", "repair", "refit")
     reset = fuse([model, permuted], example_input=x, calibration=X, repair="reset_bn", progress=False)
     torch.testing.assert_close(reset[1].running_mean, reset_norm_stats(model, X)[1].running_mean)
     with pytest.raises(FusionError, match="unknown repair 'bogus': choose one of none, reset_bn, repair"):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 from torch import nn
-from zoo import SMALL, TIMM, make
+from zoo import SMALL, TIMM, make, randomize_state, run
 
-from hf_otfusion import PlanError, build_plan
+from hf_otfusion import PlanError, build_plan, fuse, random_permutation
 from hf_otfusion.trace import RULES, register_rule
 
 FAMILIES = SMALL + ["timm_resnet18", "timm_resnet50", "timm_vgg11", "timm_mobilenetv3"]
@@ -72,6 +72,8 @@ def test_depthwise_and_grouped_convs():
     names = [s.name for s in gn_plan.spaces]
     assert "0.weight:0" in names  # GroupNorm(1, C): free
     assert "3.weight:0" not in names  # GroupNorm(2, C): channels may not leave their group
+    assert any("3.weight:0" in f.members and f.reason.startswith("group norm: statistics over 2 contiguous")
+               for f in gn_plan.fixed)
 
 
 class Mystery(nn.Module):
@@ -129,3 +131,129 @@ def test_tied_weights_are_reported_as_aliases():
 def test_more_timm_families_plan_without_unhandled_ops(name):
     model, x = make(name)
     assert not build_plan(model, x).unhandled
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-head tables and grouped convolutions, with every entry of the state dict random: a wrong plan changes the
+# function under a random permutation, and fusing with weights [0, 1] must carry the other model over exactly.
+
+
+def _hf_swin() -> tuple[nn.Module, object]:
+    import transformers
+
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                                     window_size=4, num_labels=3)
+    return transformers.SwinForImageClassification(config), torch.randn(2, 3, 32, 32)
+
+
+def _hf_t5() -> tuple[nn.Module, object]:
+    import transformers
+
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    gen = torch.Generator().manual_seed(0)
+    ids = {"input_ids": torch.randint(0, 64, (2, 7), generator=gen),
+           "decoder_input_ids": torch.randint(0, 64, (2, 5), generator=gen)}
+    return transformers.T5ForConditionalGeneration(config), ids
+
+
+def _timm_model(name: str):
+    def build() -> tuple[nn.Module, object]:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=4), torch.randn(2, 3, 32, 32)
+
+    return build
+
+
+BLOCKED = {"hf_swin": _hf_swin, "hf_t5": _hf_t5, "timm_regnetx_002": _timm_model("regnetx_002"),
+           "timm_resnext26ts": _timm_model("resnext26ts")}
+_BLOCKED_CACHE: dict[str, tuple] = {}
+
+
+def _random_state(model: nn.Module, seed: int) -> nn.Module:
+    randomize_state(model, seed)
+    with torch.no_grad():
+        for key, value in model.state_dict(keep_vars=True).items():
+            if key.endswith("running_var"):
+                value.abs_().add_(0.5)
+    return model.eval()
+
+
+def _blocked(name: str) -> tuple:
+    if name not in _BLOCKED_CACHE:
+        torch.manual_seed(0)
+        model, x = BLOCKED[name]()
+        model = _random_state(model, 0)
+        plan = build_plan(model, x)
+        _BLOCKED_CACHE[name] = (model, x, plan, random_permutation(model, plan, seed=1))
+    return _BLOCKED_CACHE[name]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def _space_of(plan, tensor: str, axis: int):
+    return next(s for s in plan.spaces if any(m.tensor == tensor and m.axis == axis for m in s.members))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(BLOCKED))
+def test_per_head_tables_and_grouped_convs_plan_exactly(name):
+    model, x, plan, permuted = _blocked(name)
+    assert not plan.unhandled
+    with torch.no_grad():
+        assert _rel(run(permuted, x), run(model, x)) < 1e-4
+    state, moved = model.state_dict(), permuted.state_dict()
+    for key, value in state.items():  # every hidden weight layer moves (not the stem's input, nor the classifier)
+        if value.dim() >= 2 and not any(io in key for io in ("embed", "stem", "head", "classifier", "lm_head",
+                                                              "shared", "relative_position_index")):
+            assert not torch.equal(value, moved[key]), f"{key} did not move"
+
+
+@pytest.mark.parametrize("name", ["hf_swin", "hf_t5"])
+def test_relative_position_bias_tables_move_with_their_heads(name):
+    model, x, plan, permuted = _blocked(name)
+    tables = [k for k in plan.tensors if "relative_position_bias_table" in k or "relative_attention_bias" in k]
+    assert tables
+    for table in tables:
+        assert not torch.equal(model.state_dict()[table], permuted.state_dict()[table]), f"{table} did not move"
+        heads = _space_of(plan, table, 1)  # the table's per-head axis is a member of its attention's heads
+        query = table.split(".relative")[0] + (".q.weight" if name == "hf_t5" else ".q_proj.weight")
+        assert heads.head_group is not None and heads.heads == heads.size
+        assert _space_of(plan, query, 0).head_group == heads.head_group
+
+
+def test_t5_bias_shared_by_every_layer_ties_their_heads():
+    _, _, plan, _ = _blocked("hf_t5")
+    table = _space_of(plan, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", 1)
+    tied = {m.tensor for s in plan.head_groups()[table.head_group] for m in s.members}
+    assert {"encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.1.layer.0.SelfAttention.q.weight",
+            "encoder.block.1.layer.0.SelfAttention.o.weight"} <= tied
+    # cross-attention adds a zero bias: its heads stay free, one order per layer
+    cross = [_space_of(plan, f"decoder.block.{i}.layer.1.EncDecAttention.q.weight", 0) for i in range(2)]
+    assert all(s.head_group is not None for s in cross) and cross[0].head_group != cross[1].head_group
+
+
+@pytest.mark.parametrize("name", ["timm_regnetx_002", "timm_resnext26ts"])
+def test_grouped_conv_moves_whole_groups_and_reports_the_channels_inside(name):
+    model, _, plan, _ = _blocked(name)
+    convs = [(k, m) for k, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels]
+    assert convs
+    for key, conv in convs:
+        out = _space_of(plan, f"{key}.weight", 0)
+        into = next(s for s in plan.spaces if s.head_group == out.head_group and s is not out)
+        assert out.heads == into.heads == conv.groups and out.head_dim == conv.out_channels // conv.groups
+        assert not any(m.tensor == f"{key}.weight" and m.axis == 1 for s in plan.spaces for m in s.members)
+    assert any(f.reason.startswith("the channels inside each head: grouped convolution") for f in plan.fixed)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(BLOCKED))
+def test_the_other_blocked_model_arrives_in_the_targets_basis(name):
+    model, x, plan, _ = _blocked(name)
+    other = _random_state(BLOCKED[name]()[0], seed=11)
+    with torch.no_grad():
+        shuffled = random_permutation(other, plan, seed=5)
+        fused = fuse([model, shuffled], weights=[0, 1], example_input=x, plan=plan, progress=False)
+        assert _rel(run(fused, x), run(other, x)) < 1e-4

@@ -51,3 +51,49 @@ def test_transport_axis_with_offset_and_repeat():
     assert out[0].tolist() == [0, 1, 2, 5, 6, 3, 4]
     merge = ChannelMap(torch.tensor([[0.5, 0.5]]))  # two channels onto one: their mean
     assert transport_axis(x, merge, axis=1, offset=3, repeat=2)[0].tolist() == [0, 1, 2, 4, 5]
+
+
+def _assignment_costs():
+    """Seeded square costs of the kinds fusions produce: independent rows, a noisy permuted copy, uniform noise."""
+    gen = torch.Generator().manual_seed(14)
+    for n in (1, 7, 64, 300):
+        w = torch.randn(n, 16, generator=gen)
+        yield pairwise_distance(w, torch.randn(n, 16, generator=gen))
+        yield pairwise_distance(w, w[torch.randperm(n, generator=gen)] + 0.3 * torch.randn(n, 16, generator=gen))
+        yield torch.rand(n, n, generator=gen)
+    yield torch.randint(0, 3, (40, 40), generator=gen).float()  # many tied optima
+
+
+def test_assignment_solver_matches_scipy_optimum():
+    pytest.importorskip("lap")
+    from scipy.optimize import linear_sum_assignment
+
+    from hf_otfusion import transport
+
+    assert transport._lapjvs() is not None  # lapx is a dependency: the fast solver is the one in use
+    for cost in _assignment_costs():
+        c = cost.double().numpy()
+        n = c.shape[0]
+        t = solve(cost, marginal(n), marginal(n))
+        perm = t.argmax(1)
+        assert torch.equal(torch.sort(perm).values, torch.arange(n))  # a permutation, every entry 1/n
+        assert torch.allclose(t.sum(0), marginal(n)) and torch.allclose(t.sum(1), marginal(n))
+        rows, cols = linear_sum_assignment(c)
+        assert abs(c[torch.arange(n).numpy(), perm.numpy()].sum() - c[rows, cols].sum()) <= 1e-9 * max(1, n)
+
+
+def test_assignment_falls_back_to_scipy_without_lapx(monkeypatch):
+    import sys
+
+    from hf_otfusion import transport
+
+    monkeypatch.setitem(sys.modules, "lap", None)  # `from lap import ...` now raises ImportError
+    assert transport._lapjvs() is None
+    calls = []
+    real = transport.linear_sum_assignment
+    monkeypatch.setattr(transport, "linear_sum_assignment", lambda c: calls.append(c.shape) or real(c))
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(30, 5, generator=gen)
+    perm = torch.randperm(30, generator=gen)
+    t = solve(pairwise_distance(a[perm], a), marginal(30), marginal(30))
+    assert calls == [(30, 30)] and torch.equal(t.argmax(1), perm)

@@ -61,6 +61,8 @@ def make(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     torch.manual_seed(seed)
     entry = ZOO[name]
     model = entry.build()
+    if name in DECODERS:
+        return randomize_state(model, seed).eval(), inputs(name, 4, seed + 100)
     if name in TRANSFORMERS:
         randomize_weights(model, seed)
     model = randomize_norms(model, seed).eval()
@@ -384,5 +386,55 @@ register("head_scaled_attention", (5, 6))(HeadScaledAttention)
 
 TRANSFORMERS = ["head_scaled_attention", "timm_vit", "timm_vit_eager", "timm_deit_distilled", "hf_vit_sdpa",
                 "hf_vit_eager", "hf_bert_sdpa", "hf_bert_eager", "hf_bert_mlm", "hf_gpt2"]
-SMALL = [n for n in ZOO if not n.startswith("timm_") and n not in TRANSFORMERS]
+SMALL = [n for n in ZOO if not n.startswith("timm_") and n not in TRANSFORMERS]  # (decoders register below)
 TIMM = [n for n in ZOO if n.startswith("timm_") and n not in TRANSFORMERS]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder LLMs with their default configs (key/value cache on): grouped-query and multi-query attention, rotary
+# embeddings (full and partial), q/k norms, qkv biases, a per-head fused qkv, SwiGLU
+
+
+def _token_ids(batch: int, seed: int, vocab: int = 64, length: int = 8) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))}
+
+
+def _decoder(kind: str, **extra: object) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        config = getattr(transformers, f"{kind}Config")(**common, **extra)
+        return getattr(transformers, f"{kind}ForCausalLM")(config)
+
+    return build
+
+
+DECODER_FAMILIES = {
+    "llama_gqa": _decoder("Llama", num_key_value_heads=2),
+    "llama_mha": _decoder("Llama", num_key_value_heads=4, attention_bias=True),
+    "mistral_gqa": _decoder("Mistral", num_key_value_heads=2),
+    "qwen2_gqa_bias": _decoder("Qwen2", num_key_value_heads=2),
+    "qwen3_qk_norm": _decoder("Qwen3", num_key_value_heads=2, head_dim=8),
+    "gemma_mqa": _decoder("Gemma", num_key_value_heads=1, head_dim=8),
+    "gpt_neox_partial_rotary": _decoder("GPTNeoX", rotary_pct=0.5),
+    "phi_partial_rotary": _decoder("Phi", num_key_value_heads=2, partial_rotary_factor=0.5),
+}
+for _name, _build in DECODER_FAMILIES.items():
+    register(_name, (8,), _token_ids)(_build)
+DECODERS = list(DECODER_FAMILIES)
+
+
+def randomize_state(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every floating entry of the state dict random (norm gains around 1, biases, tables, statistics), so that a
+    wrong permutation of any of them changes the outputs; non-persistent buffers (rotary tables) are left alone."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if tensor.is_floating_point():
+                fan_in = tensor[0].numel() if tensor.dim() > 1 else tensor.shape[0]
+                noise = torch.randn(tensor.shape, generator=gen)
+                gain = name.endswith("norm.weight") or "layernorm" in name and name.endswith("weight")
+                tensor.copy_(1 + 0.3 * noise if gain else noise * fan_in**-0.5)
+    return model

@@ -16,7 +16,7 @@ from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
 from ..errors import PlanError
-from ..plan import AlignmentPlan, AxisRef, Site, Space
+from ..plan import AlignmentPlan, AxisRef, FixedAxes, Site, Space
 from .export import export_model
 from .labels import Desc, Labels, _Atoms, _FakeNode, _shape, _Stack
 
@@ -46,6 +46,13 @@ def register_stack_rule(fn: StackRule) -> StackRule:
     return fn
 
 
+INPUT, OUTPUT, VOCABULARY = "model input", "model output", "vocabulary"
+CONSTANT = "a constant of the graph (a non-persistent buffer or a computed table, e.g. rotary frequencies)"
+TABLE = ("combined channel by channel with a table computed in the graph (e.g. rotary embeddings' cos/sin): no "
+         "permutation of these channels keeps the function")
+_IO = (INPUT, OUTPUT, VOCABULARY)
+
+
 class Tracer:
     """Walks an exported graph once, applying the rule of each op to the labels of its values."""
 
@@ -70,12 +77,12 @@ class Tracer:
         self.index = 0
 
     # -- labels -------------------------------------------------------------------------------------------
-    def new(self, size: int | None, fixed: bool = True) -> Desc:
-        return ((self.atoms.new(size, fixed), 1),)
+    def new(self, size: int | None, fixed: bool = True, why: str | None = None) -> Desc:
+        return ((self.atoms.new(size, fixed, why), 1),)
 
-    def fresh(self, node: Any, fixed: bool = True) -> Labels | None:
+    def fresh(self, node: Any, fixed: bool = True, why: str | None = None) -> Labels | None:
         shape = _shape(node)
-        return None if shape is None else [self.new(s, fixed) for s in shape]
+        return None if shape is None else [self.new(s, fixed, why) for s in shape]
 
     def of(self, arg: Any) -> Labels | None:
         if isinstance(arg, Node):
@@ -83,16 +90,16 @@ class Tracer:
             return value if isinstance(value, list) else None
         return None
 
-    def fix_all(self, labels: Any) -> None:
+    def fix_all(self, labels: Any, why: str | None = None) -> None:
         if isinstance(labels, list):
             for d in labels:
-                self.atoms.fix(d)
+                self.atoms.fix(d, why)
         elif isinstance(labels, tuple):
             for item in labels:
-                self.fix_all(item)
+                self.fix_all(item, why)
         elif isinstance(labels, _Stack):
             for item in labels.items:
-                self.fix_all(item)
+                self.fix_all(item, why)
 
     def is_free(self, labels: Any) -> bool:
         if isinstance(labels, list):
@@ -126,20 +133,22 @@ class Tracer:
                     self.labels[node.name] = [((a, 1),) for a in self.param_axes[name]]
                     self.param_of_node[node.name] = name
                 else:
-                    self.labels[node.name] = self.fresh(node, fixed=True)
+                    user = spec is not None and spec.kind == InputKind.USER_INPUT
+                    self.labels[node.name] = self.fresh(node, fixed=True, why=INPUT if user else CONSTANT)
             elif node.op == "call_function":
                 self.index += 1
                 self.node_name = node.name
                 target = node.target
                 self.op_name = (target._overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload)
                                 else getattr(target, "__name__", str(target)))
+                self.atoms.context = f"op '{self.op_name}' (node {node.name})"
                 for arg in node.all_input_nodes:
                     if arg.name in self.param_of_node:
                         self.first_use.setdefault(self.param_of_node[arg.name], self.index)
                 self.labels[node.name] = self.apply(node)
             elif node.op == "output":
                 for arg in node.all_input_nodes:
-                    self.fix_all(self.labels.get(arg.name))
+                    self.fix_all(self.labels.get(arg.name), OUTPUT)
 
     def apply(self, node: Node) -> Any:
         target = node.target
@@ -173,6 +182,7 @@ class Tracer:
         if self.op_name not in self.unhandled:
             self.unhandled.append(self.op_name)
         self.notes.append(message)
+        self.atoms.context = message  # the reason of whatever the rule fixes next
 
     def unknown(self, node: Node, name: str) -> Any:
         inputs = [self.labels.get(a.name) for a in node.all_input_nodes]
@@ -183,7 +193,7 @@ class Tracer:
             if name not in self.unhandled:
                 self.unhandled.append(name)
             for x in inputs:
-                self.fix_all(x)
+                self.fix_all(x, f"no tracer rule for op '{name}' (node {node.name})")
         val = node.meta.get("val")
         if isinstance(val, (tuple, list)):
             return tuple(self.fresh(_FakeNode(v)) for v in val)
@@ -196,15 +206,15 @@ class Tracer:
         members: dict[int, list[AxisRef]] = {}
         for tensor, axes in self.param_axes.items():
             for axis, atom in enumerate(axes):
-                for root, offset, repeat in self._segments(((atom, 1),)):
+                for root, offset, repeat, tile in self._segments(((atom, 1),)):
                     members.setdefault(root, []).append(AxisRef(tensor=tensor, axis=axis, offset=offset,
-                                                                repeat=repeat))
+                                                                repeat=repeat, tile=tile))
         sites: dict[int, list[Site]] = {}
         for kind in (self.consumer_sites, self.producer_sites):
             found: dict[int, list[Site]] = {}
             for node, dim, desc in kind:
-                for root, offset, repeat in self._segments(desc):
-                    site = Site(node=node, dim=dim, offset=offset, repeat=repeat)
+                for root, offset, repeat, tile in self._segments(desc):
+                    site = Site(node=node, dim=dim, offset=offset, repeat=repeat, tile=tile)
                     if site not in found.setdefault(root, []):
                         found[root].append(site)
             for root, s in found.items():
@@ -212,7 +222,7 @@ class Tracer:
         order: dict[int, int] = {}
         n_producers: dict[int, int] = {}
         for index, desc in self.producers:
-            for root in dict.fromkeys(root for root, _, _ in self._segments(desc)):
+            for root in dict.fromkeys(seg[0] for seg in self._segments(desc)):
                 order.setdefault(root, index)
                 n_producers[root] = n_producers.get(root, 0) + 1
         spaces = []
@@ -220,6 +230,8 @@ class Tracer:
         for root, refs in members.items():
             if root not in sites and root not in atoms.heads:
                 continue  # a parameter axis that never meets an activation is not a space (unused tensor)
+            if atoms.size[root] == 1:
+                continue  # one channel (e.g. the single key/value head of multi-query attention): nothing moves
             # (per-head parameters move with their heads even where no activation carries them)
             key = order.get(root, min(self.first_use.get(m.tensor, 1 << 30) for m in refs))
             first = min(refs, key=lambda m: (self.first_use.get(m.tensor, 1 << 30), m.axis != 0, m.offset))
@@ -241,21 +253,71 @@ class Tracer:
             tensors={k: tuple(v.shape) for k, v in state.items()},
             aliases=aliases,
             unhandled=tuple(self.unhandled),
+            fixed=self._fixed_report(),
         )
 
-    def _resolve(self, root: int) -> tuple[int, int] | None:
-        """The space a free root atom's channels belong to (a key atom) and the repeat of each channel there.
+    def _fixed_report(self) -> tuple[FixedAxes, ...]:
+        """Hidden channels left fixed for a reason other than being a model input or output: the output channels
+        of a layer (or the channels inside its heads) that the plan keeps in place, with the tensors that hold them."""
+        atoms = self.atoms
+        found: dict[int, None] = {}
+        for _, desc in self.producers:
+            for atom, _ in atoms.expand(desc):
+                root = atoms.find(atom)
+                src = atoms.tiles.get(root, (root, 1))[0]
+                for r in (root, atoms.find(src)):
+                    parts = [r] + [atoms.find(a) for a in atoms.split.get(r, ())]
+                    for part in parts:
+                        if atoms.fixed[part] and atoms.why.get(part, "") not in _IO and (atoms.size[part] or 0) > 1:
+                            found.setdefault(part)
+        if not found:
+            return ()
+        holders: dict[int, list[str]] = {root: [] for root in found}
+        for tensor, axes in self.param_axes.items():
+            for axis, atom in enumerate(axes):
+                for a, _ in atoms.expand(((atom, 1),)):
+                    r = atoms.find(a)
+                    r = atoms.find(atoms.tiles.get(r, (r, 1))[0])
+                    for part in [r] + [atoms.find(x) for x in atoms.split.get(r, ())]:
+                        if part in holders and f"{tensor}:{axis}" not in holders[part]:
+                            holders[part].append(f"{tensor}:{axis}")
+        out = []
+        for root in found:
+            if not holders[root]:
+                continue
+            reason = atoms.why.get(root, "fixed")
+            if root in atoms.owner:
+                reason = f"the channels inside each head: {reason}"
+            elif root in atoms.heads:
+                reason = f"the order of the heads: {reason}"
+            out.append(FixedAxes(size=atoms.size[root] or 0, members=tuple(holders[root]), reason=reason,
+                                 necessary=atoms.why.get(root) == TABLE))
+        return tuple(out)
 
-        A headed atom whose head-dim channels are fixed is its heads, each repeated head_dim times.
+    def _resolve(self, root: int) -> tuple[int, int, int] | None:
+        """The space a free root atom's channels belong to (a key atom), the repeat of each channel there and the
+        tile of each head block.
+
+        A headed atom whose head-dim channels are fixed is its heads, each repeated head_dim times. A tile of a
+        headed atom (grouped-query attention) is that atom's space, each head block tiled.
         """
         atoms = self.atoms
+        if root in atoms.tiles:
+            src, g = atoms.tiles[root]
+            inner = self._resolve(atoms.find(src))
+            return None if inner is None or atoms.fixed[root] else (inner[0], inner[1], inner[2] * g)
         if atoms.fixed[root]:
             return None
+        if root in atoms.head_tiles:  # query heads, each reading its group's key/value head
+            src, g = atoms.head_tiles[root]
+            inner = self._resolve(atoms.find(src))
+            return None if inner is None else (inner[0], inner[1], inner[2] * g)
         if root in atoms.split:
             h, w = (atoms.find(a) for a in atoms.split[root])
             if atoms.fixed[w]:
-                return None if atoms.fixed[h] else (h, atoms.size[w] or 1)
-        return root, 1
+                inner = None if atoms.fixed[h] else self._resolve(h)
+                return None if inner is None else (inner[0], inner[1] * (atoms.size[w] or 1), inner[2])
+        return root, 1, 1
 
     def _heads(self, key: int) -> tuple[int, int | None]:
         """(number of heads, head atom shared by its head group or None when heads stay in place) of a space."""
@@ -269,14 +331,15 @@ class Tracer:
             return (n, None if atoms.fixed[h] or n == 1 else h) if n > 1 else (1, None)
         return 1, None
 
-    def _segments(self, desc: Desc) -> list[tuple[int, int, int]]:
-        """(space key, offset, repeat) of each free segment of a dimension."""
+    def _segments(self, desc: Desc) -> list[tuple[int, int, int, int]]:
+        """(space key, offset, repeat, tile) of each free segment of a dimension."""
         out, offset = [], 0
         for atom, repeat in self.atoms.expand(desc):
             size = self.atoms.size[atom] or 0
             resolved = self._resolve(atom)
             if resolved is not None:
-                out.append((resolved[0], offset, repeat * resolved[1]))
+                key, rep, tile = resolved
+                out.append((key, offset, repeat * rep, tile))
             offset += size * repeat
         return out
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,7 +42,7 @@ def export_model(model: nn.Module, example_input: Any) -> ExportedProgram:
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), no_cache(model):
             warnings.simplefilter("ignore", FutureWarning)
             return _export(model, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - torch raises many types; the user needs one clear message
@@ -75,10 +77,32 @@ def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     return out
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
-    dynamic = _dynamic_batch(model, args, kwargs)
+@contextlib.contextmanager
+def no_cache(model: nn.Module) -> Iterator[None]:
+    """Trace without a key/value cache: ``use_cache`` is off in every config a transformers model's modules hold
+    while tracing and restored afterwards, so the model the user saves is unchanged and the graph's inputs are
+    the user's own (a cache object is no graph output torch.export can return)."""
+    configs = [getattr(m, "config", None) for m in model.modules()]  # T5's stacks hold copies of the config
+    for config in list(configs):
+        with contextlib.suppress(Exception):
+            configs.append(config.get_text_config(decoder=True))
+    saved = [(c, c.use_cache) for c in {id(c): c for c in configs if c is not None}.values()
+             if getattr(c, "use_cache", None)]
+    for c, _ in saved:
+        c.use_cache = False
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        yield
+    finally:
+        for c, value in saved:
+            c.use_cache = value
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
+    """A dynamic batch dimension where it exports and decomposes; else (any failure in either step) static."""
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs),
+                                 strict=False)
+        return ep.run_decompositions({})
     except Exception:  # noqa: BLE001 - a model that specialises its batch size still exports statically
         ep = torch.export.export(model, args, kwargs, strict=False)
-    return ep.run_decompositions({})
+        return ep.run_decompositions({})

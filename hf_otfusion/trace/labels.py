@@ -38,12 +38,45 @@ class _Atoms:
     split: dict[int, tuple[int, int]] = field(default_factory=dict)  # root -> (head atom, within atom)
     owner: dict[int, int] = field(default_factory=dict)  # root of a within atom -> the atom it splits
     heads: set[int] = field(default_factory=set)  # roots of head atoms
+    # grouped-query attention: root of a headed atom -> (headed atom, g) whose every head it holds g times in a
+    # row (the keys/values as each query head reads them), and the same for their head atoms
+    tiles: dict[int, tuple[int, int]] = field(default_factory=dict)
+    head_tiles: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _tiled: dict[tuple[int, int], int] = field(default_factory=dict)
+    why: dict[int, str] = field(default_factory=dict)  # root of a fixed atom -> why it is fixed
+    # dims of a tensor filled with one value (zeros, full): fixed alone, but any order of them is the same tensor,
+    # so joining one with other channels makes it those channels (T5's zero position bias of cross-attention)
+    uniform: set[int] = field(default_factory=set)
+    context: str = ""  # the op being traced, for the reasons
 
-    def new(self, size: int | None, fixed: bool = False) -> int:
+    def new(self, size: int | None, fixed: bool = False, why: str | None = None) -> int:
         self.parent.append(len(self.parent))
         self.size.append(size)
         self.fixed.append(fixed)
+        if fixed:
+            self.why[len(self.parent) - 1] = why or f"made by {self.context}"
         return len(self.parent) - 1
+
+    def mark(self, atom: int, why: str | None = None) -> bool:
+        """Fix one atom, recording why (the op being traced when no reason is given); False if it was fixed."""
+        if self.fixed[atom]:
+            return False
+        self.fixed[atom] = True
+        self.why[atom] = why or f"at {self.context}"
+        return True
+
+    def release(self, atom: int) -> None:
+        """A uniform atom joined with other channels: it becomes them (free unless they are fixed)."""
+        if atom in self.uniform:
+            self.uniform.discard(atom)
+            self.fixed[atom] = False
+            self.why.pop(atom, None)
+
+    def is_uniform(self, desc: Desc) -> bool:
+        return all(a in self.uniform for a, _ in self.expand(desc))
+
+    def reason(self, atom: int) -> str:
+        return self.why.get(self.find(atom), "fixed")
 
     def find(self, a: int) -> int:
         root = a
@@ -75,9 +108,9 @@ class _Atoms:
             total += size * repeat
         return total
 
-    def fix(self, desc: Desc) -> None:
+    def fix(self, desc: Desc, why: str | None = None) -> None:
         for atom, _ in self.expand(desc):
-            self.fixed[atom] = True
+            self.mark(atom, why)
 
     def is_fixed(self, desc: Desc) -> bool:
         return all(self.fixed[a] for a, _ in self.expand(desc))
@@ -100,9 +133,16 @@ class _Atoms:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
+        if (ra in self.uniform) != (rb in self.uniform):
+            self.release(ra if ra in self.uniform else rb)
         mismatch = self.size[ra] is not None and self.size[rb] is not None and self.size[ra] != self.size[rb]
         if mismatch or not self._compatible(ra, rb):
-            self.fixed[ra] = self.fixed[rb] = True
+            why = f"joined with channels of another size or structure at {self.context}"
+            if (ra in self.owner) != (rb in self.owner):
+                why = ("one tensor indexes the channels inside every head alike (e.g. a q/k norm's weight, at "
+                       f"{self.context}): a permutation inside heads shared by all heads is not expressible")
+            self.mark(ra, self.why.get(rb, why))
+            self.mark(rb, self.why.get(ra, why))
             for r in (ra, rb):
                 if r in self.definition:
                     self.fix(self.definition[r])
@@ -110,7 +150,8 @@ class _Atoms:
         self.parent[rb] = ra
         if self.size[ra] is None:
             self.size[ra] = self.size[rb]
-        self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
+        if self.fixed[rb]:
+            self.mark(ra, self.why.get(rb))
         da, db = self.definition.pop(ra, None), self.definition.pop(rb, None)
         if da is not None and db is not None:
             self.definition[ra] = da
@@ -126,6 +167,16 @@ class _Atoms:
         sa, sb = self.split.pop(ra, None), self.split.pop(rb, None)
         if sa is not None or sb is not None:
             self.split[ra] = sa if sa is not None else sb  # type: ignore[assignment]
+        for tiles in (self.tiles, self.head_tiles):
+            ta, tb = tiles.pop(ra, None), tiles.pop(rb, None)
+            if ta is not None or tb is not None:
+                tiles[ra] = ta if ta is not None else tb  # type: ignore[assignment]
+            if ta is not None and tb is not None:
+                if ta[1] == tb[1]:
+                    self.union(ta[0], tb[0])  # two tiles of the same channels: keys and values of one group
+                else:
+                    for r in (ta[0], tb[0], ra):
+                        self.mark(self.find(r), "grouped-query tiles of different group sizes")
         if wa is not None and wb is not None:
             self.union(wa, wb)  # the same channels in every head: the same headed space (queries and keys)
         if sa is not None and sb is not None:
@@ -149,6 +200,8 @@ class _Atoms:
                     return
                 if self._structured(root):
                     break
+                if not self.is_uniform(eb):
+                    self.release(root)
                 if self.size[root] is not None and self.width(eb) not in (None, self.size[root]):
                     break
                 self.definition[root] = eb
@@ -183,6 +236,32 @@ class _Atoms:
         if self.size[self.find(h)] != n_heads:
             return None
         return ((h, 1),), ((w, 1),)
+
+    def owner_of_heads(self, head: int) -> int | None:
+        """The headed atom whose head atom is ``head`` (a root), or None."""
+        for x, (h, _) in self.split.items():
+            if self.find(h) == head and self.find(x) == x:
+                return x
+        return None
+
+    def tile(self, x: int, g: int) -> int:
+        """The headed atom that holds every head of headed atom ``x`` ``g`` times in a row (grouped-query
+        attention's ``repeat_kv``): its own (head, within) split, tied to ``x`` through :attr:`tiles`."""
+        x = self.find(x)
+        key = (x, g)
+        if key in self._tiled:
+            return self.find(self._tiled[key])
+        h, w = (self.find(a) for a in self.split[x])
+        size, n = self.size[x], self.size[h]
+        out = self.new(None if size is None else size * g)
+        h_t, w_t = self.new(None if n is None else n * g), self.new(self.size[w])
+        self.heads.add(h_t)
+        self.owner[w_t] = out
+        self.split[out] = (h_t, w_t)
+        self.tiles[out] = (x, g)
+        self.head_tiles[h_t] = (h, g)
+        self._tiled[key] = out
+        return out
 
     def head_merge(self, head: Desc, within: Desc) -> Desc | None:
         """The headed atom whose (head, within) labels these are, or None."""
@@ -245,8 +324,20 @@ class _Atoms:
             for x, (h, w) in list(self.split.items()):
                 if self.fixed[self.find(x)]:
                     for part in (self.find(h), self.find(w)):
-                        if not self.fixed[part]:
-                            self.fixed[part] = changed = True
+                        if self.mark(part, self.reason(x)):
+                            changed = True
+            # a tile is its source's channels: what fixes the tile (or its heads, or its within dim) fixes those
+            for t, (x, _) in list(self.tiles.items()):
+                rt, rx = self.find(t), self.find(x)
+                pairs = [(rt, rx)]
+                if rt in self.split and rx in self.split:
+                    pairs += list(zip(self.split[rt], self.split[rx], strict=True))
+                for a, b in pairs:
+                    if self.fixed[self.find(a)] and self.mark(self.find(b), self.reason(a)):
+                        changed = True
+            for t, (h, _) in list(self.head_tiles.items()):
+                if self.fixed[self.find(t)] and self.mark(self.find(h), self.reason(t)):
+                    changed = True
 
 
 @dataclass

@@ -7,9 +7,12 @@ from typing import Any
 from torch.fx import Node
 
 from ..core import Tracer, register_rule
+from ..labels import _shape
+
+PICKED = "entries picked by index along this dim (a gather reorders them, so its channels stay in place)"
 
 
-@register_rule("select", "index_select", "gather", "index")
+@register_rule("select", "index_select", "gather")
 def _select(t: Tracer, node: Node) -> Any:
     """Picking entries along a dim makes that dim's channels special: fix it; other dims pass."""
     x = node.args[0]
@@ -17,13 +20,37 @@ def _select(t: Tracer, node: Node) -> Any:
     if xl is None or out is None:
         return out
     name = node.target._overloadpacket.__name__
-    if name == "index":
-        return t.unknown(node, name)
     dim = node.args[1] % len(xl)
-    t.atoms.fix(xl[dim])
+    t.atoms.fix(xl[dim], f"{PICKED}: op '{name}' (node {node.name})")
     kept = [xl[k] for k in range(len(xl)) if k != dim] if name == "select" else list(xl)
     if len(kept) == len(out):
         for k, d in enumerate(kept):
             if k != dim or name == "select":
                 out[k] = d
     return out
+
+
+@register_rule("index")
+def _index(t: Tracer, node: Node) -> Any:
+    """``x[i0, i1, ...]`` with index tensors on some dims: those dims are positions read by index (fixed); the
+    other dims keep their labels. A relative-position bias table ``table[index]`` (Swin, LeViT) thereby keeps its
+    per-head axis free, to join the heads of the attention that adds it."""
+    x, indices = node.args[0], node.args[1]
+    xl, src, out, dst = t.of(x), _shape(x), t.fresh(node), _shape(node)
+    if xl is None or out is None or src is None or dst is None or not isinstance(indices, (list, tuple)):
+        return t.unknown(node, "index")
+    picked = [k for k, i in enumerate(indices) if i is not None]
+    for k in picked:
+        t.atoms.fix(xl[k], f"{PICKED}: op 'index' (node {node.name})")
+    if not picked:
+        return list(xl)
+    kept = [k for k in range(len(xl)) if k not in picked]
+    n_new = len(dst) - len(kept)
+    if n_new < 0:
+        return t.unknown(node, "index")
+    adjacent = picked == list(range(picked[0], picked[-1] + 1))
+    # adjacent index tensors put their (broadcast) dims where they were; otherwise those dims come first
+    before = [k for k in kept if k < picked[0]] if adjacent else []
+    after = [k for k in kept if k not in before]
+    labels = [*[xl[k] for k in before], *out[len(before):len(before) + n_new], *[xl[k] for k in after]]
+    return labels

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch.fx import Node
 
-from ..core import Tracer, register_rule
+from ..core import VOCABULARY, Tracer, register_rule
 from ..labels import Desc, Labels, _arg, _shape
 
 
@@ -99,12 +99,36 @@ def _conv(t: Tracer, node: Node) -> Any:
         # depthwise: output channel g * m + k reads input channel g, so it is the input's space repeated
         mult = out_ch // in_ch
         t.join(wl[0], tuple((a, r * mult) for a, r in t.atoms.expand(xl[1])))
-    else:  # other grouped convs keep channels inside their group: fix rather than mis-align
-        t.atoms.fix(xl[1])
-        t.atoms.fix(wl[0])
+    else:
+        _grouped_conv(t, xl[1], wl, groups, in_ch, out_ch)
     t.consumer_sites.append((x.name, 1, xl[1]))
     _producer(t, node, out, 1)
     return out
+
+
+GROUPED = ("grouped convolution: the weight's input axis indexes the channels inside every group at once, so a "
+           "channel may leave its place inside its group only if the same channel does in every group")
+
+
+def _grouped_conv(t: Tracer, x: Desc, wl: Labels, groups: int, in_ch: int | None, out_ch: int | None) -> None:
+    """A grouped conv (``groups`` blocks on both sides, as attention has heads): whole groups move together across
+    the input and the output (one head permutation), output channels move inside their group; the input's
+    channels inside a group stay in place (a per-group input map would permute the weight's axis 1 differently
+    in every group, which no plan member expresses), and so does the weight's axis 1."""
+    why = f"{GROUPED} ({t.atoms.context})"
+    if not in_ch or not out_ch or in_ch % groups or out_ch % groups:
+        t.atoms.fix(x, why)
+        t.atoms.fix(wl[0], why)
+        return
+    into = t.atoms.head_split(x, groups, in_ch // groups)
+    out = t.atoms.head_split(wl[0], groups, out_ch // groups) if into is not None else None
+    if into is None or out is None:  # the input is not one free block of channels (a concat, a repeat, fixed)
+        t.atoms.fix(x, why)
+        t.atoms.fix(wl[0], why)
+        return
+    t.atoms.fix(into[1], why)
+    t.atoms.fix(wl[1], why)
+    t.join(into[0], out[0])
 
 
 @register_rule("embedding")
@@ -113,7 +137,7 @@ def _embedding(t: Tracer, node: Node) -> Any:
     wl, il, out = t.of(w), t.of(idx), t.fresh(node)
     if wl is None or out is None:
         return t.unknown(node, "embedding")
-    t.atoms.fix(wl[0])  # the vocabulary
+    t.atoms.fix(wl[0], VOCABULARY)
     if il is not None:
         out[:-1] = il
     out[-1] = wl[1]

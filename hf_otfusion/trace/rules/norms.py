@@ -65,7 +65,8 @@ def _group_norm(t: Tracer, node: Node) -> Any:
         groups, params = int(node.args[6]), node.args[1:3]
     channels = _shape(x)[1]
     if groups not in (1, channels):
-        t.atoms.fix(xl[1])  # statistics over contiguous channel groups: channels may not leave their group
+        t.atoms.fix(xl[1], f"group norm: statistics over {groups} contiguous channel groups, so a channel may not "
+                    f"leave its group ({t.atoms.context})")
     _norm_params(t, xl[1], params)
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):

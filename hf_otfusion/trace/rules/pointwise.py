@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from ..core import Tracer, register_rule
+from ..core import TABLE, Tracer, register_rule
 from ..labels import Desc, Labels, _arg, _FakeNode, _shape
 
 
@@ -29,9 +29,16 @@ def _pointwise_out(t: Tracer, node: Node, tensors: Sequence[Any]) -> Labels | No
             k = pos - (len(out_shape) - len(shape))
             if k < 0 or (shape[k] == 1 and out_shape[pos] != 1):
                 continue
+            if out_shape[pos] == 1:  # one entry: nothing to permute, so nothing to join (keep a single head's label)
+                if chosen is None or (t.atoms.is_fixed(chosen) and not t.atoms.is_fixed(labels[k])):
+                    chosen = labels[k]
+                continue
             if chosen is None:
                 chosen = labels[k]
             else:
+                if (t.atoms.is_fixed(labels[k]) and not t.atoms.is_fixed(chosen) and not t.is_free(labels)
+                        and (shape[k] or 0) > 1 and not t.atoms.is_uniform(labels[k])):
+                    t.atoms.fix(chosen, TABLE)  # channel by channel against a table computed in the graph
                 t.join(chosen, labels[k])
         out.append(chosen if chosen is not None else t.new(out_shape[pos]))
     return out
@@ -86,11 +93,14 @@ def _pool(t: Tracer, node: Node) -> Any:
             if k not in padded and len(out) == len(xl):
                 out[k] = xl[k]
             else:
-                t.atoms.fix(xl[k])  # padded channels would be new channels: fix them (positions are fixed anyway)
+                # padded channels would be new channels: fix them (positions are fixed anyway)
+                t.atoms.fix(xl[k], f"padded: the pad adds entries along this dim ({t.atoms.context})")
         return out
     out[: len(out) - spatial] = xl[: len(xl) - spatial]
     for d in xl[len(xl) - spatial :]:
-        t.atoms.fix(d)  # the pooled dims must be positions; channels pooled here (channels-last) stay fixed
+        # the pooled dims must be positions; channels pooled here (channels-last) stay fixed
+        t.atoms.fix(d, f"pooled: a pool mixes neighbouring entries of this dim, so channels pooled here stay in place "
+                       f"({t.atoms.context})")
     if isinstance(val, (tuple, list)):
         return (out, out)
     return out
@@ -121,9 +131,17 @@ def _reduce(t: Tracer, node: Node) -> Any:
 
 
 @register_rule("sym_size", "sym_numel", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range",
-               "sym_constrain_range_for_size", "_assert_async", "scalar_tensor", "arange", "full", "zeros",
-               "ones", "empty", "zeros_like", "ones_like", "full_like", "empty_like", "rand", "randn", "tensor",
-               "new_zeros", "new_ones", "new_full", "new_empty", "_local_scalar_dense", "item")
+               "sym_constrain_range_for_size", "_assert_async", "scalar_tensor", "arange", "empty", "empty_like",
+               "rand", "randn", "tensor", "new_empty", "_local_scalar_dense", "item")
 def _no_channels(t: Tracer, node: Node) -> Any:
     """Ops that create values (or sizes) from nothing the plan tracks: all fixed."""
     return t.fresh(node)
+
+
+@register_rule("full", "zeros", "ones", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full")
+def _filled(t: Tracer, node: Node) -> Any:
+    """A tensor filled with one value: its dims are fixed, but uniform (they take the channels they meet)."""
+    out = t.fresh(node, why="a constant filled with one value")
+    for d in out or []:
+        t.atoms.uniform.update(a for a, _ in d)
+    return out

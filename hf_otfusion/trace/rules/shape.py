@@ -60,7 +60,24 @@ def _stack_rule(t: Tracer, node: Node, name: str, stacks: list[Node]) -> Any:
     return None
 
 
-@register_rule("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as")
+@register_rule("unsqueeze", "squeeze")
+def _squeeze(t: Tracer, node: Node) -> Any:
+    """Adding or removing size-1 dims keeps every other dim's labels (a single head's dim among them)."""
+    x = node.args[0]
+    xl, src, dst = t.of(x), _shape(x), _shape(node)
+    if xl is None or src is None or dst is None:
+        return t.fresh(node)
+    if node.target._overloadpacket.__name__ == "unsqueeze":
+        dim = node.args[1] % (len(src) + 1)
+        return [*xl[:dim], t.new(1), *xl[dim:]]
+    dims = _arg(node, 1, "dim", None)
+    dims = range(len(src)) if dims is None else [dims] if isinstance(dims, int) else dims
+    drop = {d % len(src) for d in dims if src[d % len(src)] == 1}
+    out = [d for k, d in enumerate(xl) if k not in drop]
+    return out if len(out) == len(dst) else _reshape(t, node)
+
+
+@register_rule("view", "_unsafe_view", "reshape", "flatten", "unflatten", "view_as")
 def _reshape(t: Tracer, node: Node) -> Any:
     """Any reshape: match dims block by block (same element order, different shape).
 
@@ -73,11 +90,14 @@ def _reshape(t: Tracer, node: Node) -> Any:
         return t.fresh(node)
     out: Labels = [t.new(s) for s in dst]
     stacks: list[tuple[int, list[dict[int, Desc]]]] = []
-    i_dims = [i for i, s in enumerate(src) if s != 1]
+    swaps: dict[int, int] = {}
+    # size-1 dims carry nothing, except the one head of a multi-query attention's keys and values
+    i_dims = [i for i, s in enumerate(src) if s != 1 or _one_head(t, xl[i])]
     o_dims = [j for j, s in enumerate(dst) if s != 1]
     # equal static trailing dims are the same elements (the flat index modulo their size is kept): match them
     # first, so that symbolic leading dims (a batch times a number of windows) cannot misalign the channels
-    while i_dims and o_dims and src[i_dims[-1]] is not None and src[i_dims[-1]] == dst[o_dims[-1]]:
+    while i_dims and o_dims and src[i_dims[-1]] is not None and src[i_dims[-1]] == dst[o_dims[-1]] \
+            and not (len(i_dims) > 1 and src[i_dims[-2]] == 1):  # (one head, g) -> g query heads: a repeat
         out[o_dims.pop()] = xl[i_dims.pop()]
     i = j = 0
     while i < len(i_dims) and j < len(o_dims):
@@ -103,11 +123,20 @@ def _reshape(t: Tracer, node: Node) -> Any:
                 j += 1
             else:
                 break
-        stack = _reshape_block(t, xl, src, dst, ib, jb, out)
+        stack = _reshape_block(t, xl, src, dst, ib, jb, out, swaps)
         if stack is not None:
             stacks.append(stack)
     for k in i_dims[i:]:
         t.atoms.fix(xl[k])
+    name = node.target._overloadpacket.__name__
+    one_head = name in ("view", "_unsafe_view", "reshape") and len(dst) == len(src) + 1 and dst[-2] == 1
+    # (.., d) -> (.., 1, d): one attention head (multi-query attention's single key/value head)
+    if one_head and dst[-1] == src[-1] and (headed := t.atoms.head_split(xl[-1], 1, dst[-1])) is not None:
+        out[-2], out[-1] = headed
+    for k, d in enumerate(out):  # the within-head dim of repeated heads is the tile's own
+        e = t.atoms.expand(d)
+        if len(e) == 1 and e[0][1] == 1 and e[0][0] in swaps:
+            out[k] = ((swaps[e[0][0]], 1),)
     if len(stacks) == 1:
         dim, per_item = stacks[0]
         items = []
@@ -124,8 +153,36 @@ def _reshape(t: Tracer, node: Node) -> Any:
     return out
 
 
+def _one_head(t: Tracer, d: Desc) -> bool:
+    e = t.atoms.expand(d)
+    return len(e) == 1 and e[0][0] in t.atoms.heads and not t.atoms.fixed[e[0][0]]
+
+
+def repeat_heads(t: Tracer, head: Desc, g: int, others: list[tuple[Desc, int | None]]) -> tuple[Desc, int, int] | None:
+    """Heads repeated ``g`` times each (grouped-query attention's ``repeat_kv``, or sdpa's ``enable_gqa``):
+    the tile's head label, and (the within atom of the repeated heads, the tile's own within atom); or None.
+
+    ``others``: (label, size) of the value's other dims, one of which must be the heads' within-head dim (its
+    own label, or any label when those channels are fixed anyway); else the merge is of the heads with their
+    own channels, a plain flatten."""
+    pieces = t.atoms.expand(head)
+    if g < 2 or len(pieces) != 1 or pieces[0][1] != 1 or pieces[0][0] not in t.atoms.heads:
+        return None
+    x = t.atoms.owner_of_heads(pieces[0][0])
+    if x is None:
+        return None
+    within = t.atoms.find(t.atoms.split[x][1])
+    if not any(t.atoms.expand(d) == ((within, 1),) or (t.atoms.fixed[within] and size == t.atoms.size[within])
+               for d, size in others):
+        return None
+    tile = t.atoms.tile(x, g)
+    h_t, w_t = t.atoms.split[tile]
+    return ((h_t, 1),), t.atoms.find(t.atoms.split[x][1]), w_t
+
+
 def _reshape_block(
-    t: Tracer, xl: Labels, src: list, dst: list, ib: list[int], jb: list[int], out: Labels
+    t: Tracer, xl: Labels, src: list, dst: list, ib: list[int], jb: list[int], out: Labels,
+    swaps: dict[int, int],
 ) -> tuple[int, list[dict[int, Desc]]] | None:
     if len(ib) == 1 and len(jb) == 1:
         out[jb[0]] = xl[ib[0]]
@@ -136,6 +193,10 @@ def _reshape_block(
             return None
         # merge: channel-major, inner dims must be fixed positions
         inner = math.prod(src[k] for k in ib[1:])
+        others = [(d, src[k]) for k, d in enumerate(xl) if k not in ib]
+        if all(t.atoms.is_fixed(xl[k]) for k in ib[1:]) and (rep := repeat_heads(t, xl[ib[0]], inner, others)):
+            out[jb[0]], within, swaps[within] = rep  # each head read by ``inner`` query heads
+            return None
         if any(not t.atoms.is_fixed(xl[k]) for k in ib[1:]):
             t.structural(f"a flatten {[src[k] for k in ib]} -> {dst[jb[0]]} with hidden channels inside (channel-"
                          "minor, e.g. a patch merging); only channel-major flattens are expressible")
@@ -183,7 +244,8 @@ def _expand(t: Tracer, node: Node) -> Any:
         if src[k] == dst[lead + k] or (src[k] is None and dst[lead + k] is None):
             out[lead + k] = xl[k]
         elif name == "repeat" and src[k] != 1:
-            t.atoms.fix(xl[k])  # tiling channels is not a channel-major repeat
+            why = f"tiled by repeat (whole blocks in a row, not a channel-major repeat; {t.atoms.context})"
+            t.atoms.fix(xl[k], why)
     return out
 
 
@@ -205,6 +267,13 @@ def _cat(t: Tracer, node: Node) -> Any:
         for lab in labels[1:]:
             t.join(out[k], lab[k])
     return out
+
+
+def _slice_reason(t: Tracer, desc: Desc) -> str | None:
+    if any(a in t.atoms.owner for a, _ in t.atoms.expand(desc)):
+        return (f"a slice inside attention heads at {t.atoms.context} (e.g. partial rotary embeddings, or a qkv "
+                "projection laid out per head): a range of channels inside every head is not expressible in the plan")
+    return None
 
 
 def _slice_desc(t: Tracer, desc: Desc, start: int, end: int) -> Desc | None:
@@ -251,7 +320,7 @@ def _slice(t: Tracer, node: Node) -> Any:
     if step == 1 and (piece := _slice_desc(t, xl[dim], start, end)) is not None and piece:
         out[dim] = piece
     elif not t.atoms.is_fixed(xl[dim]):
-        t.atoms.fix(xl[dim])
+        t.atoms.fix(xl[dim], _slice_reason(t, xl[dim]))
     return out
 
 
@@ -268,7 +337,7 @@ def _split(t: Tracer, node: Node) -> Any:
     for v in val:
         o = t.fresh(_FakeNode(v))
         if name == "unbind":
-            t.atoms.fix(xl[dim])
+            t.atoms.fix(xl[dim], f"unbound: each entry of this dim becomes its own value ({t.atoms.context})")
             o = [xl[k] for k in range(len(xl)) if k != dim]
         else:
             width = v.shape[dim]
@@ -279,7 +348,7 @@ def _split(t: Tracer, node: Node) -> Any:
             if piece:
                 o[dim] = piece
             else:
-                t.atoms.fix(xl[dim])
+                t.atoms.fix(xl[dim], _slice_reason(t, xl[dim]))
             offset += width if isinstance(width, int) else 0
         outs.append(o)
     return tuple(outs)
