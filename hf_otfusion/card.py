@@ -156,6 +156,9 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
     rows.append(("repair", _REPAIRS.get(options.repair, options.repair)))
     rows.append(("attention heads", "matched first" if options.match_heads else "kept in place"))
     rows.append(("residual stream cost", options.residual))
+    if options.sweeps:
+        rows.append(("weight matching", f"coordinate descent after the single pass, up to {options.sweeps} sweeps "
+                     "(every space re-solved from all its weights, kept if the total weight similarity rises)"))
     if options.alignment == "activations":
         rows.append(("activations compared by", "correlation" if options.standardize else "Euclidean distance"))
     if config.calibration is not None:

@@ -20,6 +20,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 DEVICES = ("cpu", "cuda", "auto")
+NO_PLAN_CACHE_HELP = ("trace the plan even when the plan cache holds it, and store nothing there (the cache: "
+                      "$HF_OTFUSION_PLAN_CACHE, else HF_HOME/hf_otfusion/plans; deleting it is always safe)")
 
 
 @contextlib.contextmanager
@@ -67,6 +69,7 @@ def merge(
                        "cost, solve, transport, write, ...)")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="refuse a plan that leaves movable hidden channels fixed "
                       "(as parameters.strict: true)")] = False,
+    no_plan_cache: Annotated[bool, typer.Option("--no-plan-cache", help=NO_PLAN_CACHE_HELP)] = False,
 ) -> None:
     """Fuse the models of a mergekit-style YAML config and write a loadable model with its card.
 
@@ -76,9 +79,9 @@ def merge(
     from .evaluate import format_table
     from .merge import check_plan, load_parents
     from .merge import merge as run
+    from .plan_cache import cached_plan_of
     from .profile import profiling
     from .sources import example_input
-    from .trace import build_plan
 
     if quiet:
         _quiet_libraries()
@@ -97,7 +100,7 @@ def merge(
             _describe(parents, cfg, say)
             target = parents[cfg.target_index]
             if cfg.merge_method == "otfusion":
-                built = build_plan(target.model, example_input(target))
+                built = cached_plan_of(target, example_input(target), enabled=not no_plan_cache)
                 typer.echo(str(built))
                 check_plan(built, cfg.fusion_parameters.strict)
             typer.echo("dry run: the config is valid and the models load; nothing was written")
@@ -105,7 +108,7 @@ def merge(
         with profiling() if profile else contextlib.nullcontext() as prof:
             result = run(cfg, out, device=device, overwrite=overwrite, card=card, repo_id=push_to_hub,
                          progress=not quiet, on_loaded=lambda parents: _describe(parents, cfg, say),
-                         out_shard_size=out_shard_size)
+                         out_shard_size=out_shard_size, plan_cache=not no_plan_cache)
         if result.streamed:
             say("streamed: each parent's tensors were read from disk as needed, each fused tensor written when final")
         if result.evaluation is not None:  # the result itself: printed even with --quiet
@@ -129,6 +132,7 @@ def align(
     = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summaries")] = False,
+    no_plan_cache: Annotated[bool, typer.Option("--no-plan-cache", help=NO_PLAN_CACHE_HELP)] = False,
 ) -> None:
     """Transport every parent into the target's basis and write each as its own model, plus mergekit configs.
 
@@ -149,7 +153,8 @@ def align(
         for note in align_notes(cfg):
             typer.echo(f"note: {note}", err=True)
         result = align_parents(cfg, out, device=device, overwrite=overwrite, progress=not quiet,
-                               on_loaded=lambda parents: _describe(parents, cfg, say, "align"))
+                               on_loaded=lambda parents: _describe(parents, cfg, say, "align"),
+                               plan_cache=not no_plan_cache)
         configs = sorted(p.name for p in out.glob("mergekit-*.yml"))
         say(f"\nwrote {out}: " + " ".join([f"{name}/" for name in result.names] + configs))
         if configs:
@@ -182,19 +187,20 @@ def plan(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit with an error if the plan leaves movable hidden "
                       "channels fixed")] = False,
+    no_plan_cache: Annotated[bool, typer.Option("--no-plan-cache", help=NO_PLAN_CACHE_HELP)] = False,
 ) -> None:
     """Print the alignment plan of a model: its spaces and the tensor axes that index each.
 
     Example: hf-otfusion plan timm/resnet18.a1_in1k
     """
+    from .plan_cache import cached_plan_of
     from .sources import example_input, load_model
-    from .trace import build_plan
 
     if quiet:
         _quiet_libraries()
     with _user_errors():
         loaded = load_model(model)
-        built = build_plan(loaded.model, example_input(loaded))
+        built = cached_plan_of(loaded, example_input(loaded), enabled=not no_plan_cache)
         typer.echo(built.to_json() if json else str(built))
         if strict:
             built.check_strict()

@@ -71,6 +71,8 @@ class FusionParameters(_Frozen):
         "shared", description="cost of a residual stream: solved once (shared), or the mean of its writers' costs"
     )
     standardize: bool = Field(False, description="activations mode: compare channels by correlation")
+    sweeps: int = Field(0, ge=0, description="weight matching by coordinate descent (Git Re-Basin) after the single "
+                        "pass: at most this many sweeps over every space (0: none); weights mode, emd, equal widths")
     strict: bool = Field(False, description="refuse a plan that leaves hidden channels fixed that a permutation "
                          "could move (an op without a tracer rule, a structure the plan cannot express)")
 

@@ -408,6 +408,53 @@ def _stream_couplings(sources: Sequence[TensorSource], plans: Sequence[Alignment
     return given
 
 
+def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", marginals: str = "uniform") -> None:
+    """A :class:`FusionError` for a ``sweeps`` value, or options, that weight matching cannot run with."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise FusionError(f"sweeps must be an integer >= 0, got {sweeps!r}")
+    if not sweeps:
+        return
+    for name, value, needed in (("alignment", alignment, "weights"), ("solver", solver, "emd"),
+                                ("marginals", marginals, "uniform")):
+        if value != needed:
+            raise FusionError(f"sweeps={sweeps} (weight matching by coordinate descent) needs {name}={needed!r}, "
+                              f"got {value!r}: it improves permutations, found from the weights alone")
+
+
+def _matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
+                       device: torch.device, walkers: Sequence[_Walker | None], sweeps: int, seed: int,
+                       heads: bool) -> list[dict[str, torch.Tensor]]:
+    """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
+    target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk."""
+    from .matching import record, weight_matching
+
+    target_plan = plans[target]
+    names = [t for t in target_plan.members_by_tensor() if t not in target_plan.aliases]
+    reference = _Aligner(sources[target], target_plan, target_plan, device, target)
+    target_state = {name: reference.release(name) for name in names}
+    given: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+    for k, walker in enumerate(walkers):
+        if walker is None:
+            continue
+        aligner = _Aligner(sources[k], plans[k], target_plan, device, k)
+        for space in plans[k].spaces:
+            m_map = walker.maps[space.name]
+            if m_map.index is None or m_map.scale is not None or m_map.n_in != m_map.n_out:
+                raise FusionError(f"sweeps: the map of space {space.name!r} for model {k} is not a permutation")
+            aligner.apply(space, m_map)
+        state = {name: aligner.release(name) for name in names}
+        with timed("matching"):
+            _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads)
+        record(result)
+        for space in target_plan.spaces:
+            n = space.size
+            index = walker.maps[space.name].index.cpu()[result.perms[space.name]]
+            t = torch.zeros(n, n, dtype=torch.float64)
+            t[index, torch.arange(n)] = 1.0 / n
+            given[k][space.name] = t.to(device)
+    return given
+
+
 def align_sources(
     sources: Sequence[TensorSource],
     plans: Sequence[AlignmentPlan],
@@ -423,13 +470,16 @@ def align_sources(
     device: torch.device | str = "cpu",
     progress: bool = False,
     couplings: bool = True,
+    sweeps: int = 0,
+    seed: int = 0,
 ) -> list[dict[str, torch.Tensor] | None]:
     """The engine on tensors: align every source to the target's, space by space, handing on finished tensors.
 
     ``sources`` give each model's tensors by state-dict name (in memory, or read lazily from safetensors files);
     ``plans`` are their alignment plans (the same plan for models of the same shapes). Each tensor is read when
     first needed and handed to ``finished(name, [value in each model])`` as soon as all of its spaces are
-    solved, so only the tensors of the spaces in flight are held. Options as in :func:`fuse`.
+    solved, so only the tensors of the spaces in flight are held. Options as in :func:`fuse`; ``sweeps > 0``
+    (weight matching, order drawn from ``seed``) holds every model's moved tensors and the target's at once.
 
     Returns:
         Each model's coupling per space (None for the target); empty dicts with ``couplings=False``, which keeps
@@ -444,6 +494,16 @@ def align_sources(
     if residual == "mean" and all(c is None for c in costs) and streams:
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
         given = _stream_couplings(sources, plans, target, device, first, opts)
+    if sweeps:
+        check_sweeps(sweeps, "weights" if all(c is None for c in costs) else "activations", solver, marginals)
+        for k, plan_k in enumerate(plans):
+            for space, space_t in zip(plan_k.spaces, plans[target].spaces, strict=True):
+                if space.size != space_t.size:
+                    raise FusionError(f"sweeps={sweeps} (weight matching) needs the target's widths: space "
+                                      f"{space.name!r} has {space.size} channels in model {k} but {space_t.size} "
+                                      "in the target (fuse other widths with sweeps=0)")
+        first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
+        given = _matched_couplings(sources, plans, target, device, first, sweeps, seed, heads)
     walkers = _walk(sources, plans, target, device, costs, given, opts, finished, progress,
                     {"couplings"} if couplings else set())
     return [None if w is None else w.couplings for w in walkers]
@@ -651,6 +711,7 @@ def fuse(
     device: str | torch.device | None = None,
     progress: bool = True,
     repair: str = "none",
+    sweeps: int = 0,
 ) -> nn.Module:
     """Fuse N models into one with the target's architecture and widths, by optimal transport.
 
@@ -707,6 +768,14 @@ def fuse(
             with the fused model's inputs, match the weighted mean of the parents' outputs of the same layer; a
             layer and the BatchNorm after it fitted as one and folded back; no labels and no gradient; see
             ``hf_otfusion.refit.refit_model``).
+        sweeps: weight matching by coordinate descent (Git Re-Basin, Ainsworth et al. ICLR 2023, Algorithm 1, on
+            the plan), data-free: after the single pass, every space (a head group as one) is revisited in a
+            seeded random order, with all other maps held, and re-solved by an assignment that maximises the
+            inner products between the target's and the model's tensors along every member axis (incoming and
+            outgoing weights, norms, biases, heads); a step is kept only if the total weight similarity rises.
+            At most ``sweeps`` passes, fewer when one changes nothing; 0 (default): the single pass alone. Needs
+            weights mode, ``solver="emd"``, uniform marginals and the target's widths; each model is matched to
+            the target. ``hf_otfusion.matching.recording`` collects the objective per sweep.
 
     Returns:
         A new module (a copy of the target with fused weights); the inputs are not modified. Tied tensors (an
@@ -738,6 +807,7 @@ def fuse(
         raise FusionError(f"sinkhorn needs reg > 0, got {reg}")
     if alignment == "activations" and calibration is None:
         raise FusionError("alignment='activations' needs calibration data (calibration=...)")
+    check_sweeps(sweeps, alignment, solver, marginals)
     from .repair import REPAIRS
 
     if repair not in REPAIRS:
@@ -786,7 +856,7 @@ def fuse(
     sources = [StateSource(m.state_dict()) for m in models]
     couplings = align_sources(sources, plans, average, target=target, costs=costs, solver=solver, reg=reg,
                               marginals=marginals, heads=match_heads, residual=residual, device=dev,
-                              progress=progress, couplings=repair in ("repair", "refit"))
+                              progress=progress, couplings=repair in ("repair", "refit"), sweeps=sweeps)
     for alias, name in plan_t.aliases.items():
         fused[alias] = fused[name]
     if repair == "none":

@@ -28,9 +28,9 @@ from .errors import FusionError
 from .evaluate import EvalRow, evaluate_fusion, language_model_kind
 from .fuse import fuse, resolve_device, vanilla_average
 from .plan import AlignmentPlan
+from .plan_cache import cached_plan_of
 from .profile import timed
 from .sources import LoadedModel, ModelInfo, check_shardable, example_input, inspect_model, load_model, save_model
-from .trace import build_plan
 from .train import finetune
 
 CONFIG_FILE = "hf_otfusion.yml"
@@ -175,8 +175,11 @@ def check_plan(plan: AlignmentPlan, strict: bool) -> None:
 
 
 def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: str | None = None,
-              progress: bool = True) -> MergeResult:
-    """Fuse loaded parents as the config says, and evaluate when the config has an ``evaluation`` dataset."""
+              progress: bool = True, plan_cache: bool = True) -> MergeResult:
+    """Fuse loaded parents as the config says, and evaluate when the config has an ``evaluation`` dataset.
+
+    ``plan_cache``: read the target's plan from the plan cache and store it there (see ``hf_otfusion.plan_cache``);
+    ``False`` traces it and neither reads nor writes the cache."""
     models = [p.model for p in parents]
     target = parents[config.target_index]
     dev = resolve_device(device, target.model)
@@ -188,7 +191,7 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
         calibration, example = (_calibration(config, target) if config.calibration is not None
                                 else (None, example_input(target)))
         with timed("trace"):
-            plan = build_plan(target.model, example)
+            plan = cached_plan_of(target, example, enabled=plan_cache)
         check_plan(plan, params.strict)
         fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
                      calibration=calibration, example_input=example, solver=params.solver, reg=params.reg,
@@ -322,7 +325,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
 def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, overwrite: bool = False,
           card: bool = True, repo_id: str | None = None, progress: bool = True,
           on_loaded: Callable[[list[ModelInfo]], None] | None = None, out_shard_size: int | str | None = None,
-          stream: bool = True) -> MergeResult:
+          stream: bool = True, plan_cache: bool = True) -> MergeResult:
     """Run a merge config end to end and write the result to ``out``.
 
     A weights-mode OT merge with no calibration, evaluation or fine-tune, of parents stored as safetensors, is
@@ -341,6 +344,8 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
         out_shard_size: split the weights into shards of at most this size (bytes, or ``"5GB"``, ``"500MB"``);
             transformers outputs only.
         stream: stream from disk when the merge allows it (``False``: always load the parents).
+        plan_cache: reuse the target's traced plan from the plan cache, and store it there when it is not yet
+            (``False``: trace, and neither read nor write the cache; see ``hf_otfusion.plan_cache``).
 
     Example:
         >>> from hf_otfusion import load_config, merge
@@ -356,7 +361,7 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
     if stream:
         from .streaming import plan_stream, streamable, write_stream
 
-        job = plan_stream(config, infos) if streamable(config, infos) is None else None
+        job = plan_stream(config, infos, plan_cache=plan_cache) if streamable(config, infos) is None else None
         if job is not None:
             check_plan(job.plan, config.fusion_parameters.strict)
         if job is not None:
@@ -368,7 +373,7 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
                                                           progress=progress))
             return result
     parents = load_parents(config, progress=progress, infos=infos)
-    result = run_merge(config, parents, device=device, progress=progress)
+    result = run_merge(config, parents, device=device, progress=progress, plan_cache=plan_cache)
     write_output(result, out, overwrite=overwrite, card=card, repo_id=repo_id, max_shard_size=max_shard_size)
     return result
 
@@ -435,13 +440,13 @@ def align_notes(config: MergeConfig) -> list[str]:
 
 
 def run_align(config: MergeConfig, parents: Sequence[LoadedModel], *, device: str | None = None,
-              progress: bool = True) -> AlignResult:
+              progress: bool = True, plan_cache: bool = True) -> AlignResult:
     """Transport every loaded parent into the target's basis, as the config's fusion parameters say.
 
     Each parent is aligned to the target on its own (``fuse([target, parent], weights=[0, 1])``, no repair): that is
     the alignment an N-model ``fuse`` does for it, so the weighted average of the aligned parents, tensor for tensor,
     is the OT fusion of the same config (weights mode, or activations mode without repair). The target is returned
-    unchanged.
+    unchanged. ``plan_cache`` as in :func:`run_merge`.
     """
     notes = align_notes(config)
     t = config.target_index
@@ -451,7 +456,7 @@ def run_align(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
     calibration, example = (_calibration(config, target) if params.alignment == "activations"
                             else (None, example_input(target)))
     with timed("trace"):
-        plan = build_plan(target.model, example)
+        plan = cached_plan_of(target, example, enabled=plan_cache)
     aligned: list[nn.Module] = []
     done: dict[int, nn.Module] = {}  # a model listed twice is aligned once
     for i, parent in enumerate(parents):
@@ -589,7 +594,8 @@ def write_aligned(result: AlignResult, out: str | Path, *, overwrite: bool = Fal
 
 
 def align_parents(config: MergeConfig, out: str | Path, *, device: str | None = None, overwrite: bool = False,
-                  progress: bool = True, on_loaded: Callable[[list[ModelInfo]], None] | None = None) -> AlignResult:
+                  progress: bool = True, on_loaded: Callable[[list[ModelInfo]], None] | None = None,
+                  plan_cache: bool = True) -> AlignResult:
     """Transport every parent of a merge config into the target's basis and write each as its own model.
 
     ``out/<name>/`` holds each parent (the target unchanged), loadable as its library's own model; beside them
@@ -610,6 +616,6 @@ def align_parents(config: MergeConfig, out: str | Path, *, device: str | None = 
     if on_loaded is not None:
         on_loaded(infos)
     parents = load_parents(config, progress=progress, infos=infos)
-    result = run_align(config, parents, device=device, progress=progress)
+    result = run_align(config, parents, device=device, progress=progress, plan_cache=plan_cache)
     write_aligned(result, out, overwrite=overwrite)
     return result

@@ -21,9 +21,9 @@ from .config import MergeConfig
 from .errors import FusionError
 from .fuse import Residual, align_sources, average_tensor, check_compatible, normalized_weights, plans_for
 from .plan import AlignmentPlan
+from .plan_cache import cached_plan_of
 from .profile import timed
 from .sources import _DTYPES, LoadedModel, ModelInfo, checkpoint_names, example_input, load_model, save_model_files
-from .trace import build_plan
 from .transport import Marginals, Solver
 
 
@@ -185,28 +185,31 @@ class StreamJob:
     out_names: dict[str, str]  # state-dict name -> the name the library saves it under (the target's file names)
 
 
-def _trace(info: ModelInfo, example: object | None = None) -> tuple[LoadedModel, object, AlignmentPlan]:
-    """A model's plan, traced on its empty (meta) build when that works, else on the loaded model."""
+def _trace(info: ModelInfo, example: object | None = None,
+           plan_cache: bool = True) -> tuple[LoadedModel, object, AlignmentPlan]:
+    """A model's plan, traced on its empty (meta) build when that works, else on the loaded model; read from and
+    stored in the plan cache unless ``plan_cache`` is False (a failed trace is not cached: the next run tries the
+    empty build again before it loads the model)."""
     with timed("trace"):
         try:
             empty = load_model(info, empty=True)
             x = example if example is not None else example_input(empty)
-            return empty, x, build_plan(empty.model, _to(x, torch.device("meta")))
+            return empty, x, cached_plan_of(empty, _to(x, torch.device("meta")), enabled=plan_cache)
         except FusionError:
             pass
     with timed("load"):
         loaded = load_model(info)
     with timed("trace"):
         x = example if example is not None else example_input(loaded)
-        return loaded, x, build_plan(loaded.model, x)
+        return loaded, x, cached_plan_of(loaded, x, enabled=plan_cache)
 
 
-def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo]) -> StreamJob | None:
+def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo], *, plan_cache: bool = True) -> StreamJob | None:
     """Trace the target and open every parent's checkpoint lazily; None when the checkpoints' tensor names are not
     the models' own state-dict names (a checkpoint the library renames while loading): then the merge must load
-    the models."""
+    the models. ``plan_cache``: as in :func:`~hf_otfusion.merge.merge`."""
     index = config.target_index
-    target, example, plan_t = _trace(parents[index])
+    target, example, plan_t = _trace(parents[index], plan_cache=plan_cache)
     names = {name for name in plan_t.tensors if name not in plan_t.aliases}
     sources = []
     for parent in parents:
@@ -216,7 +219,7 @@ def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo]) -> StreamJob 
             return None
         sources.append(ParentSource(files, renamed))
     shapes = [{name: s.shape(name) for name in names} for s in sources]
-    plans = plans_for(plan_t, shapes, index, lambda i: _trace(parents[i], example)[2])
+    plans = plans_for(plan_t, shapes, index, lambda i: _trace(parents[i], example, plan_cache)[2])
     for i, plan in enumerate(plans):
         check_compatible(plan_t, plan, i)
     return StreamJob(config=config, target=target, plan=plan_t, plans=plans, sources=sources,

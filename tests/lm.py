@@ -47,19 +47,43 @@ def _byte_of(ch: str) -> int:
     return table[ch]
 
 
-def tiny_llama(folder: Path, seed: int, hidden: int = 32, layers: int = 1, max_positions: int = 64) -> Path:
-    """A seeded random ``LlamaForCausalLM`` (byte vocabulary) and its tokenizer, saved in ``folder``."""
+def tiny_llama(folder: Path, seed: int, hidden: int = 32, layers: int = 1, max_positions: int = 64,
+               kv_heads: int = 4, train_on: list[str] | None = None, steps: int = 0) -> Path:
+    """A seeded ``LlamaForCausalLM`` (byte vocabulary, default config: key/value cache on) and its tokenizer,
+    saved in ``folder`` by ``save_pretrained``; with ``train_on``, first trained ``steps`` Adam steps on that text."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions, use_cache=False,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
         pad_token_id=256, bos_token_id=257, eos_token_id=258, tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    byte_tokenizer(max_positions).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    tokenizer = byte_tokenizer(max_positions)
+    if train_on:
+        train_causal_lm(model, tokenizer, train_on, steps, seed)
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def train_causal_lm(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, texts: list[str], steps: int,
+                    seed: int, batch_size: int = 16, lr: float = 3e-3) -> None:
+    """Next-token training with Adam on seeded random mini-batches of ``texts`` (padding ignored)."""
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(0, len(texts), (batch_size,), generator=gen)
+        loss = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                     labels=labels[rows]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
 
 
 def tiny_bert_mlm(folder: Path, seed: int, hidden: int = 32, layers: int = 1, max_positions: int = 64) -> Path:

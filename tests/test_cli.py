@@ -306,3 +306,70 @@ def test_out_shard_size_options_are_checked(tmp_path, timm_pair):
     result = _invoke("merge", config, tmp_path / "out", "--out-shard-size", "huge", "-q")
     assert result.exit_code == 1 and "huge" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _table_losses(output: str) -> dict[str, float]:
+    """model name -> loss, from the evaluation table ``merge`` prints."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0] not in ("model", "---") and re.fullmatch(r"[\d.]+", cells[1]):
+            rows[cells[0]] = float(cells[1])
+    return rows
+
+
+def test_merge_of_two_trained_llama_gqa_checkpoints_reports_perplexity_and_generates(tmp_path):
+    """Two grouped-query Llamas trained from different seeds on real text, saved with their default config."""
+    from lm import tiny_llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_otfusion.config import DatasetConfig
+    from hf_otfusion.data import load_split, stdlib_text_dataset
+
+    data = stdlib_text_dataset(tmp_path / "text", length=48, num_train=192, num_test=48)
+    train = list(load_split(DatasetConfig(dataset=str(data), split="train"))["text"])
+    parents = [tiny_llama(tmp_path / f"llama-seed{s}", seed=s, hidden=32, kv_heads=2, train_on=train, steps=150)
+               for s in (0, 1)]
+    config = _config(tmp_path / "llama.yml", [str(p) for p in parents],
+                     parameters={"alignment": "activations"},
+                     calibration={"dataset": str(data), "split": "train", "batch_size": 32},
+                     evaluation={"dataset": str(data), "split": "test", "batch_size": 16})
+    out = tmp_path / "fused"
+    result = runner.invoke(app, ["merge", str(config), str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.stdout
+    assert "hidden spaces left fixed" in result.stderr and "rotary" in result.stderr  # said, in one line
+    losses = _table_losses(result.stdout)
+    vanilla = next(v for k, v in losses.items() if "vanilla" in k)
+    fused = losses["OT fusion"]
+    assert fused < vanilla, losses
+    plan = AlignmentPlan.model_validate_json((out / "plan.json").read_text())
+    assert any(s.heads == 2 and s.head_group for s in plan.spaces)  # kv heads aligned with their query groups
+    card = ModelCard.load(out / "README.md")
+    assert "perplexity" in card.text and "left in place" in card.text
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.use_cache and model.config.num_key_value_heads == 2
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("def ", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_strict_refuses_a_plan_with_movable_channels_left_fixed(tmp_path):
+    from lm import tiny_llama
+
+    parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, kv_heads=2) for s in (0, 1)]
+    config = _config(tmp_path / "c.yml", [str(p) for p in parents])
+    # rotary embeddings fix q/k channels inside heads, which no permutation may move: strict accepts that
+    assert runner.invoke(app, ["merge", str(config), str(tmp_path / "ok"), "-q", "--strict"]).exit_code == 0
+    neox = tmp_path / "neox"
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, rotary_pct=0.5)).save_pretrained(neox)
+    config = _config(tmp_path / "n.yml", [str(neox), str(neox)], parameters={"strict": True})
+    refused = runner.invoke(app, ["merge", str(config), str(tmp_path / "no"), "-q"])
+    assert refused.exit_code == 1 and "strict" in refused.output and "inside attention heads" in refused.output
+    assert not (tmp_path / "no").exists()
+    planned = runner.invoke(app, ["plan", str(neox), "--strict", "-q"])
+    assert planned.exit_code == 1 and "hidden channels left fixed" in planned.output

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import TRANSFORMERS, inputs, make, run
+from zoo import TRANSFORMERS, inputs, make, randomize_state, run
 
 from hf_otfusion import FusionError, build_plan, fuse, random_permutation
 
@@ -164,15 +164,18 @@ def test_windowed_attention_is_reported_and_strict_mode_refuses_it():
 
     from hf_otfusion import PlanError
 
-    # Swin: the relative position bias is gathered by index (no rule: the heads stay in place) and patch merging
-    # flattens positions outside channels (channel-minor: that stream stays fixed)
+    # Swin: the relative position bias is gathered by index, per head (its head axis moves with the heads), and
+    # patch merging flattens positions outside channels (channel-minor: that stream stays fixed, reported)
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=4, img_size=56,
                               embed_dim=32, depths=(1, 1), num_heads=(2, 4)).eval()
+    randomize_state(model, 0)
     x = torch.randn(2, 3, 56, 56)
     plan = build_plan(model, x)
-    assert set(plan.unhandled) == {"index", "_unsafe_view"}
-    assert all(s.head_group is None for s in plan.spaces if s.heads > 1)
+    assert set(plan.unhandled) == {"_unsafe_view"}
+    table = next(s for s in plan.spaces if any("relative_position_bias_table" in m.tensor for m in s.members))
+    assert table.head_group is not None and table.heads == table.size == 2
+    assert any("patch merging" in f.reason for f in plan.fixed)
     with torch.no_grad():
         _close(run(random_permutation(model, plan, 1), x), run(model, x))
-    with pytest.raises(PlanError, match="index"):
+    with pytest.raises(PlanError, match="_unsafe_view"):
         build_plan(model, x, strict=True)

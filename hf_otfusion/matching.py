@@ -1,0 +1,231 @@
+"""Weight matching by coordinate descent (Git Re-Basin, Ainsworth et al. ICLR 2023, Algorithm 1, on the plan).
+
+The engine's single pass solves each space once, from the rows of the tensors whose other axes are already
+aligned. :func:`weight_matching` then improves those permutations: it revisits every space ``P`` (in a seeded
+random order each sweep) with every other space's map held, collects from *every* member axis of ``P``
+(incoming and outgoing weights, norms, biases, statistics, embeddings, heads: whatever the plan lists) the inner
+products between the target's tensor and the other model's tensor along that axis, every other axis of the
+tensor being already in the target's basis, and solves the assignment that maximises their sum. The objective
+is the total weight similarity
+
+    J = sum over every tensor with an axis in a space of <W_target, W_other aligned>,
+
+which, with the other maps held, is linear in ``P``'s permutation (unless a tensor has ``P`` on two axes; then
+the others are held at their current value, as in the paper), so each step is exact for its coordinate. A step
+is kept only if ``J`` (recomputed on the tensors it touched) increased; ties keep the current map, so a sweep
+that changes nothing ends the descent.
+
+Attention heads keep the block structure: the spaces of one head group (queries/keys and values/outputs of an
+attention op) are one coordinate, re-solved jointly: heads are matched to heads by an assignment over the summed
+head-to-head values (each block's own optimal within-head assignment) of all the group's spaces, then channels
+inside matched heads, which is the exact optimum of that coordinate; with ``heads=False``, and for headed spaces
+without a group, the head order is held and only channels inside each head move. Tiled (grouped-query) and
+repeated members are read with :func:`~hf_otfusion.transport.rows` and moved with
+:func:`~hf_otfusion.transport.transport_axis`, as everywhere in the engine.
+
+Only permutations: both models must have the target's widths and the maps of the single pass must be
+permutations (exact solver, uniform marginals). No data is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import FusionError
+from .plan import AlignmentPlan, AxisRef, Space
+from .transport import ChannelMap, head_costs, marginal, match_heads, rows, solve, solve_heads, transport_axis
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class MatchingResult:
+    """What the coordinate descent did for one model.
+
+    ``perms[space][j]`` is the channel of the input state (already in the target's basis after the single pass)
+    that target channel ``j`` now receives. ``objective[0]`` is the total weight similarity before the first
+    sweep, ``objective[s]`` after sweep ``s``; ``changed[s - 1]`` the number of coordinates (spaces, or head
+    groups) that sweep ``s`` changed. ``converged``: the last sweep changed nothing.
+    """
+
+    perms: dict[str, torch.Tensor]
+    objective: list[float] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.changed) and self.changed[-1] == 0
+
+
+_log: ContextVar[list[MatchingResult] | None] = ContextVar("hf_otfusion_matching", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[MatchingResult]]:
+    """Collect the :class:`MatchingResult` of every model matched inside the block (``fuse(..., sweeps=N)``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hf_otfusion import fuse
+        >>> from hf_otfusion.matching import recording
+        >>> models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)]
+        >>> with recording() as results:
+        ...     fused = fuse(models, example_input=torch.randn(2, 4), sweeps=3, progress=False)
+        >>> results[0].objective[-1] >= results[0].objective[0]
+        True
+    """
+    results: list[MatchingResult] = []
+    token = _log.set(results)
+    try:
+        yield results
+    finally:
+        _log.reset(token)
+
+
+def record(result: MatchingResult) -> None:
+    log = _log.get()
+    if log is not None:
+        log.append(result)
+
+
+def permutation_map(index: torch.Tensor) -> ChannelMap:
+    """The :class:`ChannelMap` that gives output channel ``j`` input channel ``index[j]`` (no n x n matrix)."""
+    m = ChannelMap.__new__(ChannelMap)
+    m.n_out = m.n_in = int(index.numel())
+    m.index, m.scale, m.matrix = index.long(), None, None
+    return m
+
+
+def _moved(plan: AlignmentPlan) -> dict[str, list[tuple[Space, AxisRef]]]:
+    return {t: ms for t, ms in plan.members_by_tensor().items() if t not in plan.aliases}
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not a.is_floating_point():
+        return 0.0
+    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+
+
+def weight_similarity(state: Mapping[str, torch.Tensor], target_state: Mapping[str, torch.Tensor],
+                      plan: AlignmentPlan) -> float:
+    """The objective: sum of ``<target tensor, tensor>`` over every tensor with an axis in a space of ``plan``."""
+    return sum(_dot(state[t], target_state[t]) for t in _moved(plan))
+
+
+def _similarity(state: State, target_state: State, space: Space) -> torch.Tensor:
+    """(n, n) float64: entry (i, j) the summed inner products of this state's channel i and the target's j over
+    every member axis of the space (other axes as they are, i.e. already in the target's basis)."""
+    n = space.size
+    s = torch.zeros(n, n, dtype=torch.float64, device=next(iter(target_state.values())).device)
+    for m in space.members:
+        a, b = state[m.tensor], target_state[m.tensor]
+        if not a.is_floating_point():
+            continue
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        ra = rows(a, m.axis, m.offset, n, m.repeat, m.tile, space.heads).to(dtype)
+        rb = rows(b, m.axis, m.offset, n, m.repeat, m.tile, space.heads).to(dtype)
+        s += (ra @ rb.T).double()
+    return s
+
+
+def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool) -> list[torch.Tensor]:
+    """Each space's relative assignment (target channel j <- channel q[j]) maximising the summed similarity."""
+    space = spaces[0]
+    n_heads = space.heads
+    if n_heads == 1:
+        s = sims[0]
+        t = solve(-s, marginal(space.size, device=s.device), marginal(space.size, device=s.device))
+        return [t.argmax(0)]
+    if heads and space.head_group is not None:
+        total = sum(head_costs(-s, n_heads) for s in sims)
+        order = match_heads(total)
+    else:
+        order = list(range(n_heads))
+    out = []
+    for s, sp in zip(sims, spaces, strict=True):
+        a = marginal(sp.size, device=s.device)
+        out.append(solve_heads(-s, a, a.clone(), n_heads, order).argmax(0))
+    return out
+
+
+def _units(plan: AlignmentPlan, heads: bool) -> list[list[Space]]:
+    """The coordinates: every space alone, except that the spaces of one head group move together."""
+    units: list[list[Space]] = []
+    groups: dict[str, list[Space]] = {}
+    for space in plan.spaces:
+        if space.head_group is not None and space.heads > 1 and heads:
+            if space.head_group not in groups:
+                groups[space.head_group] = []
+                units.append(groups[space.head_group])
+            groups[space.head_group].append(space)
+        else:
+            units.append([space])
+    return units
+
+
+def weight_matching(
+    state: Mapping[str, torch.Tensor],
+    target_state: Mapping[str, torch.Tensor],
+    plan: AlignmentPlan,
+    *,
+    sweeps: int,
+    seed: int = 0,
+    heads: bool = True,
+) -> tuple[State, MatchingResult]:
+    """Coordinate descent on the permutations of every space, starting from ``state`` as it is.
+
+    ``state`` must already have the target's widths (typically the output of the engine's single pass, so that
+    descent starts there); ``plan`` is the target's. Returns the permuted state (tensors not in any space are
+    the input's) and the :class:`MatchingResult`. ``sweeps``: at most that many passes over every coordinate,
+    in an order drawn from ``seed`` for each pass; stops early after a pass that changes nothing.
+    """
+    if sweeps < 0:
+        raise FusionError(f"sweeps must be >= 0, got {sweeps}")
+    moved = _moved(plan)
+    for name in moved:
+        if tuple(state[name].shape) != tuple(target_state[name].shape):
+            raise FusionError(f"weight matching needs equal widths: tensor {name!r} has shape "
+                              f"{tuple(state[name].shape)} but {tuple(target_state[name].shape)} in the target")
+    cur: State = dict(state)
+    tgt: State = dict(target_state)
+    result = MatchingResult(perms={s.name: torch.arange(s.size) for s in plan.spaces})
+    total = weight_similarity(cur, tgt, plan)
+    result.objective.append(total)
+    units = _units(plan, heads)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(sweeps):
+        changed = 0
+        for u in torch.randperm(len(units), generator=gen).tolist():
+            spaces = units[u]
+            sims = [_similarity(cur, tgt, sp) for sp in spaces]
+            qs = [q.cpu() for q in _solve_unit(sims, spaces, heads)]
+            if all(bool((q == torch.arange(q.numel())).all()) for q in qs):
+                continue
+            names = list(dict.fromkeys(m.tensor for sp in spaces for m in sp.members))
+            old = sum(_dot(cur[t], tgt[t]) for t in names)
+            scale = sum(float(cur[t].double().norm() * tgt[t].double().norm()) for t in names
+                        if cur[t].is_floating_point())
+            new_state = {t: cur[t] for t in names}
+            for sp, q in zip(spaces, qs, strict=True):
+                m_map = permutation_map(q)
+                for m in sp.members:
+                    new_state[m.tensor] = transport_axis(new_state[m.tensor], m_map, m.axis, m.offset, m.repeat,
+                                                         m.tile, sp.heads)
+            new = sum(_dot(new_state[t], tgt[t]) for t in names)
+            if new > old + 1e-10 * scale:  # ties keep the current map, so the descent cannot cycle
+                cur.update(new_state)
+                total += new - old
+                for sp, q in zip(spaces, qs, strict=True):
+                    result.perms[sp.name] = result.perms[sp.name][q]
+                changed += 1
+        result.objective.append(total)
+        result.changed.append(changed)
+        if changed == 0:
+            break
+    return cur, result
