@@ -170,6 +170,8 @@ def _short(reason: str, limit: int = 80) -> str:
     reason = re.sub(r" ?\((?:op '[^']*' )?\(?node [^)]*\)\)?", "", reason)
     reason = re.sub(r"\[[\d, ]*\]( -> \d+)?", "…", reason)
     reason = " ".join(reason.split()).replace("|", "/")
+    reason = reason.replace("the channels inside each head: ", "inside heads: ").replace(
+        "the order of the heads: ", "head order: ")
     if len(reason) <= limit:
         return reason
     return reason[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"

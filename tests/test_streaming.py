@@ -250,3 +250,22 @@ def _write_permuted_mlp_pair(a: Path, b: Path) -> None:
             wb.write(f"{2 * i}.weight", weight[perm][:, previous])
             wb.write(f"{2 * i}.bias", bias[perm])
             previous = perm
+
+
+def test_a_causal_lm_saved_with_its_default_config_streams_like_the_loaded_merge(tmp_path):
+    """Meta-device tracing of a grouped-query Llama (key/value cache on in its config), streamed from disk."""
+    from lm import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from hf_otfusion import merge
+    from hf_otfusion.config import parse_config
+
+    parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, kv_heads=2) for s in (0, 1)]
+    config = parse_config({"models": [{"model": str(p)} for p in parents]})
+    streamed = merge(config, tmp_path / "streamed", progress=False)
+    loaded = merge(config, tmp_path / "loaded", progress=False, stream=False)
+    assert streamed.streamed and not loaded.streamed
+    assert any(s.heads == 2 and s.head_group for s in streamed.plan.spaces)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "loaded").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
