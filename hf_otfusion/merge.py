@@ -196,7 +196,8 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
         fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
                      calibration=calibration, example_input=example, solver=params.solver, reg=params.reg,
                      marginals=params.marginals, plan=plan, device=dev, progress=progress, repair=params.repair,
-                     match_heads=params.match_heads, residual=params.residual, standardize=params.standardize)
+                     match_heads=params.match_heads, residual=params.residual, standardize=params.standardize,
+                     sweeps=params.sweeps)
     untuned = None
     if config.finetune is not None:
         with timed("finetune"):
@@ -469,7 +470,8 @@ def run_align(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
                              alignment=params.alignment, calibration=calibration, example_input=example,
                              solver=params.solver, reg=params.reg, marginals=params.marginals, plan=plan,
                              device=dev, progress=progress, repair="none", match_heads=params.match_heads,
-                             residual=params.residual, standardize=params.standardize).cpu()
+                             residual=params.residual, standardize=params.standardize,
+                             sweeps=params.sweeps).cpu()
         aligned.append(done[key])
     return AlignResult(config=config, parents=list(parents), models=aligned, names=aligned_names(parents),
                        plan=plan, notes=notes)

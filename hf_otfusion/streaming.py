@@ -167,6 +167,8 @@ def streamable(config: MergeConfig, parents: Sequence[ModelInfo]) -> str | None:
         return "activations alignment runs the models"
     if config.calibration is not None or config.evaluation is not None or config.finetune is not None:
         return "calibration, repair, fine-tuning and evaluation run the models"
+    if config.fusion_parameters.sweeps:
+        return "weight matching (sweeps) holds every moved tensor of every model"
     missing = next((p for p in parents if find_checkpoint(p.model_dir) is None), None)
     if missing is not None:
         return f"{missing.ref.text} has no safetensors checkpoint"

@@ -68,3 +68,21 @@ def test_output_modes_under_another_umask(tmp_path):
         os.umask(old)
     modes = _modes(tmp_path / "out")
     assert modes.pop(".") == 0o700 and set(modes.values()) == {0o600}
+
+
+def test_yaml_sweeps_reach_the_engine_and_do_not_stream(tmp_path):
+    import torch
+
+    from hf_otfusion import fuse
+    from hf_otfusion.sources import example_input, load_model
+    from hf_otfusion.streaming import streamable
+
+    parents = [timm_resnet(tmp_path / f"p{s}", seed=s) for s in (0, 1)]
+    config = parse_config({"models": [{"model": str(p)} for p in parents], "parameters": {"sweeps": 2}})
+    assert "sweeps" in streamable(config, [])
+    result = merge(config, tmp_path / "out", progress=False)
+    loaded = [load_model(str(p)) for p in parents]
+    x = example_input(loaded[0])
+    expected = fuse([m.model for m in loaded], example_input=x, sweeps=2, progress=False).state_dict()
+    assert not result.streamed
+    assert all(torch.equal(v, expected[k]) for k, v in result.model.state_dict().items())
