@@ -11,6 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "HF_OTFUSION_PLAN_CACHE" not in os.environ:  # plans traced by the tests stay out of the user's cache
+    import tempfile
+
+    os.environ["HF_OTFUSION_PLAN_CACHE"] = tempfile.mkdtemp(prefix="hf-otfusion-plans-")
 
 from hub_server import hub_server  # noqa: E402, F401 - the Hub test server fixture, for every test module
 from zoo import make  # noqa: E402

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from torch import nn
-from zoo import SMALL, TIMM, make, randomize_state, run
+from zoo import SMALL, TIMM, live_batch_norms, make, randomize_state, run
 
 from hf_otfusion import PlanError, build_plan, fuse, random_permutation
 from hf_otfusion.trace import RULES, register_rule
@@ -183,8 +183,11 @@ def _blocked(name: str) -> tuple:
     if name not in _BLOCKED_CACHE:
         torch.manual_seed(0)
         model, x = BLOCKED[name]()
-        model = _random_state(model, 0)
+        model = live_batch_norms(_random_state(model, 0), x)
         plan = build_plan(model, x)
+        with torch.no_grad():  # a live signal: outputs that depend on the input (else invariance proves nothing)
+            out = run(model, x)
+            assert float((out - out.mean(0)).abs().max()) > 1e-3 * float(out.abs().max()), f"{name}: dead signal"
         _BLOCKED_CACHE[name] = (model, x, plan, random_permutation(model, plan, seed=1))
     return _BLOCKED_CACHE[name]
 
@@ -245,14 +248,15 @@ def test_grouped_conv_moves_whole_groups_and_reports_the_channels_inside(name):
         into = next(s for s in plan.spaces if s.head_group == out.head_group and s is not out)
         assert out.heads == into.heads == conv.groups and out.head_dim == conv.out_channels // conv.groups
         assert not any(m.tensor == f"{key}.weight" and m.axis == 1 for s in plan.spaces for m in s.members)
-    assert any(f.reason.startswith("the channels inside each head: grouped convolution") for f in plan.fixed)
+    assert any(f.reason.startswith("the channels inside each head (or conv group): grouped convolution") for f in plan.fixed)
 
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", list(BLOCKED))
 def test_the_other_blocked_model_arrives_in_the_targets_basis(name):
     model, x, plan, _ = _blocked(name)
-    other = _random_state(BLOCKED[name]()[0], seed=11)
+    built, x_other = BLOCKED[name]()
+    other = live_batch_norms(_random_state(built, seed=11), x_other, seed=11)
     with torch.no_grad():
         shuffled = random_permutation(other, plan, seed=5)
         fused = fuse([model, shuffled], weights=[0, 1], example_input=x, plan=plan, progress=False)

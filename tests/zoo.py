@@ -427,14 +427,44 @@ DECODERS = list(DECODER_FAMILIES)
 
 
 def randomize_state(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every floating entry of the state dict random (norm gains around 1, biases, tables, statistics), so that a
-    wrong permutation of any of them changes the outputs; non-persistent buffers (rotary tables) are left alone."""
+    """Every floating entry of the state dict random, so that a wrong permutation of any of them changes the
+    outputs: weights at the scale of their fan-in, norm gains around 1 (so the signal lives through deep nets),
+    biases and tables small, running variances positive; non-persistent buffers (rotary tables) are left alone."""
     gen = torch.Generator().manual_seed(seed + 7)
+    norms = {name for name, mod in model.named_modules() if "norm" in type(mod).__name__.lower()}
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
-            if tensor.is_floating_point():
-                fan_in = tensor[0].numel() if tensor.dim() > 1 else tensor.shape[0]
-                noise = torch.randn(tensor.shape, generator=gen)
-                gain = name.endswith("norm.weight") or "layernorm" in name and name.endswith("weight")
-                tensor.copy_(1 + 0.3 * noise if gain else noise * fan_in**-0.5)
+            if not tensor.is_floating_point():
+                continue
+            owner, _, leaf = name.rpartition(".")
+            noise = torch.randn(tensor.shape, generator=gen)
+            if owner in norms and leaf == "weight":
+                tensor.copy_(1 + 0.3 * noise)
+            elif leaf == "running_var":
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
+            elif owner in norms or tensor.dim() <= 1:
+                tensor.copy_(0.1 * noise)
+            else:
+                tensor.copy_(noise * (tensor[0].numel() ** -0.5))
+    return model
+
+
+def live_batch_norms(model: nn.Module, x: Any, seed: int = 0) -> nn.Module:
+    """BatchNorm running statistics taken from a batch, then moved at random (each channel its own): the signal
+    stays alive through deep nets (random statistics alone can leave a constant output, and a permutation test
+    on a constant proves nothing), and a wrong permutation of the statistics still changes the outputs."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = None  # a cumulative average: one batch sets the statistics
+        m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        run(model, x)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + 13)
+    with torch.no_grad():
+        for m in bns:
+            std = m.running_var.sqrt()
+            m.running_mean.add_(0.2 * std * torch.randn(m.running_mean.shape, generator=gen))
+            m.running_var.mul_(0.7 + 0.6 * torch.rand(m.running_var.shape, generator=gen))
     return model

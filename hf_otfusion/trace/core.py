@@ -287,7 +287,7 @@ class Tracer:
                 continue
             reason = atoms.why.get(root, "fixed")
             if root in atoms.owner:
-                reason = f"the channels inside each head: {reason}"
+                reason = f"the channels inside each head (or conv group): {reason}"
             elif root in atoms.heads:
                 reason = f"the order of the heads: {reason}"
             out.append(FixedAxes(size=atoms.size[root] or 0, members=tuple(holders[root]), reason=reason,
