@@ -5,8 +5,9 @@ from ._compat import ensure_torchvision_importable
 ensure_torchvision_importable()
 
 from .config import MergeConfig, load_config  # noqa: E402
+from .engine import align  # noqa: E402
 from .errors import FusionError, PlanError  # noqa: E402
-from .fuse import align, ensemble, fuse, random_permutation, vanilla_average  # noqa: E402
+from .fuse import ensemble, fuse, random_permutation, vanilla_average  # noqa: E402
 from .merge import merge  # noqa: E402
 from .plan import AlignmentPlan, AxisRef, Space  # noqa: E402
 from .repair import repair_model, reset_norm_stats  # noqa: E402

@@ -44,24 +44,24 @@ def iter_batches(calibration: Any) -> Iterator[Any]:
             yield batch
 
 
-def _split_dict(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """A dict of keyword tensors in chunks of ``CHUNK`` rows (whole when its tensors differ in length)."""
+def _split_dict(batch: dict[str, Any], chunk: int = CHUNK) -> Iterator[dict[str, Any]]:
+    """A dict of keyword tensors in chunks of ``chunk`` rows (whole when its tensors differ in length)."""
     lengths = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
     if len(lengths) != 1:
         yield batch
         return
     n = lengths.pop()
-    for start in range(0, n, CHUNK):
-        yield {k: v[start : start + CHUNK] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+    for start in range(0, n, chunk):
+        yield {k: v[start : start + chunk] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
                for k, v in batch.items()}
 
 
-def _pieces(batch: Any) -> Iterator[Any]:
-    """A batch in pieces of at most ``CHUNK`` rows (a tensor or a dict of keyword tensors; anything else whole)."""
-    if isinstance(batch, torch.Tensor):
-        yield from batch.split(CHUNK)
+def _pieces(batch: Any, chunk: int = CHUNK) -> Iterator[Any]:
+    """A batch in pieces of at most ``chunk`` rows (a tensor or a dict of keyword tensors; anything else whole)."""
+    if isinstance(batch, torch.Tensor) and batch.dim() > 0:
+        yield from batch.split(chunk)
     elif isinstance(batch, dict) or hasattr(batch, "keys"):
-        yield from _split_dict(dict(batch))
+        yield from _split_dict(dict(batch), chunk)
     else:
         yield batch
 

@@ -142,8 +142,8 @@ def align(
 
     Example: hf-otfusion align examples/mnist-otfusion.yml aligned-mnist
     """
+    from .aligned import align_notes, align_parents
     from .config import load_config
-    from .merge import align_notes, align_parents
 
     if quiet:
         _quiet_libraries()

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import ExportedProgram
 
-from .activations import _static_batch, _to, iter_batches
+from .activations import _pieces, _static_batch, _to, iter_batches
 from .errors import FusionError
 from .plan import AlignmentPlan
 from .repair import _BN_STATS, _arg, _first, _normalized, _op, _param_names, _Program, _shapes, _state_of
@@ -361,22 +361,7 @@ def _chunks(calibration: Any, chunk: int, splittable: bool) -> Iterator[Any]:
         yield from calibration.split(chunk) if splittable else [calibration]
         return
     for batch in iter_batches(calibration):
-        if not splittable:
-            yield batch
-        elif isinstance(batch, torch.Tensor) and batch.dim() > 0:
-            yield from batch.split(chunk)
-        elif isinstance(batch, dict) or hasattr(batch, "keys"):
-            batch = dict(batch)
-            lengths = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-            if len(lengths) != 1:
-                yield batch
-                continue
-            n = lengths.pop()
-            for start in range(0, n, chunk):
-                yield {k: v[start : start + chunk] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                       for k, v in batch.items()}
-        else:
-            yield batch
+        yield from _pieces(batch, chunk) if splittable else [batch]
 
 
 @dataclass

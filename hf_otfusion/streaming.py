@@ -3,7 +3,7 @@
 Every parent's weights are read lazily from its safetensors files; each fused tensor is written to its place in
 the output checkpoint as soon as every space it belongs to is solved. The plan is traced on an *empty* target
 (built on the ``meta`` device, no weights read), or on the loaded target when a model cannot be traced empty.
-The engine is the one :func:`~hf_otfusion.fuse` uses (:func:`~hf_otfusion.fuse.align_sources`), so a merge
+The engine is the one :func:`~hf_otfusion.fuse` uses (:func:`~hf_otfusion.engine.align_sources`), so a merge
 streamed from disk gives the in-memory path's tensors, bit for bit.
 """
 
@@ -18,8 +18,9 @@ import torch
 from .activations import _to
 from .checkpoint import CheckpointError, SafetensorsSource, ShardedWriter, TensorSource, find_checkpoint
 from .config import MergeConfig
+from .engine import Residual, align_sources, check_compatible, plans_for
 from .errors import FusionError
-from .fuse import Residual, align_sources, average_tensor, check_compatible, normalized_weights, plans_for
+from .fuse import average_tensor, normalized_weights
 from .plan import AlignmentPlan
 from .plan_cache import cached_plan_of
 from .profile import timed

@@ -18,9 +18,10 @@ from lm import tiny_llama
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from hf_otfusion.aligned import align_parents
 from hf_otfusion.cli import app
 from hf_otfusion.config import parse_config
-from hf_otfusion.merge import MergeError, align_parents, merge
+from hf_otfusion.merge import MergeError, merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()

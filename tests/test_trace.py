@@ -248,7 +248,8 @@ def test_grouped_conv_moves_whole_groups_and_reports_the_channels_inside(name):
         into = next(s for s in plan.spaces if s.head_group == out.head_group and s is not out)
         assert out.heads == into.heads == conv.groups and out.head_dim == conv.out_channels // conv.groups
         assert not any(m.tensor == f"{key}.weight" and m.axis == 1 for s in plan.spaces for m in s.members)
-    assert any(f.reason.startswith("the channels inside each head (or conv group): grouped convolution") for f in plan.fixed)
+    prefix = "the channels inside each head (or conv group): grouped convolution"
+    assert any(f.reason.startswith(prefix) for f in plan.fixed)
 
 
 @pytest.mark.usefixtures("one_thread")

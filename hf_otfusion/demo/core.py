@@ -3,7 +3,7 @@
 Everything the app shows comes from :func:`run_demo_fusion`: the accuracy table (parents, vanilla average,
 ensemble, fused) from the same ``run_merge`` the CLI runs, the accuracy along the straight path between the target
 and another parent (vanilla ``(1-t)·A + t·B`` vs aligned ``(1-t)·A + t·aligned(B)``), the transport maps of that
-pair (``hf_otfusion.fuse.align``), and the model card of the written output folder.
+pair (``hf_otfusion.engine.align``), and the model card of the written output folder.
 """
 
 from __future__ import annotations
@@ -391,11 +391,11 @@ def align_pair(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``other``'s state transported onto ``target``'s channels, and the transport map of each space.
 
-    The same steps as ``fuse`` takes for one model (``hf_otfusion.fuse.align``), kept apart so the demo can show
+    The same steps as ``fuse`` takes for one model (``hf_otfusion.engine.align``), kept apart so the demo can show
     them: averaging ``(1 - w)·target + w·aligned`` is the fused model of the pair.
     """
     from ..activations import Runner, activation_costs
-    from ..fuse import align
+    from ..engine import align
     from ..trace import build_plan, export_model
 
     example = example_input(target)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
+from torch.utils import _pytree as pytree
 
 from ..errors import PlanError
 from ..plan import AlignmentPlan, AxisRef, FixedAxes, Site, Space
@@ -75,6 +76,7 @@ class Tracer:
         self.strict = strict
         self.state = state
         self.index = 0
+        self.hidden_outputs = hidden_outputs(ep)
 
     # -- labels -------------------------------------------------------------------------------------------
     def new(self, size: int | None, fixed: bool = True, why: str | None = None) -> Desc:
@@ -147,8 +149,10 @@ class Tracer:
                         self.first_use.setdefault(self.param_of_node[arg.name], self.index)
                 self.labels[node.name] = self.apply(node)
             elif node.op == "output":
-                for arg in node.all_input_nodes:
-                    self.fix_all(self.labels.get(arg.name), OUTPUT)
+                outputs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
+                for index, arg in enumerate(outputs):
+                    if isinstance(arg, Node) and index not in self.hidden_outputs:
+                        self.fix_all(self.labels.get(arg.name), OUTPUT)
 
     def apply(self, node: Node) -> Any:
         target = node.target
@@ -342,6 +346,24 @@ class Tracer:
                 out.append((key, offset, repeat * rep, tile))
             offset += size * repeat
         return out
+
+
+def hidden_outputs(ep: ExportedProgram) -> set[int]:
+    """Indices of the flat outputs that are hidden states (``last_hidden_state``, ``encoder_last_hidden_state``,
+    ``hidden_states``, a tower's nested output) when the model also returns something else (logits, embeddings).
+
+    Those are not what such a model computes for its user but its internals: they are left in the fused model's
+    basis rather than fixing the residual stream they carry (T5's encoder, CLIP's towers). A model that returns
+    only hidden states (a base model) keeps them fixed: they are its output.
+    """
+    try:
+        spec = ep.call_spec.out_spec
+        leaves = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))[0]
+    except Exception:  # noqa: BLE001 - an output structure we cannot name: every output stays fixed
+        return set()
+    hidden = {index for path, index in leaves if "hidden_state" in pytree.keystr(path)
+              or "_model_output" in pytree.keystr(path)}
+    return hidden if len(hidden) < len(leaves) else set()
 
 
 def _getitem(t: Tracer, node: Node) -> Any:

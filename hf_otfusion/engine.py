@@ -1,0 +1,540 @@
+"""The fusion engine: walks the plan space by space over every model at once, solves each space's transport map
+against the target and hands on each tensor, carried into the target's channels, as soon as it is final.
+
+The engine knows nothing of architectures: it reads spaces and (tensor, axis) members from the plan. ``fuse``
+(the public API, in :mod:`hf_otfusion.fuse`) and the streamed merge both run it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import StateSource, TensorSource
+from .errors import FusionError
+from .plan import AlignmentPlan, AxisRef, Space
+from .profile import record_space, timed
+from .transport import (
+    ChannelMap,
+    Marginals,
+    Solver,
+    all_finite,
+    barycentric_map,
+    head_costs,
+    marginal,
+    match_heads,
+    pairwise_distance,
+    rows,
+    solve,
+    solve_heads,
+    transport_axis,
+)
+
+Residual = Literal["shared", "mean"]
+RESIDUALS: tuple[str, ...] = ("shared", "mean")
+State = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plan bookkeeping
+
+
+@dataclass(frozen=True)
+class _Segment:
+    space: str
+    member: AxisRef
+    length: int  # entries on the axis: space size * repeat * tile
+
+
+def _segments(plan: AlignmentPlan) -> dict[tuple[str, int], list[_Segment]]:
+    """For each (tensor, axis), its space segments in offset order."""
+    out: dict[tuple[str, int], list[_Segment]] = {}
+    for space in plan.spaces:
+        for m in space.members:
+            out.setdefault((m.tensor, m.axis), []).append(_Segment(space.name, m, space.size * m.repeat * m.tile))
+    for segs in out.values():
+        segs.sort(key=lambda s: s.member.offset)
+    return out
+
+
+def _ranked(members: Sequence[AxisRef]) -> dict[tuple[str, int, int], AxisRef]:
+    """A space's members keyed by (tensor, axis, rank on that axis): comparable across widths, unlike offsets."""
+    out: dict[tuple[str, int, int], AxisRef] = {}
+    seen: dict[tuple[str, int], int] = {}
+    for m in sorted(members, key=lambda m: (m.tensor, m.axis, m.offset)):
+        rank = seen.get((m.tensor, m.axis), 0)
+        seen[(m.tensor, m.axis)] = rank + 1
+        out[(m.tensor, m.axis, rank)] = m
+    return out
+
+
+def check_compatible(target: AlignmentPlan, other: AlignmentPlan, index: int) -> None:
+    """Raise a :class:`FusionError` naming the first difference that makes two models unfusable."""
+    missing = set(target.tensors) ^ set(other.tensors)
+    if missing:
+        name = sorted(missing)[0]
+        where = "the target" if name not in target.tensors else f"model {index}"
+        raise FusionError(f"model {index} and the target do not share an architecture: {where} has no "
+                          f"tensor {name!r}")
+    names_t, names_o = [s.name for s in target.spaces], [s.name for s in other.spaces]
+    if names_t != names_o:
+        diff = next((a, b) for a, b in zip(names_t + [""], names_o + [""], strict=False) if a != b)
+        raise FusionError(f"model {index} and the target have different alignment plans (space {diff[0]!r} "
+                          f"vs {diff[1]!r}); they do not share an architecture")
+    for space_t, space_o in zip(target.spaces, other.spaces, strict=True):
+        name = space_t.name
+        if sorted(_ranked(space_t.members)) != sorted(_ranked(space_o.members)):
+            raise FusionError(f"model {index} and the target wire space {name!r} differently")
+        if space_t.heads != space_o.heads:
+            raise FusionError(f"space {name!r} has {space_o.heads} attention heads in model {index} but "
+                              f"{space_t.heads} in the target: fusing models with different head counts is not "
+                              "supported (widths inside heads may differ)")
+    moved = _segments(target)
+    for name, shape in target.tensors.items():
+        other_shape = other.tensors[name]
+        if len(shape) != len(other_shape):
+            raise FusionError(f"tensor {name!r} has shape {other_shape} in model {index} but {shape} in the target")
+        for axis, (a, b) in enumerate(zip(other_shape, shape, strict=True)):
+            if a != b and (name, axis) not in moved:
+                raise FusionError(f"tensor {name!r} has shape {other_shape} in model {index} but {shape} in the "
+                                  f"target, and axis {axis} is fixed (not a hidden space): they cannot be fused")
+
+
+def plans_for(
+    plan_t: AlignmentPlan,
+    shapes: Sequence[Mapping[str, tuple[int, ...]]],
+    target: int,
+    trace: Callable[[int], AlignmentPlan] | None,
+) -> list[AlignmentPlan]:
+    """Each model's plan: the target's for a model of the target's shapes, else ``trace(i)`` (other widths; and
+    always with attention heads, since equal shapes do not mean equal head counts). ``trace`` None: cannot trace."""
+    own = {k: tuple(v) for k, v in plan_t.tensors.items() if k not in plan_t.aliases}
+    headed = any(s.heads > 1 for s in plan_t.spaces)
+    plans = []
+    for i, s in enumerate(shapes):
+        same = {k: tuple(v) for k, v in s.items() if k not in plan_t.aliases} == own
+        if i == target or (same and (not headed or trace is None)):
+            plans.append(plan_t)
+        elif trace is None:
+            raise FusionError(f"model {i} has other widths than the target: pass example_input to trace it")
+        else:
+            plans.append(trace(i))
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aligning one model to the target
+
+
+class _Aligner:
+    """One model's tensors, transported lazily into the target's channel order and widths.
+
+    A solved space's map is recorded on each of its members; a tensor is read from its source, and the maps
+    recorded on it applied, only when something needs it (its rows for a cost, or its final value), and it is
+    kept from then until :meth:`release`. So a tensor is held from its first use until every space it belongs
+    to is solved, and a checkpoint on disk is never read whole.
+    """
+
+    def __init__(self, source: TensorSource, plan: AlignmentPlan, target_plan: AlignmentPlan,
+                 device: torch.device, index: int = 0):
+        self.source = source
+        self.plan = plan
+        self.device = device
+        self.index = index
+        self.segs = _segments(plan)
+        self.target_sizes = {s.name: s.size for s in target_plan.spaces}
+        self.sizes = {s.name: s.size for s in plan.spaces}
+        self.done: set[str] = set()
+        self.ops: dict[str, list[tuple[ChannelMap, int, int, int, int, int]]] = {}
+        self.cache: State = {}
+
+    def offset(self, m: AxisRef) -> int:
+        """Where a member's segment starts now that earlier segments on its axis may have changed width."""
+        shift = 0
+        for seg in self.segs[(m.tensor, m.axis)]:
+            if seg.member.offset < m.offset and seg.space in self.done:
+                per_channel = seg.member.repeat * seg.member.tile
+                shift += (self.target_sizes[seg.space] - self.sizes[seg.space]) * per_channel
+        return m.offset + shift
+
+    def ready(self, m: AxisRef) -> bool:
+        """All other axes of the member's tensor already read the target's channels."""
+        ndim = len(self.plan.tensors[m.tensor])
+        return all(
+            seg.space in self.done
+            for axis in range(ndim) if axis != m.axis
+            for seg in self.segs.get((m.tensor, axis), [])
+        )
+
+    def apply(self, space: Space, m_map: ChannelMap) -> None:
+        for m in space.members:
+            op = (m_map, m.axis, self.offset(m), m.repeat, m.tile, space.heads)
+            self.ops.setdefault(m.tensor, []).append(op)
+        self.done.add(space.name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor with every map solved so far applied."""
+        t = self.cache.get(name)
+        if t is None:
+            with timed("load"):
+                t = self.source.get(name).to(self.device)
+            check_finite(t, self.index, name)
+        ops = self.ops.pop(name, None)
+        if ops:
+            with timed("transport"):
+                for m_map, axis, offset, repeat, tile, heads in ops:
+                    t = transport_axis(t, m_map, axis, offset, repeat, tile, heads)
+        self.cache[name] = t
+        return t
+
+    def release(self, name: str) -> torch.Tensor:
+        """The tensor's final value (all its spaces solved); it is no longer held."""
+        t = self.tensor(name)
+        del self.cache[name]
+        return t
+
+    def drop(self, name: str) -> None:
+        """Let go of a tensor without computing its final value."""
+        self.cache.pop(name, None)
+        self.ops.pop(name, None)
+
+
+def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: Space, split: bool = False) -> Any:
+    """Rows of every ready member (this model's, the target's), features concatenated (or, ``split``, per member)."""
+    fa, fb = [], []
+    for m_a, m_b in _member_pairs(space, target_space):
+        if not aligner.ready(m_a):
+            continue
+        fa.append(rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat, m_a.tile,
+                       space.heads))
+        fb.append(rows(target.tensor(m_b.tensor), m_b.axis, m_b.offset, target_space.size, m_b.repeat, m_b.tile,
+                       target_space.heads))
+    if split:
+        return list(zip(fa, fb, strict=True))
+    if not fa:
+        return (torch.zeros(space.size, 0, device=aligner.device),
+                torch.zeros(target_space.size, 0, device=aligner.device))
+    dtype = torch.promote_types(fa[0].dtype, torch.float32)
+    if len(fa) == 1:  # no copy
+        return fa[0].to(dtype), fb[0].to(dtype)
+    return torch.cat([f.to(dtype) for f in fa], 1), torch.cat([f.to(dtype) for f in fb], 1)
+
+
+def _member_pairs(space: Space, target_space: Space) -> list[tuple[AxisRef, AxisRef]]:
+    """Each member of a space with the target's member at the same (tensor, axis, rank)."""
+    a, b = _ranked(space.members), _ranked(target_space.members)
+    return [(a[k], b[k]) for k in a if k in b]
+
+
+def _cost(
+    aligner: _Aligner,
+    space: Space,
+    target: _Aligner,
+    target_space: Space,
+    costs: dict[str, torch.Tensor] | None,
+    marginals: Marginals,
+    per_tensor: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Cost matrix and marginals of one space: weight rows of its ready members, or activations (weights break ties).
+
+    ``per_tensor``: the mean of each ready member's own distance matrix, each scaled to a mean of one (every
+    tensor counts the same), instead of the distance between their concatenated rows.
+    """
+    fa, fb = _features(aligner, space, target, target_space)
+    with timed("cost"):
+        if per_tensor and costs is None:
+            pairs = _features(aligner, space, target, target_space, split=True)
+            parts = [pairwise_distance(a, b) for a, b in pairs if a.shape[1] > 1]  # matrices; vectors are too noisy
+            parts = [c / c.mean() for c in parts if c.numel() and c.mean() > 0]
+            cost = sum(parts) / len(parts) if parts else pairwise_distance(fa, fb)
+        else:
+            cost = pairwise_distance(fa, fb)
+        if costs is not None:
+            # activations decide; weights only break their ties (e.g. channels dead on all calibration data)
+            act = costs[space.name].to(cost.device, cost.dtype)
+            scale = act.max() / cost.max() if cost.numel() and cost.max() > 0 else 0.0
+            cost = act + 1e-4 * scale * cost
+        importance = marginals == "importance" and fa.shape[1] > 0
+        a = marginal(space.size, fa.norm(dim=1) if importance else None, device=cost.device)
+        b = marginal(target_space.size, fb.norm(dim=1) if importance else None, device=cost.device)
+    return cost, a, b, not importance
+
+
+@dataclass(frozen=True)
+class _Options:
+    solver: Solver
+    reg: float
+    marginals: Marginals
+    heads: bool
+
+
+def _solve_space(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Space, order: list[int],
+                 opts: _Options, uniform: bool) -> torch.Tensor:
+    with timed("solve"):
+        if space.heads > 1:
+            return solve_heads(cost, a, b, space.heads, order, solver=opts.solver, reg=opts.reg, uniform=uniform)
+        return solve(cost, a, b, solver=opts.solver, reg=opts.reg, uniform=uniform)
+
+
+class _Walker:
+    """Solves one model's map of each space in turn, against the target; ``given`` couplings are used as they are."""
+
+    def __init__(self, aligner: _Aligner, target: _Aligner, costs: dict[str, torch.Tensor] | None,
+                 given: dict[str, torch.Tensor], opts: _Options, keep: set[str]):
+        self.aligner, self.target, self.costs, self.given, self.opts = aligner, target, costs, given, opts
+        self.keep = keep  # what to keep of each space once solved: "couplings", "maps" (n x n each, so optional)
+        self.couplings: dict[str, torch.Tensor] = {}
+        self.maps: dict[str, ChannelMap] = {}
+        self.head_sources: dict[str, list[int]] = {}
+
+    def step(self, target_space: Space, groups: dict[str, list[Space]]) -> None:
+        plan, opts = self.aligner.plan, self.opts
+        space = plan.space(target_space.name)
+        if space.name in self.given:
+            t = self.given[space.name]
+            b = t.sum(0)
+        else:
+            cost, a, b, uniform = _cost(self.aligner, space, self.target, target_space, self.costs, opts.marginals)
+            n_heads, group = target_space.heads, target_space.head_group
+            if group is not None and opts.heads and group not in self.head_sources:
+                total = head_costs(cost, n_heads)
+                for other in groups[group]:
+                    if other.name != target_space.name:
+                        c_other = _cost(self.aligner, plan.space(other.name), self.target, other, self.costs,
+                                        opts.marginals)[0]
+                        total += head_costs(c_other, n_heads)
+                with timed("solve"):
+                    self.head_sources[group] = match_heads(total)
+            order = self.head_sources.get(group, list(range(n_heads))) if group is not None else list(range(n_heads))
+            t = _solve_space(cost, a, b, target_space, order, opts, uniform)
+        m_map = barycentric_map(t, b)
+        self.aligner.apply(space, m_map)
+        if "couplings" in self.keep:
+            self.couplings[space.name] = t
+        if "maps" in self.keep:
+            self.maps[space.name] = m_map
+
+
+Finished = Callable[[str, list[torch.Tensor]], None]
+
+
+def _walk(
+    sources: Sequence[TensorSource],
+    plans: Sequence[AlignmentPlan],
+    target: int,
+    device: torch.device,
+    costs: Sequence[dict[str, torch.Tensor] | None],
+    given: Sequence[dict[str, torch.Tensor]],
+    opts: _Options,
+    finished: Finished | None,
+    progress: bool,
+    keep: set[str],
+) -> list[_Walker | None]:
+    """One walk over the target's spaces in order, every model aligned to the target space by space.
+
+    As soon as every space of a tensor is solved, ``finished(name, [its value in each model])`` gets it (the
+    target's unchanged) and no model holds it any more.
+    """
+    target_plan = plans[target]
+    aligners = [_Aligner(s, p, target_plan, device, k) for k, (s, p) in enumerate(zip(sources, plans, strict=True))]
+    walkers = [None if k == target else _Walker(aligners[k], aligners[target], costs[k], given[k], opts, keep)
+               for k in range(len(sources))]
+    remaining: dict[str, set[str]] = {name: set() for name in target_plan.tensors if name not in target_plan.aliases}
+    for space in target_plan.spaces:
+        for m in space.members:
+            remaining[m.tensor].add(space.name)
+
+    def finish(names: Iterable[str]) -> None:
+        for name in names:
+            if finished is None:
+                for a in aligners:
+                    a.drop(name)
+            else:
+                finished(name, [a.release(name) for a in aligners])
+
+    finish([name for name, spaces in remaining.items() if not spaces])  # fixed tensors: nothing to solve
+    groups = target_plan.head_groups()
+    bar = tqdm(target_plan.spaces, desc="solving spaces", disable=not progress, leave=False, unit="space")
+    for target_space in bar:
+        start = time.perf_counter()
+        for walker in walkers:
+            if walker is not None:
+                walker.step(target_space, groups)
+        done = []
+        for m in target_space.members:
+            spaces = remaining[m.tensor]
+            spaces.discard(target_space.name)
+            if not spaces:
+                done.append(m.tensor)
+        finish(dict.fromkeys(done))
+        seconds = time.perf_counter() - start
+        record_space(target_space.name, seconds)
+        bar.set_postfix_str(f"{target_space.name} ({target_space.size} ch) {seconds:.2f}s", refresh=False)
+    return walkers
+
+
+def _stream_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
+                      device: torch.device, walkers: Sequence[_Walker | None], opts: _Options,
+                      ) -> list[dict[str, torch.Tensor]]:
+    """``residual="mean"``: each residual stream solved from the mean of its members' own costs, once every other
+    space is solved (so deep writers' rows are aligned)."""
+    target_plan = plans[target]
+    streams = [s for s in target_plan.spaces if s.kind == "residual"]
+    given: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+    for k, walker in enumerate(walkers):
+        if walker is None:
+            continue
+        for stream in streams:
+            aligner = _Aligner(sources[k], plans[k], target_plan, device, k)
+            for other in target_plan.spaces:
+                if other.name != stream.name:
+                    aligner.apply(plans[k].space(other.name), walker.maps[other.name])
+            reference = _Aligner(sources[target], target_plan, target_plan, device, target)
+            space = plans[k].space(stream.name)
+            cost, a, b, uniform = _cost(aligner, space, reference, stream, None, opts.marginals, per_tensor=True)
+            given[k][stream.name] = _solve_space(cost, a, b, stream, list(range(stream.heads)), opts, uniform)
+    return given
+
+
+def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", marginals: str = "uniform") -> None:
+    """A :class:`FusionError` for a ``sweeps`` value, or options, that weight matching cannot run with."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise FusionError(f"sweeps must be an integer >= 0, got {sweeps!r}")
+    if not sweeps:
+        return
+    for name, value, needed in (("alignment", alignment, "weights"), ("solver", solver, "emd"),
+                                ("marginals", marginals, "uniform")):
+        if value != needed:
+            raise FusionError(f"sweeps={sweeps} (weight matching by coordinate descent) needs {name}={needed!r}, "
+                              f"got {value!r}: it improves permutations, found from the weights alone")
+
+
+def _matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
+                       device: torch.device, walkers: Sequence[_Walker | None], sweeps: int, seed: int,
+                       heads: bool) -> list[dict[str, torch.Tensor]]:
+    """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
+    target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk."""
+    from .matching import record, weight_matching
+
+    target_plan = plans[target]
+    names = [t for t in target_plan.members_by_tensor() if t not in target_plan.aliases]
+    reference = _Aligner(sources[target], target_plan, target_plan, device, target)
+    target_state = {name: reference.release(name) for name in names}
+    given: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+    for k, walker in enumerate(walkers):
+        if walker is None:
+            continue
+        aligner = _Aligner(sources[k], plans[k], target_plan, device, k)
+        for space in plans[k].spaces:
+            m_map = walker.maps[space.name]
+            if m_map.index is None or m_map.scale is not None or m_map.n_in != m_map.n_out:
+                raise FusionError(f"sweeps: the map of space {space.name!r} for model {k} is not a permutation")
+            aligner.apply(space, m_map)
+        state = {name: aligner.release(name) for name in names}
+        with timed("matching"):
+            _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads)
+        record(result)
+        for space in target_plan.spaces:
+            n = space.size
+            index = walker.maps[space.name].index.cpu()[result.perms[space.name]]
+            t = torch.zeros(n, n, dtype=torch.float64)
+            t[index, torch.arange(n)] = 1.0 / n
+            given[k][space.name] = t.to(device)
+    return given
+
+
+def align_sources(
+    sources: Sequence[TensorSource],
+    plans: Sequence[AlignmentPlan],
+    finished: Finished,
+    *,
+    target: int = 0,
+    costs: Sequence[dict[str, torch.Tensor] | None] | None = None,
+    solver: Solver = "emd",
+    reg: float = 0.05,
+    marginals: Marginals = "uniform",
+    heads: bool = True,
+    residual: Residual = "shared",
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    couplings: bool = True,
+    sweeps: int = 0,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor] | None]:
+    """The engine on tensors: align every source to the target's, space by space, handing on finished tensors.
+
+    ``sources`` give each model's tensors by state-dict name (in memory, or read lazily from safetensors files);
+    ``plans`` are their alignment plans (the same plan for models of the same shapes). Each tensor is read when
+    first needed and handed to ``finished(name, [value in each model])`` as soon as all of its spaces are
+    solved, so only the tensors of the spaces in flight are held. Options as in :func:`fuse`; ``sweeps > 0``
+    (weight matching, order drawn from ``seed``) holds every model's moved tensors and the target's at once.
+
+    Returns:
+        Each model's coupling per space (None for the target); empty dicts with ``couplings=False``, which keeps
+        no (n x n) coupling once its space is solved.
+    """
+    device = torch.device(device)
+    n = len(sources)
+    costs = list(costs) if costs is not None else [None] * n
+    opts = _Options(solver=solver, reg=reg, marginals=marginals, heads=heads)
+    given: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    streams = any(s.kind == "residual" for s in plans[target].spaces)
+    if residual == "mean" and all(c is None for c in costs) and streams:
+        first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
+        given = _stream_couplings(sources, plans, target, device, first, opts)
+    if sweeps:
+        check_sweeps(sweeps, "weights" if all(c is None for c in costs) else "activations", solver, marginals)
+        for k, plan_k in enumerate(plans):
+            for space, space_t in zip(plan_k.spaces, plans[target].spaces, strict=True):
+                if space.size != space_t.size:
+                    raise FusionError(f"sweeps={sweeps} (weight matching) needs the target's widths: space "
+                                      f"{space.name!r} has {space.size} channels in model {k} but {space_t.size} "
+                                      "in the target (fuse other widths with sweeps=0)")
+        first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
+        given = _matched_couplings(sources, plans, target, device, first, sweeps, seed, heads)
+    walkers = _walk(sources, plans, target, device, costs, given, opts, finished, progress,
+                    {"couplings"} if couplings else set())
+    return [None if w is None else w.couplings for w in walkers]
+
+
+def align(
+    state: State,
+    plan: AlignmentPlan,
+    target_state: State,
+    target_plan: AlignmentPlan,
+    *,
+    costs: dict[str, torch.Tensor] | None = None,
+    solver: Solver = "emd",
+    reg: float = 0.05,
+    marginals: Marginals = "uniform",
+    heads: bool = True,
+    residual: Residual = "shared",
+    progress: bool = False,
+) -> tuple[State, dict[str, torch.Tensor]]:
+    """Transport one model's state onto the target's channels; returns it and the coupling of each space.
+
+    A space with attention heads gets a block-diagonal coupling: head ``sigma(h)`` of this model onto head ``h``
+    of the target. ``heads=True`` chooses ``sigma`` once per head group, by an assignment over the summed
+    head-to-head transport costs of all the group's spaces (queries/keys and values/outputs); ``heads=False``
+    keeps every head in place. ``residual``: see :func:`fuse`.
+    """
+    out: State = {}
+
+    def keep(name: str, values: list[torch.Tensor]) -> None:
+        out[name] = values[1]
+
+    device = next(iter(target_state.values())).device if target_state else torch.device("cpu")
+    couplings = align_sources([StateSource(target_state), StateSource(state)], [target_plan, plan], keep,
+                              costs=[None, costs], solver=solver, reg=reg, marginals=marginals, heads=heads,
+                              residual=residual, device=device, progress=progress)
+    return out, couplings[1]
+
+
+def check_finite(tensor: torch.Tensor, index: int, name: str) -> None:
+    if tensor.is_floating_point() and not all_finite(tensor):
+        raise FusionError(f"model {index} has NaN or infinite values in {name!r}")
