@@ -53,6 +53,7 @@ models:
 parameters:
   alignment: activations  # match channels by their activations on the calibration digits
   solver: emd
+  repair: reset_bn  # recompute the fused model's BatchNorm statistics on the calibration digits
 calibration:
   dataset: examples/data/mnist  # train.parquet and test.parquet: splits "train" and "test"
   split: train
@@ -236,7 +237,8 @@ timm's eval transform of a grayscale digit reproduce the training inputs exactly
 that the saved models reload to the same outputs.
 
 Test accuracy of the parents: {parents}.
-On the 1,000 test digits, evaluated as `mnist-otfusion.yml` says (other hardware may differ in the last digits):
+On the 1,000 test digits, from `hf-otfusion merge examples/mnist-otfusion.yml fused-mnist` (activations, emd,
+`repair: reset_bn`; other hardware may differ in the last digits):
 
 {format_table(rows)}
 """
