@@ -123,6 +123,22 @@ class MergeConfig(_Frozen):
     finetune: FinetuneConfig | None = Field(None, description="a short fine-tune after fusion (and repair)")
     dtype: DType = Field("float32", description="dtype of the saved model (fusion itself runs in float32)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _best_with_data(cls, data: Any) -> Any:
+        """With calibration data and no word on how to use it, the best measured combination: activations
+        alignment and the closed-form refit (docs/results/refit.md). Written into the config, so the saved config
+        and the card's fusion options show it."""
+        if not isinstance(data, dict) or data.get("calibration") is None or data.get("merge_method") == "linear":
+            return data
+        params = data.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            return data
+        params = dict(params or {})
+        params.setdefault("alignment", "activations")
+        params.setdefault("repair", "refit")
+        return {**data, "parameters": params}
+
     @model_validator(mode="after")
     def _consistent(self) -> MergeConfig:
         refs = [m.model for m in self.models]

@@ -63,7 +63,8 @@ def test_frozen():
         ({"models": TWO, "merge_method": "ties"}, "merge_method: Input should be 'otfusion' or 'linear'"),
         ({"models": TWO, "base_model": "org/c"}, "base_model: 'org/c' is not one of the models"),
         ({"models": TWO, "parameters": {"alignment": "activations"}}, "calibration: parameters.alignment"),
-        ({"models": TWO, "calibration": CALIB}, "calibration: is only used with"),
+        ({"models": TWO, "calibration": CALIB, "parameters": {"alignment": "weights", "repair": "none"}},
+         "calibration: is only used with"),
         ({"models": TWO, "parameters": {"solver": "emd", "reg": 0.1}}, "parameters.reg: only the 'sinkhorn'"),
         ({"models": TWO, "parameters": {"solver": "sinkhorn", "reg": 0}}, "parameters.reg"),
         ({"models": TWO, "parameters": {"solver": "exact"}}, "parameters.solver"),
@@ -141,3 +142,15 @@ def test_transformer_options():
     assert (params.match_heads, params.residual, params.standardize) == (False, "mean", False)
     with pytest.raises(ConfigError, match="parameters.residual"):
         parse_config({"models": TWO, "parameters": {"residual": "sum"}})
+
+
+def test_calibration_data_with_no_options_gets_the_best_measured_combination():
+    config = parse_config({"models": TWO, "calibration": CALIB})
+    params = config.fusion_parameters
+    assert (params.alignment, params.repair) == ("activations", "refit")
+    assert "repair: refit" in config.to_yaml()  # the config as run says so (and so does the card)
+    kept = parse_config({"models": TWO, "calibration": CALIB, "parameters": {"repair": "reset_bn"}})
+    assert (kept.fusion_parameters.alignment, kept.fusion_parameters.repair) == ("activations", "reset_bn")
+    weights = parse_config({"models": TWO, "calibration": CALIB, "parameters": {"alignment": "weights"}})
+    assert (weights.fusion_parameters.alignment, weights.fusion_parameters.repair) == ("weights", "refit")
+    assert parse_config({"models": TWO}).fusion_parameters.repair == "none"  # no data: weights, nothing to refit
