@@ -731,17 +731,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+def context(args: argparse.Namespace) -> Ctx:
+    """The run's threads, data (a few hundred images with ``--tiny``: the smoke test of every code path) and the
+    seeded pool of calibration images; shared by this script and the refit and matching experiments."""
     torch.set_num_threads(args.threads)
     data = load_mnist_5k()
-    if args.tiny:  # a few hundred images: the smoke test of every code path
+    if args.tiny:
         gen = torch.Generator().manual_seed(0)
         tr = torch.randperm(len(data.y_train), generator=gen)[:400].sort().values
         te = torch.randperm(len(data.y_test), generator=gen)[:200].sort().values
         data = MnistSplit(data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te])
     pool = data.x_train[torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(1234))]
-    ctx = Ctx(args=args, data=data, calib=pool[: args.calibration], calib_pool=pool)
+    return Ctx(args=args, data=data, calib=pool[: args.calibration], calib_pool=pool)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    ctx = context(args)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for name in args.experiments:

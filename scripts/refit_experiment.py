@@ -19,11 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from experiments import ARCHS, ROOT, Ctx, Scorer, Table, parse_args, setup_line, train
+from experiments import ARCHS, ROOT, Ctx, Scorer, Table, context, parse_args, setup_line, train
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
-from hf_otfusion.data import MnistSplit, load_mnist_5k
 from hf_otfusion.refit import REFIT_ALPHA, refit_model
 
 ALPHAS = (1e-4, 1e-2, 1e-1)
@@ -104,15 +103,7 @@ def main() -> None:
     known, rest = own.parse_known_args()
     args = parse_args(["iid", *rest])
     args.out = known.out
-    torch.set_num_threads(args.threads)
-    data = load_mnist_5k()
-    if args.tiny:
-        gen = torch.Generator().manual_seed(0)
-        tr = torch.randperm(len(data.y_train), generator=gen)[:400].sort().values
-        te = torch.randperm(len(data.y_test), generator=gen)[:200].sort().values
-        data = MnistSplit(data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te])
-    pool = data.x_train[torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(1234))]
-    ctx = Ctx(args=args, data=data, calib=pool[: args.calibration], calib_pool=pool)
+    ctx = context(args)
     started = time.perf_counter()
     body = run(ctx)
     argv = " ".join(sys.argv[1:])
