@@ -20,6 +20,7 @@ from torch.export import ExportedProgram
 from torch.fx._pytree import tree_flatten_spec
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_, is_main, shard, sum_numbers
 from .errors import FusionError
 from .plan import AlignmentPlan, Site
 from .trace import as_args
@@ -173,6 +174,13 @@ class _PairStats:
         self.cross += (a.T @ b).to(f64)
         self.count += a.shape[0]
 
+    def reduce(self) -> None:
+        """Sum the statistics over the processes of a distributed run (nothing in a single process)."""
+        for key, like in (("sum_a", self.sq_a), ("sum_b", self.sq_b)):  # a process given no batch has none
+            self.extra.setdefault(key, torch.zeros_like(like))
+        all_reduce_([self.sq_a, self.sq_b, self.cross, self.extra["sum_a"], self.extra["sum_b"]])
+        self.count = int(sum_numbers(self.count)[0])
+
 
 def _accumulator(per_space: dict[tuple[str, int], _PairStats], by_node: dict[str, list], ref: dict[str, torch.Tensor],
                  ) -> Callable[[str, torch.Tensor], None]:
@@ -232,7 +240,8 @@ def activation_costs(
     wanted_t = {s.node for sp in plan_t.spaces for s in sp.sites}
     splittable = all(r.static_batch is None for r in runners)
     n_batches = 0
-    for batch in tqdm(iter_batches(calibration), desc="calibration", disable=not progress, leave=False):
+    for batch in tqdm(shard(iter_batches(calibration)), desc="calibration", disable=not (progress and is_main()),
+                      leave=False):
         n_batches += 1
         # at most CHUNK rows at a time, and each other model's activations used as they come and let go: memory
         # holds the target's activations of one chunk, whatever the batch size
@@ -242,8 +251,11 @@ def activation_costs(
                 if per_space is not None:
                     runners[k].capture(chunk, set(by_node[k]), _accumulator(per_space, by_node[k], ref))
             del ref
-    if n_batches == 0:
+    if sum_numbers(n_batches)[0] == 0:
         raise FusionError("the calibration data is empty")
+    for per_space in stats:  # a distributed run: every process's sums, in one order
+        for key in sorted(per_space or ()):
+            per_space[key].reduce()
     out: list[dict[str, torch.Tensor] | None] = []
     for per_space in stats:
         if per_space is None:

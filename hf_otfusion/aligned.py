@@ -12,6 +12,7 @@ import yaml
 from torch import nn
 
 from .config import MergeConfig
+from .distributed import is_main
 from .fuse import fuse, resolve_device
 from .merge import (
     CARD_FILE,
@@ -253,11 +254,13 @@ def align_parents(config: MergeConfig, out: str | Path, *, device: str | None = 
     """
     align_notes(config)
     check_output(out, overwrite)  # fail before any download or fusion
+    progress = progress and is_main()  # a distributed run: calibration split, one writer (see merge)
     with timed("load"):
         infos = inspect_parents(config, progress=progress)
     if on_loaded is not None:
         on_loaded(infos)
     parents = load_parents(config, progress=progress, infos=infos)
     result = run_align(config, parents, device=device, progress=progress, plan_cache=plan_cache)
-    write_aligned(result, out, overwrite=overwrite)
+    if is_main():
+        write_aligned(result, out, overwrite=overwrite)
     return result

@@ -43,6 +43,23 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _join_processes() -> bool:
+    """Join a launcher's process group (``accelerate launch``, ``torchrun``), logging each process's share of the
+    data on stderr; whether this is the main process (always, when not launched as one of several)."""
+    from .distributed import init
+
+    rank, size = init()
+    if size > 1:
+        import logging
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("hf_otfusion.distributed")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return rank == 0
+
+
 def _check_device(device: str) -> str:
     if device not in DEVICES:
         raise typer.BadParameter(f"{device!r} is not one of {', '.join(DEVICES)}", param_hint="--device")
@@ -83,11 +100,13 @@ def merge(
     from .profile import profiling
     from .sources import example_input
 
-    if quiet:
+    main = _join_processes()
+    if quiet or not main:
         _quiet_libraries()
     if (private or revision or create_pr) and not push_to_hub:
         raise typer.BadParameter("--private, --revision and --create-pr need --push-to-hub REPO")
-    say = (lambda text: None) if quiet else typer.echo
+    say = (lambda text: None) if quiet or not main else typer.echo
+    echo = typer.echo if main else (lambda text: None)
     with _user_errors():
         cfg = load_config(config)
         if strict and cfg.merge_method == "otfusion":
@@ -101,14 +120,16 @@ def merge(
             target = parents[cfg.target_index]
             if cfg.merge_method == "otfusion":
                 built = cached_plan_of(target, example_input(target), enabled=not no_plan_cache)
-                typer.echo(str(built))
+                echo(str(built))
                 check_plan(built, cfg.fusion_parameters.strict)
-            typer.echo("dry run: the config is valid and the models load; nothing was written")
+            echo("dry run: the config is valid and the models load; nothing was written")
             return
         with profiling() if profile else contextlib.nullcontext() as prof:
             result = run(cfg, out, device=device, overwrite=overwrite, card=card, repo_id=push_to_hub,
                          progress=not quiet, on_loaded=lambda parents: _describe(parents, cfg, say),
                          out_shard_size=out_shard_size, plan_cache=not no_plan_cache)
+        if not main:  # the main process reports, writes and pushes
+            return
         if result.streamed:
             say("streamed: each parent's tensors were read from disk as needed, each fused tensor written when final")
         if result.evaluation is not None:  # the result itself: printed even with --quiet
@@ -145,16 +166,19 @@ def align(
     from .aligned import align_notes, align_parents
     from .config import load_config
 
-    if quiet:
+    main = _join_processes()
+    if quiet or not main:
         _quiet_libraries()
-    say = (lambda text: None) if quiet else typer.echo
+    say = (lambda text: None) if quiet or not main else typer.echo
     with _user_errors():
         cfg = load_config(config)
-        for note in align_notes(cfg):
+        for note in align_notes(cfg) if main else ():
             typer.echo(f"note: {note}", err=True)
         result = align_parents(cfg, out, device=device, overwrite=overwrite, progress=not quiet,
                                on_loaded=lambda parents: _describe(parents, cfg, say, "align"),
                                plan_cache=not no_plan_cache)
+        if not main:
+            return
         configs = sorted(p.name for p in out.glob("mergekit-*.yml"))
         say(f"\nwrote {out}: " + " ".join([f"{name}/" for name in result.names] + configs))
         if configs:

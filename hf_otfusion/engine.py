@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import StateSource, TensorSource
+from .distributed import broadcast, broadcast_object, is_main
 from .errors import FusionError
 from .plan import AlignmentPlan, AxisRef, Space
 from .profile import record_space, timed
@@ -275,10 +276,15 @@ class _Options:
 
 def _solve_space(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Space, order: list[int],
                  opts: _Options, uniform: bool) -> torch.Tensor:
+    """The coupling of one space, solved on the main process and broadcast to the others (a distributed run)."""
+    t = None
     with timed("solve"):
-        if space.heads > 1:
-            return solve_heads(cost, a, b, space.heads, order, solver=opts.solver, reg=opts.reg, uniform=uniform)
-        return solve(cost, a, b, solver=opts.solver, reg=opts.reg, uniform=uniform)
+        if is_main():
+            if space.heads > 1:
+                t = solve_heads(cost, a, b, space.heads, order, solver=opts.solver, reg=opts.reg, uniform=uniform)
+            else:
+                t = solve(cost, a, b, solver=opts.solver, reg=opts.reg, uniform=uniform)
+    return broadcast(t, tuple(cost.shape), torch.float64, cost.device)
 
 
 class _Walker:
@@ -309,7 +315,7 @@ class _Walker:
                                         opts.marginals)[0]
                         total += head_costs(c_other, n_heads)
                 with timed("solve"):
-                    self.head_sources[group] = match_heads(total)
+                    self.head_sources[group] = broadcast_object(match_heads(total) if is_main() else None)
             order = self.head_sources.get(group, list(range(n_heads))) if group is not None else list(range(n_heads))
             t = _solve_space(cost, a, b, target_space, order, opts, uniform)
         m_map = barycentric_map(t, b)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import shard, sum_numbers
+
 Data = tuple[torch.Tensor, torch.Tensor] | Iterable
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 LMKind = Literal["causal", "masked"]
@@ -250,8 +252,13 @@ def _run(
     dev = _model_device(model)
     correct, total, loss_sum, rows = 0, 0, 0.0, 0
     preds: list[torch.Tensor] = []
+
+    def skipped(batch: tuple[Inputs, torch.Tensor]) -> None:  # another process's batch: a masked LM counts its rows
+        nonlocal rows
+        rows += len(batch[1])
+
     with _eval_mode(model):
-        for x, y in _batches(data):
+        for x, y in shard(_batches(data), "evaluation", skipped=skipped):
             if lm is None:
                 y = y.to(dev)
                 logits = _predict(model, x, dev)
@@ -275,9 +282,15 @@ def _run(
                 total += len(labels)
             if predictions:
                 preds.append(pred.cpu())
+    correct, total, loss_sum = sum_numbers(correct, total, loss_sum)  # every process's batches
+    correct, total = int(correct), int(total)
     if total == 0:
         raise ValueError("no samples to evaluate" if lm is None else "no tokens to evaluate (all padding?)")
-    return _Totals(None if lm is not None else correct, total, loss_sum, torch.cat(preds) if predictions else None)
+    return _Totals(None if lm is not None else correct, total, loss_sum, _joined(preds) if predictions else None)
+
+
+def _joined(preds: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)  # a process given no batch
 
 
 def accuracy(model: nn.Module, data: Data, device: str | torch.device | None = None) -> float:
@@ -318,15 +331,17 @@ def agreement(model_a: nn.Module, model_b: nn.Module, data: Data, device: str | 
         pred_b = _run(model_b, data, None, predictions=True).preds
         if pred_a is None or pred_b is None or len(pred_a) != len(pred_b):
             raise ValueError("the two models scored different tokens")
-        return (pred_a == pred_b).float().mean().item()
+        same, total = sum_numbers((pred_a == pred_b).sum().item(), len(pred_a))  # this process's tokens, summed
+        return same / total
     dev_a, dev_b = _model_device(model_a), _model_device(model_b)
     same, total = 0, 0
     with _eval_mode(model_a), _eval_mode(model_b):
-        for x, _ in _batches(data):
+        for x, _ in shard(_batches(data), "evaluation"):
             pred_a = _predict(model_a, x, dev_a).argmax(dim=-1)
             pred_b = _predict(model_b, x, dev_b).argmax(dim=-1).to(pred_a.device)
             same += (pred_a == pred_b).sum().item()
             total += len(pred_a)
+    same, total = sum_numbers(same, total)
     if total == 0:
         raise ValueError("no samples to evaluate")
     return same / total
@@ -408,7 +423,8 @@ def evaluate_fusion(
         if reference is not None and result.preds is not None:
             if len(result.preds) != len(reference) or result.total != ens_result.total:
                 raise ValueError("the data gave a different number of samples on a second pass")
-            agree = (result.preds == reference).float().mean().item()
+            same, count = sum_numbers((result.preds == reference).sum().item(), len(reference))  # every process's
+            agree = same / count
         rows.append(EvalRow(name=name, kind=kind, accuracy=result.accuracy, loss=result.loss, agreement=agree,
                             perplexity=None if lm is None else perplexity_of(result.loss),
                             tokens=None if lm is None else result.total, task=task))

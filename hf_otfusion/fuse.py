@@ -12,6 +12,7 @@ from torch import nn
 
 from .activations import Runner, activation_costs, first_batch
 from .checkpoint import StateSource
+from .distributed import is_main
 from .engine import RESIDUALS, Residual, State, align_sources, check_compatible, check_finite, check_sweeps, plans_for
 from .errors import FusionError, PlanError
 from .evaluate import logits_of
@@ -242,7 +243,7 @@ def fuse(
         plan: the target's alignment plan (traced when omitted).
         device: where costs, solves and transports run: ``"cpu"``, ``"cuda"``, ``"auto"`` (default: the
             target's device). Exact EMD always solves on the CPU.
-        progress: show progress bars.
+        progress: show progress bars (on the main process only, in a distributed run).
         repair: after averaging, ``"none"``; ``"reset_bn"`` (recompute BatchNorm running statistics on
             ``calibration``, see ``hf_otfusion.repair.reset_norm_stats``); or ``"repair"`` (REPAIR: each hidden
             channel's mean and std set to the weighted average of its parents' on ``calibration``, measured on each
@@ -265,6 +266,11 @@ def fuse(
         A new module (a copy of the target with fused weights); the inputs are not modified. Tied tensors (an
         LM head tied to the embeddings) stay tied.
 
+    Inside a distributed run (``accelerate launch``, ``torchrun``: a ``torch.distributed`` process group), every
+    process passes the same models and calibration; each runs its share of the batches (see
+    ``hf_otfusion.distributed``), statistics are summed over the processes, couplings solved once and broadcast,
+    and every process returns the same fused model.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -274,6 +280,7 @@ def fuse(
         >>> fused = fuse([a, b], example_input=torch.randn(2, 4), progress=False)
     """
     models = list(models)
+    progress = progress and is_main()  # a distributed run: one set of bars
     if len(models) < 2:
         raise FusionError(f"fusion needs at least two models, got {len(models)}")
     if not -len(models) <= target < len(models):

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import parse_size
 from .config import FinetuneConfig, MergeConfig
+from .distributed import is_main, world
 from .errors import FusionError
 from .evaluate import EvalRow, evaluate_fusion, language_model_kind
 from .fuse import fuse, resolve_device, vanilla_average
@@ -169,7 +170,7 @@ def check_plan(plan: AlignmentPlan, strict: bool) -> None:
     if plan.unhandled:
         ops = f"ops without a tracer rule fixed some channels: {', '.join(plan.unhandled)}"
         summary = f"{summary}; {ops}" if summary else ops
-    if summary:
+    if summary and is_main():
         print(f"warning: {summary}; see {PLAN_FILE}", file=sys.stderr)
 
 
@@ -198,6 +199,9 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
                      match_heads=params.match_heads, residual=params.residual, standardize=params.standardize,
                      sweeps=params.sweeps)
     untuned = None
+    if config.finetune is not None and world()[1] > 1 and is_main():
+        print(f"warning: finetune is not data-parallel: each of the {world()[1]} processes runs all of it",
+              file=sys.stderr)
     if config.finetune is not None:
         with timed("finetune"):
             untuned, fused = fused, finetune_merged(fused, config.finetune, target, device=dev, progress=progress)
@@ -341,6 +345,10 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
     them and each fused tensor is written as soon as it is final, so memory stays near one model whatever the
     number of parents. Every other merge loads the parents.
 
+    In a distributed run (``accelerate launch ... -m hf_otfusion.cli merge``, ``torchrun``), every process runs the
+    merge on its share of the calibration and evaluation batches, with the statistics summed over all of them (see
+    ``hf_otfusion.distributed``); only the main process writes ``out``.
+
     Args:
         config: a validated ``MergeConfig`` (see ``hf_otfusion.config.load_config``).
         out: the output folder; it must not exist or be empty unless ``overwrite``.
@@ -360,6 +368,7 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
         >>> result = merge(load_config("examples/mnist-otfusion.yml"), "fused-mnist")  # doctest: +SKIP
     """
     check_output(out, overwrite)  # fail before any download or fusion
+    progress = progress and is_main()  # a distributed run: one set of bars, one writer
     max_shard_size = parse_size(out_shard_size) if out_shard_size is not None else None
     with timed("load"):
         infos = inspect_parents(config, progress=progress)
@@ -376,11 +385,13 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
             dev = resolve_device(device, None)
             result = MergeResult(config=config, parents=infos, model=None, plan=job.plan, evaluation=None, out=None,
                                  streamed=True)
-            write_output(result, out, overwrite=overwrite, card=card, repo_id=repo_id,
-                         save=lambda folder: write_stream(job, folder, device=dev, max_shard_size=max_shard_size,
-                                                          progress=progress))
+            if is_main():  # no data to split: the other processes of a distributed run have nothing to do
+                write_output(result, out, overwrite=overwrite, card=card, repo_id=repo_id,
+                             save=lambda folder: write_stream(job, folder, device=dev, max_shard_size=max_shard_size,
+                                                              progress=progress))
             return result
     parents = load_parents(config, progress=progress, infos=infos)
     result = run_merge(config, parents, device=device, progress=progress, plan_cache=plan_cache)
-    write_output(result, out, overwrite=overwrite, card=card, repo_id=repo_id, max_shard_size=max_shard_size)
+    if is_main():
+        write_output(result, out, overwrite=overwrite, card=card, repo_id=repo_id, max_shard_size=max_shard_size)
     return result

@@ -49,6 +49,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from .activations import _pieces, _static_batch, _to, iter_batches
+from .distributed import all_reduce, all_reduce_, shard, sum_numbers
 from .errors import FusionError
 from .plan import AlignmentPlan
 from .repair import _BN_STATS, _arg, _first, _normalized, _op, _param_names, _Program, _shapes, _state_of
@@ -382,6 +383,11 @@ class _Normal:
         self.cross += weight * torch.einsum("rgo,rgi->goi", yg, x)
         self.count += weight * x.shape[0]
 
+    def reduce(self) -> None:
+        """Sum over the processes of a distributed run (nothing in a single process)."""
+        all_reduce_([self.gram, self.cross])
+        self.count = sum_numbers(self.count)[0]
+
 
 def _current_map(unit: _Unit, state: State) -> torch.Tensor:
     """The unit's affine map as the state has it, (groups, out per group, d): the ridge prior."""
@@ -602,10 +608,10 @@ def refit_model(
             d_in = (shape[0] if unit.kind == "addmm" else int(math.prod(shape[1:]))) + (1 if unit.affine else 0)
             normals[unit.node] = _Normal(torch.zeros(unit.groups, d_in, d_in, dtype=_F64, device=dev),
                                          torch.zeros(unit.groups, out // unit.groups, d_in, dtype=_F64, device=dev))
-        sums = {r.node: [torch.zeros((), dtype=_F64, device=dev)] * 2 + [0] for r in stats}
+        sums = {r.node: [torch.zeros(state[r.mean].shape[0], dtype=_F64, device=dev)] * 2 + [0] for r in stats}
         wanted = {u.source for u in todo} | {r.source for r in stats}
         seen = 0
-        for batch in _chunks(calibration, chunk, splittable):
+        for batch in shard(_chunks(calibration, chunk, splittable)):
             seen += 1
             values = _collect(program, state, batch, wanted if inputs == "fused" else {r.source for r in stats}, dev)
             for r in stats:
@@ -633,8 +639,13 @@ def refit_model(
                 for unit in todo:
                     x = _input_rows(unit, values[unit.source], state[unit.weight].shape)
                     normals[unit.node].add(x, target[unit.node])
-        if seen == 0:
+        if sum_numbers(seen)[0] == 0:
             raise FusionError("the calibration data is empty")
+        for unit in todo:  # a distributed run: every process's sums
+            normals[unit.node].reduce()
+        for r in stats:
+            s, sq, n = sums[r.node]
+            sums[r.node] = [all_reduce(s), all_reduce(sq), sum_numbers(n)[0]]
         for unit in todo:
             prior_map = _current_map(unit, state) if prior == "fused" else None
             fit = _solve(normals[unit.node], prior_map, alpha, unit.affine)

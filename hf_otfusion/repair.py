@@ -33,6 +33,7 @@ from torch.export import ExportedProgram
 from torch.fx._pytree import tree_flatten_spec
 
 from .activations import _to, iter_batches
+from .distributed import all_gather_object, all_reduce, all_reduce_, shard, sum_numbers, world
 from .errors import FusionError
 from .plan import AlignmentPlan
 from .trace import as_args, build_plan, export_model
@@ -70,16 +71,31 @@ def reset_norm_stats(model: nn.Module, calibration: Any, *, device: str | torch.
         norm.train()
     seen = 0
     with torch.no_grad():
-        for batch in iter_batches(calibration):
+        for batch in shard(iter_batches(calibration)):
             args, kwargs = as_args(_to(batch, dev))
             model(*args, **kwargs)
             seen += 1
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
+        _merge_running_stats(norm)
     model.eval()
-    if seen == 0:
+    if sum_numbers(seen)[0] == 0:
         raise FusionError("the calibration data is empty")
     return model
+
+
+def _merge_running_stats(norm: _BatchNorm) -> None:
+    """A distributed run: the average over every process's batches of a norm's ``momentum=None`` statistics (each
+    an average over its own batches, so weighted by their number)."""
+    if world()[1] == 1:
+        return
+    batches = all_reduce(norm.num_batches_tracked.double())
+    if batches.item() == 0:
+        return
+    mine = norm.num_batches_tracked.double()
+    for stat in (norm.running_mean, norm.running_var):
+        stat.copy_(all_reduce(stat.double() * mine) / batches)
+    norm.num_batches_tracked.fill_(int(batches.item()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,6 +232,11 @@ class _Moments:
         self.squares += (rows * rows).sum(0)
         self.count += rows.shape[0]
 
+    def reduce(self) -> None:
+        """Sum over the processes of a distributed run (nothing in a single process)."""
+        all_reduce_([self.total, self.squares])
+        self.count = int(sum_numbers(self.count)[0])
+
     @property
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
@@ -330,7 +351,7 @@ class _Program:
     @torch.no_grad()
     def run(self, interp: _Pass, state: Mapping[str, torch.Tensor], calibration: Any, device: torch.device) -> int:
         seen = 0
-        for batch in _repair_batches(calibration):
+        for batch in shard(_repair_batches(calibration)):
             try:
                 interp.run(*self.inputs(state, batch, device))
             except FusionError:
@@ -340,6 +361,13 @@ class _Program:
                 raise FusionError(f"repair could not run the calibration batch through the model's graph: "
                                   f"{first}") from exc
             seen += 1
+        for table in (interp.moments, interp.bn_moments):  # a distributed run: every process's sums
+            sizes: dict[str, int] = {}
+            for part in all_gather_object({k: m.total.numel() for k, m in table.items()}):
+                sizes.update(part)  # a process given no batch has no entries yet
+            for key in sorted(sizes):
+                table.setdefault(key, _Moments.zeros(sizes[key], device)).reduce()
+        seen = int(sum_numbers(seen)[0])
         if seen == 0:
             raise FusionError("the calibration data is empty")
         return seen
