@@ -7,7 +7,6 @@ site where the space is read. Memory grows with channels, never with samples x p
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -101,17 +100,36 @@ class _Capture(torch.fx.Interpreter):
         return out
 
 
+class _Interpreting(nn.Module):
+    """Holds a graph module so that ``functional_call`` can run it, node by node, on tensors it does not own."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, flat: list[Any], wanted: set[str],
+                on_value: Callable[[str, torch.Tensor], None] | None) -> dict[str, torch.Tensor]:
+        cap = _Capture(self.gm, wanted, on_value)
+        cap.run(*flat)
+        return cap.seen
+
+
 class Runner:
-    """Runs one model through its exported graph and returns the values of the requested nodes."""
+    """Runs one model through its exported graph and returns the values of the requested nodes.
+
+    The graph may come from another model of the same shapes; it runs on this model's own tensors (moved to
+    ``device``), substituted for the graph's for each call: no copy of either model is made, and neither is changed.
+    """
 
     def __init__(self, ep: ExportedProgram, model: nn.Module, device: torch.device):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            gm = ep.module()
-            # our own copy: the unlifted module may share tensors with the user's model, which we must not touch
-            self.gm = copy.deepcopy(gm).to(device)
-        with torch.no_grad():
-            self.gm.load_state_dict({k: v.detach() for k, v in model.state_dict().items()}, strict=False)
+            gm = ep.module()  # shares the exported model's tensors; used read-only, never moved
+        self.module = _Interpreting(gm)
+        own = model.state_dict()
+        graph = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+        self.state = {f"gm.{k}": own.get(k, v).detach().to(device) for k, v in graph.items()}  # tied: every name
+        self.in_spec = gm._in_spec
         self.device = device
         self.static_batch = _static_batch(ep)
 
@@ -121,15 +139,14 @@ class Runner:
         """The values of the ``wanted`` nodes on ``batch`` (or, ``on_value``, each handed on as it is computed and
         not kept)."""
         args, kwargs = as_args(_to(batch, self.device))
-        flat = tree_flatten_spec((args, kwargs), self.gm._in_spec)
+        flat = tree_flatten_spec((args, kwargs), self.in_spec)
         sizes = {t.shape[0] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0}
         if self.static_batch is not None and sizes and sizes != {self.static_batch}:
             raise FusionError(f"the model was traced with a fixed batch size of {self.static_batch} (torch.export "
                               f"could not keep the batch dimension dynamic), but a calibration batch has "
                               f"{sorted(sizes)} rows: pass calibration batches of exactly {self.static_batch}")
-        cap = _Capture(self.gm, wanted, on_value)
-        cap.run(*flat)
-        return cap.seen
+        return torch.func.functional_call(self.module, self.state, (flat, wanted, on_value), strict=False,
+                                          tie_weights=False)
 
 
 def _static_batch(ep: ExportedProgram) -> int | None:
@@ -262,8 +279,8 @@ def activation_costs(
             out.append(None)
             continue
         costs: dict[str, list[torch.Tensor]] = {}
-        for (name, _), s in per_space.items():
-            costs.setdefault(name, []).append(_distance(s, standardize))
+        for key in list(per_space):  # each space's statistics let go as soon as its distances exist
+            costs.setdefault(key[0], []).append(_distance(per_space.pop(key), standardize))
         out.append({name: _mean_of_scaled(parts) if name in per_site else parts[0] for name, parts in costs.items()})
     return out
 

@@ -105,7 +105,7 @@ def run_align(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
     calibration, example = (_calibration(config, target) if params.alignment == "activations"
                             else (None, example_input(target)))
     with timed("trace"):
-        plan = cached_plan_of(target, example, enabled=plan_cache)
+        plan = cached_plan_of(target, example, enabled=plan_cache, sites=params.alignment != "weights")
     aligned: list[nn.Module] = []
     done: dict[int, nn.Module] = {}  # a model listed twice is aligned once
     for i, parent in enumerate(parents):

@@ -317,6 +317,8 @@ def fuse(
 
     with timed("trace"):
         target_model = models[target]
+        if plan is not None and plan.expanded and (alignment == "activations" or repair != "none"):
+            plan = None  # an expanded plan has no activation sites: trace the target's graph
         ep_t = export_model(target_model, example_input) if plan is None or alignment == "activations" else None
         plan_t = plan if plan is not None else build_plan(target_model, example_input, exported=ep_t)
         exported: dict[int, Any] = {}

@@ -191,7 +191,8 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
         calibration, example = (_calibration(config, target) if config.calibration is not None
                                 else (None, example_input(target)))
         with timed("trace"):
-            plan = cached_plan_of(target, example, enabled=plan_cache)
+            plan = cached_plan_of(target, example, enabled=plan_cache,  # weights alone: sites unused
+                                  sites=params.alignment != "weights" or params.repair != "none")
         check_plan(plan, params.strict)
         fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
                      calibration=calibration, example_input=example, solver=params.solver, reg=params.reg,

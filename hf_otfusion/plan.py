@@ -121,6 +121,8 @@ class AlignmentPlan(BaseModel):
     aliases: dict[str, str] = Field(default_factory=dict, description="tied tensor -> the tensor it shares")
     unhandled: tuple[str, ...] = Field(default=(), description="ops that fixed the spaces they touched")
     fixed: tuple[FixedAxes, ...] = Field(default=(), description="hidden channels left in place, with the reason")
+    expanded: bool = Field(False, description="traced on a shallow copy of the model and expanded by layer index "
+                           "(hf_otfusion.trace.expand): no activation sites, for weights-mode fusion only")
 
     def __iter__(self) -> Iterator[Space]:  # type: ignore[override]
         return iter(self.spaces)
@@ -163,7 +165,8 @@ class AlignmentPlan(BaseModel):
         return cls.model_validate(json.loads(text))
 
     def __str__(self) -> str:
-        lines = [f"AlignmentPlan: {len(self.spaces)} spaces, {len(self.fixed_tensors())} fixed tensors"]
+        lines = [f"AlignmentPlan: {len(self.spaces)} spaces, {len(self.fixed_tensors())} fixed tensors"
+                 + (" (expanded by layer index from a shallow trace: no activation sites)" if self.expanded else "")]
         groups = {g: i for i, g in enumerate(self.head_groups())}
         header = (f"{'#':>3}  {'space':<40} {'size':>6}  {'heads':<9} {'kind':<8}  "
                   "members (tensor:axis[@offset][xrepeat][ttile])")

@@ -24,9 +24,11 @@ or parsed is ignored with a one-line warning on stderr and the model is traced (
 folder that cannot be written to is warned about once per call and the merge goes on. ``--no-plan-cache`` on
 ``merge``, ``align`` and ``plan`` (``plan_cache=False`` in Python) neither reads nor writes the cache.
 
-What it saves: the plan build. A weights-mode merge then runs no export at all. An activations-mode merge still
-exports the target, because the engine records activations on the exported graph; there the cache saves only the
-tracer's walk and its own export.
+What it saves: the plan build. A weights-mode merge then runs no export at all. A caller that needs no activation
+sites (``sites=False``: the merge streamed from disk) has a deep transformers model traced on a shallow copy and
+expanded by layer index on a miss (:mod:`hf_otfusion.trace.expand`), stored under the key plus ``expanded``. An
+activations-mode merge still exports the target, because the engine records activations on the exported graph;
+there the cache saves only the tracer's walk and its own export.
 
 A rule registered with :func:`~hf_otfusion.trace.register_rule` is part of the key by name, module and code; a rule
 whose behaviour depends on anything else (a global it reads) is not seen: use ``--no-plan-cache`` while developing
@@ -218,26 +220,39 @@ def write_entry(path: Path, key: Mapping[str, Any], plan: AlignmentPlan) -> None
 
 
 def cached_plan(model: nn.Module, example: Any, *, library: str | None = None, architecture: str | None = None,
-                config: Mapping | None = None, enabled: bool = True) -> AlignmentPlan:
+                config: Mapping | None = None, enabled: bool = True, sites: bool = True) -> AlignmentPlan:
     """``build_plan(model, example)``, read from the plan cache when an entry for this model and input exists, and
     stored there when it does not. ``enabled=False``: trace, and neither read nor write the cache.
 
+    ``sites=False``: the caller needs no activation sites (weights-mode fusion without repair), so a deep
+    transformers model may be traced on a shallow copy and expanded by layer index
+    (:func:`~hf_otfusion.trace.expanded_plan`, much faster), else it is traced in full. A full plan serves either
+    use, so its entry is read first; an expanded plan is stored under its own key (the key plus ``expanded``).
+
     ``library``, ``architecture`` and ``config`` are what :class:`~hf_otfusion.sources.ModelInfo` says of the model.
     """
-    from . import trace
-
     if not enabled:
-        return trace.build_plan(model, example)
+        return _build(model, example, sites)
     key = plan_key(model, example, library=library, architecture=architecture, config=config)
-    path = cache_dir() / f"{key_hash(key)}.json"
-    plan = read_entry(path, key)
+    plan = read_entry(cache_dir() / f"{key_hash(key)}.json", key)
+    expanded_key = {**key, "expanded": True}
+    if plan is None and not sites:
+        plan = read_entry(cache_dir() / f"{key_hash(expanded_key)}.json", expanded_key)
     if plan is None:
-        plan = trace.build_plan(model, example)
-        write_entry(path, key, plan)
+        plan = _build(model, example, sites)
+        key = expanded_key if plan.expanded else key
+        write_entry(cache_dir() / f"{key_hash(key)}.json", key, plan)
     return plan
 
 
-def cached_plan_of(loaded: Any, example: Any, *, enabled: bool = True) -> AlignmentPlan:
+def _build(model: nn.Module, example: Any, sites: bool) -> AlignmentPlan:
+    from . import trace
+
+    plan = None if sites else trace.expanded_plan(model, example)
+    return plan if plan is not None else trace.build_plan(model, example)
+
+
+def cached_plan_of(loaded: Any, example: Any, *, enabled: bool = True, sites: bool = True) -> AlignmentPlan:
     """:func:`cached_plan` of a :class:`~hf_otfusion.sources.LoadedModel`."""
     return cached_plan(loaded.model, example, library=loaded.library, architecture=loaded.architecture,
-                       config=loaded.config, enabled=enabled)
+                       config=loaded.config, enabled=enabled, sites=sites)

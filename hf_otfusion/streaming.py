@@ -192,19 +192,20 @@ def _trace(info: ModelInfo, example: object | None = None,
            plan_cache: bool = True) -> tuple[LoadedModel, object, AlignmentPlan]:
     """A model's plan, traced on its empty (meta) build when that works, else on the loaded model; read from and
     stored in the plan cache unless ``plan_cache`` is False (a failed trace is not cached: the next run tries the
-    empty build again before it loads the model)."""
+    empty build again before it loads the model). Weights-mode fusion needs no activation sites, so a deep decoder
+    is traced on a shallow copy and expanded by layer index (``sites=False``)."""
     with timed("trace"):
         try:
             empty = load_model(info, empty=True)
             x = example if example is not None else example_input(empty)
-            return empty, x, cached_plan_of(empty, _to(x, torch.device("meta")), enabled=plan_cache)
+            return empty, x, cached_plan_of(empty, _to(x, torch.device("meta")), enabled=plan_cache, sites=False)
         except FusionError:
             pass
     with timed("load"):
         loaded = load_model(info)
     with timed("trace"):
         x = example if example is not None else example_input(loaded)
-        return loaded, x, cached_plan_of(loaded, x, enabled=plan_cache)
+        return loaded, x, cached_plan_of(loaded, x, enabled=plan_cache, sites=False)
 
 
 def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo], *, plan_cache: bool = True) -> StreamJob | None:

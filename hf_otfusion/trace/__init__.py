@@ -17,6 +17,7 @@ depend on the core, never the reverse).
 
 from ..errors import PlanError
 from .core import RULES, STACK_RULES, Rule, Tracer, build_plan, register_rule, register_stack_rule, tied_tensors
+from .expand import expanded_plan
 from .export import as_args, export_model
 from .labels import Desc, Labels, Piece
 
@@ -31,6 +32,7 @@ __all__ = [
     "Tracer",
     "as_args",
     "build_plan",
+    "expanded_plan",
     "export_model",
     "register_rule",
     "register_stack_rule",
