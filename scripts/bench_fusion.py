@@ -43,6 +43,7 @@ class Case:
     build: Callable[[], nn.Module]
     inputs: Callable[[int, torch.Generator], Any]  # (n samples, generator) -> model input
     samples: int  # calibration samples in activations mode (ImageNet-sized models: fewer, the CPU is slow)
+    dtype: torch.dtype = torch.float32  # of the models and their checkpoints
 
 
 def _images(*shape: int) -> Callable[[int, torch.Generator], torch.Tensor]:
@@ -64,9 +65,19 @@ def _bert_base() -> nn.Module:
     return BertForSequenceClassification(BertConfig(num_labels=2))  # bert-base-uncased's sizes
 
 
-def _tokens(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    ids = torch.randint(1000, 30522, (n, 128), generator=gen)
+def _tokens(n: int, gen: torch.Generator, vocab: int = 30522) -> dict[str, torch.Tensor]:
+    ids = torch.randint(1000, vocab, (n, 128), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _tinyllama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # TinyLlama-1.1B's shape: 22 layers, hidden 2048, MLP 5632, 32 query heads, 4 kv heads (grouped-query)
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
 
 
 CASES: dict[str, Case] = {
@@ -80,6 +91,8 @@ CASES: dict[str, Case] = {
     "resnet50": Case("timm resnet50 (224 px)", _timm("resnet50"), _images(3, 224, 224), 32),
     "vit-b16": Case("timm vit_base_patch16_224", _timm("vit_base_patch16_224"), _images(3, 224, 224), 32),
     "bert-base": Case("BERT-base (seq 128)", _bert_base, _tokens, 32),
+    "tinyllama-1b": Case("Llama 1.1B, TinyLlama's shape (bf16, seq 128)", _tinyllama,
+                         lambda n, gen: _tokens(n, gen, 32000), 32, torch.bfloat16),
 }
 QUICK = ["mlpnet", "vgg11", "resnet18-nonorm"]
 MODES = ("weights", "activations", "disk")
@@ -134,7 +147,7 @@ def worker(case: str, mode: str, device_name: str, samples: int | None, folder: 
     example = _to(spec.inputs(2, torch.Generator().manual_seed(1)), device)
     if mode == "disk":
         return _disk_worker(case, spec, device, example, Path(folder))
-    models = [seeded(spec.build, seed).to(device).eval() for seed in (0, 1)]
+    models = [seeded(spec.build, seed).to(device, spec.dtype).eval() for seed in (0, 1)]
     kwargs = {"example_input": example} if mode == "weights" else {"calibration": _chunks(calib)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -174,7 +187,7 @@ def prepare(case: str, folder: Path) -> None:
     from safetensors.torch import save_file
 
     for seed in (0, 1):
-        model = seeded(CASES[case].build, seed)
+        model = seeded(CASES[case].build, seed).to(CASES[case].dtype)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         seen: set[int] = set()
         unique = {}
@@ -190,18 +203,18 @@ def prepare(case: str, folder: Path) -> None:
 def _disk_worker(case: str, spec: Case, device: torch.device, example: Any, folder: Path) -> dict:
     from safetensors.torch import load_file, save_file
 
-    from hf_otfusion import build_plan
+    from hf_otfusion.plan_cache import cached_plan
     from hf_otfusion.profile import profiling, timed
     from hf_otfusion.streaming import fuse_checkpoints
 
     with torch.device("meta"):
-        empty = spec.build().eval()
+        empty = spec.build().to(spec.dtype).eval()
     checkpoints = [folder / "m0.safetensors", folder / "m1.safetensors"]
     rss_before = _peak_rss_mb()
     with profiling() as prof:
         start = time.perf_counter()
-        with timed("trace"):
-            plan = build_plan(empty, _to(example, torch.device("meta")))
+        with timed("trace"):  # traced on the first run, read from the plan cache ($HF_OTFUSION_PLAN_CACHE) after
+            plan = cached_plan(empty, _to(example, torch.device("meta")), sites=False)  # as a streamed merge
         fuse_checkpoints(checkpoints, folder / "fused", plan, device=device, progress=False)
         _sync(device)
         fuse_s = time.perf_counter() - start
@@ -220,30 +233,35 @@ def _disk_worker(case: str, spec: Case, device: torch.device, example: Any, fold
     }
 
 
-def run_case(case: str, mode: str, args: argparse.Namespace) -> dict:
-    """Run one case in fresh subprocesses; returns its measurements or an error entry."""
+def run_case(case: str, mode: str, args: argparse.Namespace) -> list[dict]:
+    """Run one case in fresh subprocesses; returns its measurements (or an error entry). ``disk`` runs twice on
+    one empty plan cache: the first run traces the plan, the second reads it from the cache."""
     script = str(Path(__file__).resolve())
     cmd = [sys.executable, script, "--worker", case, mode, "--device", args.device]
     if args.samples:
         cmd += ["--samples", str(args.samples)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    out: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        env = {**os.environ, "HF_OTFUSION_PLAN_CACHE": str(Path(tmp) / "plans")}
         try:
             if mode == "disk":
                 subprocess.run([sys.executable, script, "--prepare", case, tmp], check=True, capture_output=True,
                                timeout=args.timeout)
                 cmd += ["--folder", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy())
+            for run in ("traced", "cached") if mode == "disk" else ("traced",):
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    return [*out, {"case": case, "mode": mode, "error": tail[:200]}]
+                out.append({**json.loads(lines[-1]), "plan": run})
         except subprocess.TimeoutExpired:
-            return {"case": case, "mode": mode, "error": f"timed out after {args.timeout} s"}
+            return [*out, {"case": case, "mode": mode, "error": f"timed out after {args.timeout} s"}]
         except subprocess.CalledProcessError as err:
-            return {"case": case, "mode": mode, "error": (err.stderr or b"").decode()[-200:]}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"case": case, "mode": mode, "error": tail[:200]}
-    return json.loads(lines[-1])
+            return [*out, {"case": case, "mode": mode, "error": (err.stderr or b"").decode()[-200:]}]
+    return out
 
 
 PHASES = ("load", "trace", "activations", "cost", "solve", "transport", "average", "write")
@@ -255,18 +273,20 @@ def format_table(results: Sequence[dict]) -> str:
     head = ("| model | params | mode | fuse (s) | trace (s) | vanilla avg (s) | one forward pass (s) "
             "| fuse / forward | peak RSS (MB) | fuse +RSS (MB) |" + (" GPU peak (MB) |" if cuda else ""))
     lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
-    disk = ["| model | checkpoints (MB) | fuse from disk (s) | load 2 + save 1 (s) | fuse / (load+save) "
-            "| peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|"]
+    disk = ["| model | checkpoints (MB) | plan | fuse from disk (s) | load 2 + save 1 (s) | fuse / (load+save) "
+            "| peak RSS (MB) |", "|---|---:|---|---:|---:|---:|---:|"]
     phases = ["| model | mode | " + " | ".join(PHASES) + " |", "|---|---|" + "---:|" * len(PHASES)]
     for r in results:
         name = CASES[r["case"]].label
         if "error" in r:
             lines.append(f"| {name} | | {r['mode']} | error: {r['error']} |")
             continue
-        phases.append(f"| {name} | {r['mode']} | "
+        label = r["mode"] if r.get("plan", "traced") == "traced" else f"{r['mode']} (plan cached)"
+        phases.append(f"| {name} | {label} | "
                       + " | ".join(f"{r['phases'].get(p, 0.0):.2f}" for p in PHASES) + " |")
         if r["mode"] == "disk":
-            disk.append(f"| {name} | {r['checkpoint_mb']:,.0f} | {r['fuse_s']:.2f} | {r['load_save_s']:.3g} "
+            disk.append(f"| {name} | {r['checkpoint_mb']:,.0f} | {r.get('plan', 'traced')} | {r['fuse_s']:.2f} "
+                        f"| {r['load_save_s']:.3g} "
                         f"| {r['fuse_s'] / r['load_save_s']:,.1f}x | {r['peak_rss_mb']:,.0f} |")
             continue
         mode = r["mode"] if r["mode"] == "weights" else f"activations ({r['samples']} samples)"
@@ -310,8 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for case in args.cases or (QUICK if args.quick else list(CASES)):
         for mode in args.modes:
             print(f"running {case} / {mode} ...", file=sys.stderr, flush=True)
-            results.append(run_case(case, mode, args))
-            print(f"  {json.dumps(results[-1])}", file=sys.stderr, flush=True)
+            for result in run_case(case, mode, args):
+                results.append(result)
+                print(f"  {json.dumps(result)}", file=sys.stderr, flush=True)
     first = next((r for r in results if "error" not in r), {})
     note = (f"\nDevice {first.get('device', args.device)}, {first.get('threads', '?')} thread(s), torch "
             f"{torch.__version__}; random-init models, one fusion per case (tracing included), vanilla average "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -327,12 +328,13 @@ def test_client_fuses_the_examples_and_pushes(app_url, app_outputs, hub_server, 
     assert {"/fuse", "/transport_map", "/push"} <= set(client.view_api(return_format="dict")["named_endpoints"])
     status, table, curve, space, transport_map, card, archive = client.predict(**_fuse_args(), api_name="/fuse")
     assert status.startswith("**Done**")
-    assert table["headers"] == ["model", "role", "accuracy (%)", "loss"]
+    assert table["headers"] == ["model", "role", "accuracy (%)", "loss", "perplexity"]
     rows = {row[1]: row for row in table["data"]}
     assert [row[0] for row in table["data"] if row[1] == "parent"] == [SEED0, SEED1]
     assert set(rows) == {"parent", "vanilla average", "ensemble", "OT fusion"}
     for row in table["data"]:
         assert isinstance(row[2], (int, float)) and 0 <= row[2] <= 100 and isinstance(row[3], (int, float))
+        assert row[4] is None  # perplexity: language models only
     assert rows["ensemble"][2] > 90 and rows["vanilla average"][2] < 50
     for plot in (curve, transport_map):
         assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/png;base64,")
@@ -512,3 +514,32 @@ def test_base64_png_helper_is_a_png(fused):
     encoded = encode_plot_to_base64(fig, "png")
     raw = base64.b64decode(encoded.split(",", 1)[1])
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(io.BytesIO(raw).getvalue()) > 10_000
+
+
+def test_demo_fuses_two_trained_causal_lms(tmp_path, examples, store):
+    """Language models in the demo: the table gives loss and perplexity (no accuracy) and the path is token loss."""
+    from lm import tiny_llama
+
+    from hf_otfusion.config import DatasetConfig
+    from hf_otfusion.data import load_split, stdlib_text_dataset
+
+    data = stdlib_text_dataset(tmp_path / "text", length=48, num_train=96, num_test=32)
+    train = list(load_split(DatasetConfig(dataset=str(data), split="train"))["text"])
+    parents = [str(tiny_llama(tmp_path / f"llama-seed{s}", seed=s, hidden=32, kv_heads=2, train_on=train,
+                              steps=100)) for s in (0, 1)]
+    result = run_demo_fusion(FusionRequest(models=tuple(parents), dataset=str(data), evaluation_split="test",
+                                           calibration_split="train", repair="none", batch_size=16, **SMALL),
+                             limits=TEST_LIMITS, examples=examples, store=store)
+    table = result.table()
+    assert [row[1] for row in table] == ["parent", "parent", "vanilla average", "ensemble", "OT fusion"]
+    assert all(row[2] is None and row[3] > 0 and row[4] == pytest.approx(math.exp(row[3]), rel=1e-3)
+               for row in table)
+    loss = {row[1]: row[3] for row in table}
+    assert loss["OT fusion"] < loss["vanilla average"]
+    curve = result.curve
+    assert curve.metric == "loss" and curve.aligned[0] == curve.vanilla[0]
+    assert curve.at(0.5) < curve.at(0.5, "vanilla")  # aligned midpoints keep more of the parents than vanilla ones
+    fig = interpolation_figure(curve, result.pair, loss["OT fusion"])
+    assert fig.axes[0].get_ylabel() == "token loss (nats)"
+    assert list(fig.axes[0].lines[0].get_ydata()) == list(curve.aligned)  # losses as they are, not in percent
+    assert {p.name for p in result.folder.iterdir()} >= {"config.json", "model.safetensors", "README.md"}

@@ -120,7 +120,8 @@ def build_app(
         except Exception as err:  # noqa: BLE001 - the user gets one line, the log the traceback
             log.exception("fusion failed")
             raise gr.Error(f"the fusion failed unexpectedly: {type(err).__name__}: {err}", duration=None) from None
-        fused = next((r.accuracy for r in result.rows if r.kind == "fused"), None)
+        fused = next((r.accuracy if result.curve.metric == "accuracy" else r.loss for r in result.rows
+                      if r.kind == "fused"), None)
         space = default_space(result.couplings)
         status = (f"**Done** in {result.seconds:.1f} s: fused {len(result.names)} models "
                   f"({alignment} alignment, {solver}); target **{result.names[0]}**.")
@@ -204,7 +205,7 @@ def build_app(
                 fuse_button = gr.Button("Fuse", variant="primary", elem_id="fuse-button")
             with gr.Column(scale=3, min_width=420):
                 status = gr.Markdown("Pick two or more models and press **Fuse**.", elem_id="status")
-                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "number", "number"],
+                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "number", "number", "number"],
                                      label="Accuracy on the evaluation data", interactive=False, elem_id="table")
                 curve = gr.Plot(label="Interpolation path: vanilla vs aligned", format="png", show_label=False,
                                 elem_id="curve")

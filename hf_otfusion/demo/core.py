@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from torch import nn
 
 from ..config import DatasetConfig, parse_config
 from ..errors import FusionError
-from ..evaluate import EvalRow, accuracy
+from ..evaluate import EvalRow, accuracy, language_model_kind, loss
 from ..merge import load_parents, run_merge, write_output
 from ..plan import AlignmentPlan
 from ..repair import reset_norm_stats
@@ -50,7 +51,7 @@ REPAIR_HELP = {
     "repair": "REPAIR: give each fused channel its parents' mean and std (Jordan et al. 2023)",
 }
 ROLE_LABELS = {"parent": "parent", "vanilla": "vanilla average", "ensemble": "ensemble", "fused": "OT fusion"}
-TABLE_HEADERS = ["model", "role", "accuracy (%)", "loss"]
+TABLE_HEADERS = ["model", "role", "accuracy (%)", "loss", "perplexity"]
 
 
 def _config_repairs() -> tuple[str, ...]:
@@ -388,6 +389,7 @@ def align_pair(
     reg: float = 0.05,
     marginals: str = "uniform",
     calibration: Any = None,
+    example: Any = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``other``'s state transported onto ``target``'s channels, and the transport map of each space.
 
@@ -398,7 +400,7 @@ def align_pair(
     from ..engine import align
     from ..trace import build_plan, export_model
 
-    example = example_input(target)
+    example = example_input(target) if example is None else example  # text: a calibration batch's length
     same_shapes = {k: tuple(v.shape) for k, v in other.model.state_dict().items()} == plan.tensors
     plan_o = plan if same_shapes else build_plan(other.model, example)
     costs = None
@@ -419,12 +421,14 @@ def align_pair(
 
 @dataclass(frozen=True)
 class InterpolationCurve:
-    """Accuracy (0-1) at points ``t`` of the straight path from model A (t=0) to model B (t=1)."""
+    """Accuracy (0-1) of a classifier, or token loss of a language model, at points ``t`` of the straight path from
+    model A (t=0) to model B (t=1)."""
 
     t: tuple[float, ...]
     aligned: tuple[float, ...]
     vanilla: tuple[float, ...] | None  # None when B's shapes differ from A's (no vanilla path exists)
     norms_recomputed: bool = False  # BatchNorm statistics recomputed at each point
+    metric: str = "accuracy"  # or "loss" (language models: the mean next-token or masked-token cross-entropy)
 
     def at(self, t: float, which: str = "aligned") -> float:
         values = self.aligned if which == "aligned" else self.vanilla
@@ -448,7 +452,8 @@ def interpolation_curve(
     check: Check | None = None,
     report: Callable[[int, int], None] | None = None,
 ) -> InterpolationCurve:
-    """Accuracy along ``(1-t)·A + t·B`` (vanilla) and ``(1-t)·A + t·aligned(B)`` at ``points`` values of t.
+    """Accuracy (a language model: token loss) along ``(1-t)·A + t·B`` (vanilla) and ``(1-t)·A + t·aligned(B)`` at
+    ``points`` values of t.
 
     ``data``: ``(x, y)`` tensors or a list of ``(input, label)`` batches (iterated once per point and path).
     ``norm_data``: inputs (or ``(input, label)`` batches) on which each interpolated model's BatchNorm running
@@ -458,6 +463,8 @@ def interpolation_curve(
     if points < 2:
         raise DemoError("an interpolation path needs at least 2 points")
     ts = tuple(i / (points - 1) for i in range(points))
+    metric = "loss" if language_model_kind(model_a) is not None else "accuracy"
+    measure = loss if metric == "loss" else accuracy
     state_a, state_b = _state(model_a), _state(model_b)
     vanilla_ok = all(k in state_b and state_b[k].shape == v.shape for k, v in state_a.items())
     work = copy.deepcopy(model_a).cpu().eval()
@@ -474,13 +481,13 @@ def interpolation_curve(
                 continue
             work.load_state_dict(_interpolate(state_a, end, t))
             model = reset_norm_stats(work, norm_data) if norm_data is not None else work
-            out[name].append(accuracy(model, data))
+            out[name].append(measure(model, data))
             done += 1
             if report is not None:
                 report(done, total)
     return InterpolationCurve(t=ts, aligned=tuple(out["aligned"]),
                               vanilla=tuple(out["vanilla"]) if vanilla_ok else None,
-                              norms_recomputed=norm_data is not None and has_batchnorm(model_a))
+                              norms_recomputed=norm_data is not None and has_batchnorm(model_a), metric=metric)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -519,9 +526,12 @@ class DemoResult:
 
 
 def table_rows(rows: Sequence[EvalRow]) -> list[list[Any]]:
-    """The accuracy table as rows of ``TABLE_HEADERS``."""
-    return [[r.name, ROLE_LABELS.get(r.kind, r.kind), round(100 * r.accuracy, 2),
-             round(r.loss, 4) if math.isfinite(r.loss) else None] for r in rows]
+    """The evaluation table as rows of ``TABLE_HEADERS`` (accuracy None for a language model, perplexity None for a
+    classifier)."""
+    return [[r.name, ROLE_LABELS.get(r.kind, r.kind), None if r.accuracy is None else round(100 * r.accuracy, 2),
+             round(r.loss, 4) if math.isfinite(r.loss) else None,
+             None if r.perplexity is None or not math.isfinite(r.perplexity) else round(r.perplexity, 3)]
+            for r in rows]
 
 
 class OutputStore:
@@ -590,7 +600,7 @@ def run_demo_fusion(
 
     say(0.2, "fusing and evaluating (parents, vanilla average, ensemble, fused)")
     result = run_merge(config, parents, progress=False)
-    rows = [r if r.kind != "parent" else EvalRow(names.get(r.name, r.name), r.kind, r.accuracy, r.loss)
+    rows = [r if r.kind != "parent" else dataclasses.replace(r, name=names.get(r.name, r.name))
             for r in result.evaluation or []]
     stop("fusing")
 
@@ -600,14 +610,17 @@ def run_demo_fusion(
     say(0.45, "aligning the pair for the pictures")
     calibration = None
     if config.calibration is not None:
-        calibration = _materialize(make_loader_for_model(
+        calibration = _materialize(make_loader_for_model(  # text padded to one length: the traced graph keeps it
             calibration_cfg, library=target.library, model=target.model, model_dir=target.model_dir,
-            require_labels=False))
+            require_labels=False, fixed_length=True))
     params = config.fusion_parameters
     # the path's models get the fused model's BatchNorm treatment: any repair recomputes their statistics
     repair_path = getattr(params, "repair", "none") != "none" and has_batchnorm(target.model)
+    first = calibration[0][0] if calibration else None
+    example = {k: v[:2] for k, v in first.items()} if isinstance(first, dict) else None
     aligned, couplings = align_pair(target, other, result.plan, alignment=params.alignment, solver=params.solver,
-                                    reg=params.reg, marginals=params.marginals, calibration=calibration)
+                                    reg=params.reg, marginals=params.marginals, calibration=calibration,
+                                    example=example)
     stop("aligning")
 
     data = _materialize(make_loader_for_model(config.evaluation, library=target.library, model=target.model,

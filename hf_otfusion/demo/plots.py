@@ -14,24 +14,31 @@ VANILLA_COLOR = "#868e96"
 
 
 def interpolation_figure(curve: InterpolationCurve, pair: tuple[str, str], fused: float | None = None) -> Figure:
-    """Accuracy along the straight path from the target (t=0) to the other model (t=1), vanilla vs aligned."""
+    """Accuracy (a language model: token loss) along the straight path from the target (t=0) to the other model
+    (t=1), vanilla vs aligned; ``fused``: the fused model's value, in the curve's metric."""
     fig = Figure(figsize=(6.4, 3.8), layout="constrained")
     ax = fig.add_subplot()
     t = np.asarray(curve.t)
-    ax.plot(t, 100 * np.asarray(curve.aligned), "o-", color=ALIGNED_COLOR, lw=2.2,
+    scale = 100 if curve.metric == "accuracy" else 1
+    ax.plot(t, scale * np.asarray(curve.aligned), "o-", color=ALIGNED_COLOR, lw=2.2,
             label="aligned: (1-t)·A + t·aligned(B)")
     if curve.vanilla is not None:
-        ax.plot(t, 100 * np.asarray(curve.vanilla), "s--", color=VANILLA_COLOR, lw=1.8,
+        ax.plot(t, scale * np.asarray(curve.vanilla), "s--", color=VANILLA_COLOR, lw=1.8,
                 label="vanilla: (1-t)·A + t·B")
     if fused is not None:
-        ax.axhline(100 * fused, color=ALIGNED_COLOR, lw=0.8, ls=":", label="fused model (the table)")
+        ax.axhline(scale * fused, color=ALIGNED_COLOR, lw=0.8, ls=":", label="fused model (the table)")
     ax.set_xlabel(f"t   (A = {pair[0]},  B = {pair[1]})")
-    ax.set_ylabel("accuracy (%)")
     ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(0, 100)
+    if curve.metric == "accuracy":
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+    else:
+        ax.set_ylabel("token loss (nats)")
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower center", fontsize=8, framealpha=0.9)
-    title = "Accuracy along the interpolation path"
+    ax.legend(loc="lower center" if curve.metric == "accuracy" else "upper center", fontsize=8, framealpha=0.9)
+    title = "Accuracy along the interpolation path" if curve.metric == "accuracy" else \
+        "Token loss along the interpolation path (lower is better)"
     if curve.norms_recomputed:
         title += "\n(BatchNorm statistics recomputed on the calibration data at each point)"
     ax.set_title(title, fontsize=10)
