@@ -318,8 +318,9 @@ def archs(ctx: Ctx) -> list[Arch]:
 
 
 def fusions(models: Sequence[nn.Module], ctx: Ctx, *, target: int = 0,
-            weights: Sequence[float] | None = None) -> dict[str, nn.Module]:
-    """OT fusion in both alignment modes, each plain, with BN reset and with REPAIR."""
+            weights: Sequence[float] | None = None, refit: bool = False) -> dict[str, nn.Module]:
+    """OT fusion in both alignment modes, each plain, with BN reset and with REPAIR (and ``refit``: with the
+    closed-form layer refit)."""
     calib, example = ctx.calib, ctx.calib[:2]
     out = {}
     for mode in ("weights", "activations"):
@@ -330,6 +331,8 @@ def fusions(models: Sequence[nn.Module], ctx: Ctx, *, target: int = 0,
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plain.modules()):
             out[f"OT ({mode}) + BN reset"] = reset_norm_stats(plain, calib)
         out[f"OT ({mode}) + REPAIR"] = fuse(models, repair="repair", **kw)
+        if refit:
+            out[f"OT ({mode}) + refit"] = fuse(models, repair="refit", **kw)
     return out
 
 
@@ -449,12 +452,12 @@ def exp_noniid(ctx: Ctx) -> Path:
             for w in grid:
                 weights = None if w is None else [w, 1 - w]
                 found = {"vanilla average": vanilla_average(parents, weights), "ensemble": ensemble(parents, weights),
-                         **fusions(parents, ctx, weights=weights)}
+                         **fusions(parents, ctx, weights=weights, refit=True)}
                 for label, model in found.items():
                     val_acc = (predictions(model, x_val) == y_val).float().mean().item()
                     candidates.setdefault(label, []).append((val_acc, w, model))
                     if w is not None and label in ("vanilla average", "ensemble", "OT (activations)",
-                                                   "OT (activations) + REPAIR"):
+                                                   "OT (activations) + REPAIR", "OT (activations) + refit"):
                         acc = (predictions(model, x_test) == y_test).float().mean().item()
                         sweep.setdefault(label, {}).setdefault(w, []).append(acc)
             for label, options in candidates.items():
@@ -478,7 +481,8 @@ def exp_noniid(ctx: Ctx) -> Path:
         body += [f"## {name}", "", *table.markdown(columns, scales={"weight": 1.0, "beats": None}), ""]
     rows = [*(["model A", "model B"] if special else [f"model {i}" for i in range(a.parties)]),
             "vanilla average", "ensemble", "OT (weights)", "OT (weights) + BN reset", "OT (weights) + REPAIR",
-            "OT (activations)", "OT (activations) + BN reset", "OT (activations) + REPAIR"]
+            "OT (activations)", "OT (activations) + BN reset", "OT (activations) + REPAIR", "OT (weights) + refit",
+            "OT (activations) + refit"]
     plot_bars(a.out / "noniid.png", groups, rows, "acc", "non-i.i.d. fusion: accuracy on all test digits",
               xlim=(0, 104))
     body += ["![non-i.i.d. fusion](noniid.png)", ""]
