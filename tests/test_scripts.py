@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -93,3 +94,31 @@ def test_supported_architectures_table_two_families(tmp_path):
         assert 0 < moved <= total
     assert rows["`mlp`"][4] == "none" and rows["`mlp`"][5] == "none"
     assert "group" in rows["`groupnorm_cnn`"][4]  # the 2-group GroupNorm's channels stay fixed, with the reason
+
+
+def test_transformer_experiment_tiny_writes_both_tables(tmp_path):
+    """``--tiny``: one seed, a few training steps; the report has the ViT and the causal-LM table, every fusion row
+    with a number in each column, and the floors' verdicts."""
+    proc = _run("scripts/transformer_experiment.py", "--tiny", "--out", str(tmp_path), "--threads", "1", timeout=900)
+    report = (tmp_path / "transformers.md").read_text()
+    assert report.strip() == proc.stdout.strip()
+    assert report.startswith("# ") and "python scripts/transformer_experiment.py --tiny" in report
+    sections = report.split("\n## ")
+    vit = next(s for s in sections if s.startswith("ViT"))
+    lm = next(s for s in sections if s.startswith("Causal LM"))
+    assert "| model | test accuracy (%) | gap closed (%) | fusion time (s) |" in vit
+    assert "| model | test loss (nats/token) | perplexity | loss gap closed (%) | fusion time (s) |" in lm
+    fused = ("OT (weights)", "OT (activations)", "OT (activations, standardized)", "OT (activations) + REPAIR",
+             "OT (weights) + refit", "OT (activations) + refit", "OT (activations, standardized) + refit",
+             "OT (weights, Sinkhorn reg 0.05)", "OT (weights, Sinkhorn reg 0.05) + refit",
+             "RegMean (OT activations, parents' Gram matrices)", "vanilla + refit (no alignment)")
+    number = r"-?[\d.]+ ± [\d.]+"
+    for section, columns in ((vit, 3), (lm, 4)):
+        for row in ("vanilla average", *fused):
+            assert re.search(rf"^\| {re.escape(row)} \|" + rf" {number} \|" * columns + "$", section, re.M), row
+        assert re.search(rf"^\| ensemble \| {number} \|.* 100\.00 ± 0\.00 \| - \|$", section, re.M)
+    uniform = math.log(256)
+    loss = float(re.search(r"^\| parents \(mean\) \| ([\d.]+) ±", lm, re.M).group(1))
+    assert 0 < loss < uniform  # a few steps already beat a uniform guess over the bytes
+    shows = report.split("## What the run shows")[1]
+    assert "≥ 92% of the accuracy gap" in shows and "≥ 80% of the loss gap" in shows
