@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,7 @@ from .transport import (
     Solver,
     all_finite,
     barycentric_map,
+    distance_of_blocks,
     head_costs,
     marginal,
     match_heads,
@@ -205,25 +206,29 @@ class _Aligner:
         self.ops.pop(name, None)
 
 
-def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: Space, split: bool = False) -> Any:
-    """Rows of every ready member (this model's, the target's), features concatenated (or, ``split``, per member)."""
-    fa, fb = [], []
+def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: Space,
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rows of every ready member: (this model's, the target's), one pair per member."""
+    out = []
     for m_a, m_b in _member_pairs(space, target_space):
         if not aligner.ready(m_a):
             continue
-        fa.append(rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat, m_a.tile,
-                       space.heads))
-        fb.append(rows(target.tensor(m_b.tensor), m_b.axis, m_b.offset, target_space.size, m_b.repeat, m_b.tile,
-                       target_space.heads))
-    if split:
-        return list(zip(fa, fb, strict=True))
-    if not fa:
-        return (torch.zeros(space.size, 0, device=aligner.device),
-                torch.zeros(target_space.size, 0, device=aligner.device))
-    dtype = torch.promote_types(fa[0].dtype, torch.float32)
-    if len(fa) == 1:  # no copy
-        return fa[0].to(dtype), fb[0].to(dtype)
-    return torch.cat([f.to(dtype) for f in fa], 1), torch.cat([f.to(dtype) for f in fb], 1)
+        out.append((rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat,
+                         m_a.tile, space.heads),
+                    rows(target.tensor(m_b.tensor), m_b.axis, m_b.offset, target_space.size, m_b.repeat, m_b.tile,
+                         target_space.heads)))
+    return out
+
+
+def _joined(pairs: list[tuple[torch.Tensor, torch.Tensor]], n_a: int, n_b: int, device: torch.device,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' rows side by side (this model's, the target's), in float32 or better."""
+    if not pairs:
+        return torch.zeros(n_a, 0, device=device), torch.zeros(n_b, 0, device=device)
+    dtype = torch.promote_types(pairs[0][0].dtype, torch.float32)
+    if len(pairs) == 1:  # no copy
+        return pairs[0][0].to(dtype), pairs[0][1].to(dtype)
+    return torch.cat([a.to(dtype) for a, _ in pairs], 1), torch.cat([b.to(dtype) for _, b in pairs], 1)
 
 
 def _member_pairs(space: Space, target_space: Space) -> list[tuple[AxisRef, AxisRef]]:
@@ -246,23 +251,27 @@ def _cost(
     ``per_tensor``: the mean of each ready member's own distance matrix, each scaled to a mean of one (every
     tensor counts the same), instead of the distance between their concatenated rows.
     """
-    fa, fb = _features(aligner, space, target, target_space)
+    pairs = _features(aligner, space, target, target_space)
     with timed("cost"):
         if per_tensor and costs is None:
-            pairs = _features(aligner, space, target, target_space, split=True)
             parts = [pairwise_distance(a, b) for a, b in pairs if a.shape[1] > 1]  # matrices; vectors are too noisy
             parts = [c / c.mean() for c in parts if c.numel() and c.mean() > 0]
-            cost = sum(parts) / len(parts) if parts else pairwise_distance(fa, fb)
+            cost = sum(parts) / len(parts) if parts else None
         else:
-            cost = pairwise_distance(fa, fb)
+            cost = None
+        if cost is None:
+            cost, norm_a, norm_b = distance_of_blocks(pairs, space.size, target_space.size, aligner.device)
+        else:
+            fa, fb = _joined(pairs, space.size, target_space.size, aligner.device)
+            norm_a, norm_b = fa.norm(dim=1), fb.norm(dim=1)
         if costs is not None:
             # activations decide; weights only break their ties (e.g. channels dead on all calibration data)
             act = costs[space.name].to(cost.device, cost.dtype)
             scale = act.max() / cost.max() if cost.numel() and cost.max() > 0 else 0.0
             cost = act + 1e-4 * scale * cost
-        importance = marginals == "importance" and fa.shape[1] > 0
-        a = marginal(space.size, fa.norm(dim=1) if importance else None, device=cost.device)
-        b = marginal(target_space.size, fb.norm(dim=1) if importance else None, device=cost.device)
+        importance = marginals == "importance" and sum(a.shape[1] for a, _ in pairs) > 0
+        a = marginal(space.size, norm_a if importance else None, device=cost.device)
+        b = marginal(target_space.size, norm_b if importance else None, device=cost.device)
     return cost, a, b, not importance
 
 

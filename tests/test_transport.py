@@ -97,3 +97,27 @@ def test_assignment_falls_back_to_scipy_without_lapx(monkeypatch):
     perm = torch.randperm(30, generator=gen)
     t = solve(pairwise_distance(a[perm], a), marginal(30), marginal(30))
     assert calls == [(30, 30)] and torch.equal(t.argmax(1), perm)
+
+
+def test_distance_of_blocks_wide_path_equals_cdist_of_the_joined_rows(monkeypatch):
+    """Wide members (a vocabulary-wide embedding) are summed block by block instead of joined: same distances."""
+    from hf_otfusion import transport
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(6, d, generator=g).to(torch.bfloat16), torch.randn(5, d, generator=g).to(torch.bfloat16))
+             for d in (7, 40, 3)]
+    joined_a = torch.cat([a.float() for a, _ in pairs], 1)
+    joined_b = torch.cat([b.float() for _, b in pairs], 1)
+    small, na, nb = transport.distance_of_blocks(pairs, 6, 5)
+    assert torch.equal(small, torch.cdist(joined_a, joined_b))  # the small path is cdist itself
+    monkeypatch.setattr(transport, "_LARGE", 10)
+    wide, wa, wb = transport.distance_of_blocks(pairs, 6, 5)
+    assert wide.dtype == torch.float32 and wide.shape == (6, 5)
+    torch.testing.assert_close(wide, small, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(wa, na, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wb, nb, rtol=1e-5, atol=1e-6)
+    same = [(a, a) for a, _ in pairs]  # a model against itself: zero on the diagonal, not a small negative's NaN
+    d, _, _ = transport.distance_of_blocks(same, 6, 6)
+    assert torch.isfinite(d).all() and d.diagonal().abs().max() < 1e-2 and (d + torch.eye(6) * 1e9).min() > 0.1
+    empty, za, zb = transport.distance_of_blocks([], 3, 4)
+    assert empty.shape == (3, 4) and not empty.any() and za.shape == (3,) and zb.shape == (4,)
