@@ -9,7 +9,6 @@ checks that the two plans agree (sites aside).
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from collections.abc import Sequence
 
@@ -17,16 +16,7 @@ import torch
 
 import hf_otfusion  # noqa: F401 - makes transformers importable on CPU-only torch
 from hf_otfusion.trace import build_plan, expanded_plan
-
-
-def _comparable(plan: hf_otfusion.AlignmentPlan) -> dict:
-    d = plan.model_dump()
-    d.pop("expanded")
-    for space in d["spaces"]:
-        space["sites"] = ()
-    for fixed in d["fixed"]:
-        fixed["reason"] = re.sub(r"\(node \w+\)", "(node)", fixed["reason"])
-    return d
+from hf_otfusion.trace.expand import reproducible_part
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         expanded = expanded_plan(model, x)
         t_expanded = time.perf_counter() - start
-        equal = expanded is not None and _comparable(expanded) == _comparable(full)
+        equal = expanded is not None and reproducible_part(expanded) == reproducible_part(full)
         print(f"| {layers} | {args.hidden} | {t_full:.1f} | {t_expanded:.1f} | {t_full / t_expanded:.1f}x | "
               f"{'yes' if equal else 'NO'} |", flush=True)
     return 0

@@ -4,7 +4,6 @@ it where no activation sites are needed, and trace in full where they are."""
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 
@@ -15,6 +14,7 @@ from zoo import randomize_state
 
 from hf_otfusion import AlignmentPlan, build_plan, fuse, trace
 from hf_otfusion.plan_cache import ENV_VAR, cached_plan
+from hf_otfusion.trace.expand import reproducible_part
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,17 +59,6 @@ def _tokens(batch: int = 2, length: int = 8, seed: int = 0) -> dict[str, torch.T
     return {"input_ids": torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(seed))}
 
 
-def _comparable(plan: AlignmentPlan) -> dict:
-    """The plan less what an expansion cannot reproduce: activation sites, the flag, node names in reasons."""
-    d = plan.model_dump()
-    d.pop("expanded")
-    for space in d["spaces"]:
-        space["sites"] = ()
-    for fixed in d["fixed"]:
-        fixed["reason"] = re.sub(r"\(node \w+\)", "(node)", fixed["reason"])
-    return d
-
-
 @pytest.mark.parametrize("name", list(DECODERS))
 def test_expanded_plan_equals_the_full_trace(name):  # (the decoders and one encoder)
     model = DECODERS[name]()
@@ -79,7 +68,7 @@ def test_expanded_plan_equals_the_full_trace(name):  # (the decoders and one enc
     assert all(not s.sites for s in expanded.spaces)
     full = build_plan(model, x)
     assert not full.expanded
-    a, b = _comparable(expanded), _comparable(full)
+    a, b = reproducible_part(expanded), reproducible_part(full)
     assert [s["name"] for s in a["spaces"]] == [s["name"] for s in b["spaces"]]
     for sa, sb in zip(a["spaces"], b["spaces"], strict=True):
         assert sa == sb, sa["name"]
@@ -133,7 +122,7 @@ def test_plan_cache_expands_when_no_sites_are_needed(tmp_path, monkeypatch):
     assert cached_plan(model, x, sites=False) == plan and exported == [3], "the cached expansion was not read"
     full = cached_plan(model, x)  # sites wanted: a full trace, under its own key
     assert not full.expanded and any(s.sites for s in full.spaces) and exported == [3, 5]
-    assert _comparable(full) == _comparable(plan)
+    assert reproducible_part(full) == reproducible_part(plan)
     assert len(list((tmp_path / "plans").glob("*.json"))) == 2
     for entry in (tmp_path / "plans").glob("*.json"):
         if '"expanded": true' in entry.read_text():
@@ -182,7 +171,7 @@ def test_streamed_merge_of_deep_llamas_uses_the_expansion(tmp_path, monkeypatch)
     monkeypatch.setattr(trace, "expanded_plan", lambda *args, **kwargs: None)  # the full trace, as before
     full = merge(config, tmp_path / "full", progress=False, plan_cache=False)
     assert full.streamed and not full.plan.expanded
-    assert _comparable(full.plan) == _comparable(expanded.plan)
+    assert reproducible_part(full.plan) == reproducible_part(expanded.plan)
     a, b = load_file(tmp_path / "expanded" / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], load_file(parents[0] / "model.safetensors")[k]) for k in a)

@@ -97,6 +97,23 @@ def expanded_plan(model: nn.Module, example: Any, *, layers: int = 3) -> Alignme
     return _expand(plan, model, shallow, layout)
 
 
+def reproducible_part(plan: AlignmentPlan) -> dict[str, Any]:
+    """A plan as data, less what an expansion cannot reproduce (activation sites, the ``expanded`` flag, graph node
+    names in the reasons of fixed channels): equal for an expanded plan and a full trace of the same model.
+
+    Example:
+        >>> reproducible_part(expanded_plan(model, x)) == reproducible_part(build_plan(model, x))  # doctest: +SKIP
+        True
+    """
+    d = plan.model_dump()
+    d.pop("expanded")
+    for space in d["spaces"]:
+        space["sites"] = ()
+    for fixed in d["fixed"]:
+        fixed["reason"] = re.sub(r"\(node \w+\)", "(node)", fixed["reason"])
+    return d
+
+
 def _shallow_config(config: Any, depth: int, layers: int, prefix: str) -> tuple[Any, _Layout] | None:
     """A copy of ``config`` with fewer layers (per-layer lists sliced to match) and the layer map; None when a
     per-layer value cannot be sliced or the copy would not be shallower."""
