@@ -45,11 +45,14 @@ def test_mnist_mlp_script(tmp_path):
 def test_bench_script_one_case():
     proc = _run("scripts/bench_fusion.py", "--cases", "mlpnet", "--modes", "weights", "disk", "--threads", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| MLPNet")]
-    assert len(rows) == 4 and not any("error" in row for row in rows)  # in memory, from disk, two phase rows
+    # in memory; from disk, traced then with the plan cached; a phase row for each of the three
+    assert len(rows) == 6 and not any("error" in row for row in rows)
     memory = [c.strip() for c in rows[0].strip("|").split("|")]
     assert float(memory[3]) > 0 and float(memory[5]) > 0 and float(memory[6]) > 0  # fuse, vanilla, forward (s)
-    disk = [c.strip() for c in rows[1].strip("|").split("|")]
-    assert float(disk[2]) > 0 and float(disk[3]) > 0 and disk[4].endswith("x")  # fuse, load+save, ratio
+    for row, plan in zip(rows[1:3], ("traced", "cached"), strict=True):
+        disk = [c.strip() for c in row.strip("|").split("|")]
+        assert disk[2] == plan and float(disk[3]) > 0 and float(disk[4]) > 0 and disk[5].endswith("x")
+    assert [c.strip() for c in rows[5].strip("|").split("|")][1] == "disk (plan cached)"
 
 
 def test_bundled_example_parents_have_cards_saying_where_they_came_from(tmp_path):
