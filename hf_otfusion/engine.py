@@ -28,6 +28,7 @@ from .transport import (
     barycentric_map,
     distance_of_blocks,
     head_costs,
+    joined_rows,
     marginal,
     match_heads,
     pairwise_distance,
@@ -220,17 +221,6 @@ def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: S
     return out
 
 
-def _joined(pairs: list[tuple[torch.Tensor, torch.Tensor]], n_a: int, n_b: int, device: torch.device,
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The members' rows side by side (this model's, the target's), in float32 or better."""
-    if not pairs:
-        return torch.zeros(n_a, 0, device=device), torch.zeros(n_b, 0, device=device)
-    dtype = torch.promote_types(pairs[0][0].dtype, torch.float32)
-    if len(pairs) == 1:  # no copy
-        return pairs[0][0].to(dtype), pairs[0][1].to(dtype)
-    return torch.cat([a.to(dtype) for a, _ in pairs], 1), torch.cat([b.to(dtype) for _, b in pairs], 1)
-
-
 def _member_pairs(space: Space, target_space: Space) -> list[tuple[AxisRef, AxisRef]]:
     """Each member of a space with the target's member at the same (tensor, axis, rank)."""
     a, b = _ranked(space.members), _ranked(target_space.members)
@@ -262,7 +252,7 @@ def _cost(
         if cost is None:
             cost, norm_a, norm_b = distance_of_blocks(pairs, space.size, target_space.size, aligner.device)
         else:
-            fa, fb = _joined(pairs, space.size, target_space.size, aligner.device)
+            fa, fb = joined_rows(pairs, space.size, target_space.size, aligner.device)
             norm_a, norm_b = fa.norm(dim=1), fb.norm(dim=1)
         if costs is not None:
             # activations decide; weights only break their ties (e.g. channels dead on all calibration data)

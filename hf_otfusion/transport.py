@@ -27,19 +27,20 @@ _LARGE = 1 << 24  # entries of a feature matrix above which cdist's padded copie
 
 
 def pairwise_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance between the rows of ``a`` (n_a, d) and of ``b`` (n_b, d), in float32 or better.
+    """Euclidean distance between the rows of ``a`` (n_a, d) and of ``b`` (n_b, d), in float32 or better (wide
+    features without ``cdist``'s padded copies: see :func:`distance_of_blocks`)."""
+    return distance_of_blocks([(a, b)], a.shape[0], b.shape[0], a.device)[0]
 
-    Wide features (an LLM's residual stream reads its vocabulary-wide embedding and head: 32,000+ per channel) go
-    through one matrix product and the rows' norms, as ``cdist`` computes them, without its padded copies of both
-    inputs (about 4x their size); smaller ones through ``cdist`` itself.
-    """
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    a, b = a.to(dtype), b.to(dtype)
-    if a.numel() + b.numel() <= _LARGE:
-        return torch.cdist(a, b)
-    sq_a = torch.linalg.vector_norm(a, dim=1).square()
-    sq_b = torch.linalg.vector_norm(b, dim=1).square()
-    return (sq_a[:, None] + sq_b[None, :] - 2 * (a @ b.T)).clamp_min_(0).sqrt_()
+
+def joined_rows(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], n_a: int, n_b: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Column blocks ``(a_k, b_k)`` joined side by side into (n_a, d) and (n_b, d), in float32 or better."""
+    if not pairs:
+        return torch.zeros(n_a, 0, device=device), torch.zeros(n_b, 0, device=device)
+    dtype = torch.promote_types(pairs[0][0].dtype, torch.float32)
+    if len(pairs) == 1:  # no copy
+        return pairs[0][0].to(dtype), pairs[0][1].to(dtype)
+    return torch.cat([a.to(dtype) for a, _ in pairs], 1), torch.cat([b.to(dtype) for _, b in pairs], 1)
 
 
 def distance_of_blocks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], n_a: int, n_b: int,
@@ -51,15 +52,10 @@ def distance_of_blocks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], n_a: 
     embedding and head) are never joined: the norms and cross products are summed block by block, each block
     converted on its own, so memory holds the distances and one converted block beside the blocks themselves.
     """
-    if not pairs:
-        return torch.zeros(n_a, n_b, device=device), torch.zeros(n_a, device=device), torch.zeros(n_b, device=device)
-    dtype = torch.promote_types(pairs[0][0].dtype, torch.float32)
-    if sum(a.numel() + b.numel() for a, b in pairs) <= _LARGE:
-        if len(pairs) == 1:
-            fa, fb = pairs[0][0].to(dtype), pairs[0][1].to(dtype)
-        else:
-            fa, fb = torch.cat([a.to(dtype) for a, _ in pairs], 1), torch.cat([b.to(dtype) for _, b in pairs], 1)
+    if not pairs or sum(a.numel() + b.numel() for a, b in pairs) <= _LARGE:
+        fa, fb = joined_rows(pairs, n_a, n_b, device)
         return torch.cdist(fa, fb), fa.norm(dim=1), fb.norm(dim=1)
+    dtype = torch.promote_types(pairs[0][0].dtype, torch.float32)
     dev = pairs[0][0].device
     sq_a = torch.zeros(n_a, dtype=dtype, device=dev)
     sq_b = torch.zeros(n_b, dtype=dtype, device=dev)
