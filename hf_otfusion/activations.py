@@ -23,7 +23,7 @@ from .distributed import all_reduce_, is_main, shard, sum_numbers
 from .errors import FusionError
 from .plan import AlignmentPlan, Site
 from .trace import as_args
-from .transport import channel_major, distance_from_gram
+from .transport import distance_from_gram, gather
 
 CHUNK = 32  # inputs per forward pass: activations of one chunk are held at a time
 
@@ -165,8 +165,7 @@ def _static_batch(ep: ExportedProgram) -> int | None:
 def channel_matrix(value: torch.Tensor, site: Site, n: int, heads: int = 1) -> torch.Tensor:
     """(rows, n) activations of the n channels a site carries (samples and positions as rows), in float32 or
     better: one chunk's products are exact enough in float32, and their running sums are kept in float64."""
-    x = value.movedim(site.dim, 0)[site.offset : site.offset + n * site.repeat * site.tile]
-    x = channel_major(x, heads, site.tile, site.repeat).movedim(0, -1)
+    x = gather(value.movedim(site.dim, 0), n, heads, site.repeat, site.tile, site.block, site.offset).movedim(0, -1)
     x = x.reshape(*x.shape[:-1], n, site.repeat * site.tile).movedim(-2, -1)
     return x.reshape(-1, n).to(torch.promote_types(x.dtype, torch.float32))
 

@@ -153,7 +153,7 @@ class _Aligner:
         self.target_sizes = {s.name: s.size for s in target_plan.spaces}
         self.sizes = {s.name: s.size for s in plan.spaces}
         self.done: set[str] = set()
-        self.ops: dict[str, list[tuple[ChannelMap, int, int, int, int, int]]] = {}
+        self.ops: dict[str, list[tuple[ChannelMap, int, int, int, int, int, int | None]]] = {}
         self.cache: State = {}
 
     def offset(self, m: AxisRef) -> int:
@@ -176,7 +176,7 @@ class _Aligner:
 
     def apply(self, space: Space, m_map: ChannelMap) -> None:
         for m in space.members:
-            op = (m_map, m.axis, self.offset(m), m.repeat, m.tile, space.heads)
+            op = (m_map, m.axis, self.offset(m), m.repeat, m.tile, space.heads, m.block)
             self.ops.setdefault(m.tensor, []).append(op)
         self.done.add(space.name)
 
@@ -190,8 +190,8 @@ class _Aligner:
         ops = self.ops.pop(name, None)
         if ops:
             with timed("transport"):
-                for m_map, axis, offset, repeat, tile, heads in ops:
-                    t = transport_axis(t, m_map, axis, offset, repeat, tile, heads)
+                for m_map, *layout in ops:
+                    t = transport_axis(t, m_map, *layout)
         self.cache[name] = t
         return t
 
@@ -215,9 +215,9 @@ def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: S
         if not aligner.ready(m_a):
             continue
         out.append((rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat,
-                         m_a.tile, space.heads),
+                         m_a.tile, space.heads, m_a.block),
                     rows(target.tensor(m_b.tensor), m_b.axis, m_b.offset, target_space.size, m_b.repeat, m_b.tile,
-                         target_space.heads)))
+                         target_space.heads, m_b.block)))
     return out
 
 

@@ -77,7 +77,9 @@ def _with_state(model: nn.Module, state: State) -> nn.Module:
     out = copy.deepcopy(model)
     device = next((p.device for p in out.parameters()), torch.device("cpu"))
     out.load_state_dict({k: v.to(device) for k, v in state.items()})
-    return out
+    # a module that caches what it derives from its weights while in eval mode (timm LeViT's attention biases)
+    # drops it when switched to training: the copy must not keep tables of the model it was copied from
+    return out.train(True).train(model.training)
 
 
 def vanilla_average(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
@@ -172,7 +174,7 @@ def random_permutation(
         perm = ChannelMap(torch.eye(space.size)[order])
         for m in space.members:
             state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat, m.tile,
-                                             space.heads)
+                                             space.heads, m.block)
     for alias, name in plan.aliases.items():
         state[alias] = state[name]
     return _with_state(model, state)

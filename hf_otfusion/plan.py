@@ -6,7 +6,9 @@ segment of that axis (``offset``, after a concat) whose index is channel-major r
 flatten after a conv). Tensors or axes in no space are fixed: they are averaged as they are.
 
 A member may also be *tiled* (``tile > 1``): grouped-query attention reads each key/value head once per query
-head of its group, so the output projection's input axis holds every head block ``tile`` times in a row.
+head of its group, so the output projection's input axis holds every head block ``tile`` times in a row. A
+member's head blocks may lie ``block`` positions apart with other channels between them: a segment of the channels
+inside every head (the non-rotary part of partial rotary query/key heads; GPT-NeoX's fused qkv, laid out per head).
 
 Attention gives a space *heads*: its ``size`` channels form ``heads`` contiguous blocks of ``size // heads``
 (one per head), and its map must be block-diagonal up to a permutation of whole heads: channel ``i`` of head
@@ -19,41 +21,56 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 SpaceKind = Literal["hidden", "residual"]
+_BLOCK = "axis positions from the start of one head block to the next; None: head_dim * repeat (contiguous)"
 
 
-class AxisRef(BaseModel):
-    """One segment of one tensor axis that indexes a space.
+class _Layout(BaseModel):
+    """Where a space's channels lie along one dimension (of a tensor axis, or of an activation).
 
-    Positions ``offset + ((h * tile + s) * head_dim + i) * repeat + r`` of ``tensor``'s axis ``axis`` hold
-    channel ``h * head_dim + i`` of the space (channel ``i`` of head ``h``), for ``s`` in ``range(tile)`` and
-    ``r`` in ``range(repeat)``: with ``tile == 1`` that is ``offset + c * repeat + r``. A space without heads is
-    one head, so ``tile`` then repeats the whole space. The segment is ``size * tile * repeat`` entries long.
+    Positions ``offset + (h * tile + s) * block + i * repeat + r`` hold channel ``h * head_dim + i`` of the space
+    (channel ``i`` of head ``h``), for ``s`` in ``range(tile)`` and ``r`` in ``range(repeat)``. ``block`` None is
+    ``head_dim * repeat`` (the head blocks lie back to back): the positions are then
+    ``offset + ((h * tile + s) * head_dim + i) * repeat + r``, with ``tile == 1`` simply ``offset + c * repeat + r``.
+    A larger ``block`` leaves other channels between the head blocks: a segment of the channels inside every head
+    (partial rotary embeddings, a qkv projection laid out per head). A space without heads is one head, so ``tile``
+    then repeats the whole space. :func:`hf_otfusion.transport.positions` lists the positions in channel-major order.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_serializer(mode="wrap")
+    def _omit_contiguous(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if self.block is None:  # the default layout: plans written before the field existed read the same
+            out.pop("block", None)
+        return out
+
+
+class AxisRef(_Layout):
+    """One segment of one tensor axis that indexes a space (laid out as :class:`_Layout` says)."""
 
     tensor: str
     axis: int
     offset: int = 0
     repeat: int = 1
     tile: int = 1
+    block: int | None = Field(None, description=_BLOCK)
 
 
-class Site(BaseModel):
+class Site(_Layout):
     """A graph value whose dimension ``dim`` carries a space (where activations are read)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     node: str
     dim: int
     offset: int = 0
     repeat: int = 1
     tile: int = 1
+    block: int | None = Field(None, description=_BLOCK)
 
 
 class Space(BaseModel):
@@ -79,6 +96,10 @@ class Space(BaseModel):
             raise ValueError(f"space {self.name!r}: {self.size} channels cannot form {self.heads} equal heads")
         if self.head_group is not None and self.heads == 1:
             raise ValueError(f"space {self.name!r}: a head_group needs heads > 1")
+        for m in (*self.members, *self.sites):
+            if m.block is not None and m.block < self.head_dim * m.repeat:
+                raise ValueError(f"space {self.name!r}: head blocks {m.block} apart cannot hold {self.head_dim} "
+                                 f"channels repeated {m.repeat} times ({m})")
         return self
 
     @property
@@ -169,7 +190,7 @@ class AlignmentPlan(BaseModel):
                  + (" (expanded by layer index from a shallow trace: no activation sites)" if self.expanded else "")]
         groups = {g: i for i, g in enumerate(self.head_groups())}
         header = (f"{'#':>3}  {'space':<40} {'size':>6}  {'heads':<9} {'kind':<8}  "
-                  "members (tensor:axis[@offset][xrepeat][ttile])")
+                  "members (tensor:axis[@offset][xrepeat][ttile][bblock])")
         lines += [header, "-" * len(header)]
         for i, space in enumerate(self.spaces):
             members = ", ".join(_format_member(m) for m in space.members)
@@ -224,4 +245,6 @@ def _format_member(m: AxisRef) -> str:
         text += f"x{m.repeat}"
     if m.tile != 1:
         text += f"t{m.tile}"
+    if m.block is not None:
+        text += f"b{m.block}"
     return text

@@ -54,7 +54,7 @@ from .errors import FusionError
 from .plan import AlignmentPlan
 from .repair import _BN_STATS, _arg, _first, _normalized, _op, _param_names, _Program, _shapes, _state_of
 from .trace import build_plan, export_model
-from .transport import channel_major, tiled
+from .transport import carry
 
 Prior = Literal["fused", "zero"]
 Inputs = Literal["fused", "parents"]
@@ -282,33 +282,16 @@ def _carry(rows: torch.Tensor, plan: AlignmentPlan, tensor: str, axis: int, leng
     """(rows, parent channels) of a parent's outputs carried to the fused model's ``length`` channels on ``tensor``'s
     ``axis``: each space segment by its coupling's barycentric map (fused channel ``j`` gets the transport-weighted
     mean of the parent channels sent to it), fixed channels as they are."""
-    members = plan.members_by_tensor().get(tensor, [])
-    segments = sorted(((s, m) for s, m in members if m.axis == axis), key=lambda sm: sm[1].offset)
-    if not segments:
+    mismatch = f"refit: the outputs of {tensor!r} do not match between a parent and the fused model"
+    members = [(s, m) for s, m in plan.members_by_tensor().get(tensor, []) if m.axis == axis]
+    if not members:
         if rows.shape[1] != length:
-            raise FusionError(f"refit: the outputs of {tensor!r} do not match between a parent and the fused model")
+            raise FusionError(mismatch)
         return rows
-    values = rows.T  # (channels, rows)
-    out = values.new_empty(length, values.shape[1])
-    pos_t = pos_p = 0
-    for space, m in segments:
-        gap = m.offset - pos_t
-        out[pos_t : pos_t + gap] = values[pos_p : pos_p + gap]
-        pos_t, pos_p = pos_t + gap, pos_p + gap
-        if space.name not in coupling:
-            raise FusionError(f"refit: no coupling for space {space.name!r}")
-        t = coupling[space.name].to(values.device, _F64)
-        n_p, n_t = t.shape
-        k = m.repeat * m.tile
-        block = channel_major(values[pos_p : pos_p + n_p * k], space.heads, m.tile, m.repeat).reshape(n_p, -1)
-        bary = t / t.sum(0, keepdim=True).clamp_min(1e-300)
-        moved = (bary.T @ block).reshape(n_t * k, values.shape[1])
-        out[pos_t : pos_t + n_t * k] = tiled(moved, space.heads, m.tile, m.repeat)
-        pos_t, pos_p = pos_t + n_t * k, pos_p + n_p * k
-    if pos_p + length - pos_t != values.shape[0]:
-        raise FusionError(f"refit: the outputs of {tensor!r} do not match between a parent and the fused model")
-    out[pos_t:] = values[pos_p:]
-    return out.T
+    missing = next((s.name for s, _ in members if s.name not in coupling), None)
+    if missing is not None:
+        raise FusionError(f"refit: no coupling for space {missing!r}")
+    return carry(rows.T, [(m, s.heads, coupling[s.name]) for s, m in members], length, mismatch).T
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -659,4 +642,4 @@ def refit_model(
     if plan is not None:
         for alias, name in plan.aliases.items():  # tied tensors stay tied
             model.state_dict()[alias].copy_(state[name])
-    return model.eval()
+    return model.train().eval()  # train() drops weight-derived caches (see fuse)

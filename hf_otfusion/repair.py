@@ -37,7 +37,7 @@ from .distributed import all_gather_object, all_reduce, all_reduce_, shard, sum_
 from .errors import FusionError
 from .plan import AlignmentPlan
 from .trace import as_args, build_plan, export_model
-from .transport import channel_major, tiled
+from .transport import carry
 
 Repair = Literal["none", "reset_bn", "repair", "refit"]
 REPAIRS: tuple[str, ...] = ("none", "reset_bn", "repair", "refit")  # refit: hf_otfusion.refit.refit_model
@@ -443,31 +443,12 @@ def _transport(values: torch.Tensor, plan: AlignmentPlan, tensor: str, axis: int
     Each space segment of the axis gets the coupling's barycentric map (fused channel ``j`` receives the
     transport-weighted mean of the parent channels sent to it); channels in no space stay where they are.
     """
-    segments = sorted((m for _, m in plan.members_by_tensor().get(tensor, []) if m.axis == axis),
-                      key=lambda m: m.offset)
-    by_space = {(m.tensor, m.axis, m.offset): s.name for s, m in plan.members_by_tensor().get(tensor, [])}
-    heads = {s.name: s.heads for s, _ in plan.members_by_tensor().get(tensor, [])}
-    values = values.to(torch.float64)
-    out = torch.empty(length, dtype=torch.float64, device=values.device)
-    pos_t = pos_p = 0
-    for m in segments:
-        gap = m.offset - pos_t  # fixed channels between segments: the same in every model
-        out[pos_t : pos_t + gap] = values[pos_p : pos_p + gap]
-        pos_t, pos_p = pos_t + gap, pos_p + gap
-        space = by_space[(m.tensor, m.axis, m.offset)]
-        if space not in coupling:
-            raise FusionError(f"repair: no coupling for space {space!r}")
-        t = coupling[space].to(values.device, torch.float64)
-        n_p, n_t = t.shape
-        k = m.repeat * m.tile
-        block = channel_major(values[pos_p : pos_p + n_p * k], heads[space], m.tile, m.repeat).reshape(n_p, k)
-        bary = t / t.sum(0, keepdim=True).clamp_min(1e-300)
-        out[pos_t : pos_t + n_t * k] = tiled((bary.T @ block).reshape(-1), heads[space], m.tile, m.repeat)
-        pos_t, pos_p = pos_t + n_t * k, pos_p + n_p * k
-    out[pos_t:] = values[pos_p : pos_p + length - pos_t]
-    if pos_p + length - pos_t != len(values):
-        raise FusionError(f"repair: the channels of {tensor!r} do not match between a parent and the fused model")
-    return out
+    members = [(s, m) for s, m in plan.members_by_tensor().get(tensor, []) if m.axis == axis]
+    missing = next((s.name for s, _ in members if s.name not in coupling), None)
+    if missing is not None:
+        raise FusionError(f"repair: no coupling for space {missing!r}")
+    mismatch = f"repair: the channels of {tensor!r} do not match between a parent and the fused model"
+    return carry(values.to(torch.float64), [(m, s.heads, coupling[s.name]) for s, m in members], length, mismatch)
 
 
 def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -581,7 +562,7 @@ def repair_model(
     for alias, name in plan.aliases.items():  # tied tensors stay tied
         new[alias] = new[name]
     model.load_state_dict(new)
-    return model.eval()
+    return model.train().eval()  # train() drops weight-derived caches (see fuse)
 
 
 def _parent_stats(

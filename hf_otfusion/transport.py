@@ -9,13 +9,16 @@ to one; :func:`barycentric_map` turns it into the (n_b, n_a) matrix that maps A'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from .errors import FusionError
+
+if TYPE_CHECKING:
+    from .plan import AxisRef
 
 Solver = Literal["emd", "sinkhorn"]
 Marginals = Literal["uniform", "importance"]
@@ -210,48 +213,120 @@ def barycentric_map(t: torch.Tensor, b: torch.Tensor | None = None) -> ChannelMa
     return ChannelMap((t / col.clamp_min(1e-300)[None, :]).T)
 
 
+def positions(n: int, heads: int = 1, repeat: int = 1, tile: int = 1, block: int | None = None,
+              offset: int = 0) -> torch.Tensor:
+    """The axis positions of a member's ``n`` channels (see :class:`~hf_otfusion.plan.AxisRef`) in channel-major
+    order: channel after channel, each channel's ``repeat * tile`` entries in a row (repeat-major, tile fastest)."""
+    d = n // heads
+    step = d * repeat if block is None else block
+    h = torch.arange(heads).view(-1, 1, 1, 1)
+    i = torch.arange(d).view(1, -1, 1, 1)
+    r = torch.arange(repeat).view(1, 1, -1, 1)
+    s = torch.arange(tile).view(1, 1, 1, -1)
+    return (offset + (h * tile + s) * step + i * repeat + r).reshape(-1)
+
+
+def gather(x: torch.Tensor, n: int, heads: int = 1, repeat: int = 1, tile: int = 1, block: int | None = None,
+           offset: int = 0) -> torch.Tensor:
+    """The ``n * repeat * tile`` entries of dim 0 of ``x`` that a member's ``n`` channels hold, channel-major."""
+    if tile == 1 and block is None:  # one contiguous run, already channel-major: a view
+        return x[offset : offset + n * repeat]
+    return x.index_select(0, positions(n, heads, repeat, tile, block, offset).to(x.device))
+
+
+def place(x: torch.Tensor, moved: torch.Tensor, n_in: int, heads: int = 1, repeat: int = 1, tile: int = 1,
+          block: int | None = None, offset: int = 0) -> torch.Tensor:
+    """``x`` with a member's ``n_in`` channels on dim 0 replaced by ``moved`` (channel-major, as :func:`gather`
+    gives). A contiguous member may change width; one whose head blocks lie apart (``block``) may not."""
+    k = repeat * tile
+    n_out = moved.shape[0] // k
+    if block is not None:
+        if n_out != n_in:
+            raise FusionError(f"channels {n_in} -> {n_out}: the channels inside heads that a slice cuts into "
+                              "segments (partial rotary, a per-head fused qkv) cannot change width; fuse models of "
+                              "equal head widths")
+        return x.index_copy(0, positions(n_in, heads, repeat, tile, block, offset).to(x.device), moved.to(x.dtype))
+    return torch.cat([x[:offset], tiled(moved, heads, tile, repeat), x[offset + n_in * k :]])
+
+
 def channel_major(seg: torch.Tensor, heads: int, tile: int, repeat: int) -> torch.Tensor:
     """Reorder dim 0 of a tiled segment (see :class:`~hf_otfusion.plan.AxisRef`) so that each channel's
     ``tile * repeat`` entries are contiguous: the layout of an untiled member with repeat ``tile * repeat``."""
-    if tile == 1:
-        return seg
-    rest = seg.shape[1:]
-    d = seg.shape[0] // (heads * tile * repeat)
-    return seg.reshape(heads, tile, d, repeat, *rest).movedim(1, 3).reshape(seg.shape)
+    return gather(seg, seg.shape[0] // (tile * repeat), heads, repeat, tile)
 
 
 def tiled(seg: torch.Tensor, heads: int, tile: int, repeat: int) -> torch.Tensor:
     """The inverse of :func:`channel_major`."""
     if tile == 1:
         return seg
-    rest = seg.shape[1:]
-    d = seg.shape[0] // (heads * tile * repeat)
-    return seg.reshape(heads, d, repeat, tile, *rest).movedim(3, 1).reshape(seg.shape)
+    order = positions(seg.shape[0] // (tile * repeat), heads, repeat, tile)
+    return seg.index_select(0, torch.argsort(order).to(seg.device))
 
 
 def transport_axis(tensor: torch.Tensor, m: ChannelMap, axis: int, offset: int = 0, repeat: int = 1,
-                   tile: int = 1, heads: int = 1) -> torch.Tensor:
-    """Map the segment ``[offset, offset + n_in * tile * repeat)`` of ``tensor``'s ``axis`` with ``m``.
-
-    The segment holds n_in channels (``heads`` blocks), each repeated ``repeat`` times (channel-major) and each
-    head block ``tile`` times; the result holds n_out.
-    """
+                   tile: int = 1, heads: int = 1, block: int | None = None) -> torch.Tensor:
+    """Map the n_in channels of a member of ``tensor``'s ``axis`` (at ``offset``, each repeated ``repeat`` times
+    channel-major, each of its ``heads`` blocks ``tile`` times, the blocks ``block`` apart) with ``m``; the
+    result holds n_out."""
     x = tensor.movedim(axis, 0)
-    end = offset + m.n_in * repeat * tile
+    end = int(positions(m.n_in, heads, repeat, tile, block, offset)[-1]) + 1 if m.n_in else offset
     if end > x.shape[0]:
         raise FusionError(f"axis {axis} of a tensor of shape {tuple(tensor.shape)} is shorter than its plan "
                           f"({end} entries); the plan does not fit this model")
-    seg = channel_major(x[offset:end], heads, tile, repeat)
-    seg = seg.reshape(m.n_in, repeat * tile * int(np.prod(x.shape[1:], dtype=np.int64)))
-    moved = tiled(m(seg).reshape(m.n_out * repeat * tile, *x.shape[1:]), heads, tile, repeat)
-    return torch.cat([x[:offset], moved, x[end:]]).movedim(0, axis)
+    k = repeat * tile
+    seg = gather(x, m.n_in, heads, repeat, tile, block, offset).reshape(m.n_in, k * int(np.prod(x.shape[1:],
+                                                                                              dtype=np.int64)))
+    moved = m(seg).reshape(m.n_out * k, *x.shape[1:])
+    return place(x, moved, m.n_in, heads, repeat, tile, block, offset).movedim(0, axis)
 
 
 def rows(tensor: torch.Tensor, axis: int, offset: int, n: int, repeat: int, tile: int = 1,
-         heads: int = 1) -> torch.Tensor:
+         heads: int = 1, block: int | None = None) -> torch.Tensor:
     """The (n, features) rows of the channels of one axis segment (repeats, tiles and other axes flattened)."""
-    x = tensor.movedim(axis, 0)[offset : offset + n * repeat * tile]
-    return channel_major(x, heads, tile, repeat).reshape(n, -1)
+    return gather(tensor.movedim(axis, 0), n, heads, repeat, tile, block, offset).reshape(n, -1)
+
+
+def carry(values: torch.Tensor, segments: Sequence[tuple[AxisRef, int, torch.Tensor]], length: int,
+          mismatch: str) -> torch.Tensor:
+    """Dim 0 of a parent's ``values`` carried to the fused model's ``length`` channels.
+
+    ``segments``: (member, its space's heads, the (parent, fused) coupling of its space) for each space member of
+    the axis. Each gets the coupling's barycentric map (fused channel ``j`` receives the transport-weighted mean of
+    the parent channels sent to it); channels in no space stay where they are. ``mismatch``: the error raised when
+    the parent's widths do not add up to ``values``.
+    """
+    rest = values.shape[1:]
+    if length == values.shape[0] and all(t.shape[0] == t.shape[1] for _, _, t in segments):
+        out = values.clone()  # every width kept: each member in place, wherever its head blocks lie
+        for m, heads, t in segments:
+            n = t.shape[0]
+            parent = gather(values, n, heads, m.repeat, m.tile, m.block, m.offset).reshape(n, -1)
+            moved = _barycentric(t, values) @ parent
+            out = place(out, moved.reshape(-1, *rest), n, heads, m.repeat, m.tile, m.block, m.offset)
+        return out
+    if any(m.block is not None for m, _, _ in segments):
+        raise FusionError(f"{mismatch} (channels inside heads cut into segments cannot change width)")
+    out = values.new_empty(length, *rest)
+    pos_t = pos_p = 0
+    for m, heads, t in sorted(segments, key=lambda s: s[0].offset):
+        gap = m.offset - pos_t  # fixed channels between segments: the same in every model
+        out[pos_t : pos_t + gap] = values[pos_p : pos_p + gap]
+        pos_t, pos_p = pos_t + gap, pos_p + gap
+        (n_p, n_t), k = t.shape, m.repeat * m.tile
+        block = channel_major(values[pos_p : pos_p + n_p * k], heads, m.tile, m.repeat).reshape(n_p, -1)
+        moved = (_barycentric(t, values) @ block).reshape(n_t * k, *rest)
+        out[pos_t : pos_t + n_t * k] = tiled(moved, heads, m.tile, m.repeat)
+        pos_t, pos_p = pos_t + n_t * k, pos_p + n_p * k
+    if pos_p + length - pos_t != values.shape[0]:
+        raise FusionError(mismatch)
+    out[pos_t:] = values[pos_p:]
+    return out
+
+
+def _barycentric(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(n_fused, n_parent): each fused channel the transport-weighted mean of the parent channels sent to it."""
+    t = t.to(like.device, like.dtype)
+    return (t / t.sum(0, keepdim=True).clamp_min(1e-300)).T
 
 
 def block_value(cost: torch.Tensor) -> float:

@@ -15,6 +15,11 @@ if "HF_OTFUSION_PLAN_CACHE" not in os.environ:  # plans traced by the tests stay
     import tempfile
 
     os.environ["HF_OTFUSION_PLAN_CACHE"] = tempfile.mkdtemp(prefix="hf-otfusion-plans-")
+    os.environ["HF_OTFUSION_TEST_PLANS"] = os.environ["HF_OTFUSION_PLAN_CACHE"]
+if os.environ.get("HF_OTFUSION_TEST_PLANS") and os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n: each worker its own cache, so that no test finds a plan another worker's test just traced
+    os.environ["HF_OTFUSION_PLAN_CACHE"] = os.path.join(os.environ["HF_OTFUSION_TEST_PLANS"],
+                                                        os.environ["PYTEST_XDIST_WORKER"])
 
 from hub_server import hub_server  # noqa: E402, F401 - the Hub test server fixture, for every test module
 from zoo import make  # noqa: E402

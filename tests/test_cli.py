@@ -362,14 +362,14 @@ def test_strict_refuses_a_plan_with_movable_channels_left_fixed(tmp_path):
     config = _config(tmp_path / "c.yml", [str(p) for p in parents])
     # rotary embeddings fix q/k channels inside heads, which no permutation may move: strict accepts that
     assert runner.invoke(app, ["merge", str(config), str(tmp_path / "ok"), "-q", "--strict"]).exit_code == 0
-    neox = tmp_path / "neox"
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    qwen3 = tmp_path / "qwen3"  # its q/k norm's one weight indexes every head's channels: movable, but left fixed
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                     num_attention_heads=4, rotary_pct=0.5)).save_pretrained(neox)
-    config = _config(tmp_path / "n.yml", [str(neox), str(neox)], parameters={"strict": True})
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(qwen3)
+    config = _config(tmp_path / "n.yml", [str(qwen3), str(qwen3)], parameters={"strict": True})
     refused = runner.invoke(app, ["merge", str(config), str(tmp_path / "no"), "-q"])
-    assert refused.exit_code == 1 and "strict" in refused.output and "inside attention heads" in refused.output
+    assert refused.exit_code == 1 and "strict" in refused.output and "inside every head alike" in refused.output
     assert not (tmp_path / "no").exists()
-    planned = runner.invoke(app, ["plan", str(neox), "--strict", "-q"])
+    planned = runner.invoke(app, ["plan", str(qwen3), "--strict", "-q"])
     assert planned.exit_code == 1 and "hidden channels left fixed" in planned.output

@@ -59,7 +59,8 @@ def test_grouped_query_plan_ties_kv_heads_to_their_query_groups(family):
     assert heads.heads == values.heads == 2 and heads.head_group == values.head_group  # kv heads, one order
     q = next(m for m in heads.members if m.tensor == f"{layer}.q_proj.weight" and m.axis == 0)
     o = next(m for m in values.members if m.tensor == f"{layer}.o_proj.weight")
-    assert (q.tile, q.repeat) == (2, 8)  # each kv head's group of 2 query heads (rotary: channels stay in the head)
+    # each kv head's group of 2 query heads (rotary: channels stay in the head, whole heads contiguous)
+    assert (q.tile, q.repeat, q.block) == (2, 8, None)
     assert (o.tile, o.axis) == (2, 1)  # the output projection reads every value head once per query head
     assert any(f"{layer}.q_proj.weight:0" in f.members and f.necessary for f in plan.fixed)
 
@@ -105,3 +106,77 @@ def test_build_plan_leaves_the_cache_setting_and_generates_after():
     assert model.config.use_cache
     out = model.generate(**inputs("llama_gqa", 1), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 11)
+
+
+def _origins(orig: torch.Tensor, moved: torch.Tensor) -> list[int]:
+    """For each row of ``moved``, the row of ``orig`` it came from: rows are matched by their sorted entries, which
+    do not depend on how the columns (the residual stream) were permuted."""
+    keys = {tuple(torch.sort(r).values.tolist()): i for i, r in enumerate(orig)}
+    assert len(keys) == len(orig), "random rows are distinct"
+    return [keys[tuple(torch.sort(r).values.tolist())] for r in moved]
+
+
+def _head_moves(orig: torch.Tensor, moved: torch.Tensor, heads: int) -> tuple[list[int], list[list[int]]]:
+    """(origin head of each head, origin position inside its head of each row of each head) of a permuted weight
+    whose rows are ``heads`` blocks, each row's origin found by :func:`_origins`."""
+    d = orig.shape[0] // heads
+    src = _origins(orig, moved)
+    head_of = [src[h * d] // d for h in range(heads)]
+    assert all(src[h * d + i] // d == head_of[h] for h in range(heads) for i in range(d)), "heads move whole"
+    return head_of, [[src[h * d + i] % d for i in range(d)] for h in range(heads)]
+
+
+PARTIAL_ROTARY = {"gpt_neox_partial_rotary": "gpt_neox.layers.0.attention", "phi_partial_rotary":
+                  "model.layers.0.self_attn"}
+
+
+@pytest.mark.parametrize("name", list(PARTIAL_ROTARY))
+def test_partial_rotary_plan_fixes_only_the_rotary_channels(family, name):
+    model, _, plan, _ = family(name)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    rot = int(d * 0.5)
+    assert plan.fixed and all(f.necessary and f.size == rot for f in plan.fixed), [str(f) for f in plan.fixed]
+    layer = PARTIAL_ROTARY[name]
+    assert all(f"{layer}.v_proj.weight:0" not in f.members and f"{layer}.dense.weight:1" not in f.members
+               for f in plan.fixed)  # values move (NeoX's fused qkv holds its rotary rows too: size says which)
+    strided = [m for s in plan.spaces for m in s.members if m.block is not None]
+    assert strided and all(m.block == (3 * d if "neox" in name else d) for m in strided)
+    again = type(plan).from_json(plan.to_json())
+    assert again == plan
+
+
+def test_gpt_neox_permutation_moves_value_and_pass_rows_inside_heads(family):
+    model, _, _, permuted = family("gpt_neox_partial_rotary")
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    heads, d = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    rot = d // 2
+    head_of, inside = _head_moves(model.state_dict()[name], permuted.state_dict()[name], heads)
+    assert head_of != list(range(heads))  # whole heads moved
+    for h in range(heads):  # per head: [q rot | q pass | k rot | k pass | v], each segment stays a segment
+        q, k, v = inside[h][:d], inside[h][d : 2 * d], inside[h][2 * d :]
+        assert q[:rot] == list(range(rot)) and k[:rot] == list(range(d, d + rot))  # rotary: in place
+        assert sorted(q[rot:]) == list(range(rot, d)) and [i - d for i in k[rot:]] == q[rot:]  # one q/k map
+        assert sorted(v) == list(range(2 * d, 3 * d))
+    assert any(inside[h][rot:d] != list(range(rot, d)) for h in range(heads)), "no pass channel moved"
+    assert any(inside[h][2 * d :] != list(range(2 * d, 3 * d)) for h in range(heads)), "no value channel moved"
+
+
+def test_phi_permutation_moves_pass_rows_with_one_map_per_query_group(family):
+    model, _, _, permuted = family("phi_partial_rotary")
+    layer, config = "model.layers.0.self_attn", model.config
+    d = config.hidden_size // config.num_attention_heads
+    rot, g = d // 2, config.num_attention_heads // config.num_key_value_heads
+    state, moved = model.state_dict(), permuted.state_dict()
+    q_heads, q_in = _head_moves(state[f"{layer}.q_proj.weight"], moved[f"{layer}.q_proj.weight"],
+                                config.num_attention_heads)
+    k_heads, k_in = _head_moves(state[f"{layer}.k_proj.weight"], moved[f"{layer}.k_proj.weight"],
+                                config.num_key_value_heads)
+    v_heads, v_in = _head_moves(state[f"{layer}.v_proj.weight"], moved[f"{layer}.v_proj.weight"],
+                                config.num_key_value_heads)
+    assert k_heads == v_heads != list(range(config.num_key_value_heads))
+    for h, within in enumerate(q_in):
+        assert q_heads[h] // g == k_heads[h // g]  # a query head stays in the group of its kv head
+        assert within[:rot] == list(range(rot)) and within[rot:] == k_in[h // g][rot:]  # the kv head's pass map
+    assert all(k[:rot] == list(range(rot)) for k in k_in)
+    assert any(k[rot:] != list(range(rot, d)) for k in k_in), "no pass channel moved"
+    assert any(v != list(range(d)) for v in v_in), "no value channel moved"

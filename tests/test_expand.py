@@ -19,7 +19,7 @@ from hf_otfusion.trace.expand import reproducible_part
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _decoder(kind: str, layers: int = 5, **extra: object) -> Callable[[], nn.Module]:
+def _decoder(kind: str, layers: int = 4, **extra: object) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers
 
@@ -100,7 +100,7 @@ def test_models_that_do_not_fit_are_refused():
     assert trace.expanded_plan(indexed, x) is None
 
     two_lists = _decoder("Llama")()  # a second list of layers: which one repeats?
-    two_lists.extra = nn.ModuleList(nn.Linear(2, 2) for _ in range(5))
+    two_lists.extra = nn.ModuleList(nn.Linear(2, 2) for _ in range(4))
     assert trace.expanded_plan(two_lists, x) is None
 
     assert trace.expanded_plan(_decoder("Llama")(), x) is not None  # the same model untouched expands
@@ -121,14 +121,14 @@ def test_plan_cache_expands_when_no_sites_are_needed(tmp_path, monkeypatch):
     assert plan.expanded and exported == [3], "the deep model was traced"
     assert cached_plan(model, x, sites=False) == plan and exported == [3], "the cached expansion was not read"
     full = cached_plan(model, x)  # sites wanted: a full trace, under its own key
-    assert not full.expanded and any(s.sites for s in full.spaces) and exported == [3, 5]
+    assert not full.expanded and any(s.sites for s in full.spaces) and exported == [3, 4]
     assert reproducible_part(full) == reproducible_part(plan)
     assert len(list((tmp_path / "plans").glob("*.json"))) == 2
     for entry in (tmp_path / "plans").glob("*.json"):
         if '"expanded": true' in entry.read_text():
             entry.unlink()
-    assert cached_plan(model, x, sites=False) == full and exported == [3, 5], "a full entry serves sites=False too"
-    assert cached_plan(model, x, enabled=False, sites=False).expanded and exported == [3, 5, 3]
+    assert cached_plan(model, x, sites=False) == full and exported == [3, 4], "a full entry serves sites=False too"
+    assert cached_plan(model, x, enabled=False, sites=False).expanded and exported == [3, 4, 3]
 
 
 def test_fuse_with_an_expanded_plan(monkeypatch):
@@ -164,7 +164,7 @@ def test_streamed_merge_of_deep_llamas_uses_the_expansion(tmp_path, monkeypatch)
     from hf_otfusion.merge import merge
 
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "plans"))
-    parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, layers=5, kv_heads=2) for s in (0, 1)]
+    parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, layers=4, kv_heads=2) for s in (0, 1)]
     config = parse_config({"models": [{"model": str(p)} for p in parents], "parameters": {"alignment": "weights"}})
     expanded = merge(config, tmp_path / "expanded", progress=False, plan_cache=False)
     assert expanded.streamed and expanded.plan.expanded

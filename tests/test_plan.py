@@ -1,6 +1,10 @@
+import json
+
+import pytest
 from zoo import make
 
 from hf_otfusion import AlignmentPlan, build_plan
+from hf_otfusion.plan import AxisRef, Space
 
 
 def test_json_round_trip_and_table():
@@ -19,3 +23,19 @@ def test_members_by_tensor_and_fixed_tensors():
     by_tensor = plan.members_by_tensor()
     assert {s.name for s, _ in by_tensor["4.weight"]} == {"0.weight:0", "4.weight:0"}
     assert "1.num_batches_tracked" in plan.fixed_tensors()
+
+
+def test_strided_members_round_trip_and_plans_without_them_read_as_before():
+    model, x = make("densenet")
+    plan = build_plan(model, x)
+    assert '"block"' not in plan.to_json()  # contiguous members: the JSON of plans written before the field
+    old = json.loads(plan.to_json())
+    assert AlignmentPlan.model_validate(old) == plan
+    member = AxisRef(tensor="qkv.weight", axis=0, offset=4, block=24)
+    space = Space(name="qkv.weight:0@4", size=16, heads=4, members=(member,))
+    assert Space.model_validate_json(space.model_dump_json()) == space
+    assert json.loads(member.model_dump_json())["block"] == 24
+    with pytest.raises(ValueError, match="head blocks 3 apart"):
+        Space(name="s", size=16, heads=4, members=(member.model_copy(update={"block": 3}),))
+    with_block = plan.model_copy(update={"spaces": (*plan.spaces, space)})
+    assert "qkv.weight:0@4b24" in str(with_block)

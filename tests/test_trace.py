@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -165,8 +167,14 @@ def _timm_model(name: str):
     return build
 
 
+def _timm_levit() -> tuple[nn.Module, object]:
+    import timm  # per-head attention biases gathered by index, BatchNorm after every linear (96 px: no 1x1 stage)
+
+    return timm.create_model("levit_128s", pretrained=False, num_classes=4, img_size=96), torch.randn(2, 3, 96, 96)
+
+
 BLOCKED = {"hf_swin": _hf_swin, "hf_t5": _hf_t5, "timm_regnetx_002": _timm_model("regnetx_002"),
-           "timm_resnext26ts": _timm_model("resnext26ts")}
+           "timm_resnext26ts": _timm_model("resnext26ts"), "timm_levit": _timm_levit}
 _BLOCKED_CACHE: dict[str, tuple] = {}
 
 
@@ -196,6 +204,13 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).abs().max() / ref.abs().max())
 
 
+def _in_float64(model: nn.Module, x: object) -> torch.Tensor:
+    double = copy.deepcopy(model).double()
+    if isinstance(x, dict):
+        return run(double, {k: v.double() if v.is_floating_point() else v for k, v in x.items()}).double()
+    return run(double, x.double())
+
+
 def _space_of(plan, tensor: str, axis: int):
     return next(s for s in plan.spaces if any(m.tensor == tensor and m.axis == axis for m in s.members))
 
@@ -205,24 +220,29 @@ def _space_of(plan, tensor: str, axis: int):
 def test_per_head_tables_and_grouped_convs_plan_exactly(name):
     model, x, plan, permuted = _blocked(name)
     assert not plan.unhandled
-    with torch.no_grad():
-        assert _rel(run(permuted, x), run(model, x)) < 1e-4
+    with torch.no_grad():  # in float64: random BatchNorm statistics give LeViT outputs too large for float32's error
+        assert _rel(_in_float64(permuted, x), _in_float64(model, x)) < 1e-5  # T5 norms in float32 inside
     state, moved = model.state_dict(), permuted.state_dict()
     for key, value in state.items():  # every hidden weight layer moves (not the stem's input, nor the classifier)
         if value.dim() >= 2 and not any(io in key for io in ("embed", "stem", "head", "classifier", "lm_head",
-                                                              "shared", "relative_position_index")):
+                                                              "shared", "relative_position_index", "bias_idxs")):
             assert not torch.equal(value, moved[key]), f"{key} did not move"
 
 
-@pytest.mark.parametrize("name", ["hf_swin", "hf_t5"])
+@pytest.mark.parametrize("name", ["hf_swin", "hf_t5", "timm_levit"])
 def test_relative_position_bias_tables_move_with_their_heads(name):
     model, x, plan, permuted = _blocked(name)
-    tables = [k for k in plan.tensors if "relative_position_bias_table" in k or "relative_attention_bias" in k]
+    tables = [k for k in plan.tensors if k.endswith(("relative_position_bias_table", "relative_attention_bias.weight",
+                                                     "attention_biases"))]
     assert tables
     for table in tables:
         assert not torch.equal(model.state_dict()[table], permuted.state_dict()[table]), f"{table} did not move"
-        heads = _space_of(plan, table, 1)  # the table's per-head axis is a member of its attention's heads
-        query = table.split(".relative")[0] + (".q.weight" if name == "hf_t5" else ".q_proj.weight")
+        heads = _space_of(plan, table, 0 if name == "timm_levit" else 1)  # a member of its attention's heads
+        query = {"hf_t5": table.split(".relative")[0] + ".q.weight",
+                 "hf_swin": table.split(".relative")[0] + ".q_proj.weight",
+                 "timm_levit": table.removesuffix("attention_biases") + "qkv.linear.weight"}[name]
+        if query not in plan.tensors:  # LeViT's downsampling attention: keys and values from their own projection
+            query = query.replace(".qkv.", ".kv.")
         assert heads.head_group is not None and heads.heads == heads.size
         assert _space_of(plan, query, 0).head_group == heads.head_group
 
@@ -261,4 +281,4 @@ def test_the_other_blocked_model_arrives_in_the_targets_basis(name):
     with torch.no_grad():
         shuffled = random_permutation(other, plan, seed=5)
         fused = fuse([model, shuffled], weights=[0, 1], example_input=x, plan=plan, progress=False)
-        assert _rel(run(fused, x), run(other, x)) < 1e-4
+        assert _rel(_in_float64(fused, x), _in_float64(other, x)) < 1e-5

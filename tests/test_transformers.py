@@ -159,23 +159,28 @@ def test_per_head_parameters_and_shared_head_norms_move_with_the_heads(family):
         _close(run(fuse([model, permuted], example_input=x, plan=qk_plan, progress=False), x), run(model, x))
 
 
-def test_windowed_attention_is_reported_and_strict_mode_refuses_it():
+def test_timm_swin_plans_exactly_through_windows_and_patch_merging():
     import timm
 
-    from hf_otfusion import PlanError
-
-    # Swin: the relative position bias is gathered by index, per head (its head axis moves with the heads), and
-    # patch merging flattens positions outside channels (channel-minor: that stream stays fixed, reported)
+    # Swin: the relative position bias is gathered by index, per head (its head axis moves with the heads), windows
+    # are rolled and partitioned, and patch merging flattens (2, 2, C) -> 4C, the stream's channels once per position
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=4, img_size=56,
                               embed_dim=32, depths=(1, 1), num_heads=(2, 4)).eval()
     randomize_state(model, 0)
     x = torch.randn(2, 3, 56, 56)
-    plan = build_plan(model, x)
-    assert set(plan.unhandled) == {"_unsafe_view"}
+    plan = build_plan(model, x, strict=True)
+    assert not plan.unhandled and not plan.fixed
     table = next(s for s in plan.spaces if any("relative_position_bias_table" in m.tensor for m in s.members))
     assert table.head_group is not None and table.heads == table.size == 2
-    assert any("patch merging" in f.reason for f in plan.fixed)
+    merge_norm = [m for s in plan.spaces for m in s.members if m.tensor == "layers.1.downsample.norm.weight"]
+    assert sorted(m.offset for m in merge_norm) == [0, 32, 64, 96]  # the first stage's stream, four times over
+    permuted = random_permutation(model, plan, 1)
+    for key, value in model.state_dict().items():
+        if value.dim() >= 2 and key not in ("patch_embed.proj.weight", "head.fc.weight"):
+            assert not torch.equal(value, permuted.state_dict()[key]), f"{key} did not move"
     with torch.no_grad():
-        _close(run(random_permutation(model, plan, 1), x), run(model, x))
-    with pytest.raises(PlanError, match="_unsafe_view"):
-        build_plan(model, x, strict=True)
+        _close(run(permuted, x), run(model, x))
+        other = randomize_state(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=4,
+                                                  img_size=56, embed_dim=32, depths=(1, 1), num_heads=(2, 4)).eval(), 1)
+        carried = fuse([model, random_permutation(other, plan, 2)], weights=[0, 1], plan=plan, progress=False)
+        _close(run(carried, x), run(other, x))

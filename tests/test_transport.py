@@ -2,7 +2,18 @@ import pytest
 import torch
 
 from hf_otfusion import FusionError
-from hf_otfusion.transport import ChannelMap, barycentric_map, marginal, pairwise_distance, solve, transport_axis
+from hf_otfusion.plan import AxisRef
+from hf_otfusion.transport import (
+    ChannelMap,
+    barycentric_map,
+    carry,
+    marginal,
+    pairwise_distance,
+    positions,
+    rows,
+    solve,
+    transport_axis,
+)
 
 
 def test_assignment_fast_path_finds_the_permutation():
@@ -51,6 +62,35 @@ def test_transport_axis_with_offset_and_repeat():
     assert out[0].tolist() == [0, 1, 2, 5, 6, 3, 4]
     merge = ChannelMap(torch.tensor([[0.5, 0.5]]))  # two channels onto one: their mean
     assert transport_axis(x, merge, axis=1, offset=3, repeat=2)[0].tolist() == [0, 1, 2, 4, 5]
+
+
+def test_strided_member_maps_only_its_positions():
+    # axis 1 = 2 heads of 6 entries, [2 fixed | 3 channels of the member | 1 fixed] each: block 6, offset 2
+    x = torch.arange(3 * 12, dtype=torch.float32).reshape(3, 12)
+    where = [2, 3, 4, 8, 9, 10]  # channel c of the member, by hand
+    assert positions(6, heads=2, block=6, offset=2).tolist() == where
+    order = torch.tensor([4, 3, 5, 1, 2, 0])  # heads swapped, channels moved inside them
+    out = transport_axis(x, ChannelMap(torch.eye(6)[order]), axis=1, offset=2, heads=2, block=6)
+    expected = x.clone()
+    expected[:, where] = x[:, [where[i] for i in order]]
+    assert torch.equal(out, expected)
+    assert torch.equal(rows(x, 1, 2, 6, 1, heads=2, block=6), x[:, where].T)
+    # tiled (each head block twice, as grouped-query attention reads it) and repeated, blocks 7 apart
+    tiled = [1 + (h * 2 + s) * 7 + i * 2 + r for h in range(2) for i in range(2) for r in range(2) for s in range(2)]
+    assert positions(4, heads=2, repeat=2, tile=2, block=7, offset=1).tolist() == tiled
+    with pytest.raises(FusionError, match="cannot change width"):
+        transport_axis(x, ChannelMap(torch.ones(4, 6) / 6), axis=1, offset=2, heads=2, block=6)
+
+
+def test_carry_moves_strided_members_in_place():
+    values = torch.arange(12, dtype=torch.float64)
+    member = AxisRef(tensor="w", axis=0, offset=2, block=6)
+    swap_heads = torch.zeros(6, 6, dtype=torch.float64)
+    swap_heads[[0, 1, 2, 3, 4, 5], [3, 4, 5, 0, 1, 2]] = 1 / 6  # parent head 0 -> fused head 1 and back
+    out = carry(values, [(member, 2, swap_heads)], 12, "mismatch")
+    assert out.tolist() == [0, 1, 8, 9, 10, 5, 6, 7, 2, 3, 4, 11]
+    with pytest.raises(FusionError, match="mismatch"):
+        carry(values, [(member, 2, swap_heads[:, :4] * 1.5)], 10, "mismatch")
 
 
 def _assignment_costs():

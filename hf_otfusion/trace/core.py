@@ -210,15 +210,15 @@ class Tracer:
         members: dict[int, list[AxisRef]] = {}
         for tensor, axes in self.param_axes.items():
             for axis, atom in enumerate(axes):
-                for root, offset, repeat, tile in self._segments(((atom, 1),)):
+                for root, offset, repeat, tile, block in self._segments(((atom, 1),)):
                     members.setdefault(root, []).append(AxisRef(tensor=tensor, axis=axis, offset=offset,
-                                                                repeat=repeat, tile=tile))
+                                                                repeat=repeat, tile=tile, block=block))
         sites: dict[int, list[Site]] = {}
         for kind in (self.consumer_sites, self.producer_sites):
             found: dict[int, list[Site]] = {}
             for node, dim, desc in kind:
-                for root, offset, repeat, tile in self._segments(desc):
-                    site = Site(node=node, dim=dim, offset=offset, repeat=repeat, tile=tile)
+                for root, offset, repeat, tile, block in self._segments(desc):
+                    site = Site(node=node, dim=dim, offset=offset, repeat=repeat, tile=tile, block=block)
                     if site not in found.setdefault(root, []):
                         found[root].append(site)
             for root, s in found.items():
@@ -270,8 +270,7 @@ class Tracer:
                 root = atoms.find(atom)
                 src = atoms.tiles.get(root, (root, 1))[0]
                 for r in (root, atoms.find(src)):
-                    parts = [r] + [atoms.find(a) for a in atoms.split.get(r, ())]
-                    for part in parts:
+                    for part in atoms.parts(r):
                         if atoms.fixed[part] and atoms.why.get(part, "") not in _IO and (atoms.size[part] or 0) > 1:
                             found.setdefault(part)
         if not found:
@@ -282,7 +281,7 @@ class Tracer:
                 for a, _ in atoms.expand(((atom, 1),)):
                     r = atoms.find(a)
                     r = atoms.find(atoms.tiles.get(r, (r, 1))[0])
-                    for part in [r] + [atoms.find(x) for x in atoms.split.get(r, ())]:
+                    for part in atoms.parts(r):
                         if part in holders and f"{tensor}:{axis}" not in holders[part]:
                             holders[part].append(f"{tensor}:{axis}")
         out = []
@@ -335,16 +334,44 @@ class Tracer:
             return (n, None if atoms.fixed[h] or n == 1 else h) if n > 1 else (1, None)
         return 1, None
 
-    def _segments(self, desc: Desc) -> list[tuple[int, int, int, int]]:
-        """(space key, offset, repeat, tile) of each free segment of a dimension."""
+    def _segments(self, desc: Desc) -> list[tuple[int, int, int, int, int | None]]:
+        """(space key, offset, repeat, tile, block) of each free segment of a dimension."""
         out, offset = [], 0
         for atom, repeat in self.atoms.expand(desc):
-            size = self.atoms.size[atom] or 0
-            resolved = self._resolve(atom)
-            if resolved is not None:
-                key, rep, tile = resolved
-                out.append((key, offset, repeat * rep, tile))
-            offset += size * repeat
+            out += self._place(atom, offset, repeat, None)
+            offset += (self.atoms.size[atom] or 0) * repeat
+        return out
+
+    def _place(self, root: int, offset: int, repeat: int, block: int | None,
+               ) -> list[tuple[int, int, int, int, int | None]]:
+        """(space key, offset, repeat, tile, block) of the free parts of a root atom's channels at ``offset``.
+
+        A headed atom whose within-head channels are cut into segments is one part per segment, each at its offset
+        inside the heads and with the heads' block stride; neighbouring parts of one space of whole heads (fixed
+        segments side by side) are one part.
+        """
+        atoms = self.atoms
+        segments = None if atoms.fixed[root] else atoms.segments(root)
+        if segments is None:
+            resolved = self._resolve(root)
+            if resolved is None:
+                return []
+            key, rep, tile = resolved
+            d = (atoms.size[key] or 0) // self._heads(key)[0]  # the space's head_dim
+            return [(key, offset, repeat * rep, tile, None if block == d * repeat * rep else block)]
+        if block is None:
+            block = (atoms.size[atoms.find(atoms.split[root][1])] or 0) * repeat
+        out: list[tuple[int, int, int, int, int | None]] = []
+        for seg, inside in segments:
+            for part in self._place(seg, offset + inside * repeat, repeat, block):
+                last = out[-1] if out else None
+                if (last is not None and last[0] == part[0] and part[0] in atoms.heads and last[3:] == part[3:]
+                        and last[1] + last[2] == part[1]):
+                    part = (*last[:2], last[2] + part[2], *part[3:])
+                    out.pop()
+                    if part[2] == block:
+                        part = (*part[:4], None)
+                out.append(part)
         return out
 
 

@@ -29,6 +29,10 @@ class _Atoms:
       head, which are different channels per head, so a within atom only ever joins another within atom (that
       joins the two headed atoms: queries with keys); joining it with anything else fixes it. A head atom may
       join head atoms of other splits (they share one head permutation) or plain per-head parameter axes.
+    - A slice of the within dim cuts the within atom into *segments* (a ``definition`` of within atoms): each
+      segment is the within atom of a headed atom of its own over the same head atom (the rotary and the
+      non-rotary channels of partial rotary heads; the q, k and v channels of a qkv projection laid out per
+      head), so each segment is a space of its own whose heads move with the others.
     """
 
     parent: list[int] = field(default_factory=list)
@@ -237,12 +241,9 @@ class _Atoms:
             return None
         return ((h, 1),), ((w, 1),)
 
-    def owner_of_heads(self, head: int) -> int | None:
-        """The headed atom whose head atom is ``head`` (a root), or None."""
-        for x, (h, _) in self.split.items():
-            if self.find(h) == head and self.find(x) == x:
-                return x
-        return None
+    def owners_of_heads(self, head: int) -> list[int]:
+        """The headed atoms whose head atom is ``head`` (a root): the first split, then its segments."""
+        return [x for x, (h, _) in self.split.items() if self.find(h) == head and self.find(x) == x]
 
     def tile(self, x: int, g: int) -> int:
         """The headed atom that holds every head of headed atom ``x`` ``g`` times in a row (grouped-query
@@ -261,6 +262,14 @@ class _Atoms:
         self.tiles[out] = (x, g)
         self.head_tiles[h_t] = (h, g)
         self._tiled[key] = out
+        segments = self.segments(x)
+        if segments is not None:  # a cut within dim: the tile's is cut alike, each segment the tile of the source's
+            cut = []
+            for seg, _ in segments:
+                t_seg = self.tile(seg, g)
+                self.union(self.split[t_seg][0], h_t)
+                cut.append((self.find(self.split[t_seg][1]), 1))
+            self.definition[self.find(w_t)] = tuple(cut)
         return out
 
     def head_merge(self, head: Desc, within: Desc) -> Desc | None:
@@ -299,7 +308,8 @@ class _Atoms:
         return out
 
     def cut(self, desc: Desc, position: int) -> None:
-        """Divide the free plain atom of a dimension that ``position`` falls inside into two atoms."""
+        """Divide the free plain atom (or the free within atom) of a dimension that ``position`` falls inside into
+        two atoms."""
         offset = 0
         for atom, repeat in self.expand(desc):
             size = self.size[atom]
@@ -309,8 +319,59 @@ class _Atoms:
                 if repeat == 1 and not self.fixed[atom] and not self._structured(atom):
                     first = position - offset
                     self.definition[atom] = ((self.new(first), 1), (self.new(size - first), 1))
+                elif repeat == 1 and not self.fixed[atom] and atom in self.owner:
+                    self._segment(atom, position - offset)
                 return
             offset += size * repeat
+
+    def _segment(self, w: int, first: int) -> None:
+        """Cut within atom ``w`` after its first ``first`` channels: two within atoms of two new headed atoms over
+        the same heads (left whole when the heads are tiled: the tiles would not follow the cut)."""
+        x = self.find(self.owner[w])
+        h = self.find(self.split[x][0])
+        if x in self.tiles or any(self.find(k[0]) == x for k in self._tiled) or self.size[h] is None:
+            return
+        parts = []
+        for size in (first, (self.size[w] or 0) - first):
+            part = self.new(size)
+            self._headed(h, part)
+            parts.append((part, 1))
+        self.definition[w] = tuple(parts)
+
+    def _headed(self, h: int, w: int) -> int:
+        """A new headed atom of heads ``h`` and within atom ``w``."""
+        size = self.size[h]
+        x = self.new(None if size is None or self.size[w] is None else size * self.size[w])
+        self.owner[w] = x
+        self.split[x] = (h, w)
+        return x
+
+    def segments(self, x: int) -> list[tuple[int, int]] | None:
+        """(headed atom, offset inside each head) of each segment of a headed root atom whose within-head
+        channels are cut into free segments (not all fixed), or None."""
+        if x not in self.split:
+            return None
+        w = self.find(self.split[x][1])
+        if w not in self.definition or self.fixed[w]:
+            return None
+        out, offset = [], 0
+        for atom, _ in self.expand(((w, 1),)):
+            if atom not in self.owner:
+                return None
+            out.append((self.find(self.owner[atom]), offset))
+            offset += self.size[atom] or 0
+        return out
+
+    def parts(self, x: int) -> list[int]:
+        """A root atom and, for a headed atom, its head and within atoms (each within segment's, when cut)."""
+        out = [x]
+        if x in self.split:
+            h, w = (self.find(a) for a in self.split[x])
+            out += [h, w]
+            for seg, _ in self.segments(x) or ():
+                seg = self.find(self.tiles.get(seg, (seg, 1))[0])  # a tile's segment: its source's channels
+                out += [a for a in self.parts(seg) if a not in out]
+        return out
 
     def close(self) -> None:
         """Propagate fixing through structure: a fixed composite fixes its segments, a fixed headed atom its heads."""
@@ -337,6 +398,10 @@ class _Atoms:
                         changed = True
             for t, (h, _) in list(self.head_tiles.items()):
                 if self.fixed[self.find(t)] and self.mark(self.find(h), self.reason(t)):
+                    changed = True
+            for w, d in list(self.definition.items()):  # a cut within dim whose every segment is fixed is fixed
+                if w in self.owner and not self.fixed[w] and self.is_fixed(d):
+                    self.mark(w, self.reason(self.expand(d)[0][0]))
                     changed = True
 
 

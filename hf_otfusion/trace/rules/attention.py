@@ -20,8 +20,7 @@ def _gqa(t: Tracer, labels: Labels, g: int, shape: list) -> Labels:
     head, within, tile_within = rep
     out = list(labels)
     out[-3] = head
-    e = t.atoms.expand(out[-1])
-    if len(e) == 1 and e[0][0] == within:
+    if t.atoms.expand(out[-1]) == t.atoms.expand(((within, 1),)):
         out[-1] = ((tile_within, 1),)
     return out
 

@@ -135,8 +135,9 @@ def _reshape(t: Tracer, node: Node) -> Any:
         out[-2], out[-1] = headed
     for k, d in enumerate(out):  # the within-head dim of repeated heads is the tile's own
         e = t.atoms.expand(d)
-        if len(e) == 1 and e[0][1] == 1 and e[0][0] in swaps:
-            out[k] = ((swaps[e[0][0]], 1),)
+        for within, tile_within in swaps.items():
+            if e == t.atoms.expand(((within, 1),)):
+                out[k] = ((tile_within, 1),)
     if len(stacks) == 1:
         dim, per_item = stacks[0]
         items = []
@@ -151,6 +152,23 @@ def _reshape(t: Tracer, node: Node) -> Any:
             for d in labels.values():
                 t.atoms.fix(d)
     return out
+
+
+def _channel_minor(t: Tracer, xl: Labels, src: list, ib: list[int]) -> Desc | None:
+    """A flatten whose one channel dim is not the outermost (a patch merging's (2, 2, C) -> 4C): the channels
+    again for every position of the dims before them, each repeated over the dims after them; None otherwise."""
+    free = [k for k in ib if not t.atoms.is_fixed(xl[k])]
+    if len(free) != 1 or free[0] == ib[0]:
+        return None
+    pieces = t.atoms.expand(xl[free[0]])
+    if any(t.atoms._structured(a) for a, _ in pieces):  # heads are merged by head_merge or not at all
+        return None
+    at = ib.index(free[0])
+    outer, inner = math.prod(src[k] for k in ib[:at]), math.prod(src[k] for k in ib[at + 1 :])
+    for k in ib:
+        if k != free[0]:
+            t.atoms.fix(xl[k])
+    return tuple((a, r * inner) for a, r in pieces) * outer
 
 
 def _one_head(t: Tracer, d: Desc) -> bool:
@@ -168,16 +186,21 @@ def repeat_heads(t: Tracer, head: Desc, g: int, others: list[tuple[Desc, int | N
     pieces = t.atoms.expand(head)
     if g < 2 or len(pieces) != 1 or pieces[0][1] != 1 or pieces[0][0] not in t.atoms.heads:
         return None
-    x = t.atoms.owner_of_heads(pieces[0][0])
+    x = next((x for x in t.atoms.owners_of_heads(pieces[0][0]) if _reads_within(t, x, others)), None)
     if x is None:
-        return None
-    within = t.atoms.find(t.atoms.split[x][1])
-    if not any(t.atoms.expand(d) == ((within, 1),) or (t.atoms.fixed[within] and size == t.atoms.size[within])
-               for d, size in others):
         return None
     tile = t.atoms.tile(x, g)
     h_t, w_t = t.atoms.split[tile]
     return ((h_t, 1),), t.atoms.find(t.atoms.split[x][1]), w_t
+
+
+def _reads_within(t: Tracer, x: int, others: list[tuple[Desc, int | None]]) -> bool:
+    """One of ``others`` is headed atom ``x``'s within dim (or its segments, where a slice cut it), or any dim of
+    its size when those channels are fixed."""
+    within = t.atoms.find(t.atoms.split[x][1])
+    whole = t.atoms.expand(((within, 1),))
+    return any(t.atoms.expand(d) == whole or (t.atoms.fixed[within] and size == t.atoms.size[within])
+               for d, size in others)
 
 
 def _reshape_block(
@@ -197,9 +220,12 @@ def _reshape_block(
         if all(t.atoms.is_fixed(xl[k]) for k in ib[1:]) and (rep := repeat_heads(t, xl[ib[0]], inner, others)):
             out[jb[0]], within, swaps[within] = rep  # each head read by ``inner`` query heads
             return None
+        if (minor := _channel_minor(t, xl, src, ib)) is not None:
+            out[jb[0]] = minor
+            return None
         if any(not t.atoms.is_fixed(xl[k]) for k in ib[1:]):
-            t.structural(f"a flatten {[src[k] for k in ib]} -> {dst[jb[0]]} with hidden channels inside (channel-"
-                         "minor, e.g. a patch merging); only channel-major flattens are expressible")
+            t.structural(f"a flatten {[src[k] for k in ib]} -> {dst[jb[0]]} of hidden channels from more than one "
+                         "dim (or of channels inside heads); a flatten is expressible when one dim holds channels")
         for k in ib[1:]:
             t.atoms.fix(xl[k])
         out[jb[0]] = tuple((a, r * inner) for a, r in t.atoms.expand(xl[ib[0]]))
@@ -317,7 +343,9 @@ def _slice(t: Tracer, node: Node) -> Any:
     for k in range(len(xl)):
         if k != dim:
             out[k] = xl[k]
-    if step == 1 and (piece := _slice_desc(t, xl[dim], start, end)) is not None and piece:
+    if end <= start:
+        pass  # an empty slice (the non-rotary part of fully rotary heads) reads no channel
+    elif step == 1 and (piece := _slice_desc(t, xl[dim], start, end)) is not None and piece:
         out[dim] = piece
     elif not t.atoms.is_fixed(xl[dim]):
         t.atoms.fix(xl[dim], _slice_reason(t, xl[dim]))
