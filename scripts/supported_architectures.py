@@ -91,6 +91,9 @@ EXTRA: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
     "timm_regnetx_002": _timm("regnetx_002"),
     "timm_resnext26ts": _timm("resnext26ts"),
     "timm_swin_tiny": _timm("swin_tiny_patch4_window7_224", 64, img_size=64, window_size=2, depths=(1, 1, 1, 1)),
+    "timm_levit_128s": _timm("levit_128s", 96, img_size=96),
+    "timm_eva02_tiny": _timm("eva02_tiny_patch14_224", 28, img_size=28, depth=2),
+    "timm_mobilevit_xxs": _timm("mobilevit_xxs", 64),
 }
 
 

@@ -21,6 +21,9 @@ if os.environ.get("HF_OTFUSION_TEST_PLANS") and os.environ.get("PYTEST_XDIST_WOR
     os.environ["HF_OTFUSION_PLAN_CACHE"] = os.path.join(os.environ["HF_OTFUSION_TEST_PLANS"],
                                                         os.environ["PYTEST_XDIST_WORKER"])
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one torch thread each
+    torch.set_num_threads(1)
+
 from hub_server import hub_server  # noqa: E402, F401 - the Hub test server fixture, for every test module
 from zoo import make  # noqa: E402
 

@@ -173,8 +173,15 @@ def _timm_levit() -> tuple[nn.Module, object]:
     return timm.create_model("levit_128s", pretrained=False, num_classes=4, img_size=96), torch.randn(2, 3, 96, 96)
 
 
+def _timm_eva02() -> tuple[nn.Module, object]:
+    import timm  # interleaved rotary (a stack), a zero key bias buffer between the q and v biases, SwiGLU
+
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=4, img_size=28, depth=2)
+    return model, torch.randn(2, 3, 28, 28)
+
+
 BLOCKED = {"hf_swin": _hf_swin, "hf_t5": _hf_t5, "timm_regnetx_002": _timm_model("regnetx_002"),
-           "timm_resnext26ts": _timm_model("resnext26ts"), "timm_levit": _timm_levit}
+           "timm_resnext26ts": _timm_model("resnext26ts"), "timm_levit": _timm_levit, "timm_eva02": _timm_eva02}
 _BLOCKED_CACHE: dict[str, tuple] = {}
 
 
@@ -245,6 +252,15 @@ def test_relative_position_bias_tables_move_with_their_heads(name):
             query = query.replace(".qkv.", ".kv.")
         assert heads.head_group is not None and heads.heads == heads.size
         assert _space_of(plan, query, 0).head_group == heads.head_group
+
+
+def test_eva02_leaves_only_its_rotary_channels_in_place():
+    model, _, plan, permuted = _blocked("timm_eva02")
+    assert plan.fixed and all(f.necessary and "rotary" in f.reason for f in plan.fixed)
+    assert not any("v_bias" in m or "proj.weight" in m for f in plan.fixed for m in f.members)  # values move
+    v_bias = model.state_dict()["blocks.0.attn.v_bias"]  # inside its heads, and with them
+    assert not torch.equal(v_bias, permuted.state_dict()["blocks.0.attn.v_bias"])
+    assert torch.equal(permuted.blocks[0].attn.k_bias, torch.zeros_like(v_bias))  # (not saved: a constant)
 
 
 def test_t5_bias_shared_by_every_layer_ties_their_heads():

@@ -48,6 +48,14 @@ def register_stack_rule(fn: StackRule) -> StackRule:
 
 
 INPUT, OUTPUT, VOCABULARY = "model input", "model output", "vocabulary"
+
+
+def _filled_with_one_value(ep: ExportedProgram, spec: Any) -> bool:
+    """Whether a graph constant (a non-persistent buffer, a lifted tensor) holds one value in every entry."""
+    value = None if spec is None else ep.constants.get(spec.target, ep.state_dict.get(spec.target))
+    if not isinstance(value, torch.Tensor) or value.is_meta or value.numel() < 2 or not value.is_floating_point():
+        return False
+    return bool((value == value.reshape(-1)[0]).all())
 CONSTANT = "a constant of the graph (a non-persistent buffer or a computed table, e.g. rotary frequencies)"
 TABLE = ("combined channel by channel with a table computed in the graph (e.g. rotary embeddings' cos/sin): no "
          "permutation of these channels keeps the function")
@@ -137,6 +145,11 @@ class Tracer:
                 else:
                     user = spec is not None and spec.kind == InputKind.USER_INPUT
                     self.labels[node.name] = self.fresh(node, fixed=True, why=INPUT if user else CONSTANT)
+                    if not user and _filled_with_one_value(self.ep, spec):
+                        # e.g. EVA's zero key bias, concatenated between the q and v biases: any order of its
+                        # channels is the same tensor, so it takes on the channels it meets, as a zeros op does
+                        for d in self.labels[node.name]:
+                            self.atoms.uniform.update(a for a, _ in d)
             elif node.op == "call_function":
                 self.index += 1
                 self.node_name = node.name

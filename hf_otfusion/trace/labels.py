@@ -229,7 +229,10 @@ class _Atoms:
         if len(pieces) != 1 or pieces[0][1] != 1:
             return None
         x = pieces[0][0]
-        if self.fixed[x] or x in self.owner or x in self.heads or self.size[x] != n_heads * head_dim:
+        if x in self.owner or x in self.heads or self.size[x] != n_heads * head_dim:
+            return None
+        self.release(x)  # a constant filled with one value (EVA's zero key bias) is split like the channels it is
+        if self.fixed[x]:
             return None
         if x not in self.split:
             h, w = self.new(n_heads), self.new(head_dim)
@@ -295,7 +298,7 @@ class _Atoms:
         out: list[int] = []
         for atom, repeat in self.expand(desc):
             size = self.size[atom]
-            if repeat != 1 or size is None or size % seg or self.fixed[atom]:
+            if repeat != 1 or size is None or size % seg or (self.fixed[atom] and atom not in self.uniform):
                 return None
             if size == seg:
                 out.append(atom)

@@ -49,12 +49,18 @@ def _pointwise_out(t: Tracer, node: Node, tensors: Sequence[Any]) -> Labels | No
     "addcdiv", "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
     "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "clone", "contiguous", "alias", "detach",
     "_to_copy", "to", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "erf", "square", "reciprocal", "clamp",
-    "clamp_min", "clamp_max", "dropout", "lift_fresh_copy", "type_as", "copy", "fill", "bitwise_not",
+    "clamp_min", "clamp_max", "dropout", "lift_fresh_copy", "copy", "fill", "bitwise_not",
     "logical_not", "eq", "ne", "lt", "le", "gt", "ge", "sign", "floor", "ceil", "round", "sin", "cos",
 )
 def _pointwise(t: Tracer, node: Node) -> Any:
     tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
     return _pointwise_out(t, node, tensors)
+
+
+@register_rule("type_as")
+def _type_as(t: Tracer, node: Node) -> Any:
+    """``x.type_as(other)``: ``x`` in ``other``'s dtype; ``other`` lends its dtype, never its channels."""
+    return t.of(node.args[0]) or t.fresh(node)
 
 
 @register_rule("native_dropout")

@@ -295,6 +295,25 @@ def _cat(t: Tracer, node: Node) -> Any:
     return out
 
 
+@register_rule("stack")
+def _stack(t: Tracer, node: Node) -> Any:
+    """A stack: the inputs' dims joined dim by dim, and a new dim of positions (fixed), e.g. EVA's interleaved
+    rotary ``stack([-x[..., 1::2], x[..., ::2]], -1)``."""
+    tensors = [a for a in node.args[0] if isinstance(a, Node)]
+    out = t.fresh(node)
+    if out is None or not tensors or len(tensors) != len(node.args[0]):
+        return out
+    dim = _arg(node, 1, "dim", 0) % len(out)
+    labels = [t.of(a) for a in tensors]
+    if any(lab is None or len(lab) != len(out) - 1 for lab in labels):
+        return t.unknown(node, "stack")
+    for k, d in enumerate(labels[0]):
+        out[k if k < dim else k + 1] = d
+        for lab in labels[1:]:
+            t.join(d, lab[k])
+    return out
+
+
 def _slice_reason(t: Tracer, desc: Desc) -> str | None:
     if any(a in t.atoms.owner for a, _ in t.atoms.expand(desc)):
         return (f"a slice inside attention heads at {t.atoms.context} (e.g. partial rotary embeddings, or a qkv "
