@@ -420,6 +420,8 @@ DECODER_FAMILIES = {
     "gemma_mqa": _decoder("Gemma", num_key_value_heads=1, head_dim=8),
     "gpt_neox_partial_rotary": _decoder("GPTNeoX", rotary_pct=0.5),
     "phi_partial_rotary": _decoder("Phi", num_key_value_heads=2, partial_rotary_factor=0.5),
+    # one fused qkv_proj sliced into q, k, v (not per head), GQA, and an empty pass-through slice of its rotary
+    "phi3_fused_qkv_gqa": _decoder("Phi3", num_key_value_heads=2),
 }
 for _name, _build in DECODER_FAMILIES.items():
     register(_name, (8,), _token_ids)(_build)

@@ -277,7 +277,7 @@ def _expand(t: Tracer, node: Node) -> Any:
 
 @register_rule("cat", "concat", "concatenate")
 def _cat(t: Tracer, node: Node) -> Any:
-    tensors = [a for a in node.args[0] if isinstance(a, Node) and _shape(a) and any(s != 0 for s in _shape(a))]
+    tensors = [a for a in node.args[0] if isinstance(a, Node) and _shape(a) and 0 not in _shape(a)]  # (empty: nothing)
     out = t.fresh(node)
     if out is None or not tensors:
         return out
