@@ -102,11 +102,7 @@ def vit_setting(ctx: Ctx, epochs: int, lr: float) -> Setting:
             order = torch.randperm(len(x), generator=gen)
             for start in range(0, len(x), batch):
                 idx = order[start : start + batch]
-                loss = F.cross_entropy(model(shifted(x[idx], gen)).logits, y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                _descend(opt, sched, F.cross_entropy(model(shifted(x[idx], gen)).logits, y[idx]))
         model.eval()
 
     cfg = ", ".join(f"{k} {config[k]}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -118,6 +114,14 @@ def vit_setting(ctx: Ctx, epochs: int, lr: float) -> Setting:
                 f"RegMean): {len(ctx.calib)} random training images. Score: test accuracy.")
     return Setting("vit", "ViT (transformers) on MNIST", lambda: ViTForImageClassification(ViTConfig(**config)).eval(),
                    fit, lambda m: accuracy(m, test), ctx.calib, ctx.calib[:2], True, describe)
+
+
+def _descend(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, loss: torch.Tensor) -> None:
+    """One gradient step on ``loss``, then one step of the learning-rate schedule (both trainings here)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
 
 
 def text_ids(tiny: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,11 +152,7 @@ def lm_setting(args: argparse.Namespace, steps: int, lr: float) -> Setting:
         model.train()
         for _ in range(steps):
             ids = train_ids[torch.randint(0, len(train_ids), (batch,), generator=gen)]
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            _descend(opt, sched, model(input_ids=ids, labels=ids).loss)
         model.eval()
 
     cfg = ", ".join(f"{k} {config[k]}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
