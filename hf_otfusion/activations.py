@@ -7,22 +7,19 @@ site where the space is read. Memory grows with channels, never with samples x p
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.fx
-from torch import nn
-from torch.export import ExportedProgram
-from torch.fx._pytree import tree_flatten_spec
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_, is_main, shard, sum_numbers
+from .distributed import all_reduce_, is_main, shard, sum_numbers, world
 from .errors import FusionError
 from .plan import AlignmentPlan, Site
-from .trace import as_args
+from .runner import Runner, lockstep
 from .transport import distance_from_gram, gather
 
 CHUNK = 32  # inputs per forward pass: activations of one chunk are held at a time
@@ -72,96 +69,6 @@ def first_batch(calibration: Any) -> Any:
     raise FusionError("the calibration data is empty")
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict) or hasattr(value, "keys"):
-        return {k: _to(v, device) for k, v in dict(value).items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    return value
-
-
-class _Capture(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str],
-                 on_value: Callable[[str, torch.Tensor], None] | None = None):
-        super().__init__(gm)
-        self.wanted = wanted
-        self.on_value = on_value
-        self.seen: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.wanted:
-            if self.on_value is not None:
-                self.on_value(n.name, out)
-            else:
-                self.seen[n.name] = out
-        return out
-
-
-class _Interpreting(nn.Module):
-    """Holds a graph module so that ``functional_call`` can run it, node by node, on tensors it does not own."""
-
-    def __init__(self, gm: torch.fx.GraphModule):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, flat: list[Any], wanted: set[str],
-                on_value: Callable[[str, torch.Tensor], None] | None) -> dict[str, torch.Tensor]:
-        cap = _Capture(self.gm, wanted, on_value)
-        cap.run(*flat)
-        return cap.seen
-
-
-class Runner:
-    """Runs one model through its exported graph and returns the values of the requested nodes.
-
-    The graph may come from another model of the same shapes; it runs on this model's own tensors (moved to
-    ``device``), substituted for the graph's for each call: no copy of either model is made, and neither is changed.
-    """
-
-    def __init__(self, ep: ExportedProgram, model: nn.Module, device: torch.device):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            gm = ep.module()  # shares the exported model's tensors; used read-only, never moved
-        self.module = _Interpreting(gm)
-        own = model.state_dict()
-        graph = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
-        self.state = {f"gm.{k}": own.get(k, v).detach().to(device) for k, v in graph.items()}  # tied: every name
-        self.in_spec = gm._in_spec
-        self.device = device
-        self.static_batch = _static_batch(ep)
-
-    @torch.no_grad()
-    def capture(self, batch: Any, wanted: set[str],
-                on_value: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
-        """The values of the ``wanted`` nodes on ``batch`` (or, ``on_value``, each handed on as it is computed and
-        not kept)."""
-        args, kwargs = as_args(_to(batch, self.device))
-        flat = tree_flatten_spec((args, kwargs), self.in_spec)
-        sizes = {t.shape[0] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0}
-        if self.static_batch is not None and sizes and sizes != {self.static_batch}:
-            raise FusionError(f"the model was traced with a fixed batch size of {self.static_batch} (torch.export "
-                              f"could not keep the batch dimension dynamic), but a calibration batch has "
-                              f"{sorted(sizes)} rows: pass calibration batches of exactly {self.static_batch}")
-        return torch.func.functional_call(self.module, self.state, (flat, wanted, on_value), strict=False,
-                                          tie_weights=False)
-
-
-def _static_batch(ep: ExportedProgram) -> int | None:
-    """The batch size baked into an exported graph, or None when its user inputs have a dynamic batch dim."""
-    user = set(ep.graph_signature.user_inputs)
-    sizes = set()
-    for node in ep.graph.nodes:
-        val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
-        if isinstance(val, torch.Tensor) and val.dim() > 0:
-            if not isinstance(val.shape[0], int):
-                return None
-            sizes.add(val.shape[0])
-    return sizes.pop() if len(sizes) == 1 else None
-
-
 def channel_matrix(value: torch.Tensor, site: Site, n: int, heads: int = 1) -> torch.Tensor:
     """(rows, n) activations of the n channels a site carries (samples and positions as rows), in float32 or
     better: one chunk's products are exact enough in float32, and their running sums are kept in float64."""
@@ -170,44 +77,200 @@ def channel_matrix(value: torch.Tensor, site: Site, n: int, heads: int = 1) -> t
     return x.reshape(-1, n).to(torch.promote_types(x.dtype, torch.float32))
 
 
+
+
+class SpilledCosts(MutableMapping[str, torch.Tensor]):
+    """Cost matrices kept in files in ``folder`` instead of memory, each read back when it is asked for: the
+    costs of an LLM's wide spaces (n x n each) need not all be held until the walk solves them."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def _file(self, name: str) -> Path:
+        return self.folder / f"{len(self.shapes) if name not in self.shapes else list(self.shapes).index(name)}.f32"
+
+    def __setitem__(self, name: str, cost: torch.Tensor) -> None:
+        path = self._file(name)
+        cost.detach().to("cpu", torch.float32).contiguous().numpy().tofile(path)
+        self.shapes[name] = tuple(cost.shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        return torch.from_numpy(np.fromfile(self._file(name), dtype=np.float32)).reshape(shape)
+
+    def __delitem__(self, name: str) -> None:
+        self._file(name).unlink(missing_ok=True)
+        self.shapes[name] = ()  # keeps the other files' numbers
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, shape in self.shapes.items() if shape)
+
+    def __len__(self) -> int:
+        return sum(1 for shape in self.shapes.values() if shape)
+
+
 @dataclass
 class _PairStats:
-    sq_a: torch.Tensor
-    sq_b: torch.Tensor
-    cross: torch.Tensor
+    """Sums over samples for one (model, target) pair of a space: allocated at the first activations they see."""
+
+    n_a: int
+    n_b: int
+    device: torch.device
     count: int = 0
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def _zeros(self) -> None:
+        f64 = torch.float64
+        for key, shape in (("sq_a", (self.n_a,)), ("sq_b", (self.n_b,)), ("sum_a", (self.n_a,)),
+                           ("sum_b", (self.n_b,)), ("cross", (self.n_a, self.n_b))):
+            self.sums.setdefault(key, torch.zeros(shape, dtype=f64, device=self.device))
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         if a.shape[0] != b.shape[0]:
             raise FusionError("two models produced activations of different sizes for one space; the "
                               "models do not share an architecture")
-        f64 = torch.float64
-        self.extra["sum_a"] = self.extra.get("sum_a", 0) + a.sum(0, dtype=f64)  # for standardised distances
-        self.extra["sum_b"] = self.extra.get("sum_b", 0) + b.sum(0, dtype=f64)
-        self.sq_a += (a * a).sum(0, dtype=f64)
-        self.sq_b += (b * b).sum(0, dtype=f64)
-        self.cross += (a.T @ b).to(f64)
+        self._zeros()
+        f64, s = torch.float64, self.sums
+        s["sum_a"] += a.sum(0, dtype=f64)  # for standardised distances
+        s["sum_b"] += b.sum(0, dtype=f64)
+        s["sq_a"] += (a * a).sum(0, dtype=f64)
+        s["sq_b"] += (b * b).sum(0, dtype=f64)
+        s["cross"] += (a.T @ b).to(f64)
         self.count += a.shape[0]
 
     def reduce(self) -> None:
         """Sum the statistics over the processes of a distributed run (nothing in a single process)."""
-        for key, like in (("sum_a", self.sq_a), ("sum_b", self.sq_b)):  # a process given no batch has none
-            self.extra.setdefault(key, torch.zeros_like(like))
-        all_reduce_([self.sq_a, self.sq_b, self.cross, self.extra["sum_a"], self.extra["sum_b"]])
+        self._zeros()  # a process given no batch has none
+        all_reduce_([self.sums[k] for k in ("sq_a", "sq_b", "cross", "sum_a", "sum_b")])
         self.count = int(sum_numbers(self.count)[0])
 
+    def distance(self, standardize: bool) -> torch.Tensor:
+        """Euclidean distances between the channels' activation vectors, or (``standardize``) between the vectors
+        centred and scaled to unit variance per channel: ``sqrt(2 (1 - correlation))``."""
+        self._zeros()  # a space no site reads: zero distances
+        s = self.sums
+        if not standardize:
+            return distance_from_gram(s["sq_a"], s["sq_b"], s["cross"])
+        n = max(self.count, 1)
+        mu_a, mu_b = s["sum_a"] / n, s["sum_b"] / n
+        sd_a = (s["sq_a"] / n - mu_a**2).clamp_min(0).sqrt()
+        sd_b = (s["sq_b"] / n - mu_b**2).clamp_min(0).sqrt()
+        cov = s["cross"] / n - mu_a[:, None] * mu_b[None, :]
+        denom = sd_a[:, None] * sd_b[None, :]
+        corr = torch.where(denom > 1e-12, cov / denom.clamp_min(1e-12), torch.zeros_like(cov))  # dead channels: 0
+        return (2 * (1 - corr)).clamp_min(0).sqrt()
 
-def _accumulator(per_space: dict[tuple[str, int], _PairStats], by_node: dict[str, list], ref: dict[str, torch.Tensor],
-                 ) -> Callable[[str, torch.Tensor], None]:
-    """Adds one of this model's activations, as it is computed, to the statistics against the target's ``ref``."""
 
-    def add(node: str, value: torch.Tensor) -> None:
-        for key, site_a, n_a, site_b, n_b, heads in by_node[node]:
-            per_space[key].add(channel_matrix(value, site_a, n_a, heads),
-                               channel_matrix(ref[site_b.node], site_b, n_b, heads))
+@dataclass(frozen=True)
+class _Pair:
+    """One site of a space in a model (``node`` in its graph) and the target's same site (``ref``)."""
 
-    return add
+    key: tuple[int, str, int]  # (model, space, site index; 0 when the space's sites are summed)
+    node: str
+    site: Site
+    n: int
+    ref: str
+    ref_site: Site
+    ref_n: int
+    heads: int
+
+
+class _Costs:
+    """The statistics of every (model, space) pair, fed site by site, and the distances they end in.
+
+    A key is finished (its distances computed and its sums let go) as soon as its last site is seen in the last
+    group of chunks, so when the calibration runs layer by layer, only the spaces being read hold statistics.
+    """
+
+    def __init__(self, runners: Sequence[Runner], plans: Sequence[AlignmentPlan], target: int,
+                 per_site: set[str] | frozenset[str], standardize: bool, spill: str | Path | None = None):
+        self.target, self.standardize, self.per_site = target, standardize, per_site
+        plan_t = plans[target]
+        self.stats: dict[tuple[int, str, int], _PairStats] = {}
+        self.pairs: list[_Pair] = []
+        for k, plan_k in enumerate(plans):
+            if k == target:
+                continue
+            for space in plan_t.spaces:
+                space_k = plan_k.space(space.name)
+                summed = space.name not in per_site
+                for i in range(1 if summed else max(1, len(space.sites))):
+                    self.stats[(k, space.name, i)] = _PairStats(space_k.size, space.size, runners[k].device)
+                for i, (site_b, site_a) in enumerate(zip(space.sites, space_k.sites, strict=False)):
+                    self.pairs.append(_Pair((k, space.name, 0 if summed else i), site_a.node, site_a, space_k.size,
+                                            site_b.node, site_b, space.size, space.heads))
+        self.wanted = [set() for _ in plans]
+        self.by_value: dict[tuple[int, str], list[_Pair]] = {}
+        for p in self.pairs:
+            k = p.key[0]
+            self.wanted[k].add(p.node)
+            self.wanted[target].add(p.ref)
+            self.by_value.setdefault((k, p.node), []).append(p)
+            self.by_value.setdefault((target, p.ref), []).append(p)
+        self.n_keys = {}
+        for k, name, _ in self.stats:
+            self.n_keys[(k, name)] = self.n_keys.get((k, name), 0) + 1
+        self.parts: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self.costs: list[MutableMapping[str, torch.Tensor] | None] = [
+            None if k == target else SpilledCosts(Path(spill) / f"model-{k}") if spill is not None else {}
+            for k in range(len(plans))]
+
+    def start_group(self, n_chunks: int, last: bool) -> None:
+        """A new group of chunks; in the ``last`` one, a key is finished when its last site is seen."""
+        self.held: dict[tuple[int, str, int], torch.Tensor] = {}
+        self.uses = {(m, node, c): len(ps) for (m, node), ps in self.by_value.items() for c in range(n_chunks)}
+        self.left: dict[tuple[int, str, int], int] | None = None
+        if last:
+            self.left = {}
+            for p in self.pairs:
+                self.left[p.key] = self.left.get(p.key, 0) + n_chunks
+
+    def value(self, m: int, node: str, c: int, value: torch.Tensor) -> None:
+        """Model ``m``'s value of ``node`` on chunk ``c``: added against each partner value already computed."""
+        self.held[(m, node, c)] = value
+        for p in self.by_value[(m, node)]:
+            mine, other = ((p.key[0], p.node), (self.target, p.ref))
+            if (m, node) == other:
+                mine, other = other, mine
+            partner = self.held.get((*other, c))
+            if partner is None:
+                continue
+            a, b = (value, partner) if m != self.target else (partner, value)
+            self.stats[p.key].add(channel_matrix(a, p.site, p.n, p.heads), channel_matrix(b, p.ref_site, p.ref_n,
+                                                                                            p.heads))
+            for used in ((m, node, c), (*other, c)):
+                self.uses[used] -= 1
+                if not self.uses[used]:
+                    del self.held[used]
+            if self.left is not None:
+                self.left[p.key] -= 1
+                if not self.left[p.key]:
+                    self.finish(p.key)
+
+    def finish(self, key: tuple[int, str, int]) -> None:
+        k, name, _ = key
+        parts = self.parts.setdefault((k, name), [])
+        parts.append(self.stats.pop(key).distance(self.standardize))
+        if len(parts) == self.n_keys[(k, name)]:
+            del self.parts[(k, name)]
+            self.costs[k][name] = _mean_of_scaled(parts) if name in self.per_site else parts[0]
+
+
+def _groups(calibration: Any, splittable: bool, layerwise: bool) -> Iterator[tuple[list[Any], bool]]:
+    """This process's chunks of the calibration data, one at a time or (``layerwise``) all in one group, each
+    group with whether it is the last."""
+    chunks = (c for batch in shard(iter_batches(calibration)) for c in (_pieces(batch) if splittable else [batch]))
+    if layerwise:
+        group = list(chunks)
+        if group:
+            yield group, True
+        return
+    ahead = next(chunks, None)
+    while ahead is not None:
+        chunk, ahead = ahead, next(chunks, None)
+        yield [chunk], ahead is None
 
 
 def activation_costs(
@@ -219,84 +282,41 @@ def activation_costs(
     per_site: set[str] | frozenset[str] = frozenset(),
     standardize: bool = False,
     progress: bool = True,
-) -> list[dict[str, torch.Tensor] | None]:
+    layerwise: bool = False,
+    spill: str | Path | None = None,
+) -> list[MutableMapping[str, torch.Tensor] | None]:
     """Per model (None for the target): space name -> (n_model, n_target) Euclidean activation distances.
 
     A space's statistics are summed over all its sites; for the spaces named in ``per_site`` each site gets its
     own distance matrix instead, scaled to a mean of one, and the space's cost is their mean (every site counts
     the same, whatever the scale of its activations). ``standardize``: distances between activations centred and
     scaled to unit variance per channel (a correlation distance), as Imfeld et al. do for transformers.
+
+    The models run in lockstep, node by node, and each pair of site values is added to its sums as soon as both
+    exist. By default the calibration runs one chunk of at most ``CHUNK`` inputs at a time, so memory holds the
+    statistics of every space and the activations of one chunk. ``layerwise``: all chunks run together, layer by
+    layer, so memory holds every chunk's activations at one layer but only the statistics of the spaces in flight
+    (each space's distances are computed, and its sums let go, at its last site): for models with many wide
+    spaces, such as an LLM read from disk. ``spill``: a folder where each finished cost matrix is written, and read
+    back from when asked for (:class:`SpilledCosts`), instead of all being held in memory.
     """
-    plan_t = plans[target]
-    stats: list[dict[tuple[str, int], _PairStats] | None] = [None] * len(runners)
-    for k, plan_k in enumerate(plans):
-        if k == target:
-            continue
-        stats[k] = {}
-        for space in plan_t.spaces:
-            n_a, n_b = plan_k.space(space.name).size, space.size
-            dev = runners[k].device
-            for i in range(max(1, len(space.sites)) if space.name in per_site else 1):
-                stats[k][(space.name, i)] = _PairStats(
-                    torch.zeros(n_a, dtype=torch.float64, device=dev),
-                    torch.zeros(n_b, dtype=torch.float64, device=dev),
-                    torch.zeros(n_a, n_b, dtype=torch.float64, device=dev),
-                )
-    # model k's node -> every (stats key, its site, the target's site) it feeds
-    by_node: list[dict[str, list[tuple[tuple[str, int], Site, int, Site, int]]]] = []
-    for k, plan_k in enumerate(plans):
-        found: dict[str, list[tuple[tuple[str, int], Site, int, Site, int]]] = {}
-        for space in plan_t.spaces if k != target else ():
-            space_k = plan_k.space(space.name)
-            for i, (site_b, site_a) in enumerate(zip(space.sites, space_k.sites, strict=False)):
-                key = (space.name, i if space.name in per_site else 0)
-                found.setdefault(site_a.node, []).append((key, site_a, space_k.size, site_b, space.size,
-                                                          space.heads))
-        by_node.append(found)
-    wanted_t = {s.node for sp in plan_t.spaces for s in sp.sites}
+    acc = _Costs(runners, plans, target, per_site, standardize, spill)
+    single = world()[1] == 1  # a distributed run sums every process's statistics at the end, in one order
     splittable = all(r.static_batch is None for r in runners)
-    n_batches = 0
-    for batch in tqdm(shard(iter_batches(calibration)), desc="calibration", disable=not (progress and is_main()),
-                      leave=False):
-        n_batches += 1
-        # at most CHUNK rows at a time, and each other model's activations used as they come and let go: memory
-        # holds the target's activations of one chunk, whatever the batch size
-        for chunk in _pieces(batch) if splittable else [batch]:
-            ref = runners[target].capture(chunk, wanted_t)
-            for k, per_space in enumerate(stats):
-                if per_space is not None:
-                    runners[k].capture(chunk, set(by_node[k]), _accumulator(per_space, by_node[k], ref))
-            del ref
-    if sum_numbers(n_batches)[0] == 0:
+    n_chunks = 0
+    groups = _groups(calibration, splittable, layerwise)
+    for group, last in tqdm(groups, desc="calibration", disable=not (progress and is_main()) or layerwise,
+                            leave=False):
+        n_chunks += len(group)
+        acc.start_group(len(group), last and single)
+        lockstep(runners, group, acc.wanted, acc.value, progress=progress and is_main() and layerwise)
+    if sum_numbers(n_chunks)[0] == 0:
         raise FusionError("the calibration data is empty")
-    for per_space in stats:  # a distributed run: every process's sums, in one order
-        for key in sorted(per_space or ()):
-            per_space[key].reduce()
-    out: list[dict[str, torch.Tensor] | None] = []
-    for per_space in stats:
-        if per_space is None:
-            out.append(None)
-            continue
-        costs: dict[str, list[torch.Tensor]] = {}
-        for key in list(per_space):  # each space's statistics let go as soon as its distances exist
-            costs.setdefault(key[0], []).append(_distance(per_space.pop(key), standardize))
-        out.append({name: _mean_of_scaled(parts) if name in per_site else parts[0] for name, parts in costs.items()})
-    return out
-
-
-def _distance(s: _PairStats, standardize: bool) -> torch.Tensor:
-    """Euclidean distances between the channels' activation vectors, or (``standardize``) between the vectors
-    centred and scaled to unit variance per channel: ``sqrt(2 (1 - correlation))``."""
-    if not standardize:
-        return distance_from_gram(s.sq_a, s.sq_b, s.cross)
-    n = max(s.count, 1)
-    mu_a, mu_b = s.extra["sum_a"] / n, s.extra["sum_b"] / n
-    sd_a = (s.sq_a / n - mu_a**2).clamp_min(0).sqrt()
-    sd_b = (s.sq_b / n - mu_b**2).clamp_min(0).sqrt()
-    cov = s.cross / n - mu_a[:, None] * mu_b[None, :]
-    denom = sd_a[:, None] * sd_b[None, :]
-    corr = torch.where(denom > 1e-12, cov / denom.clamp_min(1e-12), torch.zeros_like(cov))  # dead channels: 0
-    return (2 * (1 - corr)).clamp_min(0).sqrt()
+    for key in sorted(acc.stats):  # in one order on every process
+        acc.stats[key].reduce()
+    for key in list(acc.stats):
+        acc.finish(key)
+    return acc.costs
 
 
 def _mean_of_scaled(parts: list[torch.Tensor]) -> torch.Tensor:

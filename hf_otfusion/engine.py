@@ -232,7 +232,7 @@ def _cost(
     space: Space,
     target: _Aligner,
     target_space: Space,
-    costs: dict[str, torch.Tensor] | None,
+    costs: Mapping[str, torch.Tensor] | None,
     marginals: Marginals,
     per_tensor: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
@@ -289,7 +289,7 @@ def _solve_space(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Sp
 class _Walker:
     """Solves one model's map of each space in turn, against the target; ``given`` couplings are used as they are."""
 
-    def __init__(self, aligner: _Aligner, target: _Aligner, costs: dict[str, torch.Tensor] | None,
+    def __init__(self, aligner: _Aligner, target: _Aligner, costs: Mapping[str, torch.Tensor] | None,
                  given: dict[str, torch.Tensor], opts: _Options, keep: set[str]):
         self.aligner, self.target, self.costs, self.given, self.opts = aligner, target, costs, given, opts
         self.keep = keep  # what to keep of each space once solved: "couplings", "maps" (n x n each, so optional)
@@ -333,7 +333,7 @@ def _walk(
     plans: Sequence[AlignmentPlan],
     target: int,
     device: torch.device,
-    costs: Sequence[dict[str, torch.Tensor] | None],
+    costs: Sequence[Mapping[str, torch.Tensor] | None],
     given: Sequence[dict[str, torch.Tensor]],
     opts: _Options,
     finished: Finished | None,
@@ -459,7 +459,7 @@ def align_sources(
     finished: Finished,
     *,
     target: int = 0,
-    costs: Sequence[dict[str, torch.Tensor] | None] | None = None,
+    costs: Sequence[Mapping[str, torch.Tensor] | None] | None = None,
     solver: Solver = "emd",
     reg: float = 0.05,
     marginals: Marginals = "uniform",

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .activations import Runner, activation_costs, first_batch
+from .activations import activation_costs, first_batch
 from .checkpoint import StateSource
 from .distributed import is_main
 from .engine import RESIDUALS, Residual, State, align_sources, check_compatible, check_finite, check_sweeps, plans_for
@@ -18,6 +18,7 @@ from .errors import FusionError, PlanError
 from .evaluate import logits_of
 from .plan import AlignmentPlan, Space
 from .profile import timed
+from .runner import Runner
 from .trace import build_plan, export_model
 from .transport import (
     MARGINALS,

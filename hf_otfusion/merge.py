@@ -341,10 +341,11 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
           stream: bool = True, plan_cache: bool = True) -> MergeResult:
     """Run a merge config end to end and write the result to ``out``.
 
-    A weights-mode OT merge with no calibration, evaluation or fine-tune, of parents stored as safetensors, is
-    streamed from disk to disk (see ``hf_otfusion.streaming``): each parent's tensors are read as the fusion needs
-    them and each fused tensor is written as soon as it is final, so memory stays near one model whatever the
-    number of parents. Every other merge loads the parents.
+    An OT merge with no repair, evaluation or fine-tune, of parents stored as safetensors, is streamed from disk
+    to disk (see ``hf_otfusion.streaming``): each parent's tensors are read as the fusion needs them and each fused
+    tensor is written as soon as it is final, so memory stays near one model whatever the number of parents.
+    Activations alignment then calibrates layer by layer on weights read from disk. Every other merge loads the
+    parents.
 
     In a distributed run (``accelerate launch ... -m hf_otfusion.cli merge``, ``torchrun``), every process runs the
     merge on its share of the calibration and evaluation batches, with the statistics summed over all of them (see

@@ -32,10 +32,11 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.fx._pytree import tree_flatten_spec
 
-from .activations import _to, iter_batches
+from .activations import iter_batches
 from .distributed import all_gather_object, all_reduce, all_reduce_, shard, sum_numbers, world
 from .errors import FusionError
 from .plan import AlignmentPlan
+from .runner import to_device as _to
 from .trace import as_args, build_plan, export_model
 from .transport import carry
 

@@ -210,10 +210,12 @@ def inspect_model(ref: ModelRef | str | Path) -> ModelInfo:
     return ModelInfo(ref=ref, library=library, architecture=architecture, model_dir=folder, config=config)
 
 
-def load_model(ref: ModelRef | str | Path | ModelInfo, *, empty: bool = False) -> LoadedModel:
+def load_model(ref: ModelRef | str | Path | ModelInfo, *, empty: bool = False, hollow: bool = False) -> LoadedModel:
     """Load a reference (or an inspected one) as a float32 model in eval mode with its library.
 
     ``empty``: build the architecture on the ``meta`` device and read no weights (enough to trace a plan).
+    ``hollow``: read no weights either, but give the parameters CPU memory that is never written (so it takes no
+    RAM) and build the buffers for real: a graph exported on it runs on the CPU with weights read from disk.
 
     Example:
         >>> loaded = load_model("timm/resnet18.a1_in1k")  # doctest: +SKIP
@@ -222,8 +224,15 @@ def load_model(ref: ModelRef | str | Path | ModelInfo, *, empty: bool = False) -
     """
     info = ref if isinstance(ref, ModelInfo) else inspect_model(ref)
     ref, folder, architecture = info.ref, info.model_dir, info.architecture
+    if hollow:
+        from accelerate import init_empty_weights
+
+        building = init_empty_weights(include_buffers=False)
+    else:
+        building = torch.device("meta") if empty else contextlib.nullcontext()
+    empty = empty or hollow
     try:
-        with torch.device("meta") if empty else contextlib.nullcontext():
+        with building:
             if info.library == "timm":
                 import timm
 
@@ -239,9 +248,22 @@ def load_model(ref: ModelRef | str | Path | ModelInfo, *, empty: bool = False) -
     except Exception as err:  # noqa: BLE001 - the libraries raise many types; the user needs the reference named
         raise SourceError(f"cannot load {ref.text!r} with {info.library} ({architecture}): {_first_line(err)}") \
             from None
+    if hollow:
+        _unwritten_parameters(model)
     model = model.float().eval()
     return LoadedModel(ref=ref, library=info.library, architecture=architecture, model_dir=folder,
                        config=info.config, model=model)
+
+
+def _unwritten_parameters(model: nn.Module) -> None:
+    """Replace each ``meta`` parameter by float32 CPU memory that is never written (tied ones stay tied)."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=torch.float32), requires_grad=False)
+                module._parameters[name] = made[id(p)]
 
 
 def _transformers_class(config: dict[str, Any], ref: ModelRef) -> tuple[str, type]:

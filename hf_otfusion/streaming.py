@@ -1,30 +1,50 @@
-"""Weights-mode fusion of checkpoints on disk, tensor by tensor: peak memory near the tensors in flight, not N models.
+"""Fusion of checkpoints on disk, tensor by tensor: peak memory near the tensors in flight, not N models.
 
 Every parent's weights are read lazily from its safetensors files; each fused tensor is written to its place in
 the output checkpoint as soon as every space it belongs to is solved. The plan is traced on an *empty* target
 (built on the ``meta`` device, no weights read), or on the loaded target when a model cannot be traced empty.
+Activations alignment runs each parent's graph on a *hollow* build (no weights in memory, real buffers), layer by
+layer, with every weight read from disk when its node runs; the costs then drive the same streamed walk.
 The engine is the one :func:`~hf_otfusion.fuse` uses (:func:`~hf_otfusion.engine.align_sources`), so a merge
 streamed from disk gives the in-memory path's tensors, bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import copy
+import tempfile
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
+from torch.export import ExportedProgram
 
-from .activations import _to
+from .activations import activation_costs, first_batch
 from .checkpoint import CheckpointError, SafetensorsSource, ShardedWriter, TensorSource, find_checkpoint
 from .config import MergeConfig
+from .distributed import world
 from .engine import Residual, align_sources, check_compatible, plans_for
 from .errors import FusionError
 from .fuse import average_tensor, normalized_weights
 from .plan import AlignmentPlan
 from .plan_cache import cached_plan_of
 from .profile import timed
-from .sources import _DTYPES, LoadedModel, ModelInfo, checkpoint_names, example_input, load_model, save_model_files
+from .runner import Runner
+from .runner import to_device as _to
+from .sources import (
+    _DTYPES,
+    LoadedModel,
+    ModelInfo,
+    _unwritten_parameters,
+    checkpoint_names,
+    example_input,
+    load_model,
+    save_model_files,
+)
+from .trace import build_plan, export_model
 from .transport import Marginals, Solver
 
 
@@ -68,11 +88,14 @@ def fuse_sources(
     max_shard_size: int | str | None = None,
     progress: bool = True,
     out_names: Mapping[str, str] | None = None,
+    costs: Sequence[Mapping[str, torch.Tensor] | None] | None = None,
 ) -> list[Path]:
     """Fuse tensor sources into a safetensors checkpoint in ``out``, each tensor written as soon as it is final.
 
     The tensors written are the target source's, in its order (``dtype``: floating tensors cast to it; named
-    ``out_names[name]`` when given). Returns the files written (the shards, then the index when sharded).
+    ``out_names[name]`` when given). ``costs``: activation costs per model and space (activations alignment, see
+    :func:`~hf_otfusion.activations.activation_costs`); weights alignment without. Returns the files written (the
+    shards, then the index when sharded).
     """
     w = normalized_weights(weights, len(sources))
     for i, (source, plan) in enumerate(zip(sources, plans, strict=True)):
@@ -92,8 +115,9 @@ def fuse_sources(
             with timed("write"):
                 writer.write(written.get(name, name), fused.to(out_dtype(name)))
 
-        align_sources(sources, plans, write, target=target, solver=solver, reg=reg, marginals=marginals,
-                      heads=match_heads, residual=residual, device=device, progress=progress, couplings=False)
+        align_sources(sources, plans, write, target=target, costs=costs, solver=solver, reg=reg,
+                      marginals=marginals, heads=match_heads, residual=residual, device=device, progress=progress,
+                      couplings=False)
         with timed("write"):
             return writer.close()
 
@@ -114,22 +138,36 @@ def _check_shapes(source: TensorSource, plan: AlignmentPlan, index: int) -> None
 def fuse_checkpoints(
     checkpoints: Sequence[str | Path],
     out: str | Path,
-    plan: AlignmentPlan,
+    plan: AlignmentPlan | None = None,
     *,
     plans: Sequence[AlignmentPlan] | None = None,
     target: int = 0,
+    model: nn.Module | None = None,
+    calibration: Any = None,
+    standardize: bool = False,
     **options,
 ) -> list[Path]:
-    """Fuse safetensors checkpoints on disk into one, reading and writing one tensor at a time (weights mode).
+    """Fuse safetensors checkpoints on disk into one, reading and writing one tensor at a time.
 
-    Peak memory is the tensors of the spaces being solved, whatever the size or number of the checkpoints.
+    Weights alignment by default: peak memory is the tensors of the spaces being solved, whatever the size or
+    number of the checkpoints. With ``calibration`` (activations alignment), ``model`` is the architecture built
+    without weights but with its buffers (``accelerate.init_empty_weights(include_buffers=False)``); its graph
+    is exported on the first calibration batch and run layer by layer on each checkpoint's weights, read from disk
+    as each node needs them, so memory holds one layer's activations and the statistics of the spaces in flight,
+    never a model (see :func:`~hf_otfusion.activations.activation_costs`, ``layerwise``). The checkpoints must then
+    share the architecture's widths.
 
     Args:
         checkpoints: checkpoint folders (``model.safetensors`` or a sharded index) or ``.safetensors`` files.
         out: the folder to write ``model.safetensors`` (or shards and their index) into.
-        plan: the target's alignment plan, e.g. ``build_plan`` of the architecture built on the meta device.
+        plan: the target's alignment plan, e.g. ``build_plan`` of the architecture built on the meta device
+            (activations alignment: traced from ``model`` when omitted).
         plans: one plan per checkpoint when widths differ (default: ``plan`` for all).
         target: the checkpoint whose widths, tensor names and order the result keeps.
+        model: activations alignment: the architecture, built without weights (see above).
+        calibration: activations alignment: model inputs (a tensor, a dict of keyword tensors, or an iterable of
+            batches), as for :func:`~hf_otfusion.fuse`.
+        standardize: activations alignment: correlation distances, as for :func:`~hf_otfusion.fuse`.
         **options: ``weights``, ``solver``, ``reg``, ``marginals``, ``match_heads``, ``residual``, ``dtype``,
             ``device``, ``max_shard_size``, ``progress``, as in :func:`fuse_sources` and :func:`~hf_otfusion.fuse`.
 
@@ -143,16 +181,71 @@ def fuse_checkpoints(
         >>> files = fuse_checkpoints(["run-a", "run-b"], "fused", plan)  # doctest: +SKIP
     """
     sources = [SafetensorsSource(path) for path in checkpoints]
+    spill = _spill_folder(out)
     try:
+        costs = None
+        if calibration is not None:
+            if model is None:
+                raise FusionError("activations alignment from disk needs model=, the architecture built without "
+                                  "weights (accelerate.init_empty_weights(include_buffers=False))")
+            if plans is not None:
+                raise FusionError("activations alignment from disk needs checkpoints of one architecture and "
+                                  "widths: drop plans=")
+            hollow = model
+            if any(p.is_meta for p in model.parameters()):  # give them memory that is never written
+                hollow = copy.deepcopy(model)
+                _unwritten_parameters(hollow)
+            example = first_batch(calibration)
+            with timed("trace"):
+                ep = export_model(hollow, example)
+                traced = build_plan(hollow, example, exported=ep)
+            if plan is not None:
+                check_compatible(plan, traced, target)
+            plan = traced
+            costs = disk_activation_costs([ep] * len(sources), [hollow] * len(sources), sources,
+                                          [plan] * len(sources), target, calibration, standardize=standardize,
+                                          residual=options.get("residual", "shared"),
+                                          device=options.get("device", "cpu"),
+                                          progress=options.get("progress", True), spill=spill.name)
+        if plan is None:
+            raise FusionError("fuse_checkpoints needs a plan (weights alignment) or calibration and model= "
+                              "(activations alignment)")
         plans = list(plans) if plans is not None else [plan] * len(sources)
         if len(plans) != len(sources):
             raise FusionError(f"got {len(plans)} plans for {len(sources)} checkpoints")
         for i, p in enumerate(plans):
             check_compatible(plan, p, i)
-        return fuse_sources(sources, plans, out, target=target, **options)
+        return fuse_sources(sources, plans, out, target=target, costs=costs, **options)
     finally:
+        spill.cleanup()
         for source in sources:
             source.close()
+
+
+def _spill_folder(out: str | Path) -> tempfile.TemporaryDirectory:
+    """A temporary folder beside the output, for cost matrices written to disk (not the system's temporary
+    folder, which may live in memory)."""
+    parent = Path(out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=".otfusion-costs-", dir=parent)
+
+
+def disk_activation_costs(exported: Sequence[ExportedProgram], builds: Sequence[nn.Module],
+                          sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
+                          calibration: Any, *, spill: str | Path, standardize: bool = False,
+                          residual: Residual = "shared", device: torch.device | str = "cpu", progress: bool = True,
+                          ) -> list[MutableMapping[str, torch.Tensor] | None]:
+    """Activation costs of models whose weights stay on disk: each model's graph (``exported``, run with the
+    buffers of its weightless ``builds``) on weights read from its source as each node needs them, all models in
+    lockstep, layer by layer, each finished cost written to a file in ``spill`` and read back when the walk needs
+    it (:func:`~hf_otfusion.activations.activation_costs`)."""
+    device = torch.device(device)
+    runners = [Runner(ep, built, device, source=source, aliases=plan.aliases)
+               for ep, built, source, plan in zip(exported, builds, sources, plans, strict=True)]
+    streams = {s.name for s in plans[target].spaces if s.kind == "residual"} if residual == "mean" else set()
+    with timed("activations"):
+        return activation_costs(runners, list(plans), target, calibration, per_site=streams,
+                                standardize=standardize, progress=progress, layerwise=True, spill=spill)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,14 +253,16 @@ def fuse_checkpoints(
 
 
 def streamable(config: MergeConfig, parents: Sequence[ModelInfo]) -> str | None:
-    """Why this merge cannot stream from disk (None when it can): weights-mode OT fusion with nothing that needs
-    the models in memory (calibration, repair, fine-tune, evaluation) and safetensors weights for every parent."""
+    """Why this merge cannot stream from disk (None when it can): OT fusion (weights, or activations calibrated
+    layer by layer on weights read from disk) with nothing that needs the fused model in memory (repair,
+    fine-tune, evaluation) and safetensors weights for every parent."""
+    params = config.fusion_parameters
     if config.merge_method != "otfusion":
         return "a linear merge loads the models"
-    if config.fusion_parameters.alignment != "weights":
-        return "activations alignment runs the models"
-    if config.calibration is not None or config.evaluation is not None or config.finetune is not None:
-        return "calibration, repair, fine-tuning and evaluation run the models"
+    if params.repair != "none" or config.evaluation is not None or config.finetune is not None:
+        return "repair, fine-tuning and evaluation run the fused model"
+    if params.alignment == "activations" and world()[1] > 1:
+        return "a distributed run splits the calibration over processes that each load the models"
     if config.fusion_parameters.sweeps:
         return "weight matching (sweeps) holds every moved tensor of every model"
     missing = next((p for p in parents if find_checkpoint(p.model_dir) is None), None)
@@ -178,7 +273,8 @@ def streamable(config: MergeConfig, parents: Sequence[ModelInfo]) -> str | None:
 
 @dataclass
 class StreamJob:
-    """A streamable merge, traced and checked: the (empty) target, every parent's plan and lazy source."""
+    """A streamable merge, traced and checked: the (empty) target, every parent's plan and lazy source; in
+    activations mode also each parent's graph (``exported``) and hollow build, and the calibration inputs."""
 
     config: MergeConfig
     target: LoadedModel
@@ -186,6 +282,9 @@ class StreamJob:
     plans: list[AlignmentPlan]
     sources: list[ParentSource]
     out_names: dict[str, str]  # state-dict name -> the name the library saves it under (the target's file names)
+    exported: list[ExportedProgram] = field(default_factory=list)
+    builds: list[nn.Module] = field(default_factory=list)
+    calibration: Any = None
 
 
 def _trace(info: ModelInfo, example: object | None = None,
@@ -213,7 +312,21 @@ def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo], *, plan_cache
     the models' own state-dict names (a checkpoint the library renames while loading): then the merge must load
     the models. ``plan_cache``: as in :func:`~hf_otfusion.merge.merge`."""
     index = config.target_index
-    target, example, plan_t = _trace(parents[index], plan_cache=plan_cache)
+    activations = config.fusion_parameters.alignment == "activations"
+    job_exported: dict[int, ExportedProgram] = {}
+    builds: dict[int, LoadedModel] = {}
+    calibration = None
+    if activations:
+        from .merge import _calibration
+
+        with timed("trace"):
+            target = builds[index] = load_model(parents[index], hollow=True)
+        calibration, example = _calibration(config, target)
+        with timed("trace"):
+            job_exported[index] = export_model(target.model, example)
+            plan_t = cached_plan_of(target, example, enabled=plan_cache, sites=True)
+    else:
+        target, example, plan_t = _trace(parents[index], plan_cache=plan_cache)
     names = {name for name in plan_t.tensors if name not in plan_t.aliases}
     sources = []
     for parent in parents:
@@ -223,11 +336,28 @@ def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo], *, plan_cache
             return None
         sources.append(ParentSource(files, renamed))
     shapes = [{name: s.shape(name) for name in names} for s in sources]
-    plans = plans_for(plan_t, shapes, index, lambda i: _trace(parents[i], example, plan_cache)[2])
+
+    def trace(i: int) -> AlignmentPlan:
+        if not activations:
+            return _trace(parents[i], example, plan_cache)[2]
+        with timed("trace"):
+            builds[i] = load_model(parents[i], hollow=True)
+            job_exported[i] = export_model(builds[i].model, example)
+            return cached_plan_of(builds[i], example, enabled=plan_cache, sites=True)
+
+    plans = plans_for(plan_t, shapes, index, trace)
     for i, plan in enumerate(plans):
         check_compatible(plan_t, plan, i)
-    return StreamJob(config=config, target=target, plan=plan_t, plans=plans, sources=sources,
-                     out_names=sources[index].files)
+    job = StreamJob(config=config, target=target, plan=plan_t, plans=plans, sources=sources,
+                    out_names=sources[index].files, calibration=calibration)
+    if activations:
+        for i, parent in enumerate(parents):  # each parent's own buffers (e.g. rotary frequencies of its config)
+            if i not in builds:
+                with timed("trace"):
+                    builds[i] = load_model(parent, hollow=True)
+        job.exported = [job_exported.get(i, job_exported[index]) for i in range(len(parents))]
+        job.builds = [builds[i].model for i in range(len(parents))]
+    return job
 
 
 def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "cpu",
@@ -237,7 +367,14 @@ def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "
     with timed("write"):
         save_model_files(job.target.model, folder, like=job.target, dtype=config.dtype)
     job.target.model = None  # type: ignore[assignment]  # a loaded (not empty) target is let go before fusing
-    fuse_sources(job.sources, job.plans, folder, target=config.target_index, weights=config.weights,
-                 solver=params.solver, reg=params.reg, marginals=params.marginals, match_heads=params.match_heads,
-                 residual=params.residual, dtype=_DTYPES[config.dtype], device=device, max_shard_size=max_shard_size,
-                 progress=progress, out_names=job.out_names)
+    costs = None
+    with _spill_folder(folder) as spill:
+        if params.alignment == "activations":
+            costs = disk_activation_costs(job.exported, job.builds, job.sources, job.plans, config.target_index,
+                                          job.calibration, standardize=params.standardize, residual=params.residual,
+                                          device=device, progress=progress, spill=spill)
+            job.builds, job.exported = [], []
+        fuse_sources(job.sources, job.plans, folder, target=config.target_index, weights=config.weights,
+                     solver=params.solver, reg=params.reg, marginals=params.marginals, match_heads=params.match_heads,
+                     residual=params.residual, dtype=_DTYPES[config.dtype], device=device,
+                     max_shard_size=max_shard_size, progress=progress, out_names=job.out_names, costs=costs)

@@ -9,6 +9,9 @@ Each (model, mode) case runs in a fresh subprocess so that peak memories do not 
   measured one builds the architecture on the meta device (no weights), traces the plan and runs
   ``fuse_checkpoints``; its peak RSS is the streamed fusion's whole footprint. Baseline: loading both
   checkpoints whole and saving one (``safetensors`` ``load_file`` + ``save_file``), best of 3.
+- ``disk-activations``: activations mode from disk to disk, on the same checkpoints: the architecture built with no
+  weights (real buffers), its graph run layer by layer on weights read from disk as each node needs them
+  (``fuse_checkpoints(..., model=, calibration=)``); same baseline.
 
 "peak RSS" is the subprocess's high-water mark (Python, torch, models); "+RSS" how much the fusion raised it
 above everything before. On CUDA the peak GPU memory allocated during fusion is reported too.
@@ -95,7 +98,7 @@ CASES: dict[str, Case] = {
                          lambda n, gen: _tokens(n, gen, 32000), 32, torch.bfloat16),
 }
 QUICK = ["mlpnet", "vgg11", "resnet18-nonorm"]
-MODES = ("weights", "activations", "disk")
+MODES = ("weights", "activations", "disk", "disk-activations")
 
 
 def _peak_rss_mb() -> float:
@@ -130,6 +133,10 @@ def _chunks(x: Any, size: int = 32) -> list[Any]:
     return list(x.split(size))
 
 
+def _rows(x: Any) -> int:
+    return next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+
+
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -145,8 +152,8 @@ def worker(case: str, mode: str, device_name: str, samples: int | None, folder: 
     gen = torch.Generator().manual_seed(0)
     calib = _to(spec.inputs(n, gen), device)
     example = _to(spec.inputs(2, torch.Generator().manual_seed(1)), device)
-    if mode == "disk":
-        return _disk_worker(case, spec, device, example, Path(folder))
+    if mode.startswith("disk"):
+        return _disk_worker(case, spec, device, example, Path(folder), _chunks(calib) if mode != "disk" else None)
     models = [seeded(spec.build, seed).to(device, spec.dtype).eval() for seed in (0, 1)]
     kwargs = {"example_input": example} if mode == "weights" else {"calibration": _chunks(calib)}
     if device.type == "cuda":
@@ -200,7 +207,9 @@ def prepare(case: str, folder: Path) -> None:
         gc.collect()
 
 
-def _disk_worker(case: str, spec: Case, device: torch.device, example: Any, folder: Path) -> dict:
+def _disk_worker(case: str, spec: Case, device: torch.device, example: Any, folder: Path,
+                 calibration: list | None = None) -> dict:
+    from accelerate import init_empty_weights
     from safetensors.torch import load_file, save_file
 
     from hf_otfusion.plan_cache import cached_plan
@@ -213,9 +222,15 @@ def _disk_worker(case: str, spec: Case, device: torch.device, example: Any, fold
     rss_before = _peak_rss_mb()
     with profiling() as prof:
         start = time.perf_counter()
-        with timed("trace"):  # traced on the first run, read from the plan cache ($HF_OTFUSION_PLAN_CACHE) after
-            plan = cached_plan(empty, _to(example, torch.device("meta")), sites=False)  # as a streamed merge
-        fuse_checkpoints(checkpoints, folder / "fused", plan, device=device, progress=False)
+        if calibration is None:
+            with timed("trace"):  # traced on the first run, read from the plan cache ($HF_OTFUSION_PLAN_CACHE) after
+                plan = cached_plan(empty, _to(example, torch.device("meta")), sites=False)  # as a streamed merge
+            fuse_checkpoints(checkpoints, folder / "fused", plan, device=device, progress=False)
+        else:
+            with init_empty_weights(include_buffers=False):  # no weights, real buffers (rotary frequencies)
+                built = spec.build().eval()
+            fuse_checkpoints(checkpoints, folder / "fused", model=built, calibration=calibration, device=device,
+                             progress=False)
         _sync(device)
         fuse_s = time.perf_counter() - start
     rss_after = _peak_rss_mb()
@@ -226,7 +241,8 @@ def _disk_worker(case: str, spec: Case, device: torch.device, example: Any, fold
 
     load_save_s = _timed(load_save, torch.device("cpu"), repeat=3)
     return {
-        "case": case, "mode": "disk", "params": _params(empty), "samples": 0, "fuse_s": fuse_s,
+        "case": case, "mode": "disk" if calibration is None else "disk-activations", "params": _params(empty),
+        "samples": sum(_rows(c) for c in calibration or []), "fuse_s": fuse_s,
         "phases": dict(prof.seconds), "load_save_s": load_save_s, "peak_rss_mb": rss_after,
         "fuse_rss_mb": rss_after - rss_before, "checkpoint_mb": sum(c.stat().st_size for c in checkpoints) / 2**20,
         "cuda_peak_mb": None, "device": str(device), "threads": torch.get_num_threads(),
@@ -246,7 +262,7 @@ def run_case(case: str, mode: str, args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         env = {**os.environ, "HF_OTFUSION_PLAN_CACHE": str(Path(tmp) / "plans")}
         try:
-            if mode == "disk":
+            if mode.startswith("disk"):
                 subprocess.run([sys.executable, script, "--prepare", case, tmp], check=True, capture_output=True,
                                timeout=args.timeout)
                 cmd += ["--folder", tmp]
@@ -284,8 +300,9 @@ def format_table(results: Sequence[dict]) -> str:
         label = r["mode"] if r.get("plan", "traced") == "traced" else f"{r['mode']} (plan cached)"
         phases.append(f"| {name} | {label} | "
                       + " | ".join(f"{r['phases'].get(p, 0.0):.2f}" for p in PHASES) + " |")
-        if r["mode"] == "disk":
-            disk.append(f"| {name} | {r['checkpoint_mb']:,.0f} | {r.get('plan', 'traced')} | {r['fuse_s']:.2f} "
+        if r["mode"].startswith("disk"):
+            plan = r.get("plan", "traced") if r["mode"] == "disk" else f"activations ({r['samples']} samples)"
+            disk.append(f"| {name} | {r['checkpoint_mb']:,.0f} | {plan} | {r['fuse_s']:.2f} "
                         f"| {r['load_save_s']:.3g} "
                         f"| {r['fuse_s'] / r['load_save_s']:,.1f}x | {r['peak_rss_mb']:,.0f} |")
             continue
@@ -296,7 +313,7 @@ def format_table(results: Sequence[dict]) -> str:
         lines.append(line + (f" {r['cuda_peak_mb']:,.0f} |" if cuda else ""))
     out = ["In memory:", "", *lines]
     if len(disk) > 2:
-        out += ["", "From disk to disk (weights mode, streamed):", "", *disk]
+        out += ["", "From disk to disk (streamed; weights mode unless it says activations):", "", *disk]
     out += ["", "Phases of the fusion (s; `hf_otfusion.profile`):", "", *phases]
     return "\n".join(out)
 

@@ -43,16 +43,20 @@ def test_mnist_mlp_script(tmp_path):
 
 
 def test_bench_script_one_case():
-    proc = _run("scripts/bench_fusion.py", "--cases", "mlpnet", "--modes", "weights", "disk", "--threads", "1")
+    proc = _run("scripts/bench_fusion.py", "--cases", "mlpnet", "--modes", "weights", "disk", "disk-activations",
+                "--threads", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| MLPNet")]
-    # in memory; from disk, traced then with the plan cached; a phase row for each of the three
-    assert len(rows) == 6 and not any("error" in row for row in rows)
+    # in memory; from disk, traced then with the plan cached, then in activations mode; a phase row for each
+    assert len(rows) == 8 and not any("error" in row for row in rows)
     memory = [c.strip() for c in rows[0].strip("|").split("|")]
     assert float(memory[3]) > 0 and float(memory[5]) > 0 and float(memory[6]) > 0  # fuse, vanilla, forward (s)
     for row, plan in zip(rows[1:3], ("traced", "cached"), strict=True):
         disk = [c.strip() for c in row.strip("|").split("|")]
         assert disk[2] == plan and float(disk[3]) > 0 and float(disk[4]) > 0 and disk[5].endswith("x")
-    assert [c.strip() for c in rows[5].strip("|").split("|")][1] == "disk (plan cached)"
+    activations = [c.strip() for c in rows[3].strip("|").split("|")]
+    assert activations[2] == "activations (200 samples)" and float(activations[3]) > 0
+    assert [c.strip() for c in rows[6].strip("|").split("|")][1] == "disk (plan cached)"
+    assert float([c.strip() for c in rows[7].strip("|").split("|")][4]) > 0  # its calibration phase (s)
 
 
 def test_bundled_example_parents_have_cards_saying_where_they_came_from(tmp_path):

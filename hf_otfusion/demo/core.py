@@ -4,44 +4,64 @@ Everything the app shows comes from :func:`run_demo_fusion`: the accuracy table 
 ensemble, fused) from the same ``run_merge`` the CLI runs, the accuracy along the straight path between the target
 and another parent (vanilla ``(1-t)·A + t·B`` vs aligned ``(1-t)·A + t·aligned(B)``), the transport maps of that
 pair (``hf_otfusion.engine.align``), and the model card of the written output folder.
+
+Layout: :mod:`.limits` (the limits and the demo's errors), :mod:`.inputs` (the bundled examples and the input
+checks), :mod:`.explain` (the aligned pair and the interpolation path), :mod:`.timeout` (a job with a time limit)
+and this module (the request, one fusion end to end, its output); every name stays importable from here.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import copy
-import ctypes
 import dataclasses
-import json
 import math
-import os
-import queue
 import re
 import shutil
-import struct
 import tempfile
 import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
 import torch
-from torch import nn
 
 from ..config import DatasetConfig, parse_config
-from ..errors import FusionError
-from ..evaluate import EvalRow, accuracy, language_model_kind, loss
+from ..evaluate import EvalRow
 from ..merge import load_parents, run_merge, write_output
-from ..plan import AlignmentPlan
-from ..repair import reset_norm_stats
-from ..sources import LoadedModel, SourceError, example_input, parse_ref
+from .explain import (  # noqa: F401  (some only re-exported: importable from here as before the split)
+    InterpolationCurve,
+    _interpolate,
+    _state,
+    align_pair,
+    default_space,
+    has_batchnorm,
+    interpolation_curve,
+)
+from .inputs import (  # noqa: F401  (as above)
+    _DATASET_ID,
+    EXAMPLE_PREFIX,
+    Examples,
+    _candidate_roots,
+    _looks_local,
+    _millions,
+    _short_path,
+    check_count,
+    check_size,
+    find_examples,
+    precheck_dataset,
+    precheck_size,
+    resolve_dataset,
+    resolve_model,
+    safetensors_values,
+    state_values,
+)
+from .limits import Check, DemoError, DemoLimits, DemoTimeout, Report  # noqa: F401  (as above)
+from .timeout import _JOB_LOCK, _raise_in_thread, run_with_timeout  # noqa: F401  (as above)
 
-EXAMPLE_PREFIX = "example:"
 ALIGNMENTS = ("weights", "activations")
 SOLVERS = ("emd", "sinkhorn")
 MARGINALS = ("uniform", "importance")
@@ -64,234 +84,7 @@ def _config_repairs() -> tuple[str, ...]:
 
 REPAIRS = _config_repairs()
 DEFAULT_REPAIR = "reset_bn" if "reset_bn" in REPAIRS else "none"
-_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _MAX_STORED_MAP = 1024  # transport maps kept for the picture: spaces up to this many channels
-
-Report = Callable[[float, str], None]
-Check = Callable[[str], None]
-
-
-class DemoError(FusionError):
-    """Input the demo refuses (a limit, a local path in a Space, an unknown example); the message says why."""
-
-
-class DemoTimeout(DemoError):
-    """A fusion stopped because it ran past the demo's time limit."""
-
-
-@dataclass(frozen=True)
-class DemoLimits:
-    """What one fusion in the demo may use; a public Space keeps the defaults or lowers them."""
-
-    max_models: int = 4
-    max_params: int = 30_000_000  # values in a model's weights (parameters and buffers)
-    max_calibration_samples: int = 1000
-    max_eval_samples: int = 1000
-    max_interpolation_points: int = 11
-    max_dataset_mb: float = 500.0  # download size of a Hub dataset, when the Hub says it
-    timeout_s: float = 300.0
-    max_queue: int = 16  # waiting fusions; more are turned away by gradio's queue
-
-    def __post_init__(self) -> None:
-        for name in ("max_models", "max_params", "max_calibration_samples", "max_eval_samples",
-                     "max_interpolation_points", "max_queue"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"DemoLimits.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.max_models < 2:
-            raise ValueError("DemoLimits.max_models must be at least 2 (a fusion needs two models)")
-        if self.max_interpolation_points < 3:
-            raise ValueError("DemoLimits.max_interpolation_points must be at least 3")
-        if not self.timeout_s > 0 or not self.max_dataset_mb > 0:
-            raise ValueError("DemoLimits.timeout_s and max_dataset_mb must be positive")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Bundled examples
-
-
-@dataclass(frozen=True)
-class Examples:
-    """The example models and datasets bundled with the demo (``examples/models/*``, ``examples/data/*``)."""
-
-    root: Path | None
-    models: dict[str, Path] = field(default_factory=dict)
-    datasets: dict[str, Path] = field(default_factory=dict)
-
-    def model_choices(self) -> list[str]:
-        return [EXAMPLE_PREFIX + name for name in self.models]
-
-    def dataset_choices(self) -> list[str]:
-        return [EXAMPLE_PREFIX + name for name in self.datasets]
-
-
-def _candidate_roots() -> list[Path]:
-    roots = []
-    if os.environ.get("HF_OTFUSION_EXAMPLES"):
-        roots.append(Path(os.environ["HF_OTFUSION_EXAMPLES"]))
-    roots.append(Path.cwd() / "examples")
-    roots.append(Path(__file__).resolve().parents[2] / "examples")  # a source checkout of the repo
-    return roots
-
-
-def _short_path(path: Path) -> str:
-    """``path`` relative to the working directory when it lies inside it (tidier in the model card), else absolute."""
-    path = path.resolve()
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def find_examples(root: str | Path | None = None) -> Examples:
-    """The bundled examples under ``root`` (default: ``$HF_OTFUSION_EXAMPLES``, ``./examples``, the repo's)."""
-    roots = [Path(root)] if root is not None else _candidate_roots()
-    for base in roots:
-        models_dir = base / "models"
-        if not models_dir.is_dir():
-            continue
-        models = {p.name: p for p in sorted(models_dir.iterdir()) if (p / "config.json").is_file()}
-        data_dir = base / "data"
-        data = {p.name: p for p in sorted(data_dir.iterdir()) if p.is_dir()} if data_dir.is_dir() else {}
-        if models:
-            return Examples(root=base, models=models, datasets=data)
-    return Examples(root=None)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Input checks
-
-
-def _looks_local(text: str) -> bool:
-    return (
-        text.startswith(("local-dir:", "/", "./", "../", "~", "."))
-        or "\\" in text
-        or ".." in text.split("/")
-        or text.count("/") > 1
-        or Path(text).expanduser().exists()
-    )
-
-
-def resolve_model(text: str, examples: Examples, *, space_mode: bool) -> str:
-    """The model reference to load for a user's input: ``example:NAME``, a Hub id, or (not in a Space) a folder."""
-    value = str(text).strip()
-    if not value:
-        raise DemoError("a model name is empty: pick a bundled example or type a Hub model id (org/name)")
-    if value.startswith(EXAMPLE_PREFIX):
-        name = value.removeprefix(EXAMPLE_PREFIX)
-        if name not in examples.models:
-            known = ", ".join(examples.model_choices()) or "none are installed"
-            raise DemoError(f"unknown bundled example {value!r}; the bundled examples: {known}")
-        return _short_path(examples.models[name])
-    if space_mode and _looks_local(value):
-        raise DemoError(f"{value!r}: this Space does not read local files; give a Hub model id (org/name) or pick "
-                        "a bundled example")
-    try:
-        parse_ref(value)
-    except SourceError as err:
-        raise DemoError(str(err)) from None
-    return value
-
-
-def resolve_dataset(text: str, examples: Examples, *, space_mode: bool) -> str:
-    """The dataset to load for a user's input: ``example:NAME``, a Hub dataset id, or (not in a Space) a path."""
-    value = str(text).strip()
-    if not value:
-        raise DemoError("the dataset is empty: pick the bundled example data or type a Hub dataset id")
-    if value.startswith(EXAMPLE_PREFIX):
-        name = value.removeprefix(EXAMPLE_PREFIX)
-        if name not in examples.datasets:
-            known = ", ".join(examples.dataset_choices()) or "none are installed"
-            raise DemoError(f"unknown bundled dataset {value!r}; the bundled datasets: {known}")
-        return _short_path(examples.datasets[name])
-    if _looks_local(value):
-        if space_mode:
-            raise DemoError(f"{value!r}: this Space does not read local files; give a Hub dataset id (org/name) or "
-                            "pick the bundled example data")
-        return value
-    if not _DATASET_ID.match(value):
-        raise DemoError(f"{value!r} is not a Hub dataset id ('name' or 'org/name')")
-    return value
-
-
-def check_count(value: Any, limit: int, what: str, *, minimum: int = 1) -> int:
-    """``value`` as an int within ``[minimum, limit]``, else a ``DemoError`` naming the limit."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DemoError(f"{what} must be a whole number, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number):
-        raise DemoError(f"{what} must be a whole number, got {value!r}")
-    number = int(number)
-    if number < minimum:
-        raise DemoError(f"{what} must be at least {minimum}, got {number}")
-    if number > limit:
-        raise DemoError(f"{what} is {number}, more than this demo allows ({limit})")
-    return number
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n < 10_000_000 else f"{n / 1e6:.1f} M"
-
-
-def check_size(name: str, n_values: int | None, limits: DemoLimits) -> None:
-    """Refuse a model with more weight values than ``limits.max_params`` (``None``: size unknown, allowed)."""
-    if n_values is not None and n_values > limits.max_params:
-        raise DemoError(f"{name} has {_millions(n_values)} parameters; this demo allows at most "
-                        f"{_millions(limits.max_params)} per model")
-
-
-def safetensors_values(folder: Path) -> int | None:
-    """Number of values in a folder's ``*.safetensors`` files, read from their headers (no weights loaded)."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for path in files:
-        with path.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > 100_000_000:
-                raise DemoError(f"{path.name} has an implausible safetensors header")
-            header = json.loads(fh.read(length))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total
-
-
-def precheck_size(ref_text: str) -> int | None:
-    """The size of a model before downloading or loading it, when it can be known cheaply; else None."""
-    ref = parse_ref(ref_text)
-    if ref.is_local:
-        return safetensors_values(ref.path) if ref.path.is_dir() else None
-    from huggingface_hub import HfApi, get_safetensors_metadata
-
-    with contextlib.suppress(Exception):  # offline, a .bin-only repo, ...: checked again after loading
-        meta = get_safetensors_metadata(ref.repo_id, revision=ref.revision)
-        return int(sum(meta.parameter_count.values()))
-    with contextlib.suppress(Exception):
-        info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
-        sizes = [s.size or 0 for s in info.siblings or [] if s.rfilename.endswith((".safetensors", ".bin"))]
-        return int(sum(sizes) // 4) if sizes else None  # float32 bytes -> values (an upper bound for fp16 files)
-    return None
-
-
-def precheck_dataset(dataset: str, limits: DemoLimits) -> None:
-    """Refuse a Hub dataset whose files are larger than ``limits.max_dataset_mb`` (when the Hub says)."""
-    if _looks_local(dataset):
-        return
-    from huggingface_hub import HfApi
-
-    try:
-        info = HfApi().dataset_info(dataset, files_metadata=True)
-    except Exception:  # offline or unknown: loading it gives the clear message
-        return
-    size_mb = sum(s.size or 0 for s in info.siblings or []) / 1e6
-    if size_mb > limits.max_dataset_mb:
-        raise DemoError(f"dataset {dataset!r} is {size_mb:,.0f} MB; this demo loads datasets of at most "
-                        f"{limits.max_dataset_mb:,.0f} MB")
-
-
-def state_values(model: nn.Module) -> int:
-    """Number of values in a model's state dict (parameters and buffers)."""
-    return sum(t.numel() for t in model.state_dict().values())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,135 +162,6 @@ def build_config(request: FusionRequest, examples: Examples, limits: DemoLimits,
         data["calibration"] = calibration
     config = parse_config(data, source="the demo's settings")
     return config, dict(zip(refs, models, strict=True)), DatasetConfig(**calibration)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Explanations: the aligned pair, the interpolation path
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def align_pair(
-    target: LoadedModel,
-    other: LoadedModel,
-    plan: AlignmentPlan,
-    *,
-    alignment: str = "weights",
-    solver: str = "emd",
-    reg: float = 0.05,
-    marginals: str = "uniform",
-    calibration: Any = None,
-    example: Any = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``other``'s state transported onto ``target``'s channels, and the transport map of each space.
-
-    The same steps as ``fuse`` takes for one model (``hf_otfusion.engine.align``), kept apart so the demo can show
-    them: averaging ``(1 - w)·target + w·aligned`` is the fused model of the pair.
-    """
-    from ..activations import Runner, activation_costs
-    from ..engine import align
-    from ..trace import build_plan, export_model
-
-    example = example_input(target) if example is None else example  # text: a calibration batch's length
-    same_shapes = {k: tuple(v.shape) for k, v in other.model.state_dict().items()} == plan.tensors
-    plan_o = plan if same_shapes else build_plan(other.model, example)
-    costs = None
-    if alignment == "activations":
-        if calibration is None:
-            raise DemoError("activations alignment needs calibration data")
-        device = torch.device("cpu")
-        exported = export_model(target.model, example)  # one graph serves both when the shapes are equal (as in fuse)
-        runners = [Runner(exported, target.model, device),
-                   Runner(exported if same_shapes else export_model(other.model, example), other.model, device)]
-        costs = activation_costs(runners, [plan, plan_o], 0, calibration, progress=False)[1]
-    state, couplings = align(_state(other.model), plan_o, _state(target.model), plan, costs=costs, solver=solver,
-                             reg=reg, marginals=marginals)
-    for alias, name in plan.aliases.items():
-        state[alias] = state[name]
-    return state, couplings
-
-
-@dataclass(frozen=True)
-class InterpolationCurve:
-    """Accuracy (0-1) of a classifier, or token loss of a language model, at points ``t`` of the straight path from
-    model A (t=0) to model B (t=1)."""
-
-    t: tuple[float, ...]
-    aligned: tuple[float, ...]
-    vanilla: tuple[float, ...] | None  # None when B's shapes differ from A's (no vanilla path exists)
-    norms_recomputed: bool = False  # BatchNorm statistics recomputed at each point
-    metric: str = "accuracy"  # or "loss" (language models: the mean next-token or masked-token cross-entropy)
-
-    def at(self, t: float, which: str = "aligned") -> float:
-        values = self.aligned if which == "aligned" else self.vanilla
-        if values is None:
-            raise ValueError("no vanilla path")
-        return values[min(range(len(self.t)), key=lambda i: abs(self.t[i] - t))]
-
-
-def _interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
-    return {k: torch.lerp(v, b[k].to(v.dtype), t) if v.is_floating_point() else v for k, v in a.items()}
-
-
-def interpolation_curve(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    aligned_b: dict[str, torch.Tensor],
-    data: Any,
-    points: int = 7,
-    *,
-    norm_data: Any = None,
-    check: Check | None = None,
-    report: Callable[[int, int], None] | None = None,
-) -> InterpolationCurve:
-    """Accuracy (a language model: token loss) along ``(1-t)·A + t·B`` (vanilla) and ``(1-t)·A + t·aligned(B)`` at
-    ``points`` values of t.
-
-    ``data``: ``(x, y)`` tensors or a list of ``(input, label)`` batches (iterated once per point and path).
-    ``norm_data``: inputs (or ``(input, label)`` batches) on which each interpolated model's BatchNorm running
-    statistics are recomputed before it is evaluated (``hf_otfusion.repair.reset_norm_stats``, the ``reset_bn``
-    repair), as interpolation studies do; None keeps the interpolated statistics.
-    """
-    if points < 2:
-        raise DemoError("an interpolation path needs at least 2 points")
-    ts = tuple(i / (points - 1) for i in range(points))
-    metric = "loss" if language_model_kind(model_a) is not None else "accuracy"
-    measure = loss if metric == "loss" else accuracy
-    state_a, state_b = _state(model_a), _state(model_b)
-    vanilla_ok = all(k in state_b and state_b[k].shape == v.shape for k, v in state_a.items())
-    work = copy.deepcopy(model_a).cpu().eval()
-    paths = [("aligned", aligned_b)] + ([("vanilla", state_b)] if vanilla_ok else [])
-    total = len(ts) * len(paths) - (len(paths) - 1)  # t=0 is model A on both paths
-    out: dict[str, list[float]] = {name: [] for name, _ in paths}
-    done = 0
-    for name, end in paths:
-        for i, t in enumerate(ts):
-            if check is not None:
-                check(f"evaluating the {name} path at t={t:.2f}")
-            if i == 0 and name != "aligned":
-                out[name].append(out["aligned"][0])
-                continue
-            work.load_state_dict(_interpolate(state_a, end, t))
-            model = reset_norm_stats(work, norm_data) if norm_data is not None else work
-            out[name].append(measure(model, data))
-            done += 1
-            if report is not None:
-                report(done, total)
-    return InterpolationCurve(t=ts, aligned=tuple(out["aligned"]),
-                              vanilla=tuple(out["vanilla"]) if vanilla_ok else None,
-                              norms_recomputed=norm_data is not None and has_batchnorm(model_a), metric=metric)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
-
-
-def default_space(couplings: dict[str, torch.Tensor]) -> str | None:
-    """The space whose map the demo shows first: the first with 8 to 256 channels, else the first one."""
-    names = list(couplings)
-    return next((n for n in names if 8 <= couplings[n].shape[1] <= 256), names[0] if names else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -659,80 +323,3 @@ def rewrite_card(result: DemoResult, repo_id: str | None) -> None:
                        evaluation=info["evaluation"], repo_id=repo_id, auto_class=info["auto_class"],
                        commits=info.get("commits"))
     card.save(result.folder / "README.md")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A job with a time limit
-
-
-_JOB_LOCK = threading.Lock()  # one fusion computes at a time, including one that is being stopped
-
-
-def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> None:
-    """Ask ``thread`` to raise ``exc_type`` at its next Python instruction (CPython's async exception)."""
-    if thread.ident is not None and thread.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
-
-
-def run_with_timeout(
-    work: Callable[[Report, Check], Any],
-    timeout_s: float,
-    *,
-    on_progress: Report | None = None,
-    grace_s: float = 5.0,
-) -> Any:
-    """Run ``work(report, check)`` in a worker thread and return its result, or raise ``DemoTimeout``.
-
-    ``work`` calls ``check(stage)`` between steps; past the deadline that raises ``DemoTimeout`` inside the worker,
-    which unwinds cleanly (temporary folders are removed by their own ``finally`` blocks). A step that does not
-    return in time is interrupted with an asynchronous ``DemoTimeout`` at its next Python instruction; the caller
-    gets the message at the deadline either way, and the next job waits (at most ``grace_s`` extra) for this one.
-    """
-    messages: queue.Queue = queue.Queue()
-    cancel = threading.Event()
-    deadline = time.monotonic() + timeout_s
-
-    def message(stage: str) -> str:
-        return (f"the fusion took longer than this demo's limit of {timeout_s:g} s and was stopped (while {stage}); "
-                "try smaller models or fewer samples")
-
-    def check(stage: str) -> None:
-        if cancel.is_set() or time.monotonic() > deadline:
-            raise DemoTimeout(message(stage))
-
-    def report(fraction: float, text: str) -> None:
-        messages.put(("progress", (fraction, text)))
-
-    def target() -> None:
-        try:
-            if not _JOB_LOCK.acquire(timeout=max(0.0, deadline - time.monotonic()) + grace_s):
-                raise DemoTimeout(message("waiting for the previous fusion to stop"))
-            try:
-                check("starting")
-                messages.put(("done", work(report, check)))
-            finally:
-                _JOB_LOCK.release()
-        except BaseException as err:  # noqa: BLE001 - handed to the caller
-            messages.put(("error", err))
-
-    worker = threading.Thread(target=target, name="hf-otfusion-demo-fusion", daemon=True)
-    worker.start()
-    stage = "starting"
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            kind, payload = messages.get(timeout=max(remaining, 0.0) + 0.05)
-        except queue.Empty:
-            cancel.set()
-            _raise_in_thread(worker, DemoTimeout)
-            raise DemoTimeout(message(stage)) from None
-        if kind == "progress":
-            stage = payload[1]
-            if on_progress is not None:
-                on_progress(*payload)
-        elif kind == "error":
-            if isinstance(payload, DemoTimeout) and not str(payload):
-                raise DemoTimeout(message(stage)) from None
-            raise payload
-        else:
-            return payload

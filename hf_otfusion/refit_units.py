@@ -1,0 +1,183 @@
+"""What the refit re-solves, read from the exported graph: its layers and BatchNorms, each with its pass level."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch.export import ExportedProgram
+
+from .errors import FusionError
+from .repair import _BN_STATS, _arg, _op, _param_names
+
+State = dict[str, torch.Tensor]
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class _Norm:
+    """A BatchNorm (eval mode) fed only by the unit's layer: fitted together with it and folded back."""
+
+    node: str
+    weight: str | None
+    bias: str | None
+    mean: str
+    var: str
+    eps: float
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One refitted layer: graph node ``node`` (``kind`` linear, addmm or conv), its input node and target node."""
+
+    node: str
+    kind: str
+    weight: str
+    bias: str | None
+    source: str  # the node whose value is the layer's input
+    out: str  # the node whose value is the target (the layer, or its BatchNorm)
+    norm: _Norm | None
+    level: int
+    stats: _Norm | None = None  # kind "bn": the BatchNorm itself, refitted as a per-channel affine map
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    @property
+    def out_axis(self) -> int:
+        return 1 if self.kind == "addmm" else 0
+
+    @property
+    def affine(self) -> bool:
+        """Whether the fitted map has a bias column (the layer's bias, or its BatchNorm's shift)."""
+        return self.bias is not None or self.norm is not None
+
+
+@dataclass(frozen=True)
+class _Reset:
+    """A BatchNorm with running statistics that no unit folds: its statistics are measured at its level."""
+
+    node: str
+    source: str
+    mean: str
+    var: str
+    level: int
+
+
+_LAYERS = {"linear", "addmm", "conv1d", "conv2d", "convolution"}
+
+
+def _ints(value: Any, n: int, default: int) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * n
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    return value * n if len(value) == 1 else value
+
+
+def find_units(ep: ExportedProgram) -> tuple[list[_Unit], list[_Reset]]:
+    """The layers to refit and the BatchNorms to recompute, in graph order, each with its level: one more than the
+    highest level among the units it depends on (units of one level are solved from one pass)."""
+    names = _param_names(ep)
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+
+    def param(arg: Any) -> str | None:
+        return names.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+
+    def single_use(arg: Any) -> bool:
+        return isinstance(arg, torch.fx.Node) and arg.name in placeholders and len(arg.users) == 1
+
+    found: dict[str, dict[str, Any]] = {}  # producer node -> unit fields (without level)
+    folded: set[str] = set()
+    resets: dict[str, dict[str, Any]] = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        op = _op(node)
+        if op in _LAYERS:
+            fields = _layer_fields(node, op, param, single_use)
+            if fields is None:
+                continue
+            users = list(node.users)
+            norm = users[0] if len(users) == 1 and _op(users[0]) in _BN_STATS and users[0].args[0] is node else None
+            if norm is not None:
+                i_mean, i_var, i_eps = _BN_STATS[_op(norm)]
+                mean, var = param(_arg(norm, i_mean)), param(_arg(norm, i_var))
+                if mean is not None and var is not None:
+                    w, b = param(_arg(norm, 1)), param(_arg(norm, 2))
+                    fields["norm"] = _Norm(norm.name, w, b, mean, var, float(_arg(norm, i_eps)))
+                    fields["out"] = norm.name
+                    folded.add(norm.name)
+            found[node.name] = fields
+        elif op in _BN_STATS and node.name not in folded:
+            i_mean, i_var, i_eps = _BN_STATS[op]
+            mean, var = param(_arg(node, i_mean)), param(_arg(node, i_var))
+            w, b = param(_arg(node, 1)), param(_arg(node, 2))
+            if mean is None or var is None or not isinstance(node.args[0], torch.fx.Node):
+                continue
+            if w is not None and b is not None and single_use(_arg(node, 1)) and single_use(_arg(node, 2)):
+                stats = _Norm(node.name, w, b, mean, var, float(_arg(node, i_eps)))
+                found[node.name] = dict(node=node.name, kind="bn", weight=w, bias=b, source=node.args[0].name,
+                                        out=node.name, norm=None, stats=stats, groups=int(_shape0(node.args[0])))
+            else:
+                resets[node.name] = dict(node=node.name, source=node.args[0].name, mean=mean, var=var)
+    # levels: a unit is solved after every unit its input depends on
+    depth: dict[str, int] = {}
+    units: list[_Unit] = []
+    out_resets: list[_Reset] = []
+    for node in ep.graph.nodes:
+        d = max((depth.get(a.name, 0) for a in node.all_input_nodes), default=0)
+        if node.name in found:
+            d += 1
+            units.append(_Unit(level=d, **found[node.name]))
+        elif node.name in resets:
+            d += 1
+            out_resets.append(_Reset(level=d, **resets[node.name]))
+        depth[node.name] = d
+    return units, out_resets
+
+
+def _shape0(node: torch.fx.Node) -> int:
+    """The channel count (dim 1) of a graph value."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        raise FusionError(f"refit: no channel dimension on {node.name!r}")
+    return int(val.shape[1])
+
+
+def _layer_fields(node: torch.fx.Node, op: str, param: Any, single_use: Any) -> dict[str, Any] | None:
+    """The unit fields of one linear/addmm/conv node, or None when it is not a refittable layer."""
+    if op == "addmm":
+        x, w_arg, b_arg = node.args[1], node.args[2], node.args[0]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+    else:
+        x, w_arg, b_arg = node.args[0], node.args[1], _arg(node, 2)
+    weight = param(w_arg)
+    if weight is None or not single_use(w_arg) or not isinstance(x, torch.fx.Node):
+        return None  # not a weight layer, or a weight shared with another op (tied): left as fused
+    bias = param(b_arg)
+    if b_arg is not None and (bias is None or not single_use(b_arg)):
+        return None
+    fields: dict[str, Any] = dict(node=node.name, weight=weight, bias=bias, source=x.name, out=node.name, norm=None)
+    if op in ("linear", "addmm"):
+        fields["kind"] = op
+        return fields
+    val = w_arg.meta.get("val")
+    nd = val.dim() - 2 if isinstance(val, torch.Tensor) else None
+    if nd not in (1, 2):
+        return None  # 3-d convolutions are left as fused
+    if op == "convolution":
+        if bool(_arg(node, 6)):
+            return None  # transposed
+        stride, padding, dilation, groups = _arg(node, 3), _arg(node, 4), _arg(node, 5), _arg(node, 8)
+    else:
+        stride, padding, dilation, groups = _arg(node, 3), _arg(node, 4), _arg(node, 5), _arg(node, 6)
+    fields.update(kind="conv", stride=_ints(stride, nd, 1), dilation=_ints(dilation, nd, 1),
+                  padding=padding if isinstance(padding, str) else _ints(padding, nd, 0),
+                  groups=int(groups) if groups is not None else 1)
+    return fields
