@@ -131,7 +131,10 @@ def merge(
         if not main:  # the main process reports, writes and pushes
             return
         if result.streamed:
-            say("streamed: each parent's tensors were read from disk as needed, each fused tensor written when final")
+            calibrated = "; the calibration ran layer by layer on them" if \
+                cfg.merge_method == "otfusion" and cfg.fusion_parameters.alignment == "activations" else ""
+            say(f"streamed: each parent's tensors were read from disk as needed{calibrated}, each fused tensor "
+                "written when final")
         if result.evaluation is not None:  # the result itself: printed even with --quiet
             say(f"\nevaluation on {cfg.evaluation.dataset} ({cfg.evaluation.split}):\n")
             typer.echo(format_table(result.evaluation))
