@@ -3,6 +3,7 @@ alignment: the BatchNorm ResNet (and MLPNet with ``--archs mlp``), sweeps 0 vs N
 Writes docs/results/matching.md.
 
     python scripts/matching_experiment.py --seeds 3 --archs resnet      # sweeps 0 vs 5
+    python scripts/matching_experiment.py --seeds 3 --archs resnet --widths 8 16 32   # and wider parents
     python scripts/matching_experiment.py --tiny --out /tmp/m            # a smoke run
 
 Gap closure = (fused - vanilla) / (ensemble - vanilla), test accuracy, per seed. Parents, data, calibration and
@@ -24,12 +25,13 @@ from hf_otfusion import ensemble, fuse, vanilla_average
 from hf_otfusion.matching import recording
 
 
-def run(ctx: Ctx, sweeps: int) -> list[str]:
+def run(ctx: Ctx, sweeps: int, widths: list[int] | None = None) -> list[str]:
     body: list[str] = []
-    for arch in [ARCHS[a] for a in ctx.args.archs]:
+    for arch, width in [(ARCHS[a], w) for a in ctx.args.archs
+                        for w in (widths if widths and a == "resnet" else [ARCHS[a].narrow])]:
         table = Table()
         for seed in range(ctx.args.seeds):
-            parents = [train(ctx, arch, arch.narrow, 100 * seed + i) for i in range(2)]
+            parents = [train(ctx, arch, width, 100 * seed + i) for i in range(2)]
             score = Scorer(ctx, table, parents)
             calib, example = ctx.calib, ctx.calib[:2]
             rows: dict[str, tuple] = {"vanilla average": (vanilla_average(parents), 0.0, None),
@@ -60,7 +62,7 @@ def run(ctx: Ctx, sweeps: int) -> list[str]:
                   file=sys.stderr, flush=True)
         columns = [("acc", "test accuracy (%)"), ("gap", "gap closed (%)"), ("j0", "similarity, single pass"),
                    ("j", "similarity, after descent"), ("sweeps", "sweeps run"), ("time", "fusion time (s)")]
-        body += [f"## {arch.label}, 2 models", "",
+        body += [f"## {arch.label}, {arch.describe(width)}, 2 models", "",
                  *table.markdown(columns, scales={"time": 1.0, "j0": 1.0, "j": 1.0, "sweeps": 1.0}), ""]
     return body
 
@@ -69,12 +71,14 @@ def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     own.add_argument("--sweeps", type=int, default=5)
+    own.add_argument("--widths", type=int, nargs="+", default=None,
+                     help="ResNet widths to run (default: the experiments' narrow width)")
     known, rest = own.parse_known_args()
     args = parse_args(["iid", *rest])
     args.out = known.out
     ctx = context(args)
     started = time.perf_counter()
-    body = run(ctx, known.sweeps)
+    body = run(ctx, known.sweeps, known.widths)
     argv = " ".join(a for a in sys.argv[1:] if not a.startswith("--cache") and "cache" not in a)
     lines = [
         "# Weight matching by coordinate descent (`sweeps`), 2 models i.i.d., data-free alignment",

@@ -90,7 +90,7 @@ def test_activation_alignment_without_repair_averages_to_the_fusion(tmp_path):
     assert any("repair 'reset_bn' is not applied" in note for note in result.notes)
     no_repair = parse_config({**config.model_dump(exclude_unset=True), "parameters": {"alignment": "activations",
                                                                                  "repair": "none"}})
-    fused = merge(no_repair, tmp_path / "fused", progress=False, card=False).model.state_dict()
+    fused = merge(no_repair, tmp_path / "fused", progress=False, card=False, stream=False).model.state_dict()
     aligned = [m.state_dict() for m in result.models]
     for name, value in fused.items():
         if value.is_floating_point():

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,17 +88,22 @@ def _looks_local(text: str) -> bool:
     )
 
 
+def _bundled(value: str, entries: Mapping[str, Path], choices: Sequence[str], what: str) -> str:
+    """The path of the bundled ``example:NAME`` entry, or a DemoError listing the ones there are."""
+    name = value.removeprefix(EXAMPLE_PREFIX)
+    if name not in entries:
+        known = ", ".join(choices) or "none are installed"
+        raise DemoError(f"unknown bundled {what} {value!r}; the bundled {what}s: {known}")
+    return _short_path(entries[name])
+
+
 def resolve_model(text: str, examples: Examples, *, space_mode: bool) -> str:
     """The model reference to load for a user's input: ``example:NAME``, a Hub id, or (not in a Space) a folder."""
     value = str(text).strip()
     if not value:
         raise DemoError("a model name is empty: pick a bundled example or type a Hub model id (org/name)")
     if value.startswith(EXAMPLE_PREFIX):
-        name = value.removeprefix(EXAMPLE_PREFIX)
-        if name not in examples.models:
-            known = ", ".join(examples.model_choices()) or "none are installed"
-            raise DemoError(f"unknown bundled example {value!r}; the bundled examples: {known}")
-        return _short_path(examples.models[name])
+        return _bundled(value, examples.models, examples.model_choices(), "example")
     if space_mode and _looks_local(value):
         raise DemoError(f"{value!r}: this Space does not read local files; give a Hub model id (org/name) or pick "
                         "a bundled example")
@@ -114,11 +120,7 @@ def resolve_dataset(text: str, examples: Examples, *, space_mode: bool) -> str:
     if not value:
         raise DemoError("the dataset is empty: pick the bundled example data or type a Hub dataset id")
     if value.startswith(EXAMPLE_PREFIX):
-        name = value.removeprefix(EXAMPLE_PREFIX)
-        if name not in examples.datasets:
-            known = ", ".join(examples.dataset_choices()) or "none are installed"
-            raise DemoError(f"unknown bundled dataset {value!r}; the bundled datasets: {known}")
-        return _short_path(examples.datasets[name])
+        return _bundled(value, examples.datasets, examples.dataset_choices(), "dataset")
     if _looks_local(value):
         if space_mode:
             raise DemoError(f"{value!r}: this Space does not read local files; give a Hub dataset id (org/name) or "
