@@ -311,3 +311,24 @@ def test_an_activations_merge_streams_layer_by_layer_like_the_loaded_merge(tmp_p
                for k in load_file(parents[0] / "model.safetensors")}
     moved = [k for k in vanilla if k in a and not torch.allclose(a[k], vanilla[k])]
     assert len(moved) > len(vanilla) // 2, moved  # the calibration did align channels
+
+
+def test_the_merge_command_says_the_calibration_streamed(tmp_path):
+    import yaml
+    from lm import tiny_llama
+    from typer.testing import CliRunner
+
+    from hf_otfusion.cli import app
+    from hf_otfusion.data import stdlib_text_dataset
+
+    data = stdlib_text_dataset(tmp_path / "text", length=24, num_train=40, num_test=8)
+    parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, kv_heads=2) for s in (0, 1)]
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"model": str(p)} for p in parents], "parameters": {"alignment": "activations", "repair": "none"},
+        "calibration": {"dataset": str(data), "split": "train", "batch_size": 20}}))
+    result = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "streamed: each parent's tensors were read from disk as needed; the calibration ran layer by layer" \
+        in result.output
+    assert not list(tmp_path.glob(".otfusion-costs-*"))  # the spilled costs are gone
