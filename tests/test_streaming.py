@@ -332,3 +332,22 @@ def test_the_merge_command_says_the_calibration_streamed(tmp_path):
     assert "streamed: each parent's tensors were read from disk as needed; the calibration ran layer by layer" \
         in result.output
     assert not list(tmp_path.glob(".otfusion-costs-*"))  # the spilled costs are gone
+
+
+def test_a_timm_activations_merge_streams_like_the_loaded_merge(tmp_path):
+    """The bundled timm example, activations alignment from disk (BatchNorm statistics read as buffers)."""
+    examples = ROOT / "examples"
+    config = parse_config({
+        "models": [{"model": str(examples / "models" / f"mnist-resnet-seed{s}")} for s in (0, 1)],
+        "parameters": {"alignment": "activations", "repair": "none"},
+        "calibration": {"dataset": str(examples / "data" / "mnist"), "num_samples": 100, "batch_size": 50}})
+    streamed = merge(config, tmp_path / "streamed", progress=False)
+    loaded = merge(config, tmp_path / "loaded", progress=False, stream=False)
+    assert streamed.streamed and not loaded.streamed
+    a, b = _weights(tmp_path / "streamed"), _weights(tmp_path / "loaded")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    original = _weights(examples / "models" / "mnist-resnet-seed0")
+    assert not torch.equal(a["conv1.0.weight"], (original["conv1.0.weight"] + _weights(
+        examples / "models" / "mnist-resnet-seed1")["conv1.0.weight"]) / 2)  # aligned, not the plain average
