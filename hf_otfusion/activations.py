@@ -80,35 +80,37 @@ def channel_matrix(value: torch.Tensor, site: Site, n: int, heads: int = 1) -> t
 
 
 class SpilledCosts(MutableMapping[str, torch.Tensor]):
-    """Cost matrices kept in files in ``folder`` instead of memory, each read back when it is asked for: the
-    costs of an LLM's wide spaces (n x n each) need not all be held until the walk solves them."""
+    """Cost matrices kept in files in ``folder`` instead of memory (as float32, the dtype the walk reads them in
+    for float32 weights), each read back when it is asked for: the costs of an LLM's wide spaces (n x n each)
+    need not all be held until the walk solves them."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.shapes: dict[str, tuple[int, ...]] = {}
-
-    def _file(self, name: str) -> Path:
-        return self.folder / f"{len(self.shapes) if name not in self.shapes else list(self.shapes).index(name)}.f32"
+        self.files: dict[str, tuple[Path, tuple[int, ...]]] = {}
+        self._made = 0
 
     def __setitem__(self, name: str, cost: torch.Tensor) -> None:
-        path = self._file(name)
+        if name in self.files:
+            del self[name]
+        self._made += 1
+        path = self.folder / f"{self._made}.f32"
         cost.detach().to("cpu", torch.float32).contiguous().numpy().tofile(path)
-        self.shapes[name] = tuple(cost.shape)
+        self.files[name] = (path, tuple(cost.shape))
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        shape = self.shapes[name]
-        return torch.from_numpy(np.fromfile(self._file(name), dtype=np.float32)).reshape(shape)
+        path, shape = self.files[name]
+        return torch.from_numpy(np.fromfile(path, dtype=np.float32)).reshape(shape)
 
     def __delitem__(self, name: str) -> None:
-        self._file(name).unlink(missing_ok=True)
-        self.shapes[name] = ()  # keeps the other files' numbers
+        path, _ = self.files.pop(name)
+        path.unlink(missing_ok=True)
 
     def __iter__(self) -> Iterator[str]:
-        return (name for name, shape in self.shapes.items() if shape)
+        return iter(self.files)
 
     def __len__(self) -> int:
-        return sum(1 for shape in self.shapes.values() if shape)
+        return len(self.files)
 
 
 @dataclass

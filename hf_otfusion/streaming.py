@@ -11,6 +11,7 @@ streamed from disk gives the in-memory path's tensors, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -181,7 +182,7 @@ def fuse_checkpoints(
         >>> files = fuse_checkpoints(["run-a", "run-b"], "fused", plan)  # doctest: +SKIP
     """
     sources = [SafetensorsSource(path) for path in checkpoints]
-    spill = _spill_folder(out)
+    spill = _spill_folder(out) if calibration is not None else None
     try:
         costs = None
         if calibration is not None:
@@ -217,7 +218,8 @@ def fuse_checkpoints(
             check_compatible(plan, p, i)
         return fuse_sources(sources, plans, out, target=target, costs=costs, **options)
     finally:
-        spill.cleanup()
+        if spill is not None:
+            spill.cleanup()
         for source in sources:
             source.close()
 
@@ -368,8 +370,9 @@ def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "
         save_model_files(job.target.model, folder, like=job.target, dtype=config.dtype)
     job.target.model = None  # type: ignore[assignment]  # a loaded (not empty) target is let go before fusing
     costs = None
-    with _spill_folder(folder) as spill:
-        if params.alignment == "activations":
+    activations = params.alignment == "activations"
+    with _spill_folder(folder) if activations else contextlib.nullcontext() as spill:
+        if activations:
             costs = disk_activation_costs(job.exported, job.builds, job.sources, job.plans, config.target_index,
                                           job.calibration, standardize=params.standardize, residual=params.residual,
                                           device=device, progress=progress, spill=spill)
