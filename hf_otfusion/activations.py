@@ -233,9 +233,7 @@ class _Costs:
         """Model ``m``'s value of ``node`` on chunk ``c``: added against each partner value already computed."""
         self.held[(m, node, c)] = value
         for p in self.by_value[(m, node)]:
-            mine, other = ((p.key[0], p.node), (self.target, p.ref))
-            if (m, node) == other:
-                mine, other = other, mine
+            other = (self.target, p.ref) if m != self.target else (p.key[0], p.node)
             partner = self.held.get((*other, c))
             if partner is None:
                 continue
