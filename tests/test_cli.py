@@ -362,14 +362,22 @@ def test_strict_refuses_a_plan_with_movable_channels_left_fixed(tmp_path):
     config = _config(tmp_path / "c.yml", [str(p) for p in parents])
     # rotary embeddings fix q/k channels inside heads, which no permutation may move: strict accepts that
     assert runner.invoke(app, ["merge", str(config), str(tmp_path / "ok"), "-q", "--strict"]).exit_code == 0
-    qwen3 = tmp_path / "qwen3"  # its q/k norm's one weight indexes every head's channels: movable, but left fixed
+    # Qwen3's q/k norm indexes every head's channels alike, but rotary embeddings fix those channels anyway
+    qwen3 = tmp_path / "qwen3"
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(qwen3)
-    config = _config(tmp_path / "n.yml", [str(qwen3), str(qwen3)], parameters={"strict": True})
+    assert runner.invoke(app, ["plan", str(qwen3), "--strict", "-q"]).exit_code == 0
+    # timm's qk_norm on a ViT without rotary: the channels inside its q/k heads could move, but are left fixed
+    vit = tmp_path / "vit_qk_norm"
+    args = {"img_size": 16, "patch_size": 8, "depth": 1, "qk_norm": True, "num_classes": 4}
+    model = timm.create_model("vit_tiny_patch16_224", **args)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 16, 16), "crop_pct": 1.0}
+    timm.models.save_for_hf(model, str(vit), model_args=args, safe_serialization=True)
+    config = _config(tmp_path / "n.yml", [str(vit), str(vit)], parameters={"strict": True})
     refused = runner.invoke(app, ["merge", str(config), str(tmp_path / "no"), "-q"])
     assert refused.exit_code == 1 and "strict" in refused.output and "inside every head alike" in refused.output
     assert not (tmp_path / "no").exists()
-    planned = runner.invoke(app, ["plan", str(qwen3), "--strict", "-q"])
+    planned = runner.invoke(app, ["plan", str(vit), "--strict", "-q"])
     assert planned.exit_code == 1 and "hidden channels left fixed" in planned.output

@@ -59,7 +59,7 @@ def _filled_with_one_value(ep: ExportedProgram, spec: Any) -> bool:
 CONSTANT = "a constant of the graph (a non-persistent buffer or a computed table, e.g. rotary frequencies)"
 TABLE = ("combined channel by channel with a table computed in the graph (e.g. rotary embeddings' cos/sin): no "
          "permutation of these channels keeps the function")
-_IO = (INPUT, OUTPUT, VOCABULARY)
+_IO = frozenset((INPUT, OUTPUT, VOCABULARY))
 
 
 class Tracer:

@@ -6,6 +6,7 @@ classes of a union-find (:class:`_Atoms`) with composite definitions (concats, r
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,9 @@ class _Atoms:
     # dims of a tensor filled with one value (zeros, full): fixed alone, but any order of them is the same tensor,
     # so joining one with other channels makes it those channels (T5's zero position bias of cross-attention)
     uniform: set[int] = field(default_factory=set)
+    # pairs of atoms that are the same channels but could not be joined (a within-head dim and a tensor shared by
+    # every head): a reason that outranks the others (see mark) reaches both
+    alike: list[tuple[int, int]] = field(default_factory=list)
     context: str = ""  # the op being traced, for the reasons
 
     def new(self, size: int | None, fixed: bool = False, why: str | None = None) -> int:
@@ -61,9 +65,19 @@ class _Atoms:
             self.why[len(self.parent) - 1] = why or f"made by {self.context}"
         return len(self.parent) - 1
 
-    def mark(self, atom: int, why: str | None = None) -> bool:
-        """Fix one atom, recording why (the op being traced when no reason is given); False if it was fixed."""
+    def mark(self, atom: int, why: str | None = None, *, keep: AbstractSet[str] | None = None) -> bool:
+        """Fix one atom, recording why (the op being traced when no reason is given); False if it was fixed.
+
+        With ``keep``, a reason that outranks the others: an atom fixed already takes it, unless its own reason is
+        one of ``keep``.
+        """
         if self.fixed[atom]:
+            if keep is not None and why is not None and self.why.get(atom) not in keep | {why}:
+                self.why[atom] = why
+                for a, b in self.alike:
+                    for x, y in ((a, b), (b, a)):
+                        if self.find(x) == self.find(atom):
+                            self.mark(self.find(y), why, keep=keep)
             return False
         self.fixed[atom] = True
         self.why[atom] = why or f"at {self.context}"
@@ -112,9 +126,9 @@ class _Atoms:
             total += size * repeat
         return total
 
-    def fix(self, desc: Desc, why: str | None = None) -> None:
+    def fix(self, desc: Desc, why: str | None = None, *, keep: AbstractSet[str] | None = None) -> None:
         for atom, _ in self.expand(desc):
-            self.mark(atom, why)
+            self.mark(atom, why, keep=keep)
 
     def is_fixed(self, desc: Desc) -> bool:
         return all(self.fixed[a] for a, _ in self.expand(desc))
@@ -143,6 +157,7 @@ class _Atoms:
         if mismatch or not self._compatible(ra, rb):
             why = f"joined with channels of another size or structure at {self.context}"
             if (ra in self.owner) != (rb in self.owner):
+                self.alike.append((ra, rb))
                 why = ("one tensor indexes the channels inside every head alike (e.g. a q/k norm's weight, at "
                        f"{self.context}): a permutation inside heads shared by all heads is not expressible")
             self.mark(ra, self.why.get(rb, why))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from ..core import TABLE, Tracer, register_rule
+from ..core import _IO, TABLE, Tracer, register_rule
 from ..labels import Desc, Labels, _arg, _FakeNode, _shape
 
 
@@ -36,9 +36,11 @@ def _pointwise_out(t: Tracer, node: Node, tensors: Sequence[Any]) -> Labels | No
             if chosen is None:
                 chosen = labels[k]
             else:
-                if (t.atoms.is_fixed(labels[k]) and not t.atoms.is_fixed(chosen) and not t.is_free(labels)
+                if (t.atoms.is_fixed(labels[k]) and not t.is_free(labels)
                         and (shape[k] or 0) > 1 and not t.atoms.is_uniform(labels[k])):
-                    t.atoms.fix(chosen, TABLE)  # channel by channel against a table computed in the graph
+                    # channel by channel against a table computed in the graph: no permutation keeps the function,
+                    # whatever fixed these channels before (a q/k norm shared by the heads, in Qwen3)
+                    t.atoms.fix(chosen, TABLE, keep=_IO)
                 t.join(chosen, labels[k])
         out.append(chosen if chosen is not None else t.new(out_shape[pos]))
     return out
