@@ -95,6 +95,25 @@ def test_op_without_rule_fixes_its_spaces_and_is_reported():
         build_plan(Mystery(), torch.randn(2, 4), strict=True)
 
 
+class MysteryBranch(nn.Module):
+    """A stream that a branch through an op without a rule is added to (as an MoE block's experts are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc3(h + torch.special.bessel_j0(self.fc2(h)))
+
+
+def test_channels_joined_with_an_unruled_ops_output_are_fixed_for_that_op_not_as_a_table():
+    plan = build_plan(MysteryBranch(), torch.randn(2, 4))
+    assert plan.unhandled == ("special_bessel_j0",)
+    stream = next(f for f in plan.fixed if "fc1.weight:0" in f.members)
+    assert "no tracer rule for op 'special_bessel_j0'" in stream.reason and not stream.necessary, str(stream)
+
+
 def test_register_rule_teaches_the_tracer_a_new_op():
     try:
         register_rule("special_bessel_j0")(RULES["relu"])

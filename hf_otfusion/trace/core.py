@@ -200,6 +200,7 @@ class Tracer:
             self.unhandled.append(self.op_name)
         self.notes.append(message)
         self.atoms.context = message  # the reason of whatever the rule fixes next
+        self.atoms.failures.add(f"at {message}")
 
     def unknown(self, node: Node, name: str) -> Any:
         inputs = [self.labels.get(a.name) for a in node.all_input_nodes]
@@ -209,12 +210,16 @@ class Tracer:
                                 "channels; register one with hf_otfusion.trace.register_rule")
             if name not in self.unhandled:
                 self.unhandled.append(name)
+            why = f"no tracer rule for op '{name}' (node {node.name})"
+            self.atoms.failures.add(why)
             for x in inputs:
-                self.fix_all(x, f"no tracer rule for op '{name}' (node {node.name})")
+                self.fix_all(x, why)
+        else:
+            why = None
         val = node.meta.get("val")
         if isinstance(val, (tuple, list)):
-            return tuple(self.fresh(_FakeNode(v)) for v in val)
-        return self.fresh(node)
+            return tuple(self.fresh(_FakeNode(v), why=why) for v in val)
+        return self.fresh(node, why=why)
 
     # -- result -------------------------------------------------------------------------------------------
     def plan(self, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> AlignmentPlan:

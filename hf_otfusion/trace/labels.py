@@ -55,6 +55,9 @@ class _Atoms:
     # pairs of atoms that are the same channels but could not be joined (a within-head dim and a tensor shared by
     # every head): a reason that outranks the others (see mark) reaches both
     alike: list[tuple[int, int]] = field(default_factory=list)
+    # the reasons that say the tracer could not follow the channels (an op without a rule, a structure the plan
+    # cannot express), as opposed to what the model itself dictates
+    failures: set[str] = field(default_factory=set)
     context: str = ""  # the op being traced, for the reasons
 
     def new(self, size: int | None, fixed: bool = False, why: str | None = None) -> int:
@@ -129,6 +132,10 @@ class _Atoms:
     def fix(self, desc: Desc, why: str | None = None, *, keep: AbstractSet[str] | None = None) -> None:
         for atom, _ in self.expand(desc):
             self.mark(atom, why, keep=keep)
+
+    def failure(self, desc: Desc) -> str | None:
+        """The reason of a fixed atom of ``desc`` that the tracer could not follow, if any."""
+        return next((r for a, _ in self.expand(desc) if (r := self.why.get(self.find(a))) in self.failures), None)
 
     def is_fixed(self, desc: Desc) -> bool:
         return all(self.fixed[a] for a, _ in self.expand(desc))

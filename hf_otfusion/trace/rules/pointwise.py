@@ -38,9 +38,11 @@ def _pointwise_out(t: Tracer, node: Node, tensors: Sequence[Any]) -> Labels | No
             else:
                 if (t.atoms.is_fixed(labels[k]) and not t.is_free(labels)
                         and (shape[k] or 0) > 1 and not t.atoms.is_uniform(labels[k])):
-                    # channel by channel against a table computed in the graph: no permutation keeps the function,
-                    # whatever fixed these channels before (a q/k norm shared by the heads, in Qwen3)
-                    t.atoms.fix(chosen, TABLE, keep=_IO)
+                    if (lost := t.atoms.failure(labels[k])) is not None:  # not a table: channels the tracer lost
+                        t.atoms.fix(chosen, lost)
+                    else:  # channel by channel against a table computed in the graph: no permutation keeps the
+                        # function, whatever fixed these channels before (a q/k norm shared by the heads, in Qwen3)
+                        t.atoms.fix(chosen, TABLE, keep=_IO)
                 t.join(chosen, labels[k])
         out.append(chosen if chosen is not None else t.new(out_shape[pos]))
     return out
