@@ -159,6 +159,34 @@ def test_per_head_parameters_and_shared_head_norms_move_with_the_heads(family):
         _close(run(fuse([model, permuted], example_input=x, plan=qk_plan, progress=False), x), run(model, x))
 
 
+def _mobilevit(seed: int) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return randomize_state(timm.create_model("mobilevit_xxs", pretrained=False, num_classes=4).eval(), seed)
+
+
+def test_timm_mobilevit_plans_exactly_through_its_unfolding_into_the_batch():
+    # MobileViT unfolds (B, C, H, W) into (B * C * nh, ph, nw, pw) patches and folds them back: the channels pass
+    # through a dim merged with the symbolic batch, and a reshape that splits and merges dims at once
+    model, x = _mobilevit(0), torch.randn(2, 3, 64, 64)
+    plan = build_plan(model, x, strict=True)
+    assert not plan.unhandled and not plan.fixed
+    permuted = random_permutation(model, plan, 1)
+    for key, value in model.state_dict().items():
+        if value.dim() >= 2 and key not in ("stem.conv.weight", "head.fc.weight"):
+            assert not torch.equal(value, permuted.state_dict()[key]), f"{key} did not move"
+    other = _mobilevit(1)
+    with torch.no_grad():
+        _close(run(permuted, x), run(model, x))
+        moved_other = random_permutation(other, plan, 2)
+        carried = fuse([model, moved_other], weights=[0, 1], plan=plan, progress=False)
+        _close(run(carried, x), run(other, x))
+        by_activations = fuse([model, moved_other], weights=[0, 1], plan=plan, alignment="activations",
+                              calibration=x, progress=False)
+        _close(run(by_activations, x), run(other, x))
+
+
 def test_timm_swin_plans_exactly_through_windows_and_patch_merging():
     import timm
 

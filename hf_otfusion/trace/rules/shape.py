@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import sympy
+import torch
 from torch.fx import Node
 
 from ..core import Tracer, register_rule, register_stack_rule
@@ -88,6 +90,38 @@ def _reshape(t: Tracer, node: Node) -> Any:
     xl, src, dst = t.of(x), _shape(x), _shape(node)
     if xl is None or src is None or dst is None:
         return t.fresh(node)
+    fx, fo = _batch_factor(x), _batch_factor(node)
+    if fx is None or fo is None or fx[1] != fo[1] or (fx[0] == 1 and fo[0] == 1):
+        return _reshape_labels(t, node, xl, src, dst)
+    # the batch merged with other dims (MobileViT's unfolding into (B * C * nh, ph, nw, pw)): reshape with the
+    # batch as a dim of its own; such a dim is labelled by what it holds for one batch item
+    if fx[0] > 1:
+        width = t.atoms.width(xl[0])
+        if width != fx[0] and not t.atoms.is_fixed(xl[0]):
+            return _reshape_labels(t, node, xl, src, dst)
+        xl = [t.new(None), xl[0] if width == fx[0] else t.new(fx[0]), *xl[1:]]
+        src = [None, fx[0], *src[1:]]
+    if fo[0] > 1:
+        dst = [None, fo[0], *dst[1:]]
+    out = _reshape_labels(t, node, xl, src, dst)
+    if fo[0] == 1:
+        return out
+    if isinstance(out, _Stack):
+        return _Stack(out.dim - 1, [item[1:] for item in out.items]) if out.dim > 1 else t.fresh(node)
+    return out[1:]
+
+
+def _batch_factor(value: Any) -> tuple[int, Any] | None:
+    """(k, the batch symbol) for a value whose dim 0 is k times a symbolic batch size; None otherwise."""
+    val = value.meta.get("val") if isinstance(value, Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() == 0 or not isinstance(val.shape[0], torch.SymInt):
+        return None
+    k, rest = sympy.sympify(val.shape[0].node.expr).as_coeff_Mul()
+    return (int(k), rest) if k.is_Integer and int(k) > 0 and rest.is_Symbol else None
+
+
+def _reshape_labels(t: Tracer, node: Node, xl: Labels, src: list, dst: list) -> Any:
+    """The labels of a reshape of a value labelled ``xl`` from shape ``src`` to ``dst``."""
     out: Labels = [t.new(s) for s in dst]
     stacks: list[tuple[int, list[dict[int, Desc]]]] = []
     swaps: dict[int, int] = {}
@@ -152,6 +186,70 @@ def _reshape(t: Tracer, node: Node) -> Any:
             for d in labels.values():
                 t.atoms.fix(d)
     return out
+
+
+def _refine(t: Tracer, labels: Labels, src: list[int], dst: list[int]) -> list[Desc] | None:
+    """A reshape block that splits and merges at once (MobileViT's unfolding, (B, C, nh * ph) -> (B * C * nh,
+    ph), and its folding back): both sides are cut into their common finer dims, each input dim is split into
+    them and they are merged into each output dim. None where a step is not expressible."""
+
+    def products(sizes: list[int]) -> list[int]:
+        return [math.prod(sizes[: k + 1]) for k in range(len(sizes))]
+
+    points = sorted(set(products(src)) | set(products(dst)))
+    if any(q % p for p, q in zip(points, points[1:], strict=False)):
+        return None
+    fine = [q // p for p, q in zip([1, *points[:-1]], points, strict=True)]
+    pieces: list[Desc] = []
+    for d, size in zip(labels, src, strict=True):
+        n = products(fine[len(pieces):]).index(size) + 1
+        if (parts := _split_desc(t, d, fine[len(pieces) : len(pieces) + n])) is None:
+            return None
+        pieces += parts
+    out: list[Desc] = []
+    at = 0
+    for size in dst:
+        n = products(fine[at:]).index(size) + 1
+        if (merged := _merge_desc(t, pieces[at : at + n], fine[at : at + n])) is None:
+            return None
+        out.append(merged)
+        at += n
+    return out
+
+
+def _split_desc(t: Tracer, d: Desc, sizes: list[int]) -> list[Desc] | None:
+    """``d`` cut into dims of ``sizes`` (outermost first): the channels stay in the outer dim when each is
+    repeated over the inner ones, in the inner dims when ``d`` is the same channels again for each outer index."""
+    if len(sizes) == 1:
+        return [d]
+    if t.atoms.is_fixed(d):
+        return [t.new(s) for s in sizes]
+    pieces = t.atoms.expand(d)
+    if any(t.atoms._structured(a) for a, _ in pieces):
+        return None
+    outer, rest = sizes[0], math.prod(sizes[1:])
+    if all(r % rest == 0 for _, r in pieces):
+        return [tuple((a, r // rest) for a, r in pieces), *(t.new(s) for s in sizes[1:])]
+    n = len(pieces)
+    if n % outer == 0 and pieces == pieces[: n // outer] * outer:
+        inner = _split_desc(t, pieces[: n // outer], sizes[1:])
+        return None if inner is None else [t.new(outer), *inner]
+    return None
+
+
+def _merge_desc(t: Tracer, parts: list[Desc], sizes: list[int]) -> Desc | None:
+    """Dims of ``sizes`` flattened into one: the one that holds channels (the others are positions) gives them,
+    again for each index of the dims before it and each repeated over the dims after it."""
+    if len(parts) == 1:
+        return parts[0]
+    free = [k for k, p in enumerate(parts) if not t.atoms.is_fixed(p)]
+    if not free:
+        return t.new(math.prod(sizes))
+    if len(free) > 1 or any(t.atoms._structured(a) for a, _ in t.atoms.expand(parts[free[0]])):
+        return None
+    k = free[0]
+    inner = math.prod(sizes[k + 1 :])
+    return tuple((a, r * inner) for a, r in t.atoms.expand(parts[k])) * math.prod(sizes[:k])
 
 
 def _channel_minor(t: Tracer, xl: Labels, src: list, ib: list[int]) -> Desc | None:
@@ -250,6 +348,10 @@ def _reshape_block(
                     break
             else:
                 return jb[0], per_item
+    if (refined := _refine(t, [xl[k] for k in ib], [src[k] for k in ib], [dst[k] for k in jb])) is not None:
+        for k, d in zip(jb, refined, strict=True):
+            out[k] = d
+        return None
     if any(not t.atoms.is_fixed(xl[k]) for k in ib):
         t.structural(f"a reshape {[src[k] for k in ib]} -> {[dst[k] for k in jb]} of hidden channels that is not "
                      "a head split, a head merge or a flatten")
