@@ -107,7 +107,10 @@ def _reshape(t: Tracer, node: Node) -> Any:
     if fo[0] == 1:
         return out
     if isinstance(out, _Stack):
-        return _Stack(out.dim - 1, [item[1:] for item in out.items]) if out.dim > 1 else t.fresh(node)
+        if out.dim > 1:
+            return _Stack(out.dim - 1, [item[1:] for item in out.items])
+        t.fix_all(out)  # a stack along the batch's own dim: no labelling of the merged dim holds it
+        return t.fresh(node)
     return out[1:]
 
 
@@ -246,7 +249,7 @@ def _merge_desc(t: Tracer, parts: list[Desc], sizes: list[int]) -> Desc | None:
     if not free:
         return t.new(math.prod(sizes))
     if len(free) > 1 or any(t.atoms._structured(a) for a, _ in t.atoms.expand(parts[free[0]])):
-        return None
+        return None  # heads are merged by head_merge or not at all
     k = free[0]
     inner = math.prod(sizes[k + 1 :])
     return tuple((a, r * inner) for a, r in t.atoms.expand(parts[k])) * math.prod(sizes[:k])
@@ -258,15 +261,7 @@ def _channel_minor(t: Tracer, xl: Labels, src: list, ib: list[int]) -> Desc | No
     free = [k for k in ib if not t.atoms.is_fixed(xl[k])]
     if len(free) != 1 or free[0] == ib[0]:
         return None
-    pieces = t.atoms.expand(xl[free[0]])
-    if any(t.atoms._structured(a) for a, _ in pieces):  # heads are merged by head_merge or not at all
-        return None
-    at = ib.index(free[0])
-    outer, inner = math.prod(src[k] for k in ib[:at]), math.prod(src[k] for k in ib[at + 1 :])
-    for k in ib:
-        if k != free[0]:
-            t.atoms.fix(xl[k])
-    return tuple((a, r * inner) for a, r in pieces) * outer
+    return _merge_desc(t, [xl[k] for k in ib], [src[k] for k in ib])
 
 
 def _one_head(t: Tracer, d: Desc) -> bool:
