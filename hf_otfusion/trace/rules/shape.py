@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import sympy
 import torch
 from torch.fx import Node
 
@@ -119,7 +118,7 @@ def _batch_factor(value: Any) -> tuple[int, Any] | None:
     val = value.meta.get("val") if isinstance(value, Node) else None
     if not isinstance(val, torch.Tensor) or val.dim() == 0 or not isinstance(val.shape[0], torch.SymInt):
         return None
-    k, rest = sympy.sympify(val.shape[0].node.expr).as_coeff_Mul()
+    k, rest = val.shape[0].node.expr.as_coeff_Mul()  # a sympy expression
     return (int(k), rest) if k.is_Integer and int(k) > 0 and rest.is_Symbol else None
 
 
