@@ -179,6 +179,7 @@ def test_timm_mobilevit_plans_exactly_through_its_unfolding_into_the_batch():
     other = _mobilevit(1)
     with torch.no_grad():
         _close(run(permuted, x), run(model, x))
+        _close(run(fuse([model, permuted], plan=plan, progress=False), x), run(model, x))
         moved_other = random_permutation(other, plan, 2)
         carried = fuse([model, moved_other], weights=[0, 1], plan=plan, progress=False)
         _close(run(carried, x), run(other, x))
