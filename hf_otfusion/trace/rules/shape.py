@@ -198,6 +198,8 @@ def _refine(t: Tracer, labels: Labels, src: list[int], dst: list[int]) -> list[D
     def products(sizes: list[int]) -> list[int]:
         return [math.prod(sizes[: k + 1]) for k in range(len(sizes))]
 
+    if 1 in src or 1 in dst:  # a single head's dim (multi-query attention) is no finer dim of the others
+        return None
     points = sorted(set(products(src)) | set(products(dst)))
     if any(q % p for p, q in zip(points, points[1:], strict=False)):
         return None
