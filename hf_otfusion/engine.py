@@ -93,6 +93,10 @@ def check_compatible(target: AlignmentPlan, other: AlignmentPlan, index: int) ->
         name = space_t.name
         if sorted(_ranked(space_t.members)) != sorted(_ranked(space_o.members)):
             raise FusionError(f"model {index} and the target wire space {name!r} differently")
+        if space_t.shared != space_o.shared:
+            raise FusionError(f"space {name!r} maps the channels inside its heads alike in "
+                              f"{'the target' if space_t.shared else f'model {index}'} only: they do not share an "
+                              "architecture")
         if space_t.heads != space_o.heads:
             raise FusionError(f"space {name!r} has {space_o.heads} attention heads in model {index} but "
                               f"{space_t.heads} in the target: fusing models with different head counts is not "
@@ -280,7 +284,8 @@ def _solve_space(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Sp
     with timed("solve"):
         if is_main():
             if space.heads > 1:
-                t = solve_heads(cost, a, b, space.heads, order, solver=opts.solver, reg=opts.reg, uniform=uniform)
+                t = solve_heads(cost, a, b, space.heads, order, solver=opts.solver, reg=opts.reg, uniform=uniform,
+                                shared=space.shared)
             else:
                 t = solve(cost, a, b, solver=opts.solver, reg=opts.reg, uniform=uniform)
     return broadcast(t, tuple(cost.shape), torch.float64, cost.device)

@@ -125,7 +125,8 @@ def ensemble(models: Sequence[nn.Module], weights: Sequence[float] | None = None
 
 def _random_order(space: Space, gen: torch.Generator, head_orders: dict[str, torch.Tensor],
                   permute_heads: bool) -> torch.Tensor:
-    """A random channel order for one space: within each head, and of whole heads (one order per head group)."""
+    """A random channel order for one space: within each head (one order for all heads of a shared space), and of
+    whole heads (one order per head group)."""
     n, d = space.heads, space.head_dim
     if space.head_group is not None and permute_heads and n > 1:
         if space.head_group not in head_orders:
@@ -134,10 +135,11 @@ def _random_order(space: Space, gen: torch.Generator, head_orders: dict[str, tor
         heads = head_orders[space.head_group]
     else:
         heads = torch.arange(n)
-    within = [torch.randperm(d, generator=gen) for _ in range(n)]
+    within = [torch.randperm(d, generator=gen)] * n if space.shared else [torch.randperm(d, generator=gen)
+                                                                           for _ in range(n)]
     order = torch.cat([heads[h] * d + within[h] for h in range(n)])
     if bool((order == torch.arange(space.size)).all()) and d > 1:
-        order = torch.cat([heads[h] * d + within[h].roll(1 if h == 0 else 0) for h in range(n)])
+        order = torch.cat([heads[h] * d + within[h].roll(1 if h == 0 or space.shared else 0) for h in range(n)])
     return order
 
 

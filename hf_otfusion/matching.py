@@ -150,7 +150,7 @@ def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool) -> l
     out = []
     for s, sp in zip(sims, spaces, strict=True):
         a = marginal(sp.size, device=s.device)
-        out.append(solve_heads(-s, a, a.clone(), n_heads, order).argmax(0))
+        out.append(solve_heads(-s, a, a.clone(), n_heads, order, shared=sp.shared).argmax(0))
     return out
 
 

@@ -15,6 +15,10 @@ Attention gives a space *heads*: its ``size`` channels form ``heads`` contiguous
 ``h`` may only go to some channel of head ``sigma(h)``. Spaces with the same ``head_group`` (the query/key
 space and the value/output space of one attention op) share that head permutation ``sigma``; a headed space
 whose ``head_group`` is None keeps every head in place (only the channels inside each head move).
+
+A *shared* headed space maps the channels inside every head alike (one within-head map for all heads): some
+tensor axis holds one head's channels and is read by every head (a grouped convolution's input axis, a per-head
+q/k norm). Such a member has ``block == 0``: every head block lies on the same positions.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 SpaceKind = Literal["hidden", "residual"]
-_BLOCK = "axis positions from the start of one head block to the next; None: head_dim * repeat (contiguous)"
+_BLOCK = ("axis positions from the start of one head block to the next; None: head_dim * repeat (contiguous); "
+          "0: every head block on the same positions (one head's channels, read by every head of a shared space)")
 
 
 class _Layout(BaseModel):
@@ -89,6 +94,15 @@ class Space(BaseModel):
     sites: tuple[Site, ...] = ()
     heads: int = 1
     head_group: str | None = None
+    shared: bool = Field(False, description="one map of the channels inside a head for every head; members with "
+                         "block 0 hold one head's channels, read by every head")
+
+    @model_serializer(mode="wrap")
+    def _omit_unshared(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if not self.shared:  # plans written before the field existed read the same
+            out.pop("shared", None)
+        return out
 
     @model_validator(mode="after")
     def _check_heads(self) -> Space:
@@ -96,8 +110,13 @@ class Space(BaseModel):
             raise ValueError(f"space {self.name!r}: {self.size} channels cannot form {self.heads} equal heads")
         if self.head_group is not None and self.heads == 1:
             raise ValueError(f"space {self.name!r}: a head_group needs heads > 1")
+        if self.shared and self.heads == 1:
+            raise ValueError(f"space {self.name!r}: a shared within-head map needs heads > 1")
         for m in (*self.members, *self.sites):
-            if m.block is not None and m.block < self.head_dim * m.repeat:
+            if m.block == 0 and not self.shared:
+                raise ValueError(f"space {self.name!r}: a member holding one head's channels (block 0) needs a "
+                                 f"shared within-head map ({m})")
+            if m.block and m.block < self.head_dim * m.repeat:
                 raise ValueError(f"space {self.name!r}: head blocks {m.block} apart cannot hold {self.head_dim} "
                                  f"channels repeated {m.repeat} times ({m})")
         return self
@@ -194,7 +213,7 @@ class AlignmentPlan(BaseModel):
         lines += [header, "-" * len(header)]
         for i, space in enumerate(self.spaces):
             members = ", ".join(_format_member(m) for m in space.members)
-            heads = "-" if space.heads == 1 else f"{space.heads}x{space.head_dim}"
+            heads = "-" if space.heads == 1 else f"{space.heads}x{space.head_dim}" + ("=" if space.shared else "")
             if space.head_group is not None:
                 heads += f" g{groups[space.head_group]}"
             lines.append(f"{i:>3}  {space.name:<40} {space.size:>6}  {heads:<9} {space.kind:<8}  {members}")
@@ -204,6 +223,9 @@ class AlignmentPlan(BaseModel):
         for g, i in groups.items():
             lines.append(f"head group g{i} ({g}): one permutation of the heads for "
                          + ", ".join(s.name for s in self.head_groups()[g]))
+        if any(s.shared for s in self.spaces):
+            lines.append("heads marked '=': one map of the channels inside a head, the same in every head "
+                         "(members with block 0 hold one head's channels)")
         if self.aliases:
             lines.append("tied: " + ", ".join(f"{a} -> {b}" for a, b in self.aliases.items()))
         if self.unhandled:

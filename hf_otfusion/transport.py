@@ -372,17 +372,29 @@ def solve_heads(
     solver: Solver = "emd",
     reg: float = 0.05,
     uniform: bool = True,
+    shared: bool = False,
 ) -> torch.Tensor:
     """Block-diagonal coupling of a headed space: head ``sources[h]`` of A is transported onto head ``h`` of B.
 
     Each block is an OT problem of its own (marginals renormalised within the head); the blocks are scaled so
-    that every column sums to ``b``, which is all :func:`barycentric_map` needs.
+    that every column sums to ``b``, which is all :func:`barycentric_map` needs. ``shared``: one block for every
+    head (a space whose channels inside a head move alike in all heads), solved on the summed cost of the matched
+    head pairs and the mean of their marginals.
     """
     n_a, n_b = cost.shape
     da, db = n_a // heads, n_b // heads
+    pairs = [(slice(g * da, (g + 1) * da), slice(h * db, (h + 1) * db)) for h, g in enumerate(sources)]
     t = torch.zeros(n_a, n_b, dtype=torch.float64, device=cost.device)
-    for h, g in enumerate(sources):
-        ra, rb = slice(g * da, (g + 1) * da), slice(h * db, (h + 1) * db)
+    if shared:
+        c = sum(cost[ra, rb].double() for ra, rb in pairs)
+        a_s = sum(a[ra].double() / a[ra].double().sum() for ra, _ in pairs) / heads
+        b_s = sum(b[rb].double() / b[rb].double().sum() for _, rb in pairs) / heads
+        block = solve(c, a_s, b_s, solver=solver, reg=reg, uniform=uniform).to(t.device, t.dtype)
+        block = block / block.sum(0, keepdim=True).clamp_min(1e-300)  # every head's columns: the same means
+        for ra, rb in pairs:
+            t[ra, rb] = block * b[rb].to(t.device, t.dtype)[None, :]
+        return t
+    for ra, rb in pairs:
         a_h, b_h = a[ra].double(), b[rb].double()
         block = solve(cost[ra, rb], a_h / a_h.sum(), b_h / b_h.sum(), solver=solver, reg=reg, uniform=uniform)
         t[ra, rb] = block.to(t.device, t.dtype) * b_h.sum().to(t.device)

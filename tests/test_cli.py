@@ -369,15 +369,23 @@ def test_strict_refuses_a_plan_with_movable_channels_left_fixed(tmp_path):
     Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(qwen3)
     assert runner.invoke(app, ["plan", str(qwen3), "--strict", "-q"]).exit_code == 0
-    # timm's qk_norm on a ViT without rotary: the channels inside its q/k heads could move, but are left fixed
+    # timm's qk_norm on a ViT without rotary: the channels inside its q/k heads move alike in every head
     vit = tmp_path / "vit_qk_norm"
     args = {"img_size": 16, "patch_size": 8, "depth": 1, "qk_norm": True, "num_classes": 4}
     model = timm.create_model("vit_tiny_patch16_224", **args)
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 16, 16), "crop_pct": 1.0}
     timm.models.save_for_hf(model, str(vit), model_args=args, safe_serialization=True)
-    config = _config(tmp_path / "n.yml", [str(vit), str(vit)], parameters={"strict": True})
+    assert runner.invoke(app, ["plan", str(vit), "--strict", "-q"]).exit_code == 0
+    # Mixtral's router (topk) and expert matmuls (grouped_mm) have no tracer rule: the residual stream stays fixed
+    mixtral = tmp_path / "mixtral"
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                     num_experts_per_tok=1)).save_pretrained(mixtral)
+    config = _config(tmp_path / "n.yml", [str(mixtral), str(mixtral)], parameters={"strict": True})
     refused = runner.invoke(app, ["merge", str(config), str(tmp_path / "no"), "-q"])
-    assert refused.exit_code == 1 and "strict" in refused.output and "inside every head alike" in refused.output
+    assert refused.exit_code == 1 and "strict" in refused.output and "no tracer rule for op 'topk'" in refused.output
     assert not (tmp_path / "no").exists()
-    planned = runner.invoke(app, ["plan", str(vit), "--strict", "-q"])
+    planned = runner.invoke(app, ["plan", str(mixtral), "--strict", "-q"])
     assert planned.exit_code == 1 and "hidden channels left fixed" in planned.output

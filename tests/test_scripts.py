@@ -90,17 +90,18 @@ def test_bundled_example_parents_have_cards_saying_where_they_came_from(tmp_path
 
 def test_supported_architectures_table_two_families(tmp_path):
     out = tmp_path / "table.md"
-    proc = _run("scripts/supported_architectures.py", "--families", "mlp,groupnorm_cnn", "--out", str(out))
+    proc = _run("scripts/supported_architectures.py", "--families", "mlp,groupnorm_cnn,llama_gqa", "--out", str(out))
     assert out.read_text().strip() == proc.stdout.strip()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in proc.stdout.splitlines() if line.startswith("| `")}
-    assert set(rows) == {"`mlp`", "`groupnorm_cnn`"}
+    assert set(rows) == {"`mlp`", "`groupnorm_cnn`", "`llama_gqa`"}
     for cells in rows.values():
         assert "WRONG" not in cells[-1] and float(cells[-1]) < 1e-4  # the permutation keeps the outputs
         moved, total = (int(n) for n in cells[3].split(" / "))
         assert 0 < moved <= total
     assert rows["`mlp`"][4] == "none" and rows["`mlp`"][5] == "none"
-    assert "group" in rows["`groupnorm_cnn`"][4]  # the 2-group GroupNorm's channels stay fixed, with the reason
+    assert rows["`groupnorm_cnn`"][4] == "none"  # the 2-group GroupNorm's groups are heads: nothing stays fixed
+    assert "no permutation allowed" in rows["`llama_gqa`"][4]  # rotary q/k channels stay fixed, with the reason
 
 
 def test_transformer_experiment_tiny_writes_both_tables(tmp_path):

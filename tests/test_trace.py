@@ -73,9 +73,14 @@ def test_depthwise_and_grouped_convs():
     gn_plan = build_plan(gn_model, gx)
     names = [s.name for s in gn_plan.spaces]
     assert "0.weight:0" in names  # GroupNorm(1, C): free
-    assert "3.weight:0" not in names  # GroupNorm(2, C): channels may not leave their group
-    assert any("3.weight:0" in f.members and f.reason.startswith("group norm: statistics over 2 contiguous")
-               for f in gn_plan.fixed)
+    groups = gn_plan.space("3.weight:0")  # GroupNorm(2, C): its groups are heads, each moving as a whole
+    assert (groups.heads, groups.head_group, groups.shared) == (2, "3.weight:0", False)
+    assert not gn_plan.fixed
+    gn_model = randomize_state(gn_model, 0)
+    permuted = random_permutation(gn_model, gn_plan, seed=1)
+    assert not torch.equal(permuted.state_dict()["3.weight"], gn_model.state_dict()["3.weight"])
+    with torch.no_grad():
+        assert _rel(run(permuted, gx), run(gn_model, gx)) < 1e-5
 
 
 class Mystery(nn.Module):
@@ -294,17 +299,33 @@ def test_t5_bias_shared_by_every_layer_ties_their_heads():
 
 
 @pytest.mark.parametrize("name", ["timm_regnetx_002", "timm_resnext26ts"])
-def test_grouped_conv_moves_whole_groups_and_reports_the_channels_inside(name):
-    model, _, plan, _ = _blocked(name)
+def test_grouped_conv_moves_whole_groups_and_the_channels_inside_alike(name):
+    model, _, plan, permuted = _blocked(name)
     convs = [(k, m) for k, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels]
     assert convs
     for key, conv in convs:
         out = _space_of(plan, f"{key}.weight", 0)
-        into = next(s for s in plan.spaces if s.head_group == out.head_group and s is not out)
+        into = _space_of(plan, f"{key}.weight", 1)
+        assert into.head_group == out.head_group is not None and into is not out
         assert out.heads == into.heads == conv.groups and out.head_dim == conv.out_channels // conv.groups
-        assert not any(m.tensor == f"{key}.weight" and m.axis == 1 for s in plan.spaces for m in s.members)
-    prefix = "the channels inside each head (or conv group): grouped convolution"
-    assert any(f.reason.startswith(prefix) for f in plan.fixed)
+        assert into.shared and not out.shared  # one input map for every group; outputs free inside each group
+        assert [m.block for m in into.members if m.tensor == f"{key}.weight"] == [0]
+        w, moved = model.state_dict()[f"{key}.weight"], permuted.state_dict()[f"{key}.weight"]
+        # the input channels inside the groups moved: some output channel reads its inputs in another order
+        assert not any(torch.equal(moved[i], w[j]) for i in range(2) for j in range(w.shape[0]))
+    assert not plan.fixed and not plan.refusals()
+    plan.check_strict()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("alignment", ["weights", "activations"])
+def test_grouped_conv_fused_with_its_own_permutation_is_itself(alignment):
+    model, x, plan, permuted = _blocked("timm_regnetx_002")
+    model, permuted, x = copy.deepcopy(model).double(), copy.deepcopy(permuted).double(), x.double()
+    with torch.no_grad():  # in float64: random BatchNorm statistics give activations whose squares overflow float32
+        fused = fuse([model, permuted], alignment=alignment, calibration=[x] if alignment == "activations" else None,
+                     example_input=x, plan=plan, progress=False)
+        assert _rel(run(fused, x), run(model, x)) < 1e-9
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -141,22 +141,35 @@ def test_per_head_parameters_and_shared_head_norms_move_with_the_heads(family):
     temperature = next(s for s in plan.spaces if "temperature" in s.tensors())
     assert (temperature.size, temperature.heads, temperature.head_dim) == (4, 4, 1)
     assert len(plan.head_groups()[temperature.head_group]) == 3
-    # timm's qk_norm: a LayerNorm over head_dim shared by all heads pins the channels inside the query/key heads;
-    # the heads themselves still move (a space of 3 heads, each repeated head_dim times), with the values' heads
+    # timm's qk_norm: a LayerNorm over head_dim whose one weight every head reads: the channels inside the
+    # query/key heads move alike in every head (a shared space, the norm's members on one head's channels)
     import timm
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32, patch_size=8,
-                              depth=1, qk_norm=True).eval()
+    def build(seed: int) -> torch.nn.Module:
+        return randomize_state(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4,
+                                                 img_size=32, patch_size=8, depth=1, qk_norm=True).eval(), seed)
+
+    model, other = build(0), build(1)
     x = inputs("timm_vit")
-    qk_plan = build_plan(model, x)
+    qk_plan = build_plan(model, x, strict=True)
     qk = qk_plan.space("blocks.0.attn.qkv.weight:0")
-    assert (qk.size, qk.heads) == (3, 3) and {m.repeat for m in qk.members} == {64}
-    assert qk.head_group == qk_plan.space("blocks.0.attn.qkv.weight:0@384").head_group
-    assert "blocks.0.attn.q_norm.weight" in qk_plan.fixed_tensors() and not qk_plan.unhandled
+    assert (qk.size, qk.heads, qk.shared) == (192, 3, True)
+    assert {m.tensor for m in qk.members if m.block == 0} == {f"blocks.0.attn.{n}_norm.{p}" for n in "qk"
+                                                              for p in ("weight", "bias")}
+    values = qk_plan.space("blocks.0.attn.qkv.weight:0@384")
+    assert qk.head_group == values.head_group and not values.shared
+    assert not qk_plan.fixed and not qk_plan.unhandled
     permuted = random_permutation(model, qk_plan, 1)
+    for key in ("blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.bias"):
+        assert not torch.equal(model.state_dict()[key], permuted.state_dict()[key]), f"{key} did not move"
     with torch.no_grad():
         _close(run(permuted, x), run(model, x))
-        _close(run(fuse([model, permuted], example_input=x, plan=qk_plan, progress=False), x), run(model, x))
+        for alignment in ("weights", "activations"):
+            fused = fuse([model, permuted], example_input=x, plan=qk_plan, alignment=alignment,
+                         calibration=[x] if alignment == "activations" else None, progress=False)
+            _close(run(fused, x), run(model, x))
+        carried = fuse([model, random_permutation(other, qk_plan, 2)], weights=[0, 1], plan=qk_plan, progress=False)
+        _close(run(carried, x), run(other, x))
 
 
 def _mobilevit(seed: int) -> torch.nn.Module:

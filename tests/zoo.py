@@ -253,7 +253,7 @@ def densenet() -> nn.Module:
 
 @register("groupnorm_cnn", (3, 8, 8))
 def groupnorm_cnn() -> nn.Module:
-    # GroupNorm with 1 group (free), with 2 groups (channels may not leave their group: fixed), LayerNorm MLP head
+    # GroupNorm with 1 group (free), with 2 groups (the groups are heads), LayerNorm MLP head
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.GroupNorm(1, 8),

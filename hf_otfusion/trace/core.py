@@ -262,9 +262,10 @@ class Tracer:
                 name += "'"
             names.add(name)
             heads, group = self._heads(root)
+            shared = heads > 1 and any(m.block == 0 for m in (*refs, *sites.get(root, ())))
             kind = "residual" if n_producers.get(root, 0) > 1 and heads == 1 else "hidden"
             spaces.append((key, group, dict(name=name, size=atoms.size[root] or 0, kind=kind, members=tuple(refs),
-                                            sites=tuple(sites.get(root, ())), heads=heads)))
+                                            sites=tuple(sites.get(root, ())), heads=heads, shared=shared)))
         spaces.sort(key=lambda kv: kv[0])
         group_names: dict[int, str] = {}
         for _, group, fields in spaces:
@@ -369,6 +370,13 @@ class Tracer:
         segments side by side) are one part.
         """
         atoms = self.atoms
+        within = None if atoms.fixed[root] else atoms.sharer_of(root)
+        if within is not None:  # one head's channels, read by every head: the headed space, every block on them
+            resolved = self._resolve(atoms.find(atoms.owner[within]))
+            if resolved is None or resolved[1] != 1:
+                return []
+            heads = self._heads(resolved[0])[0]
+            return [(resolved[0], offset, repeat, 1, 0 if heads > 1 else None)]
         segments = None if atoms.fixed[root] else atoms.segments(root)
         if segments is None:
             resolved = self._resolve(root)

@@ -28,7 +28,9 @@ class _Atoms:
     - ``split``: the atom is ``H`` heads of ``d`` channels (a view (.., H * d) -> (.., H, d)). The split's head
       atom labels the head dim; its within atom labels the head-dim dim and stands for channel ``i`` of *every*
       head, which are different channels per head, so a within atom only ever joins another within atom (that
-      joins the two headed atoms: queries with keys); joining it with anything else fixes it. A head atom may
+      joins the two headed atoms: queries with keys). A free plain atom joined with it *shares* it instead
+      (:attr:`shared`): a tensor axis that holds one head's channels and is read by every head (a grouped conv's
+      input axis, a per-head q/k norm), so the channels inside every head move alike. A head atom may
       join head atoms of other splits (they share one head permutation) or plain per-head parameter axes.
     - A slice of the within dim cuts the within atom into *segments* (a ``definition`` of within atoms): each
       segment is the within atom of a headed atom of its own over the same head atom (the rotary and the
@@ -55,6 +57,8 @@ class _Atoms:
     # pairs of atoms that are the same channels but could not be joined (a within-head dim and a tensor shared by
     # every head): a reason that outranks the others (see mark) reaches both
     alike: list[tuple[int, int]] = field(default_factory=list)
+    # plain atom -> the within atom whose channels it holds for every head at once (see the class docstring)
+    shared: dict[int, int] = field(default_factory=dict)
     # the reasons that say the tracer could not follow the channels (an op without a rule, a structure the plan
     # cannot express), as opposed to what the model itself dictates
     failures: set[str] = field(default_factory=set)
@@ -161,6 +165,10 @@ class _Atoms:
         if (ra in self.uniform) != (rb in self.uniform):
             self.release(ra if ra in self.uniform else rb)
         mismatch = self.size[ra] is not None and self.size[rb] is not None and self.size[ra] != self.size[rb]
+        if not mismatch and (ra in self.owner) != (rb in self.owner):
+            w, p = (ra, rb) if ra in self.owner else (rb, ra)
+            if self._share(w, p):
+                return
         if mismatch or not self._compatible(ra, rb):
             why = f"joined with channels of another size or structure at {self.context}"
             if (ra in self.owner) != (rb in self.owner):
@@ -210,6 +218,30 @@ class _Atoms:
             self.union(sa[1], sb[1])
         if self.fixed[ra] and ra in self.definition:
             self.fix(self.definition[ra])
+
+    def _share(self, w: int, p: int) -> bool:
+        """Let plain root ``p`` hold within root ``w``'s channels for every head at once; False if it cannot (a
+        structured or composite atom, a within dim cut into segments, or one already holding another space's)."""
+        if (self._structured(p) or p in self.definition or p in self.uniform or p in self.tiles
+                or p in self.head_tiles or w in self.definition):
+            return False
+        if self.sharer_of(p) not in (None, w):
+            return False
+        self.shared[p] = w
+        self.alike.append((w, p))
+        return True
+
+    def within_side(self, d1: Desc, d2: Desc) -> Desc:
+        """Of two joined dims, ``d2`` when ``d1`` only holds one head's channels of ``d2``'s (a shared within
+        dim), else ``d1``: the label a broadcasting op's output takes (a norm's weight times the heads)."""
+        e1, e2 = self.expand(d1), self.expand(d2)
+        one = len(e1) == len(e2) == 1 and e1[0][1] == e2[0][1] == 1
+        return d2 if one and self.sharer_of(self.find(e1[0][0])) == self.find(e2[0][0]) else d1
+
+    def sharer_of(self, root: int) -> int | None:
+        """The within root whose channels plain root ``root`` holds for every head, or None."""
+        found = {self.find(w) for p, w in self.shared.items() if self.find(p) == root}
+        return found.pop() if len(found) == 1 else None
 
     def unify(self, d1: Desc, d2: Desc) -> None:
         """Make two dimensions the same channels; structures that cannot be matched are fixed."""
@@ -403,6 +435,16 @@ class _Atoms:
         changed = True
         while changed:
             changed = False
+            for p, w in list(self.shared.items()):  # one head's channels and every head's: fixed together
+                rp, rw = self.find(p), self.find(w)
+                if self.sharer_of(rp) is None or rw in self.definition:
+                    why = ("one tensor holds the channels inside the heads of two spaces, or of heads cut into "
+                           "segments: a map inside heads shared by all heads is not expressible there")
+                    self.failures.add(why)
+                    changed = self.mark(rp, why) | self.mark(rw, why) | changed
+                for a, b in ((rp, rw), (rw, rp)):
+                    if self.fixed[a] and self.mark(b, self.reason(a)):
+                        changed = True
             for root, d in list(self.definition.items()):
                 if self.fixed[self.find(root)] and not self.is_fixed(d):
                     self.fix(d)

@@ -106,15 +106,14 @@ def _conv(t: Tracer, node: Node) -> Any:
     return out
 
 
-GROUPED = ("grouped convolution: the weight's input axis indexes the channels inside every group at once, so a "
-           "channel may leave its place inside its group only if the same channel does in every group")
+GROUPED = "grouped convolution: the input channels cannot be split into the conv's groups"
 
 
 def _grouped_conv(t: Tracer, x: Desc, wl: Labels, groups: int, in_ch: int | None, out_ch: int | None) -> None:
     """A grouped conv (``groups`` blocks on both sides, as attention has heads): whole groups move together across
-    the input and the output (one head permutation), output channels move inside their group; the input's
-    channels inside a group stay in place (a per-group input map would permute the weight's axis 1 differently
-    in every group, which no plan member expresses), and so does the weight's axis 1."""
+    the input and the output (one head permutation), output channels move inside their group, and the input's
+    channels inside a group move alike in every group (the weight's axis 1 holds one group's input channels and
+    every group reads it: a shared within-head map)."""
     why = f"{GROUPED} ({t.atoms.context})"
     if not in_ch or not out_ch or in_ch % groups or out_ch % groups:
         t.atoms.fix(x, why)
@@ -126,8 +125,7 @@ def _grouped_conv(t: Tracer, x: Desc, wl: Labels, groups: int, in_ch: int | None
         t.atoms.fix(x, why)
         t.atoms.fix(wl[0], why)
         return
-    t.atoms.fix(into[1], why)
-    t.atoms.fix(wl[1], why)
+    t.join(into[1], wl[1])
     t.join(into[0], out[0])
 
 

@@ -64,9 +64,11 @@ def _group_norm(t: Tracer, node: Node) -> Any:
     else:
         groups, params = int(node.args[6]), node.args[1:3]
     channels = _shape(x)[1]
-    if groups not in (1, channels):
-        t.atoms.fix(xl[1], f"group norm: statistics over {groups} contiguous channel groups, so a channel may not "
-                    f"leave its group ({t.atoms.context})")
+    # statistics over contiguous channel groups: the groups are heads (whole groups move, channels inside each)
+    if groups not in (1, channels) and (not channels or channels % groups
+                                        or t.atoms.head_split(xl[1], groups, channels // groups) is None):
+        t.atoms.fix(xl[1], f"group norm: statistics over {groups} contiguous channel groups that the channels "
+                    f"cannot be split into ({t.atoms.context})")
     _norm_params(t, xl[1], params)
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):

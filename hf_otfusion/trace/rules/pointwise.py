@@ -44,6 +44,7 @@ def _pointwise_out(t: Tracer, node: Node, tensors: Sequence[Any]) -> Labels | No
                         # function, whatever fixed these channels before (a q/k norm shared by the heads, in Qwen3)
                         t.atoms.fix(chosen, TABLE, keep=_IO)
                 t.join(chosen, labels[k])
+                chosen = t.atoms.within_side(chosen, labels[k])
         out.append(chosen if chosen is not None else t.new(out_shape[pos]))
     return out
 
