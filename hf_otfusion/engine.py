@@ -154,6 +154,7 @@ class _Aligner:
         self.device = device
         self.index = index
         self.segs = _segments(plan)
+        self.query_axes = plan.query_axes()
         self.target_sizes = {s.name: s.size for s in target_plan.spaces}
         self.sizes = {s.name: s.size for s in plan.spaces}
         self.done: set[str] = set()
@@ -213,10 +214,12 @@ class _Aligner:
 
 def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: Space,
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rows of every ready member: (this model's, the target's), one pair per member."""
+    """Rows of every ready member: (this model's, the target's), one pair per member. Tiled members of a head
+    axis that a queries space holds are left out: the order of their tiles is that space's, not solved yet."""
     out = []
     for m_a, m_b in _member_pairs(space, target_space):
-        if not aligner.ready(m_a):
+        tiles_elsewhere = not space.queries and m_a.tile > 1 and (m_a.tensor, m_a.axis) in aligner.query_axes
+        if not aligner.ready(m_a) or tiles_elsewhere:
             continue
         out.append((rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat,
                          m_a.tile, space.heads, m_a.block),
@@ -309,18 +312,23 @@ class _Walker:
             t = self.given[space.name]
             b = t.sum(0)
         else:
-            cost, a, b, uniform = _cost(self.aligner, space, self.target, target_space, self.costs, opts.marginals)
+            # a queries space reads weights only: its channels' entries are ordered by its group's other spaces,
+            # solved before it, and its activations were read before any of them
+            cost, a, b, uniform = _cost(self.aligner, space, self.target, target_space,
+                                        None if space.queries else self.costs, opts.marginals)
             n_heads, group = target_space.heads, target_space.head_group
-            if group is not None and opts.heads and group not in self.head_sources:
+            if group is not None and opts.heads and group not in self.head_sources and not space.queries:
                 total = head_costs(cost, n_heads)
                 for other in groups[group]:
-                    if other.name != target_space.name:
+                    if other.name != target_space.name and not other.queries:
                         c_other = _cost(self.aligner, plan.space(other.name), self.target, other, self.costs,
                                         opts.marginals)[0]
                         total += head_costs(c_other, n_heads)
                 with timed("solve"):
                     self.head_sources[group] = broadcast_object(match_heads(total) if is_main() else None)
             order = self.head_sources.get(group, list(range(n_heads))) if group is not None else list(range(n_heads))
+            if target_space.queries:  # its heads already stand where the group's tiled members moved them
+                order = list(range(n_heads))
             t = _solve_space(cost, a, b, target_space, order, opts, uniform)
         m_map = barycentric_map(t, b)
         self.aligner.apply(space, m_map)

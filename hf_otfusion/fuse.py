@@ -126,9 +126,9 @@ def ensemble(models: Sequence[nn.Module], weights: Sequence[float] | None = None
 def _random_order(space: Space, gen: torch.Generator, head_orders: dict[str, torch.Tensor],
                   permute_heads: bool) -> torch.Tensor:
     """A random channel order for one space: within each head (one order for all heads of a shared space), and of
-    whole heads (one order per head group)."""
+    whole heads (one order per head group; a queries space's heads are moved by its group's other spaces)."""
     n, d = space.heads, space.head_dim
-    if space.head_group is not None and permute_heads and n > 1:
+    if space.head_group is not None and permute_heads and n > 1 and not space.queries:
         if space.head_group not in head_orders:
             order = torch.randperm(n, generator=gen)
             head_orders[space.head_group] = order.roll(1) if bool((order == torch.arange(n)).all()) else order

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -118,14 +119,16 @@ def weight_similarity(state: Mapping[str, torch.Tensor], target_state: Mapping[s
     return sum(_dot(state[t], target_state[t]) for t in _moved(plan))
 
 
-def _similarity(state: State, target_state: State, space: Space) -> torch.Tensor:
+def _similarity(state: State, target_state: State, space: Space,
+                untiled: AbstractSet[tuple[str, int]] = frozenset()) -> torch.Tensor:
     """(n, n) float64: entry (i, j) the summed inner products of this state's channel i and the target's j over
-    every member axis of the space (other axes as they are, i.e. already in the target's basis)."""
+    every member axis of the space (other axes as they are, i.e. already in the target's basis). ``untiled``: axes
+    whose tiled members are left out (a queries space solves the order of their tiles)."""
     n = space.size
     s = torch.zeros(n, n, dtype=torch.float64, device=next(iter(target_state.values())).device)
     for m in space.members:
         a, b = state[m.tensor], target_state[m.tensor]
-        if not a.is_floating_point():
+        if not a.is_floating_point() or (m.tile > 1 and (m.tensor, m.axis) in untiled):
             continue
         dtype = torch.promote_types(a.dtype, torch.float32)
         ra = rows(a, m.axis, m.offset, n, m.repeat, m.tile, space.heads, m.block).to(dtype)
@@ -142,7 +145,7 @@ def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool) -> l
         s = sims[0]
         t = solve(-s, marginal(space.size, device=s.device), marginal(space.size, device=s.device))
         return [t.argmax(0)]
-    if heads and space.head_group is not None:
+    if heads and space.head_group is not None and not space.queries:  # a queries space's heads: its group's
         total = sum(head_costs(-s, n_heads) for s in sims)
         order = match_heads(total)
     else:
@@ -155,11 +158,12 @@ def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool) -> l
 
 
 def _units(plan: AlignmentPlan, heads: bool) -> list[list[Space]]:
-    """The coordinates: every space alone, except that the spaces of one head group move together."""
+    """The coordinates: every space alone, except that the spaces of one head group move together (a queries
+    space alone: its group moves its heads, it only the order inside each)."""
     units: list[list[Space]] = []
     groups: dict[str, list[Space]] = {}
     for space in plan.spaces:
-        if space.head_group is not None and space.heads > 1 and heads:
+        if space.head_group is not None and space.heads > 1 and heads and not space.queries:
             if space.head_group not in groups:
                 groups[space.head_group] = []
                 units.append(groups[space.head_group])
@@ -198,12 +202,13 @@ def weight_matching(
     total = weight_similarity(cur, tgt, plan)
     result.objective.append(total)
     units = _units(plan, heads)
+    query_axes = plan.query_axes()
     gen = torch.Generator().manual_seed(seed)
     for _ in range(sweeps):
         changed = 0
         for u in torch.randperm(len(units), generator=gen).tolist():
             spaces = units[u]
-            sims = [_similarity(cur, tgt, sp) for sp in spaces]
+            sims = [_similarity(cur, tgt, sp, frozenset() if sp.queries else query_axes) for sp in spaces]
             qs = [q.cpu() for q in _solve_unit(sims, spaces, heads)]
             if all(bool((q == torch.arange(q.numel())).all()) for q in qs):
                 continue

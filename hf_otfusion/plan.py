@@ -19,6 +19,11 @@ whose ``head_group`` is None keeps every head in place (only the channels inside
 A *shared* headed space maps the channels inside every head alike (one within-head map for all heads): some
 tensor axis holds one head's channels and is read by every head (a grouped convolution's input axis, a per-head
 q/k norm). Such a member has ``block == 0``: every head block lies on the same positions.
+
+With grouped- or multi-query attention, the query heads that read one key/value head may be permuted among
+themselves: a *queries* space holds them (a head per key/value head, each query head one channel repeated head_dim
+times, on the axes where other spaces hold them as tiles). Its heads are moved by the tiled members of its group's
+other spaces; it joins their head matching, and solves only the order of the query heads inside each head.
 """
 
 from __future__ import annotations
@@ -96,12 +101,17 @@ class Space(BaseModel):
     head_group: str | None = None
     shared: bool = Field(False, description="one map of the channels inside a head for every head; members with "
                          "block 0 hold one head's channels, read by every head")
+    queries: bool = Field(False, description="holds the query heads of grouped- or multi-query attention, each "
+                          "tiled in another space's members: those members' costs leave their tiles' order to it; "
+                          "with heads (one per key/value head), the group's other spaces move its heads, so it joins "
+                          "their head matching and then solves only the order inside each head")
 
     @model_serializer(mode="wrap")
-    def _omit_unshared(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         out = handler(self)
-        if not self.shared:  # plans written before the field existed read the same
-            out.pop("shared", None)
+        for flag in ("shared", "queries"):  # plans written before the fields existed read the same
+            if not getattr(self, flag):
+                out.pop(flag, None)
         return out
 
     @model_validator(mode="after")
@@ -184,6 +194,11 @@ class AlignmentPlan(BaseModel):
                 out.setdefault(space.head_group, []).append(space)
         return out
 
+    def query_axes(self) -> set[tuple[str, int]]:
+        """(tensor, axis) pairs of the :attr:`Space.queries` spaces: a tiled member there leaves the order of its
+        tiles to that space, so costs leave it out."""
+        return {(m.tensor, m.axis) for s in self.spaces if s.queries for m in s.members}
+
     def members_by_tensor(self) -> dict[str, list[tuple[Space, AxisRef]]]:
         """For each tensor, the (space, member) pairs that index it."""
         out: dict[str, list[tuple[Space, AxisRef]]] = {}
@@ -216,6 +231,8 @@ class AlignmentPlan(BaseModel):
             heads = "-" if space.heads == 1 else f"{space.heads}x{space.head_dim}" + ("=" if space.shared else "")
             if space.head_group is not None:
                 heads += f" g{groups[space.head_group]}"
+            if space.queries:
+                heads += "q"
             lines.append(f"{i:>3}  {space.name:<40} {space.size:>6}  {heads:<9} {space.kind:<8}  {members}")
         fixed = self.fixed_tensors()
         if fixed:
@@ -223,6 +240,9 @@ class AlignmentPlan(BaseModel):
         for g, i in groups.items():
             lines.append(f"head group g{i} ({g}): one permutation of the heads for "
                          + ", ".join(s.name for s in self.head_groups()[g]))
+        if any(s.queries for s in self.spaces):
+            lines.append("spaces marked 'q': the query heads of each key/value head, one channel each (their key/"
+                         "value heads move with the group's other spaces; only their order inside them is solved)")
         if any(s.shared for s in self.spaces):
             lines.append("heads marked '=': one map of the channels inside a head, the same in every head "
                          "(members with block 0 hold one head's channels)")

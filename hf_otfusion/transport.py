@@ -300,7 +300,8 @@ def carry(values: torch.Tensor, segments: Sequence[tuple[AxisRef, int, torch.Ten
         out = values.clone()  # every width kept: each member in place, wherever its head blocks lie
         for m, heads, t in segments:
             n = t.shape[0]
-            parent = gather(values, n, heads, m.repeat, m.tile, m.block, m.offset).reshape(n, -1)
+            # from ``out``: two spaces may share positions (a queries space), their maps applied one after the other
+            parent = gather(out, n, heads, m.repeat, m.tile, m.block, m.offset).reshape(n, -1)
             moved = _barycentric(t, values) @ parent
             out = place(out, moved.reshape(-1, *rest), n, heads, m.repeat, m.tile, m.block, m.offset)
         return out

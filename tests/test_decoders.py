@@ -63,10 +63,17 @@ def test_grouped_query_plan_ties_kv_heads_to_their_query_groups(family):
     assert (q.tile, q.repeat, q.block) == (2, 8, None)
     assert (o.tile, o.axis) == (2, 1)  # the output projection reads every value head once per query head
     assert any(f"{layer}.q_proj.weight:0" in f.members and f.necessary for f in plan.fixed)
+    # the query heads inside each kv head's group: a space of their own, whose heads the group above moves
+    queries = next(s for s in plan.spaces if s.queries and s.head_group == heads.head_group)
+    assert (queries.size, queries.heads, queries.head_dim, queries.sites) == (4, 2, 2, ())
+    assert {(m.tensor, m.axis, m.repeat, m.tile) for m in queries.members} == {
+        (f"{layer}.q_proj.weight", 0, 8, 1), (f"{layer}.o_proj.weight", 1, 8, 1)}
+    assert [s.name for s in plan.spaces].index(queries.name) > [s.name for s in plan.spaces].index(values.name)
 
 
 def _swap_kv_heads(model: torch.nn.Module, layer: int, groups: int, d: int) -> torch.nn.Module:
-    """By hand: swap kv heads 0 and 1 with their groups of query heads, and shuffle value channels in each head."""
+    """By hand: swap kv heads 0 and 1 with their groups of query heads, reverse the query heads inside each group,
+    and shuffle value channels in each head."""
     import copy
 
     out = copy.deepcopy(model)
@@ -76,8 +83,8 @@ def _swap_kv_heads(model: torch.nn.Module, layer: int, groups: int, d: int) -> t
     within = torch.randperm(d, generator=torch.Generator().manual_seed(3))
     kv_idx = torch.cat([h * d + torch.arange(d) for h in kv_order])
     v_idx = torch.cat([h * d + within for h in kv_order])
-    q_idx = torch.cat([(h * g + s) * d + torch.arange(d) for h in kv_order for s in range(g)])
-    o_idx = torch.cat([(h * g + s) * d + within for h in kv_order for s in range(g)])
+    q_idx = torch.cat([(h * g + s) * d + torch.arange(d) for h in kv_order for s in reversed(range(g))])
+    o_idx = torch.cat([(h * g + s) * d + within for h in kv_order for s in reversed(range(g))])
     with torch.no_grad():
         attn.q_proj.weight.copy_(attn.q_proj.weight[q_idx])
         attn.k_proj.weight.copy_(attn.k_proj.weight[kv_idx])
@@ -86,7 +93,7 @@ def _swap_kv_heads(model: torch.nn.Module, layer: int, groups: int, d: int) -> t
     return out
 
 
-def test_fuse_undoes_a_hand_built_kv_head_permutation(family):
+def test_fuse_undoes_a_hand_built_kv_head_and_query_head_permutation(family):
     model, x, plan, _ = family("llama_gqa")
     swapped = _swap_kv_heads(model, 0, groups=2, d=8)
     with torch.no_grad():
@@ -96,7 +103,11 @@ def test_fuse_undoes_a_hand_built_kv_head_permutation(family):
         averaged = make("llama_gqa")[0]
         averaged.load_state_dict(naive)
         assert _rel(run(averaged, x), ref) > 1e-2  # plain averaging does not undo it
-        fused = fuse([model, swapped], example_input=x, plan=plan, progress=False)
+        for alignment in ("weights", "activations"):
+            fused = fuse([model, swapped], example_input=x, plan=plan, alignment=alignment, progress=False,
+                         calibration=[x] if alignment == "activations" else None)
+            assert _rel(run(fused, x), ref) < 1e-5, alignment
+        fused = fuse([model, swapped], example_input=x, plan=plan, sweeps=2, progress=False)
         assert _rel(run(fused, x), ref) < 1e-5
 
 

@@ -235,7 +235,10 @@ class Tracer:
         for kind in (self.consumer_sites, self.producer_sites):
             found: dict[int, list[Site]] = {}
             for node, dim, desc in kind:
-                for root, offset, repeat, tile, block in self._segments(desc):
+                parts = self._segments(desc)
+                if any(part[0] in atoms.head_tiles for part in parts):  # query heads: their tiles' order is the
+                    parts = [part for part in parts if part[3] == 1]  # queries space's, so only it reads them here
+                for root, offset, repeat, tile, block in parts:
                     site = Site(node=node, dim=dim, offset=offset, repeat=repeat, tile=tile, block=block)
                     if site not in found.setdefault(root, []):
                         found[root].append(site)
@@ -261,12 +264,15 @@ class Tracer:
             while name in names:
                 name += "'"
             names.add(name)
-            heads, group = self._heads(root)
+            queries = root in atoms.head_tiles
+            heads, group = self._query_heads(root) if queries else self._heads(root)
             shared = heads > 1 and any(m.block == 0 for m in (*refs, *sites.get(root, ())))
-            kind = "residual" if n_producers.get(root, 0) > 1 and heads == 1 else "hidden"
+            kind = "residual" if n_producers.get(root, 0) > 1 and heads == 1 and not queries else "hidden"
             spaces.append((key, group, dict(name=name, size=atoms.size[root] or 0, kind=kind, members=tuple(refs),
-                                            sites=tuple(sites.get(root, ())), heads=heads, shared=shared)))
+                                            sites=() if queries else tuple(sites.get(root, ())), heads=heads,
+                                            shared=shared, queries=queries)))
         spaces.sort(key=lambda kv: kv[0])
+        spaces = _queries_last(spaces)
         group_names: dict[int, str] = {}
         for _, group, fields in spaces:
             if group is not None:
@@ -353,6 +359,28 @@ class Tracer:
             return (n, None if atoms.fixed[h] or n == 1 else h) if n > 1 else (1, None)
         return 1, None
 
+    def _queries(self, root: int, offset: int, repeat: int, block: int | None,
+                 ) -> list[tuple[int, int, int, int, int | None]]:
+        """The part of grouped- or multi-query attention's query heads (a tile of key/value heads, or its head
+        atom) in their queries space: each query head one channel, keyed by the tile's head atom."""
+        atoms = self.atoms
+        if root in atoms.split:  # query heads (their head atom a tile of the key/value heads'), each head whole
+            head, per = atoms.find(atoms.split[root][0]), atoms.size[atoms.find(atoms.split[root][1])] or 0
+        elif root in atoms.head_tiles:
+            head, per = root, 1
+        else:
+            return []
+        if block is not None or atoms.fixed[head] or atoms.head_tiles.get(head, (0, 1))[1] < 2 or not per:
+            return []
+        return [(head, offset, repeat * per, 1, None)]
+
+    def _query_heads(self, key: int) -> tuple[int, int | None]:
+        """(number of key/value heads, their head atom when they move) of a queries space's key."""
+        atoms = self.atoms
+        kv = atoms.find(atoms.head_tiles[key][0])
+        n = atoms.size[kv] or 1
+        return (n, None if atoms.fixed[kv] else kv) if n > 1 else (1, None)
+
     def _segments(self, desc: Desc) -> list[tuple[int, int, int, int, int | None]]:
         """(space key, offset, repeat, tile, block) of each free segment of a dimension."""
         out, offset = [], 0
@@ -384,10 +412,12 @@ class Tracer:
                 return []
             key, rep, tile = resolved
             d = (atoms.size[key] or 0) // self._heads(key)[0]  # the space's head_dim
-            return [(key, offset, repeat * rep, tile, None if block == d * repeat * rep else block)]
+            return [(key, offset, repeat * rep, tile, None if block == d * repeat * rep else block),
+                    *self._queries(root, offset, repeat, block)]
+        queries = self._queries(root, offset, repeat, block)  # whole query heads, across the segments inside them
+        out: list[tuple[int, int, int, int, int | None]] = []
         if block is None:
             block = (atoms.size[atoms.find(atoms.split[root][1])] or 0) * repeat
-        out: list[tuple[int, int, int, int, int | None]] = []
         for seg, inside in segments:
             for part in self._place(seg, offset + inside * repeat, repeat, block):
                 last = out[-1] if out else None
@@ -398,7 +428,16 @@ class Tracer:
                     if part[2] == block:
                         part = (*part[:4], None)
                 out.append(part)
-        return out
+        return out + queries
+
+
+def _queries_last(spaces: list[tuple[int, int | None, dict[str, Any]]]) -> list[tuple[int, int | None, dict]]:
+    """Each queries space with a head group after every other space of the group (whose tiled members move its
+    heads)."""
+    out = [s for s in spaces if not s[2]["queries"] or s[1] is None]
+    for q in (s for s in spaces if s[2]["queries"] and s[1] is not None):
+        out.insert(max((i for i, s in enumerate(out) if s[1] == q[1]), default=len(out) - 1) + 1, q)
+    return out
 
 
 def hidden_outputs(ep: ExportedProgram) -> set[int]:

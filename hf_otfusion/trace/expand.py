@@ -286,7 +286,7 @@ def _expand(plan: AlignmentPlan, model: nn.Module, shallow: nn.Module, layout: _
             return None
         where[(i, real)] = len(fields)
         fields.append(dict(name=_rename(s.name, layout, real), size=s.size, kind=s.kind, members=tuple(refs),
-                           heads=s.heads, shared=s.shared, group=s.head_group))
+                           heads=s.heads, shared=s.shared, queries=s.queries, group=s.head_group))
     names = _names(fields, order)
     spaces = []
     for (i, real), f in zip(placed, fields, strict=True):
