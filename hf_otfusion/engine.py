@@ -97,6 +97,11 @@ def check_compatible(target: AlignmentPlan, other: AlignmentPlan, index: int) ->
             raise FusionError(f"space {name!r} maps the channels inside its heads alike in "
                               f"{'the target' if space_t.shared else f'model {index}'} only: they do not share an "
                               "architecture")
+        if space_t.queries and [m.repeat for m in space_t.members] != [m.repeat for m in space_o.members]:
+            raise FusionError(f"space {name!r}: the query heads of grouped-query attention hold "
+                              f"{space_o.members[0].repeat} entries each in model {index} but "
+                              f"{space_t.members[0].repeat} in the target: models of different head widths with "
+                              "grouped- or multi-query attention cannot be fused")
         if space_t.heads != space_o.heads:
             raise FusionError(f"space {name!r} has {space_o.heads} attention heads in model {index} but "
                               f"{space_t.heads} in the target: fusing models with different head counts is not "

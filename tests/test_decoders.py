@@ -10,7 +10,7 @@ import pytest
 import torch
 from zoo import DECODERS, inputs, make, randomize_state, run
 
-from hf_otfusion import build_plan, fuse, random_permutation
+from hf_otfusion import FusionError, build_plan, fuse, random_permutation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,3 +191,15 @@ def test_phi_permutation_moves_pass_rows_with_one_map_per_query_group(family):
     assert all(k[:rot] == list(range(rot)) for k in k_in)
     assert any(k[rot:] != list(range(rot, d)) for k in k_in), "no pass channel moved"
     assert any(v != list(range(d)) for v in v_in), "no value channel moved"
+
+
+def test_grouped_query_models_of_different_head_widths_are_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build(head_dim: int) -> torch.nn.Module:
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim))
+
+    x = {"input_ids": torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))}
+    with pytest.raises(FusionError, match="different head widths with grouped- or multi-query attention"):
+        fuse([build(8), build(16)], example_input=x, progress=False)

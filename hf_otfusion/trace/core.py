@@ -432,11 +432,15 @@ class Tracer:
 
 
 def _queries_last(spaces: list[tuple[int, int | None, dict[str, Any]]]) -> list[tuple[int, int | None, dict]]:
-    """Each queries space with a head group after every other space of the group (whose tiled members move its
-    heads)."""
-    out = [s for s in spaces if not s[2]["queries"] or s[1] is None]
-    for q in (s for s in spaces if s[2]["queries"] and s[1] is not None):
-        out.insert(max((i for i, s in enumerate(out) if s[1] == q[1]), default=len(out) - 1) + 1, q)
+    """Each queries space after every other space on its axes: their tiled members move its heads and order the
+    entries of its channels, so its cost is read once they are solved."""
+    def axes(fields: dict[str, Any]) -> set[tuple[str, int]]:
+        return {(m.tensor, m.axis) for m in fields["members"]}
+
+    out = [s for s in spaces if not s[2]["queries"]]
+    for q in (s for s in spaces if s[2]["queries"]):
+        mine = axes(q[2])
+        out.insert(max((i for i, s in enumerate(out) if axes(s[2]) & mine), default=len(out) - 1) + 1, q)
     return out
 
 
