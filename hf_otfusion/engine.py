@@ -219,8 +219,8 @@ class _Aligner:
 
 def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: Space,
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rows of every ready member: (this model's, the target's), one pair per member. Tiled members of a head
-    axis that a queries space holds are left out: the order of their tiles is that space's, not solved yet."""
+    """Rows of every ready member: (this model's, the target's), one pair per member. Tiled members on an axis
+    that a queries space holds are left out: the order of their tiles is that space's, not solved yet."""
     out = []
     for m_a, m_b in _member_pairs(space, target_space):
         tiles_elsewhere = not space.queries and m_a.tile > 1 and (m_a.tensor, m_a.axis) in aligner.query_axes

@@ -12,6 +12,7 @@ from hf_otfusion.transport import (
     positions,
     rows,
     solve,
+    solve_heads,
     transport_axis,
 )
 
@@ -161,3 +162,22 @@ def test_distance_of_blocks_wide_path_equals_cdist_of_the_joined_rows(monkeypatc
     assert torch.isfinite(d).all() and d.diagonal().abs().max() < 1e-2 and (d + torch.eye(6) * 1e9).min() > 0.1
     empty, za, zb = transport.distance_of_blocks([], 3, 4)
     assert empty.shape == (3, 4) and not empty.any() and za.shape == (3,) and zb.shape == (4,)
+
+
+def test_shared_heads_get_one_map_inside_every_head_and_block_zero_members_hold_one_head():
+    gen = torch.Generator().manual_seed(0)
+    heads, d = 3, 4
+    sigma, order = torch.tensor([2, 0, 3, 1]), [1, 2, 0]  # one map inside every head, and a head order
+    feats = torch.randn(heads * d, 5, generator=gen, dtype=torch.float64)
+    source = torch.cat([h * d + sigma for h in order])  # target channel j <- channel source[j]
+    noise = torch.randn(heads * d, 5, generator=gen, dtype=torch.float64)
+    cost = pairwise_distance(feats, feats[source] + 1.5 * noise)
+    uniform = marginal(heads * d)
+    t = solve_heads(cost, uniform, uniform.clone(), heads, order, shared=True)
+    assert torch.equal(t.argmax(0), source)  # the heads' summed costs find the map that one head alone misses
+    assert not torch.equal(solve_heads(cost, uniform, uniform.clone(), heads, order).argmax(0), source)
+    m = barycentric_map(t, uniform)
+    one_head = torch.randn(d, 2, generator=gen, dtype=torch.float64)  # an axis every head reads (block 0)
+    moved = transport_axis(one_head, m, 0, heads=heads, block=0)
+    torch.testing.assert_close(moved, one_head[sigma])
+    assert positions(heads * d, heads, block=0).tolist() == list(range(d)) * heads
