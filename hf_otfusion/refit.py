@@ -14,6 +14,11 @@ with an unregularised bias column when the layer has a bias. ``W₀`` (``prior="
 as fusion left it, so directions the calibration data does not reach keep the averaged weights and a model refitted
 onto its own outputs comes back exactly; ``prior="zero"`` is the plain ridge ``Y Xᵀ (X Xᵀ + λ I)⁻¹``.
 
+With ``target="stream"`` a layer whose output is added straight onto a value of an earlier level (a residual
+block's last layer: a transformer's attention output and MLP down projections, a ResNet block's last conv + BN) is
+fitted onto the residual stream instead: ``Y`` is the parents' mean of the add's output, less the fused model's own
+value of the other operand, so each block also corrects the error the fused stream has gathered before it.
+
 A linear or convolution whose only user is a BatchNorm (eval mode, running statistics) is fitted together with it,
 as one affine map onto the norm's output, and folded back: the weights take the fitted map, the BatchNorm's running
 statistics become the refitted layer's own mean and variance on the calibration data and its weight and bias undo
@@ -82,6 +87,7 @@ from .trace import build_plan, export_model
 
 Prior = Literal["fused", "zero"]
 Inputs = Literal["fused", "parents"]
+Target = Literal["layer", "stream"]
 REFIT_ALPHA = 1e-3  # ridge strength relative to the Gram matrix's mean diagonal (measured: docs/results/refit.md)
 REFIT_CHUNK = 64  # inputs per forward pass: the unfolded patches of one chunk are held at a time
 
@@ -99,6 +105,11 @@ class _Parent:
     units: dict[str, _Unit]  # by weight name
 
 
+def _target_node(unit: _Unit, streamed: bool) -> str:
+    """The node whose value a parent's unit gives the target from: its residual add's output when streamed."""
+    return unit.stream[0] if streamed and unit.stream is not None else unit.out
+
+
 def refit_model(
     fused: nn.Module,
     parents: Sequence[nn.Module | Mapping[str, torch.Tensor]],
@@ -109,6 +120,7 @@ def refit_model(
     alpha: float = REFIT_ALPHA,
     prior: Prior = "fused",
     inputs: Inputs = "fused",
+    target: Target = "layer",
     chunk: int = REFIT_CHUNK,
     device: str | torch.device | None = None,
     plan: AlignmentPlan | None = None,
@@ -133,6 +145,9 @@ def refit_model(
             plain ridge.
         inputs: ``"fused"`` (the refit: each layer's inputs as the fused model computes them) or ``"parents"``
             (RegMean: each parent's own inputs and Gram matrix; needs parents in the fused model's shapes).
+        target: ``"layer"`` (each layer onto the parents' mean output of that layer) or ``"stream"`` (a layer added
+            straight onto a residual stream onto the parents' mean stream after the add, less the fused model's own
+            stream before it; RegMean, ``inputs="parents"``, always fits the layer).
         chunk: inputs per forward pass (memory holds one chunk's unfolded patches).
         device: where the passes run (default: the fused model's device).
         plan: the fused model's alignment plan, needed with ``couplings`` (traced when omitted).
@@ -152,6 +167,8 @@ def refit_model(
         raise FusionError(f"unknown refit prior {prior!r}: choose fused or zero")
     if inputs not in ("fused", "parents"):
         raise FusionError(f"unknown refit inputs {inputs!r}: choose fused or parents")
+    if target not in ("layer", "stream"):
+        raise FusionError(f"unknown refit target {target!r}: choose layer or stream")
     if not alpha >= 0 or not math.isfinite(alpha):
         raise FusionError(f"refit needs alpha >= 0, got {alpha}")
     if chunk < 1:
@@ -210,7 +227,10 @@ def refit_model(
             normals[unit.node] = _Normal(torch.zeros(unit.groups, d_in, d_in, dtype=_F64, device=dev),
                                          torch.zeros(unit.groups, out // unit.groups, d_in, dtype=_F64, device=dev))
         sums = {r.node: [torch.zeros(state[r.mean].shape[0], dtype=_F64, device=dev)] * 2 + [0] for r in stats}
-        wanted = {u.source for u in todo} | {r.source for r in stats}
+        streamed = {u.node for u in todo if target == "stream" and inputs == "fused" and u.stream is not None
+                    and all(p.units[u.weight].stream is not None for p in members)}
+        wanted = {u.source for u in todo} | {r.source for r in stats} | {u.stream[1] for u in todo
+                                                                          if u.node in streamed}
         seen = 0
         for batch in shard(_chunks(calibration, chunk, splittable)):
             seen += 1
@@ -219,15 +239,15 @@ def refit_model(
                 rows = values[r.source].movedim(1, -1).reshape(-1, values[r.source].shape[1]).to(_F64)
                 s, sq, n = sums[r.node]
                 sums[r.node] = [s + rows.sum(0), sq + (rows * rows).sum(0), n + rows.shape[0]]
-            target: dict[str, torch.Tensor] = {}
+            wanted_out: dict[str, torch.Tensor] = {}
             for p in members:
-                p_wanted = {p.units[u.weight].out for u in todo}
+                p_wanted = {_target_node(p.units[u.weight], u.node in streamed) for u in todo}
                 if inputs == "parents":
                     p_wanted |= {p.units[u.weight].source for u in todo}
                 got = _collect(p.program, p.state, batch, p_wanted, dev)
                 for unit in todo:
                     pu = p.units[unit.weight]
-                    y = _output_rows(pu, got[pu.out])
+                    y = _output_rows(pu, got[_target_node(pu, unit.node in streamed)])
                     if p.coupling is not None:
                         y = _carry(y, plan, unit.weight, unit.out_axis, state[unit.weight].shape[unit.out_axis],
                                    p.coupling)
@@ -235,11 +255,13 @@ def refit_model(
                         x = _input_rows(unit, got[pu.source], state[unit.weight].shape)
                         normals[unit.node].add(x, y, p.weight)
                     else:
-                        target[unit.node] = target[unit.node] + p.weight * y if unit.node in target else p.weight * y
+                        wanted_out[unit.node] = wanted_out[unit.node] + p.weight * y if unit.node in wanted_out else p.weight * y
             if inputs == "fused":
                 for unit in todo:
                     x = _input_rows(unit, values[unit.source], state[unit.weight].shape)
-                    normals[unit.node].add(x, target[unit.node])
+                    if unit.node in streamed:  # the stream after the add, less what the fused model adds to it
+                        wanted_out[unit.node] = wanted_out[unit.node] - _output_rows(unit, values[unit.stream[1]])
+                    normals[unit.node].add(x, wanted_out[unit.node])
         if sum_numbers(seen)[0] == 0:
             raise FusionError("the calibration data is empty")
         for unit in todo:  # a distributed run: every process's sums

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,9 @@ class _Unit:
     padding: tuple[int, ...] | str = ()
     dilation: tuple[int, ...] = ()
     groups: int = 1
+    # the residual add the unit's output flows into and the add's other operand (computed before this level): the
+    # "stream" target is the parents' mean of the add's output less the fused model's other operand
+    stream: tuple[str, str] | None = None
 
     @property
     def out_axis(self) -> int:
@@ -138,7 +142,29 @@ def find_units(ep: ExportedProgram) -> tuple[list[_Unit], list[_Reset]]:
             d += 1
             out_resets.append(_Reset(level=d, **resets[node.name]))
         depth[node.name] = d
+    nodes = {n.name: n for n in ep.graph.nodes}
+    units = [dataclasses.replace(u, stream=_stream(nodes[u.out], depth, u.level)) for u in units]
     return units, out_resets
+
+
+def _stream(node: torch.fx.Node, depth: dict[str, int], level: int) -> tuple[str, str] | None:
+    """(add, other operand) when ``node``'s value (a BatchNorm's through its first output) is added to a value that
+    depends only on units of lower levels than ``level``; None otherwise."""
+    users = list(node.users)
+    if len(users) == 1 and _op(users[0]) == "getitem" and users[0].args[1] == 0:
+        node, users = users[0], list(users[0].users)
+    if len(users) != 1 or _op(users[0]) != "add" or users[0].kwargs.get("alpha", 1) != 1:
+        return None
+    add = users[0]
+    others = [a for a in add.args if a is not node]
+    if len(add.args) != 2 or len(others) != 1 or not isinstance(others[0], torch.fx.Node):
+        return None
+    other = others[0]
+    mine, theirs, total = (v.meta.get("val") for v in (node, other, add))
+    if not all(isinstance(v, torch.Tensor) for v in (mine, theirs, total)) or mine.shape != total.shape or \
+            theirs.shape != total.shape:
+        return None
+    return (add.name, other.name) if depth.get(other.name, 0) < level else None
 
 
 def _shape0(node: torch.fx.Node) -> int:

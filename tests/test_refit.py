@@ -73,6 +73,16 @@ class _Zoo(nn.Module):
         return self.head(t.mean(1))
 
 
+class _ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.up, self.down, self.head = nn.Linear(64, 16), nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.inp(x.flatten(1)))
+        return self.head(h + self.down(F.relu(self.up(h))))
+
+
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(x)
@@ -113,6 +123,30 @@ def test_every_layer_of_the_zoo_is_refitted():
     assert by_weight["depthwise.weight"].level == by_weight["grouped.weight"].level + 1
     assert by_weight["post.weight"].kind == "bn" and by_weight["post.weight"].groups == 8  # per-channel affine
     assert not resets
+    # a layer added straight onto a value of an earlier level feeds a residual stream
+    assert by_weight["depthwise.weight"].stream is not None
+    assert all(u.stream is None for u in units if u.weight != "depthwise.weight")
+
+
+def test_stream_target_fits_the_residual_stream_after_the_add_not_the_layer_alone():
+    torch.manual_seed(0)
+    a, b = _ResidualMLP().eval(), _ResidualMLP().eval()
+    avg = fuse([a, b], calibration=X, progress=False)
+    aligned = [a, fuse([a, b], weights=[0, 1], calibration=X, progress=False)]
+    units = {u.weight: u for u in find_units(export_model(avg, X[:2]))[0]}
+    assert units["down.weight"].stream is not None and units["up.weight"].stream is None
+
+    def stream(model: nn.Module) -> torch.Tensor:  # the head's input: the residual stream after the add
+        seen = []
+        hook = model.head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        _outputs(model, X)
+        hook.remove()
+        return seen[0]
+
+    want = (stream(aligned[0]) + stream(aligned[1])) / 2
+    errors = {t: (stream(refit_model(avg, aligned, X, alpha=0.0, target=t)) - want).norm().item()
+              for t in ("layer", "stream")}
+    assert errors["stream"] < 0.9 * errors["layer"], errors
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,13 +254,16 @@ def test_refit_options_and_errors():
     a, b = _mlp(0), _mlp(1)
     avg = fuse([a, b], calibration=X, progress=False)
     aligned_b = fuse([a, b], weights=[0, 1], calibration=X, progress=False)
-    for kwargs in (dict(alpha=0.0), dict(prior="zero"), dict(inputs="parents"), dict(alpha=0.1)):
+    for kwargs in (dict(alpha=0.0), dict(prior="zero"), dict(inputs="parents"), dict(alpha=0.1), dict(target="layer"),
+                   dict(target="stream", inputs="parents")):
         out = _outputs(refit_model(avg, [a, aligned_b], X, **kwargs), X)
         assert torch.isfinite(out).all(), kwargs
     with pytest.raises(FusionError, match="calibration"):
         refit_model(avg, [a, aligned_b], None)
     with pytest.raises(FusionError, match="alpha"):
         refit_model(avg, [a, aligned_b], X, alpha=-1)
+    with pytest.raises(FusionError, match="target"):
+        refit_model(avg, [a, aligned_b], X, target="logits")
     with pytest.raises(FusionError, match="shapes"):
         refit_model(avg, [a, _mlp(2, (20, 16))], X)
     with pytest.raises(FusionError, match="calibration"):
