@@ -255,7 +255,7 @@ def refit_model(
                         x = _input_rows(unit, got[pu.source], state[unit.weight].shape)
                         normals[unit.node].add(x, y, p.weight)
                     else:
-                        wanted_out[unit.node] = wanted_out[unit.node] + p.weight * y if unit.node in wanted_out else p.weight * y
+                        wanted_out[unit.node] = wanted_out.get(unit.node, 0) + p.weight * y
             if inputs == "fused":
                 for unit in todo:
                     x = _input_rows(unit, values[unit.source], state[unit.weight].shape)

@@ -76,7 +76,8 @@ class _Zoo(nn.Module):
 class _ResidualMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.inp, self.up, self.down, self.head = nn.Linear(64, 16), nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 10)
+        self.inp, self.up, self.down = nn.Linear(64, 16), nn.Linear(16, 24), nn.Linear(24, 16)
+        self.head = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.inp(x.flatten(1)))
