@@ -72,6 +72,7 @@ class _Reset:
 
 
 _LAYERS = {"linear", "addmm", "conv1d", "conv2d", "convolution"}
+_SAME_VALUE = {"clone", "alias", "contiguous", "dropout"}
 
 
 def _ints(value: Any, n: int, default: int) -> tuple[int, ...]:
@@ -152,6 +153,8 @@ def _stream(node: torch.fx.Node, depth: dict[str, int], level: int) -> tuple[str
     depends only on units of lower levels than ``level``; None otherwise."""
     users = list(node.users)
     if len(users) == 1 and _op(users[0]) == "getitem" and users[0].args[1] == 0:
+        node, users = users[0], list(users[0].users)
+    while len(users) == 1 and _op(users[0]) in _SAME_VALUE:  # an eval-mode dropout exports as a clone
         node, users = users[0], list(users[0].users)
     if len(users) != 1 or _op(users[0]) != "add" or users[0].kwargs.get("alpha", 1) != 1:
         return None

@@ -227,6 +227,12 @@ def _fusions(s: Setting, parents: list[nn.Module]) -> dict[str, tuple[nn.Module,
     aligned = [parents[0], fuse(parents, weights=[0, 1], alignment="activations", **kw)]
     regmean = refit_model(plain, aligned, s.calib, inputs="parents")
     rows[REGMEAN] = (regmean, before + time.perf_counter() - start)
+    for mode in ("weights", "activations"):  # the stream target, from the exact alignment of that mode
+        plain, before = rows[f"OT ({mode})"]
+        start = time.perf_counter()
+        aligned = [parents[0], fuse(parents, weights=[0, 1], alignment=mode, **kw)]
+        rows[f"OT ({mode}) + refit, stream target"] = (refit_model(plain, aligned, s.calib, target="stream"),
+                                                       before + time.perf_counter() - start)
     vanilla, before = rows["vanilla average"]
     start = time.perf_counter()
     rows[UNALIGNED] = (refit_model(vanilla, parents, s.calib), before + time.perf_counter() - start)
@@ -371,13 +377,17 @@ def main() -> None:
         "closed-form layer refit (`repair=\"refit\"`: every linear layer re-solved in forward order by ridge least "
         "squares onto the parents' mean output on the calibration inputs); a soft coupling (`solver=\"sinkhorn\"`, "
         f"`reg={SINKHORN_REG:g}`) instead of the exact one; RegMean (`refit_model(..., "
-        "inputs=\"parents\"`): the same normal equations from each OT-aligned parent's own inputs); the refit of the "
-        "unaligned vanilla average; and the prediction ensemble (`hf_otfusion.ensemble`, the mean of the two "
+        "inputs=\"parents\"`): the same normal equations from each OT-aligned parent's own inputs); the refit with "
+        "`target=\"stream\"` (`refit_model(..., target=\"stream\")` from the same exact alignment: a layer added "
+        "straight onto the residual stream, the attention and MLP output projections, fitted onto the parents' mean "
+        "stream after the add less the fused model's own stream before it); the refit of the unaligned vanilla "
+        "average; and the prediction ensemble (`hf_otfusion.ensemble`, the mean of the two "
         "parents' probabilities: twice the compute). No labels and no gradient step after fusion. Gap closed = "
         "(fused - vanilla) / (ensemble - vanilla) per seed: test accuracy for the ViT; for the LM the held-out "
         "token loss, i.e. (vanilla loss - fused loss) / (vanilla loss - ensemble loss). Fusion time: the whole call "
         "(tracing, alignment, averaging, repair or refit); RegMean's counts the OT (activations) fusion, a second "
-        "alignment (B carried into A's basis) and the solve; the unaligned refit's the average and the refit.",
+        "alignment (B carried into A's basis) and the solve, the stream target's likewise from its mode's fusion; the "
+        "unaligned refit's the average and the refit.",
         "",
         *body,
         "## What the run shows",
