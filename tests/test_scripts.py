@@ -130,3 +130,57 @@ def test_transformer_experiment_tiny_writes_both_tables(tmp_path):
     assert 0 < loss < uniform  # a few steps already beat a uniform guess over the bytes
     shows = report.split("## What the run shows")[1]
     assert "≥ 92% of the accuracy gap" in shows and "≥ 80% of the loss gap" in shows
+
+
+def _stream_experiment():
+    """scripts/stream_experiment.py as a module (it imports its sibling scripts by their names)."""
+    import importlib
+
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("stream_experiment")
+
+
+def test_orthogonal_stream_map_keeps_a_randomised_llama_and_moves_every_stream_tensor():
+    """The experiment's orthogonal stream map is exact: with every parameter random (RMSNorm gains included, which
+    must be folded into their readers first) the rotated decoder keeps its logits, and every tensor touching the stream
+    moved. Without the fold, the same rotation changes the function (the check can fail)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    se = _stream_experiment()
+    torch = se.torch
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    ids = torch.randint(0, 50, (3, 12))
+    q = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))[0]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        folded = se.fold_norms(model)
+        rotated = se.rotate_stream(folded, q)
+        assert torch.allclose(folded(input_ids=ids).logits, before, atol=1e-10)
+        # transformers' RMSNorm normalises in float32 even for a float64 model: equal to about 1e-6
+        assert torch.allclose(rotated(input_ids=ids).logits, before, atol=1e-4)
+        assert not torch.allclose(se.rotate_stream(model, q)(input_ids=ids).logits, before, atol=1e-1)
+    moved = {k for k, v in rotated.state_dict().items() if not torch.allclose(v, folded.state_dict()[k])}
+    stream = {k for k in folded.state_dict() if any(p in k for p in ("embed", "proj", "lm_head"))}
+    assert moved == stream
+    # Procrustes recovers a rotation exactly
+    rows = torch.randn(40, 16, dtype=torch.float64)
+    assert torch.allclose(se.procrustes(rows @ q.T, rows), q, atol=1e-10)
+
+
+def test_stream_experiment_tiny_writes_its_table(tmp_path):
+    proc = _run("scripts/stream_experiment.py", "--tiny", "--out", str(tmp_path), "--threads", "1")
+    report = (tmp_path / "stream.md").read_text()
+    assert report.strip() == proc.stdout.strip()
+    number = r"-?[\d.]+ ± [\d.]+"
+    for name, _ in _stream_experiment().ROWS:
+        assert re.search(rf"^\| {re.escape(name)} \| [^|]+ \| {number} \| {number} \|$", report, re.M), name
+    assert re.search(rf"after the OT permutation {number}, after the orthogonal map {number}", report)
