@@ -125,6 +125,10 @@ def test_transformer_experiment_tiny_writes_both_tables(tmp_path):
         for row in ("vanilla average", *fused):
             assert re.search(rf"^\| {re.escape(row)} \|" + rf" {number} \|" * columns + "$", section, re.M), row
         assert re.search(rf"^\| ensemble \| {number} \|.* 100\.00 ± 0\.00 \| - \|$", section, re.M)
+        for row in ("vanilla average + fine-tune", "OT (activations) + refit + fine-tune"):  # no fusion time
+            assert re.search(rf"^\| {re.escape(row)} \|" + rf" {number} \|" * (columns - 1) + r" - \|$", section,
+                             re.M), row
+    assert "A short fine-tune (the only gradient steps in the table)" in report
     uniform = math.log(256)
     loss = float(re.search(r"^\| parents \(mean\) \| ([\d.]+) ±", lm, re.M).group(1))
     assert 0 < loss < uniform  # a few steps already beat a uniform guess over the bytes
