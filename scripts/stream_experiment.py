@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformer_experiment as tx
-from experiments import ROOT, context, parse_args
+from experiments import ROOT, context
 from torch import nn
 
 from hf_otfusion import ensemble, fuse
@@ -182,21 +182,9 @@ def logit_loss(models: list[nn.Module], test_ids: torch.Tensor) -> float:
 def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    own.add_argument("--lm-steps", type=int, default=1000)
-    own.add_argument("--lm-lr", type=float, default=3e-3)
-    own.add_argument("--lm-calibration", type=int, default=300)
-    known, rest = own.parse_known_args()
-    args = parse_args(["iid", *rest])
-    for k, v in vars(known).items():
-        setattr(args, k, v)
-    if args.tiny:
-        args.lm_calibration = min(args.lm_calibration, 32)
+    args = tx.lm_options(own)
     ctx = context(args)
-    steps = max(10, round(args.lm_steps * args.epochs_scale))
-    if args.tiny:
-        steps = min(steps, 30)
-    s = tx.lm_setting(args, steps, args.lm_lr)
-    tag = f"{'tiny-' if args.tiny else ''}s{steps}-lr{args.lm_lr:g}"
+    s, tag = tx.lm_of(args)
     _, test_ids = tx.text_ids(args.tiny)
     calib = s.calib["input_ids"]
     kw = dict(calibration=s.calib, example_input=s.example, progress=False)

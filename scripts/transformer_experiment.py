@@ -334,12 +334,8 @@ def summary(s: Setting, table: Results, seeds: int) -> str:
     return " ".join(text)
 
 
-def main() -> None:
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    own.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    own.add_argument("--vit-epochs", type=int, default=25)
-    own.add_argument("--vit-lr", type=float, default=3e-3)
+def lm_options(own: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line: ``own``'s options, the causal LM's, then those of ``scripts/experiments.py``."""
     own.add_argument("--lm-steps", type=int, default=1000)
     own.add_argument("--lm-lr", type=float, default=3e-3)
     own.add_argument("--lm-calibration", type=int, default=300, help="training sequences for calibration")
@@ -349,15 +345,30 @@ def main() -> None:
         setattr(args, k, v)
     if args.tiny:
         args.lm_calibration = min(args.lm_calibration, 32)
+    return args
+
+
+def lm_of(args: argparse.Namespace) -> tuple[Setting, str]:
+    """The causal LM's setting and the tag of its cached parents."""
+    steps = max(10, round(args.lm_steps * args.epochs_scale))
+    if args.tiny:
+        steps = min(steps, 30)
+    return lm_setting(args, steps, args.lm_lr), f"{'tiny-' if args.tiny else ''}s{steps}-lr{args.lm_lr:g}"
+
+
+def main() -> None:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    own.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    own.add_argument("--vit-epochs", type=int, default=25)
+    own.add_argument("--vit-lr", type=float, default=3e-3)
+    args = lm_options(own)
     ctx = context(args)
     started = time.perf_counter()
     vit_epochs = max(1, round(args.vit_epochs * args.epochs_scale))
-    lm_steps = max(10, round(args.lm_steps * args.epochs_scale))
-    if args.tiny:
-        lm_steps = min(lm_steps, 30)
     tiny = "tiny-" if args.tiny else ""
     settings = {"vit": lambda: (vit_setting(ctx, vit_epochs, args.vit_lr), f"{tiny}e{vit_epochs}-lr{args.vit_lr:g}"),
-                "lm": lambda: (lm_setting(args, lm_steps, args.lm_lr), f"{tiny}s{lm_steps}-lr{args.lm_lr:g}")}
+                "lm": lambda: lm_of(args)}
     body: list[str] = []
     shows: list[str] = []
     for key in args.models:
