@@ -9,6 +9,9 @@ Costs are those fusions produce, float32 Euclidean distances between the rows of
 - ``related``: a matrix against a row-permuted copy plus noise of the same scale (models that share a history);
 - ``uniform``: uniform random costs, the textbook benchmark, for reference.
 
+On a machine with CUDA and ``torch-linear-assignment`` installed (``pip install torch-linear-assignment``: SciPy's
+exact algorithm as a Triton kernel, the cost never leaving the GPU), it gets a column too.
+
 Each solver's time is one run; a run whose time, extrapolated from the solver's previous size (n^3 for the exact
 solvers, n^2 for Sinkhorn), would pass ``--cap`` seconds (``--cap-integrated`` for the integrated solver) is
 skipped and shown as ``skip (~N s)``. The other JV variants run up to ``--compare-upto``; beyond that only SciPy
@@ -61,6 +64,20 @@ def exact_solvers() -> dict[str, Assign]:
         out[f"lapjv {ver} (f32)"] = lambda c: lapjv.lapjv(c.astype(np.float32))[0]
     except ImportError:
         pass
+    if torch.cuda.is_available():  # an exact solver on the GPU (Triton), where it is installed: the cost stays there
+        try:
+            from torch_linear_assignment import batch_linear_assignment
+
+            ver = importlib.metadata.version("torch-linear-assignment")
+
+            def on_gpu(c: np.ndarray) -> np.ndarray:
+                cost = torch.from_numpy(c).cuda()  # a fusion's cost is already there; the copy is timed too
+                cols = batch_linear_assignment(cost[None])[0]
+                return cols.cpu().numpy()
+
+            out[f"torch-linear-assignment {ver} (CUDA)"] = on_gpu
+        except ImportError:
+            pass
     return out
 
 
