@@ -412,7 +412,7 @@ def main() -> None:
         "stream after the add less the fused model's own stream before it); the refit of the unaligned vanilla "
         "average; and the prediction ensemble (`hf_otfusion.ensemble`, the mean of the two "
         "parents' probabilities: twice the compute). No labels and no gradient step after fusion, except in the two "
-        f"fine-tuned rows: the vanilla average and OT (activations) + refit trained further, the parents' own way, for "
+        "fine-tuned rows: the vanilla average and OT (activations) + refit trained further, the parents' own way, for "
         f"{TUNE_EPOCHS} epoch (ViT) or {TUNE_SHARE:.0%} of the training steps (LM) at {TUNE_LR:g} of the training "
         "learning rate. Gap closed = "
         "(fused - vanilla) / (ensemble - vanilla) per seed: test accuracy for the ViT; for the LM the held-out "
