@@ -37,7 +37,7 @@ import transformer_experiment as tx
 from experiments import ROOT, context
 from torch import nn
 
-from hf_otfusion import ensemble, fuse
+from hf_otfusion import ensemble, fuse, vanilla_average
 from hf_otfusion.refit import refit_model
 
 ROWS = (
@@ -111,13 +111,6 @@ def procrustes(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def averaged(a: nn.Module, b: nn.Module) -> nn.Module:
-    m = copy.deepcopy(a)
-    sb = b.state_dict()
-    m.load_state_dict({k: (v + sb[k]) / 2 if v.is_floating_point() else v for k, v in a.state_dict().items()})
-    return m.eval()
-
-
 def side_by_side(a: nn.Module, b: nn.Module) -> nn.Module:
     """Both parents' heads and MLP neurons in one model of twice their widths inside the blocks, on the averaged
     stream: every block adds the mean of the two parents' block outputs."""
@@ -151,7 +144,7 @@ def sequential_mlp(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> nn.Module:
 
     b = copy.deepcopy(b)
     for index in range(len(a.model.layers)):
-        fused = averaged(a, b)
+        fused = vanilla_average([a, b])
         seen: list[torch.Tensor] = []
         hook = fused.model.layers[index].mlp.register_forward_hook(lambda mod, i, o, seen=seen: seen.append(i[0]))
         try:
@@ -205,16 +198,17 @@ def main() -> None:
             raise SystemExit(f"the rotated parent does not keep its function (loss moved by {kept:.2e})")
         cosines["permutation"].append(F.cosine_similarity(ha, hb).mean().item())
         cosines["orthogonal"].append(F.cosine_similarity(ha, hb @ q).mean().item())
-        rotated = averaged(fa, fq)
+        rotated = vanilla_average([fa, fq])
         sequential = sequential_mlp(a, b_aligned, calib)
         if abs(s.score(sequential) - s.score(b)) > 1e-4:
             raise SystemExit("the re-matched parent does not keep its function")
         row = {
-            "vanilla average": averaged(a, b),
+            "vanilla average": vanilla_average([a, b]),
             "ensemble": ensemble([a, b]),
             "OT (activations) + refit": refit_model(plain, [a, b_aligned], s.calib),
             "OT (activations) + refit, stream target": refit_model(plain, [a, b_aligned], s.calib, target="stream"),
-            "+ sequential MLP alignment + refit": refit_model(averaged(a, sequential), [a, sequential], s.calib),
+            "+ sequential MLP alignment + refit": refit_model(vanilla_average([a, sequential]), [a, sequential],
+                                                              s.calib),
             "+ orthogonal stream + refit": refit_model(rotated, [fa, fq], s.calib),
             "+ orthogonal stream + refit, stream target": refit_model(rotated, [fa, fq], s.calib, target="stream"),
             "twice the width, permuted stream": side_by_side(fa, fb),
