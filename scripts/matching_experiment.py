@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from experiments import ARCHS, ROOT, Ctx, Scorer, Table, context, parse_args, setup_line, train
+from experiments import ROOT, Ctx, Scorer, Table, arch_widths, context, parse_args, setup_line, train
 
 from hf_otfusion import ensemble, fuse, vanilla_average
 from hf_otfusion.matching import recording
@@ -27,8 +27,7 @@ from hf_otfusion.matching import recording
 
 def run(ctx: Ctx, sweeps: int, widths: list[int] | None = None) -> list[str]:
     body: list[str] = []
-    for arch, width in [(ARCHS[a], w) for a in ctx.args.archs
-                        for w in (widths if widths and a == "resnet" else [ARCHS[a].narrow])]:
+    for arch, width in arch_widths(ctx, widths):
         table = Table()
         for seed in range(ctx.args.seeds):
             parents = [train(ctx, arch, width, 100 * seed + i) for i in range(2)]

@@ -4,6 +4,7 @@ docs/results/refit.md.
 
     python scripts/refit_experiment.py                     # 3 seeds, MLPNet and the BatchNorm ResNet
     python scripts/refit_experiment.py --tiny --out /tmp/r  # a smoke run
+    python scripts/refit_experiment.py --archs resnet --widths 16 --out /tmp/r16  # the 16-32-64 ResNet
 
 Gap closure = (fused - vanilla) / (ensemble - vanilla), test accuracy, per seed. Parents, data, calibration and
 training are those of ``scripts/experiments.py`` (same seeds: the parents are the i.i.d. experiment's first two).
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from experiments import ARCHS, ROOT, Ctx, Scorer, Table, context, parse_args, setup_line, train
+from experiments import ROOT, Ctx, Scorer, Table, arch_widths, context, parse_args, setup_line, train
 from torch import nn
 
 from hf_otfusion import ensemble, finetune, fuse, vanilla_average
@@ -38,12 +39,12 @@ def kl_to_ensemble(model: nn.Module, ens: nn.Module, x: torch.Tensor) -> float:
     return float((logp.exp() * (logp - model(x).log_softmax(-1))).sum(-1).mean())
 
 
-def run(ctx: Ctx) -> list[str]:
+def run(ctx: Ctx, widths: list[int] | None = None) -> list[str]:
     body: list[str] = []
-    for arch in [ARCHS[a] for a in ctx.args.archs]:
+    for arch, width in arch_widths(ctx, widths):
         table = Table()
         for seed in range(ctx.args.seeds):
-            parents = [train(ctx, arch, arch.narrow, 100 * seed + i) for i in range(2)]
+            parents = [train(ctx, arch, width, 100 * seed + i) for i in range(2)]
             score = Scorer(ctx, table, parents)
             ens = ensemble(parents)
             x_test = ctx.test[0]
@@ -96,7 +97,8 @@ def run(ctx: Ctx) -> list[str]:
                   file=sys.stderr, flush=True)
         columns = [("acc", "test accuracy (%)"), ("gap", "gap closed (%)"), ("kl", "KL to ensemble (10⁻³ nats)"),
                    ("agree", "agreement with ensemble (%)"), ("time", "fusion time (s)")]
-        body += [f"## {arch.label}, 2 models", "",
+        size = "" if width == arch.narrow else f", {arch.describe(width)}"  # the default width: as in the data line
+        body += [f"## {arch.label}{size}, 2 models", "",
                  *table.markdown(columns, scales={"kl": 1000.0, "time": 1.0}), ""]
     return body
 
@@ -104,12 +106,14 @@ def run(ctx: Ctx) -> list[str]:
 def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    own.add_argument("--widths", type=int, nargs="+", default=None,
+                     help="ResNet widths to run (default: the experiments' narrow width)")
     known, rest = own.parse_known_args()
     args = parse_args(["iid", *rest])
     args.out = known.out
     ctx = context(args)
     started = time.perf_counter()
-    body = run(ctx)
+    body = run(ctx, known.widths)
     argv = " ".join(sys.argv[1:])
     lines = [
         "# Closed-form layer refit (`repair=\"refit\"`), 2 models i.i.d.",
