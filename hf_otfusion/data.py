@@ -316,7 +316,7 @@ def _load_tokenizer(cfg: DatasetConfig, model_dir: str | Path) -> object:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise DataError(f"dataset {cfg.dataset!r} holds text, but {str(model_dir)!r} has no tokenizer: {err}") from None
     if tokenizer.pad_token is None:
@@ -355,7 +355,7 @@ def _preprocessor(
 
     if columns.kind == "image":
         try:
-            processor = AutoImageProcessor.from_pretrained(str(model_dir))
+            processor = AutoImageProcessor.from_pretrained(str(model_dir), trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise DataError(f"{where} holds images, but {str(model_dir)!r} has no image processor: {err}") from None
         mode = "L" if getattr(getattr(model, "config", None), "num_channels", 3) == 1 else "RGB"

@@ -183,14 +183,14 @@ def _warn(text: str) -> None:
 def read_entry(path: Path, key: Mapping[str, Any]) -> AlignmentPlan | None:
     """The plan stored at ``path`` for ``key``; None when there is none, or (with a warning) when it is unreadable."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):  # no entry (or no folder) yet
         return None
     except OSError as err:
         _warn(f"cannot read {path} ({err.strerror or err}); tracing again")
         return None
     try:
-        entry = json.loads(text)
+        entry = json.loads(data.decode("utf-8"))  # a binary entry is a bad entry too (UnicodeDecodeError)
         if json.loads(json.dumps(key)) != entry["key"]:
             raise ValueError("its key is not the one asked for")
         return AlignmentPlan.model_validate(entry["plan"])

@@ -242,9 +242,10 @@ def load_model(ref: ModelRef | str | Path | ModelInfo, *, empty: bool = False, h
                 if empty:
                     from transformers import AutoConfig
 
-                    model = cls._from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+                    model = cls._from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False),
+                                               dtype=torch.float32)
                 else:
-                    model = cls.from_pretrained(folder, dtype=torch.float32)
+                    model = cls.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - the libraries raise many types; the user needs the reference named
         raise SourceError(f"cannot load {ref.text!r} with {info.library} ({architecture}): {_first_line(err)}") \
             from None
