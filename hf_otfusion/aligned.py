@@ -14,17 +14,8 @@ from torch import nn
 from .config import MergeConfig
 from .distributed import is_main
 from .fuse import fuse, resolve_device
-from .merge import (
-    CARD_FILE,
-    CONFIG_FILE,
-    PLAN_FILE,
-    MergeError,
-    _calibration,
-    check_output,
-    inspect_parents,
-    load_parents,
-    staged,
-)
+from .merge import MergeError, _calibration, inspect_parents, load_parents, local_inputs, output_bytes
+from .output import CARD_FILE, CONFIG_FILE, PLAN_FILE, check_output, staged
 from .plan import AlignmentPlan
 from .plan_cache import cached_plan_of
 from .profile import timed
@@ -221,7 +212,7 @@ def write_aligned(result: AlignResult, out: str | Path, *, overwrite: bool = Fal
     and a short card), the mergekit configs, the config as run and the plan; atomically replace ``out``."""
     out = check_output(out, overwrite)
     final = out.resolve()
-    with staged(out) as staging:
+    with staged(out, overwrite) as staging:
         with timed("write"):
             for i, (name, model) in enumerate(zip(result.names, result.models, strict=True)):
                 save_model(model, staging / name, like=result.parents[i], dtype=result.config.dtype)
@@ -238,7 +229,7 @@ def write_aligned(result: AlignResult, out: str | Path, *, overwrite: bool = Fal
 
 def align_parents(config: MergeConfig, out: str | Path, *, device: str | None = None, overwrite: bool = False,
                   progress: bool = True, on_loaded: Callable[[list[ModelInfo]], None] | None = None,
-                  plan_cache: bool = True) -> AlignResult:
+                  plan_cache: bool = True, protect: Sequence[str | Path] = ()) -> AlignResult:
     """Transport every parent of a merge config into the target's basis and write each as its own model.
 
     ``out/<name>/`` holds each parent (the target unchanged), loadable as its library's own model; beside them
@@ -253,10 +244,13 @@ def align_parents(config: MergeConfig, out: str | Path, *, device: str | None = 
         >>> result = align_parents(load_config("examples/mnist-otfusion.yml"), "aligned")  # doctest: +SKIP
     """
     align_notes(config)
-    check_output(out, overwrite)  # fail before any download or fusion
+    inputs = [*local_inputs(config), *protect]
+    check_output(out, overwrite, inputs=inputs)  # fail before any download or fusion
     progress = progress and is_main()  # a distributed run: calibration split, one writer (see merge)
     with timed("load"):
         infos = inspect_parents(config, progress=progress)
+    check_output(out, overwrite, inputs=inputs,
+                 needed_bytes=output_bytes(infos[config.target_index], config.dtype, copies=len(infos)))
     if on_loaded is not None:
         on_loaded(infos)
     parents = load_parents(config, progress=progress, infos=infos)

@@ -228,6 +228,16 @@ def _read_header(path: Path) -> dict:
     return header
 
 
+def stored_values(folder: str | Path) -> int | None:
+    """The number of weight values in a folder's ``*.safetensors`` files, read from their headers (no weights
+    loaded); None when it holds none."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    return sum(math.prod(info["shape"]) for path in files for name, info in _read_header(path).items()
+               if name != "__metadata__")
+
+
 class SafetensorsSource:
     """Reads tensors one at a time from a safetensors checkpoint.
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from .errors import FusionError
+from .output import OVERWRITE_HELP
 
 app = typer.Typer(
     name="hf-otfusion",
@@ -69,13 +70,13 @@ def _check_device(device: str) -> str:
 @app.command()
 def merge(
     config: Annotated[Path, typer.Argument(help="the merge YAML")],
-    out: Annotated[Path, typer.Argument(help="the output folder (created; must be empty unless --overwrite)")],
+    out: Annotated[Path, typer.Argument(help="the output folder (created; must be new or empty unless --overwrite)")],
     device: Annotated[str, typer.Option(help="where fusion runs: cpu, cuda or auto", callback=_check_device)] = "auto",
     push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="push the output to this Hub repo")] = None,
     private: Annotated[bool, typer.Option(help="create the Hub repo as private")] = False,
     revision: Annotated[str | None, typer.Option(help="branch to push to")] = None,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="push as a pull request")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
     card: Annotated[bool, typer.Option("--card/--no-card", help="write a README.md model card")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate, load the models, print the plan; write nothing")]
     = False,
@@ -127,7 +128,7 @@ def merge(
         with profiling() if profile else contextlib.nullcontext() as prof:
             result = run(cfg, out, device=device, overwrite=overwrite, card=card, repo_id=push_to_hub,
                          progress=not quiet, on_loaded=lambda parents: _describe(parents, cfg, say),
-                         out_shard_size=out_shard_size, plan_cache=not no_plan_cache)
+                         out_shard_size=out_shard_size, plan_cache=not no_plan_cache, protect=(config,))
         if not main:  # the main process reports, writes and pushes
             return
         if result.streamed:
@@ -142,19 +143,52 @@ def merge(
         if prof is not None:
             typer.echo(f"\nprofile ({cfg.merge_method}, device {device}):\n\n{prof.table()}")
         if push_to_hub:
-            from .hub import push_to_hub as push
+            _push(out, push_to_hub, private=private, revision=revision, create_pr=create_pr, say=say, merged=True)
 
-            url = push(out, push_to_hub, private=private, revision=revision, create_pr=create_pr)
-            say(f"pushed to {url}")
+
+def _push(out: Path, repo_id: str, *, private: bool, revision: str | None, create_pr: bool, say, merged: bool) -> None:
+    """Push ``out``; a failure says that ``out`` is intact and how to push it again without merging."""
+    from .hub import PushError, push_to_hub
+
+    try:
+        url = push_to_hub(out, repo_id, private=private, revision=revision, create_pr=create_pr)
+    except PushError as err:
+        flags = "".join([" --private" * private, f" --revision {revision}" if revision else "",
+                         " --create-pr" * create_pr])
+        intact = (f"\nThe merge itself succeeded: {out} is complete and was not changed. Push it without merging "
+                  f"again: hf-otfusion push {out} {repo_id}{flags}") if merged else ""
+        raise FusionError(f"{err}{intact}") from None
+    say(f"pushed to {url}")
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="an output folder of hf-otfusion merge (or any model folder)")],
+    repo_id: Annotated[str, typer.Argument(help="the Hub repo to push to ('name' or 'org/name')")],
+    private: Annotated[bool, typer.Option(help="create the Hub repo as private")] = False,
+    revision: Annotated[str | None, typer.Option(help="branch to push to")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="push as a pull request")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summaries")] = False,
+) -> None:
+    """Push a folder written by ``merge`` to the Hub, without merging again (e.g. after a failed push).
+
+    Example: hf-otfusion push fused-mnist you/mnist-fused
+    """
+    if quiet:
+        _quiet_libraries()
+    with _user_errors():
+        _check_repo_id(repo_id)
+        _push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+              say=(lambda text: None) if quiet else typer.echo, merged=False)
 
 
 @app.command()
 def align(
     config: Annotated[Path, typer.Argument(help="a merge YAML (merge_method: otfusion): parents, target, parameters")],
-    out: Annotated[Path, typer.Argument(help="the output folder (created; must be empty unless --overwrite)")],
+    out: Annotated[Path, typer.Argument(help="the output folder (created; must be new or empty unless --overwrite)")],
     device: Annotated[str, typer.Option(help="where alignment runs: cpu, cuda or auto", callback=_check_device)]
     = "auto",
-    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summaries")] = False,
     no_plan_cache: Annotated[bool, typer.Option("--no-plan-cache", help=NO_PLAN_CACHE_HELP)] = False,
 ) -> None:
@@ -179,7 +213,7 @@ def align(
             typer.echo(f"note: {note}", err=True)
         result = align_parents(cfg, out, device=device, overwrite=overwrite, progress=not quiet,
                                on_loaded=lambda parents: _describe(parents, cfg, say, "align"),
-                               plan_cache=not no_plan_cache)
+                               plan_cache=not no_plan_cache, protect=(config,))
         if not main:
             return
         configs = sorted(p.name for p in out.glob("mergekit-*.yml"))
@@ -257,7 +291,14 @@ def demo_command(
     launch(host, port, share=share, space_mode=True if space else None, examples_dir=examples)
 
 
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the same clean-up as Ctrl-C: staging and scratch folders removed, the output untouched
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     app()
 
 

@@ -122,6 +122,9 @@ class MergeConfig(_Frozen):
     evaluation: DatasetConfig | None = None
     finetune: FinetuneConfig | None = Field(None, description="a short fine-tune after fusion (and repair)")
     dtype: DType = Field("float32", description="dtype of the saved model (fusion itself runs in float32)")
+    tokenizer_source: Literal["base"] | None = Field(
+        None, description="which tokenizer the output keeps: 'base' (the target's) merges parents whose tokenizers "
+        "differ; unset, such parents are refused")
 
     @model_validator(mode="before")
     @classmethod
@@ -223,6 +226,11 @@ def load_config(path: str | Path) -> MergeConfig:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a text file in UTF-8 (byte {err.start}): save the config as UTF-8 "
+                          "YAML") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read the config {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     return parse_config(data, source=str(path))

@@ -266,6 +266,9 @@ def _resolve_columns(ds: datasets.Dataset, cfg: DatasetConfig, require_labels: b
         raise DataError(
             f"{where}: found no image or text column (columns: {', '.join(features)}); set image_column or text_column"
         )
+    if kind == "text" and not _is_string(features[column]):
+        raise DataError(f"{where}: text column {column!r} holds {features[column]}, not text (strings); name the "
+                        "column that holds the text in text_column")
 
     if not labels:
         return _Columns(input=column, kind=kind, label=None)

@@ -4,6 +4,7 @@ prediction ensemble baselines, and ``random_permutation`` (a model's function wi
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -77,7 +78,10 @@ def average_tensor(values: Sequence[torch.Tensor], weights: Sequence[float], ref
 def _with_state(model: nn.Module, state: State) -> nn.Module:
     out = copy.deepcopy(model)
     device = next((p.device for p in out.parameters()), torch.device("cpu"))
-    out.load_state_dict({k: v.to(device) for k, v in state.items()})
+    loaded = OrderedDict((k, v.to(device)) for k, v in state.items())
+    # the state dict's metadata holds each module's version, which some modules' loading reads (MNASNet's)
+    loaded._metadata = getattr(out.state_dict(keep_vars=True), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    out.load_state_dict(loaded)
     # a module that caches what it derives from its weights while in eval mode (timm LeViT's attention biases)
     # drops it when switched to training: the copy must not keep tables of the model it was copied from
     return out.train(True).train(model.training)
@@ -98,6 +102,9 @@ def vanilla_average(models: Sequence[nn.Module], weights: Sequence[float] | None
         for name, t in states[0].items():
             if name not in s or s[name].shape != t.shape:
                 raise FusionError(f"vanilla averaging needs identical shapes: model {i} differs at {name!r}")
+    for i, s in enumerate(states):
+        for name, t in s.items():
+            check_finite(t, i, name)
     return _with_state(models[0], {name: average_tensor([s[name] for s in states], w, ref)
                                    for name, ref in states[0].items()})
 
@@ -174,7 +181,7 @@ def random_permutation(
     head_orders: dict[str, torch.Tensor] = {}
     for space in plan.spaces:
         order = _random_order(space, gen, head_orders, permute_heads)
-        perm = ChannelMap(torch.eye(space.size)[order])
+        perm = ChannelMap.permutation(order)
         for m in space.members:
             state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat, m.tile,
                                              space.heads, m.block)
@@ -326,6 +333,10 @@ def fuse(
             plan = None  # an expanded plan has no activation sites: trace the target's graph
         ep_t = export_model(target_model, example_input) if plan is None or alignment == "activations" else None
         plan_t = plan if plan is not None else build_plan(target_model, example_input, exported=ep_t)
+        if plan_t.verification is None and example_input is not None:  # every plan is checked before it is used
+            from .verify import verify_plan
+
+            plan_t = verify_plan(target_model, plan_t, example_input)
         exported: dict[int, Any] = {}
 
         def trace(i: int) -> AlignmentPlan:

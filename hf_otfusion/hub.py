@@ -34,7 +34,8 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-_HUB_ERRORS = (HfHubHTTPError, OSError, *_transport_errors())
+# RuntimeError: upload_folder gives up with "Error while uploading ..." after its retries (a server gone mid-upload)
+_HUB_ERRORS = (HfHubHTTPError, OSError, RuntimeError, *_transport_errors())
 
 
 class PushError(FusionError):

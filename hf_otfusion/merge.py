@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import secrets
-import shutil
-import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,21 +18,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import parse_size
+from .checkpoint import parse_size, stored_values
 from .config import FinetuneConfig, MergeConfig
 from .distributed import is_main, world
 from .errors import FusionError
 from .evaluate import EvalRow, evaluate_fusion, language_model_kind
 from .fuse import fuse, resolve_device, vanilla_average
+from .output import CARD_FILE, CONFIG_FILE, PLAN_FILE, check_output, staged
 from .plan import AlignmentPlan
 from .plan_cache import cached_plan_of
 from .profile import timed
 from .sources import LoadedModel, ModelInfo, check_shardable, example_input, inspect_model, load_model, save_model
 from .train import finetune
-
-CONFIG_FILE = "hf_otfusion.yml"
-PLAN_FILE = "plan.json"
-CARD_FILE = "README.md"
+from .vocab import check_tokenizers
 
 
 class MergeError(FusionError):
@@ -60,15 +55,29 @@ class MergeResult:
         return self.parents[self.config.target_index]
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """``out`` as a Path, or a ``MergeError`` when it is a file, or a non-empty folder and not ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MergeError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MergeError(f"output folder {out} exists and is not empty: pass --overwrite (overwrite=True) to "
-                         "replace it")
-    return out
+def local_inputs(config: MergeConfig) -> list[Path]:
+    """The local folders and files a merge reads (parents and datasets given as paths): an output may not hold
+    them."""
+    from .sources import parse_ref
+
+    found = []
+    for entry in config.models:
+        with contextlib.suppress(FusionError):
+            ref = parse_ref(entry.model)
+            if ref.path is not None:
+                found.append(ref.path)
+    for data in (config.calibration, config.evaluation, config.finetune):
+        if data is not None and Path(data.dataset).expanduser().exists():
+            found.append(Path(data.dataset).expanduser())
+    return found
+
+
+def output_bytes(info: ModelInfo, dtype: str, copies: int = 1) -> int | None:
+    """About how many bytes ``copies`` models like ``info`` take when saved in ``dtype`` (None: unknown)."""
+    values = stored_values(info.model_dir)
+    if values is None:
+        return None
+    return copies * values * torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def inspect_parents(config: MergeConfig, progress: bool = True) -> list[ModelInfo]:
@@ -88,6 +97,7 @@ def inspect_parents(config: MergeConfig, progress: bool = True) -> list[ModelInf
         if p.architecture != target.architecture:
             raise MergeError(f"cannot merge different architectures: {p.ref.text} is {p.architecture}, the target "
                              f"{target.ref.text} is {target.architecture}")
+    check_tokenizers(parents, config.target_index, config.tokenizer_source)
     return parents
 
 
@@ -258,7 +268,7 @@ def write_output(result: MergeResult, out: str | Path, *, overwrite: bool = Fals
     ``save(folder)`` writes the model files instead of ``save_model(result.model, ...)`` (a streamed merge).
     """
     out = check_output(out, overwrite)
-    with staged(out) as staging:
+    with staged(out, overwrite) as staging:
         if save is not None:
             save(staging)
         else:
@@ -280,65 +290,10 @@ def write_output(result: MergeResult, out: str | Path, *, overwrite: bool = Fals
     return out
 
 
-@contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A staging folder beside ``out`` to build it in: on success it gets the umask's modes and replaces ``out``
-    (an old ``out`` goes only then); on any failure it is removed and ``out`` is untouched."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging_folder(out)
-    try:
-        yield staging
-        _modes_from_umask(staging)
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _staging_folder(out: Path) -> Path:
-    """A new empty folder beside ``out`` for building it. Unlike ``tempfile.mkdtemp`` (always 0700) it gets the
-    mode the user's umask gives a new folder, as ``save_pretrained`` and ``save_for_hf`` folders do, since it
-    becomes ``out``."""
-    for _ in range(100):
-        staging = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            staging.mkdir()
-        except FileExistsError:
-            continue
-        return staging
-    raise MergeError(f"cannot create a staging folder beside {out}")
-
-
-def _modes_from_umask(staging: Path) -> None:
-    """Give every file under ``staging`` the mode a new file gets from the umask (``0o666 & ~umask``), every folder
-    the staging folder's own. safetensors 0.8 writes through a temporary file that keeps mode 0600 whatever the
-    umask (safetensors/safetensors#782), so without this ``model.safetensors`` is readable by its owner only."""
-    folder_mode = stat.S_IMODE(staging.stat().st_mode) & 0o777  # mkdir gave it 0o777 & ~umask
-    file_mode = folder_mode & 0o666
-    for path in staging.rglob("*"):
-        if path.is_symlink():
-            continue
-        if path.is_dir():
-            path.chmod(folder_mode)
-        elif path.is_file() and stat.S_IMODE(path.stat().st_mode) != file_mode:
-            path.chmod(file_mode)
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if not out.exists():
-        staging.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, overwrite: bool = False,
           card: bool = True, repo_id: str | None = None, progress: bool = True,
           on_loaded: Callable[[list[ModelInfo]], None] | None = None, out_shard_size: int | str | None = None,
-          stream: bool = True, plan_cache: bool = True) -> MergeResult:
+          stream: bool = True, plan_cache: bool = True, protect: Sequence[str | Path] = ()) -> MergeResult:
     """Run a merge config end to end and write the result to ``out``.
 
     An OT merge with no repair, evaluation or fine-tune, of parents stored as safetensors, is streamed from disk
@@ -353,7 +308,9 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
 
     Args:
         config: a validated ``MergeConfig`` (see ``hf_otfusion.config.load_config``).
-        out: the output folder; it must not exist or be empty unless ``overwrite``.
+        out: the output folder; it must not exist or be empty, or, with ``overwrite``, be a previous hf-otfusion
+            output holding only the files it wrote (see ``hf_otfusion.output``). It may not hold the current
+            folder, a local parent or dataset, or any path of ``protect``.
         device: where fusion runs (``"cpu"``, ``"cuda"``, ``"auto"``; default the CPU).
         card: write a README.md model card.
         repo_id: the Hub repo the output is meant for (used in the card's usage snippet).
@@ -364,17 +321,20 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
         stream: stream from disk when the merge allows it (``False``: always load the parents).
         plan_cache: reuse the target's traced plan from the plan cache, and store it there when it is not yet
             (``False``: trace, and neither read nor write the cache; see ``hf_otfusion.plan_cache``).
+        protect: other paths the output folder may not hold (the CLI passes the config file).
 
     Example:
         >>> from hf_otfusion import load_config, merge
         >>> result = merge(load_config("examples/mnist-otfusion.yml"), "fused-mnist")  # doctest: +SKIP
     """
-    check_output(out, overwrite)  # fail before any download or fusion
+    inputs = [*local_inputs(config), *protect]
+    check_output(out, overwrite, inputs=inputs)  # fail before any download or fusion
     progress = progress and is_main()  # a distributed run: one set of bars, one writer
     max_shard_size = parse_size(out_shard_size) if out_shard_size is not None else None
     with timed("load"):
         infos = inspect_parents(config, progress=progress)
     check_shardable(infos[config.target_index], max_shard_size)
+    check_output(out, overwrite, inputs=inputs, needed_bytes=output_bytes(infos[config.target_index], config.dtype))
     if on_loaded is not None:
         on_loaded(infos)
     if stream:

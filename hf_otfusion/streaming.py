@@ -30,6 +30,7 @@ from .distributed import world
 from .engine import Residual, align_sources, check_compatible, plans_for
 from .errors import FusionError
 from .fuse import average_tensor, normalized_weights
+from .output import scratch_prefix
 from .plan import AlignmentPlan
 from .plan_cache import cached_plan_of
 from .profile import timed
@@ -229,7 +230,7 @@ def _spill_folder(out: str | Path) -> tempfile.TemporaryDirectory:
     folder, which may live in memory)."""
     parent = Path(out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=".otfusion-costs-", dir=parent)
+    return tempfile.TemporaryDirectory(prefix=scratch_prefix(), dir=parent)
 
 
 def disk_activation_costs(exported: Sequence[ExportedProgram], builds: Sequence[nn.Module],
@@ -299,7 +300,8 @@ def _trace(info: ModelInfo, example: object | None = None,
         try:
             empty = load_model(info, empty=True)
             x = example if example is not None else example_input(empty)
-            return empty, x, cached_plan_of(empty, _to(x, torch.device("meta")), enabled=plan_cache, sites=False)
+            return empty, x, cached_plan_of(empty, _to(x, torch.device("meta")), enabled=plan_cache, sites=False,
+                                            verify_input=x)
         except FusionError:
             pass
     with timed("load"):

@@ -105,8 +105,12 @@ def test_align_output_rules(tmp_path):
     result = _invoke("align", config, out, "--quiet")
     assert result.exit_code == 1 and "Error: output folder" in result.output and "--overwrite" in result.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert _invoke("align", config, out, "--quiet", "--overwrite").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "mnist-resnet-seed1" / "model.safetensors").is_file()
+    refused = _invoke("align", config, out, "--quiet", "--overwrite")  # not an hf-otfusion output: kept
+    assert refused.exit_code == 1 and "keep.txt" in refused.output and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert _invoke("align", config, out, "--quiet").exit_code == 0
+    assert _invoke("align", config, out, "--quiet", "--overwrite").exit_code == 0  # its own output is replaced
+    assert (out / "mnist-resnet-seed1" / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned", "c.yml"]  # no staging folder left
 
     linear = _config(tmp_path / "linear.yml", SEEDS, merge_method="linear")

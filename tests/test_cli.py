@@ -125,9 +125,9 @@ def _bad_config(tmp_path, pair):
     ],
 )
 def test_bad_input_is_one_message_and_leaves_out_untouched(tmp_path, timm_pair, case, message):
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # a previous output, which --overwrite may replace: the bad input still leaves it as it is
     out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    (out / "hf_otfusion.yml").write_text("precious")
     if case == "bad-field":
         config = _bad_config(tmp_path, timm_pair)
     elif case == "missing-model":
@@ -144,7 +144,8 @@ def test_bad_input_is_one_message_and_leaves_out_untouched(tmp_path, timm_pair, 
     result = runner.invoke(app, ["merge", str(config), str(out), "--overwrite", "-q"])
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    assert [p.name for p in out.iterdir()] == ["hf_otfusion.yml"]
+    assert (out / "hf_otfusion.yml").read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
@@ -156,9 +157,16 @@ def test_existing_output_needs_overwrite(tmp_path, timm_pair):
     refused = runner.invoke(app, ["merge", str(config), str(out), "-q"])
     assert refused.exit_code == 1 and "--overwrite" in refused.output
     assert (out / "keep.txt").read_text() == "precious"
-    replaced = _invoke("merge", config, out, "--overwrite", "-q")
+    refused = runner.invoke(app, ["merge", str(config), str(out), "--overwrite", "-q"])
+    assert refused.exit_code == 1 and "not an hf-otfusion output" in refused.output and "keep.txt" in refused.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    assert _invoke("merge", config, out, "-q").exit_code == 0
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    replaced = _invoke("merge", config, out, "--overwrite", "-q")  # a previous output is replaced
     assert replaced.exit_code == 0, replaced.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").stat().st_mtime_ns != first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
 def test_no_card(tmp_path, timm_pair):
