@@ -37,6 +37,7 @@ from .transport import (
     solve_heads,
     transport_axis,
 )
+from .verify import conform
 
 Residual = Literal["shared", "mean"]
 RESIDUALS: tuple[str, ...] = ("shared", "mean")
@@ -134,8 +135,8 @@ def plans_for(
             plans.append(plan_t)
         elif trace is None:
             raise FusionError(f"model {i} has other widths than the target: pass example_input to trace it")
-        else:
-            plans.append(trace(i))
+        else:  # the target's verified repairs made to it too (the same architecture)
+            plans.append(conform(trace(i), plan_t))
     return plans
 
 

@@ -154,6 +154,31 @@ class FixedAxes(BaseModel):
         return f"{self.size} channels of {shown}: {self.reason}"
 
 
+class Verification(BaseModel):
+    """What :func:`hf_otfusion.verify.verify_plan` found: a random permutation by the plan, on a copy of the model
+    with every parameter and buffer randomised, kept (or not) the outputs on the example input."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    verified: bool = Field(description="the (repaired) plan's random permutation kept the outputs")
+    change: float | None = Field(None, description="largest relative change of the outputs under the final plan")
+    dtype: str | None = Field(None, description="the dtype the check ran in (float64 where the model allows)")
+    passes: int = Field(0, description="forward passes the check took")
+    repaired: tuple[str, ...] = Field((), description="spaces removed: permuting them changed the outputs")
+    heads_fixed: tuple[str, ...] = Field((), description="head groups whose head order is now kept in place")
+    note: str = Field("", description="why the plan could not be verified, or what weakens the check")
+
+    def __str__(self) -> str:
+        if not self.verified:
+            return f"not verified: {self.note or 'unknown reason'}"
+        text = f"verified (a random permutation changes the outputs by {self.change or 0.0:.1e} in {self.dtype}"
+        text += f", {self.passes} forward passes)"
+        if self.repaired or self.heads_fixed:
+            text += (f"; repaired: {len(self.repaired)} spaces and {len(self.heads_fixed)} head orders left fixed "
+                     "(failed verification)")
+        return text + (f"; {self.note}" if self.note else "")
+
+
 class AlignmentPlan(BaseModel):
     """Spaces in solving order (topological), plus what the tracer could not handle.
 
@@ -173,6 +198,21 @@ class AlignmentPlan(BaseModel):
     fixed: tuple[FixedAxes, ...] = Field(default=(), description="hidden channels left in place, with the reason")
     expanded: bool = Field(False, description="traced on a shallow copy of the model and expanded by layer index "
                            "(hf_otfusion.trace.expand): no activation sites, for weights-mode fusion only")
+    verification: Verification | None = Field(None, description="the plan's self-check (hf_otfusion.verify); None: "
+                                              "never checked")
+
+    @model_serializer(mode="wrap")
+    def _omit_unverified(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if self.verification is None:  # plans written before the field existed read the same
+            out.pop("verification", None)
+        return out
+
+    @property
+    def verified(self) -> bool:
+        """Whether a random permutation by this plan was checked to keep the model's outputs."""
+        return self.verification is not None and self.verification.verified
+
 
     def __iter__(self) -> Iterator[Space]:  # type: ignore[override]
         return iter(self.spaces)
@@ -254,6 +294,7 @@ class AlignmentPlan(BaseModel):
         if self.fixed:
             lines.append(f"hidden channels left fixed ({len(self.fixed)}):")
             lines += [f"  - {f}" for f in self.fixed]
+        lines.append(f"check: {self.verification if self.verification is not None else 'not verified'}")
         return "\n".join(lines)
 
     def refusals(self) -> list[str]:

@@ -15,7 +15,12 @@ names, Hub ids, local paths, licences), record versions (``transformers_version`
 example input's signature (the names, dtypes and shapes of its tensors, batch dimension left out, and their
 device type: a plan traced on the ``meta`` device and one traced on weights are different entries); every
 state-dict tensor's name, shape and dtype, and the tied tensors; the tracer's rules (every registered rule's name
-and code) and a digest of the tracer's own source files; the versions of hf_otfusion, torch and the library.
+and code) and a digest of the tracer's and the verifier's source files; the versions of hf_otfusion, torch and
+the library.
+
+What an entry holds: the *verified* plan (:mod:`hf_otfusion.verify`: checked once on a randomised copy of the model,
+repaired where a random permutation by it changed the outputs) with its verdict (``plan.verification``), so a plan
+read back is never checked again.
 
 Invalidation rule: **any change in any of the key's fields makes a new entry**; entries are never mutated (a plan
 is written once, atomically: a temporary file in the folder, then a rename) and never expire. Deleting the folder,
@@ -130,10 +135,11 @@ def _code_digest(fn: Any) -> str:
 
 @lru_cache(maxsize=1)
 def _tracer_source() -> str:
-    """A digest of the tracer's and the plan's source files (an edited checkout without a new version misses)."""
+    """A digest of the tracer's, the plan's and the verifier's source files (an edited checkout without a new
+    version misses)."""
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for path in sorted([here / "plan.py", *(here / "trace").rglob("*.py")]):
+    for path in sorted([here / "plan.py", here / "verify.py", *(here / "trace").rglob("*.py")]):
         digest.update(path.relative_to(here).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -220,7 +226,8 @@ def write_entry(path: Path, key: Mapping[str, Any], plan: AlignmentPlan) -> None
 
 
 def cached_plan(model: nn.Module, example: Any, *, library: str | None = None, architecture: str | None = None,
-                config: Mapping | None = None, enabled: bool = True, sites: bool = True) -> AlignmentPlan:
+                config: Mapping | None = None, enabled: bool = True, sites: bool = True,
+                verify_input: Any = None) -> AlignmentPlan:
     """``build_plan(model, example)``, read from the plan cache when an entry for this model and input exists, and
     stored there when it does not. ``enabled=False``: trace, and neither read nor write the cache.
 
@@ -229,10 +236,15 @@ def cached_plan(model: nn.Module, example: Any, *, library: str | None = None, a
     (:func:`~hf_otfusion.trace.expanded_plan`, much faster), else it is traced in full. A full plan serves either
     use, so its entry is read first; an expanded plan is stored under its own key (the key plus ``expanded``).
 
+    Every plan is verified once (:func:`~hf_otfusion.verify.verify_plan`: checked on a randomised copy of
+    ``model`` and repaired where it is wrong) and stored with its verdict, so an entry read back is not checked
+    again (an entry written before verification existed is checked and rewritten). ``verify_input``: the example
+    on a real device, for a plan traced on the ``meta`` device (``example`` is then a meta tensor).
+
     ``library``, ``architecture`` and ``config`` are what :class:`~hf_otfusion.sources.ModelInfo` says of the model.
     """
     if not enabled:
-        return _build(model, example, sites)
+        return _verified(model, _build(model, example, sites), example, verify_input)
     key = plan_key(model, example, library=library, architecture=architecture, config=config)
     plan = read_entry(cache_dir() / f"{key_hash(key)}.json", key)
     expanded_key = {**key, "expanded": True}
@@ -240,9 +252,17 @@ def cached_plan(model: nn.Module, example: Any, *, library: str | None = None, a
         plan = read_entry(cache_dir() / f"{key_hash(expanded_key)}.json", expanded_key)
     if plan is None:
         plan = _build(model, example, sites)
+    if plan.verification is None:  # a fresh plan (or an entry from before verification): checked, then stored
+        plan = _verified(model, plan, example, verify_input)
         key = expanded_key if plan.expanded else key
         write_entry(cache_dir() / f"{key_hash(key)}.json", key, plan)
     return plan
+
+
+def _verified(model: nn.Module, plan: AlignmentPlan, example: Any, verify_input: Any) -> AlignmentPlan:
+    from .verify import verify_plan
+
+    return verify_plan(model, plan, example if verify_input is None else verify_input)
 
 
 def _build(model: nn.Module, example: Any, sites: bool) -> AlignmentPlan:
@@ -252,7 +272,8 @@ def _build(model: nn.Module, example: Any, sites: bool) -> AlignmentPlan:
     return plan if plan is not None else trace.build_plan(model, example)
 
 
-def cached_plan_of(loaded: Any, example: Any, *, enabled: bool = True, sites: bool = True) -> AlignmentPlan:
-    """:func:`cached_plan` of a :class:`~hf_otfusion.sources.LoadedModel`."""
+def cached_plan_of(loaded: Any, example: Any, *, enabled: bool = True, sites: bool = True,
+                   verify_input: Any = None) -> AlignmentPlan:
+    """:func:`cached_plan` of a :class:`~hf_otfusion.sources.LoadedModel` (verified, see there)."""
     return cached_plan(loaded.model, example, library=loaded.library, architecture=loaded.architecture,
-                       config=loaded.config, enabled=enabled, sites=sites)
+                       config=loaded.config, enabled=enabled, sites=sites, verify_input=verify_input)

@@ -198,6 +198,14 @@ class ChannelMap:
         else:
             self.matrix = m
 
+    @classmethod
+    def permutation(cls, order: torch.Tensor) -> ChannelMap:
+        """The map ``eye(n)[order]`` (row ``j`` takes channel ``order[j]``), built without the n x n matrix."""
+        out = cls.__new__(cls)
+        out.n_out = out.n_in = len(order)
+        out.index, out.scale, out.matrix = order, None, None
+        return out
+
     def __call__(self, seg: torch.Tensor) -> torch.Tensor:
         """Map the rows of ``seg`` (n_in, features) to (n_out, features)."""
         if self.index is not None:
