@@ -305,6 +305,9 @@ def test_column_detection():
     assert data_mod._resolve_columns(both, chosen, True) == data_mod._Columns("caption", "text", "target")
     with pytest.raises(DataError, match=r"no image or text column"):
         data_mod._resolve_columns(datasets.Dataset.from_dict({"a": [1]}), cfg, False)
+    numbers = datasets.Dataset.from_dict({"text": [1, 2], "label": [0, 1]})  # named text, holds integers
+    with pytest.raises(DataError, match=r"text column 'text' holds .*int64.*, not text"):
+        data_mod._resolve_columns(numbers, _cfg("x", text_column="text"), False)
 
 
 def test_timm_preprocessing_gray_and_rgb(parquet_dir):
