@@ -173,13 +173,16 @@ def _check_inputs(batch: Mapping, target: LoadedModel, dataset: str) -> None:
 
 
 def check_plan(plan: AlignmentPlan, strict: bool) -> None:
-    """Refuse (``strict``) or warn, in one line on stderr, about hidden channels the plan leaves fixed."""
+    """Refuse (``strict``) or warn, in one line on stderr, about hidden channels the plan leaves fixed (those that
+    failed verification too) and about a plan that could not be verified."""
     if strict:
         plan.check_strict()
     summary = plan.fixed_summary()
     if plan.unhandled:
         ops = f"ops without a tracer rule fixed some channels: {', '.join(plan.unhandled)}"
         summary = f"{summary}; {ops}" if summary else ops
+    if plan.verification is not None and not plan.verified:  # never silent: the plan could not be checked
+        summary = f"{summary}; plan {plan.verification}" if summary else f"plan {plan.verification}"
     if summary and is_main():
         print(f"warning: {summary}; see {PLAN_FILE}", file=sys.stderr)
 
@@ -296,11 +299,11 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
           stream: bool = True, plan_cache: bool = True, protect: Sequence[str | Path] = ()) -> MergeResult:
     """Run a merge config end to end and write the result to ``out``.
 
-    An OT merge with no repair, evaluation or fine-tune, of parents stored as safetensors, is streamed from disk
-    to disk (see ``hf_otfusion.streaming``): each parent's tensors are read as the fusion needs them and each fused
-    tensor is written as soon as it is final, so memory stays near one model whatever the number of parents.
-    Activations alignment then calibrates layer by layer on weights read from disk. Every other merge loads the
-    parents.
+    A linear merge, or an OT merge with no repair, with no evaluation or fine-tune, of parents stored as
+    safetensors, is streamed from disk to disk (see ``hf_otfusion.streaming``): each parent's tensors are read as
+    the merge needs them and each merged tensor is written as soon as it is final, so memory stays near one model
+    whatever the number of parents. Activations alignment then calibrates layer by layer on weights read from disk.
+    Every other merge loads the parents.
 
     In a distributed run (``accelerate launch ... -m hf_otfusion.cli merge``, ``torchrun``), every process runs the
     merge on its share of the calibration and evaluation batches, with the statistics summed over all of them (see
@@ -341,7 +344,7 @@ def merge(config: MergeConfig, out: str | Path, *, device: str | None = None, ov
         from .streaming import plan_stream, streamable, write_stream
 
         job = plan_stream(config, infos, plan_cache=plan_cache) if streamable(config, infos) is None else None
-        if job is not None:
+        if job is not None and job.plan is not None:
             check_plan(job.plan, config.fusion_parameters.strict)
         if job is not None:
             dev = resolve_device(device, None)

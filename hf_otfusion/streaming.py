@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export import ExportedProgram
+from tqdm.auto import tqdm
 
 from .activations import activation_costs, first_batch
 from .checkpoint import CheckpointError, SafetensorsSource, ShardedWriter, TensorSource, find_checkpoint
 from .config import MergeConfig
 from .distributed import world
-from .engine import Residual, align_sources, check_compatible, plans_for
+from .engine import Residual, align_sources, check_compatible, check_finite, plans_for
 from .errors import FusionError
 from .fuse import average_tensor, normalized_weights
 from .output import scratch_prefix
@@ -120,6 +121,51 @@ def fuse_sources(
         align_sources(sources, plans, write, target=target, costs=costs, solver=solver, reg=reg,
                       marginals=marginals, heads=match_heads, residual=residual, device=device, progress=progress,
                       couplings=False)
+        with timed("write"):
+            return writer.close()
+
+
+def average_sources(
+    sources: Sequence[TensorSource],
+    out: str | Path,
+    *,
+    target: int = 0,
+    weights: Sequence[float] | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
+    progress: bool = True,
+    out_names: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """The weighted average of tensor sources with no alignment (a linear merge), written to a safetensors
+    checkpoint in ``out`` one tensor at a time: each parent's tensor is read once, the result written once.
+
+    The tensors are the target source's, in its order, as :func:`fuse_sources` writes them; a source without one of
+    them, or with another shape, is a ``CheckpointError``; NaN or infinite values are refused. Integer tensors are
+    the target's."""
+    w = normalized_weights(weights, len(sources))
+    ref = sources[target]
+    names = ref.keys()
+    for i, source in enumerate(sources):
+        keys = set(source.keys())
+        for name in names:
+            if name not in keys or tuple(source.shape(name)) != tuple(ref.shape(name)):
+                raise CheckpointError(f"a linear merge needs identical shapes: model {i} differs at {name!r}")
+
+    def out_dtype(name: str) -> torch.dtype:
+        return dtype if dtype is not None and ref.dtype(name).is_floating_point else ref.dtype(name)
+
+    written = dict(out_names or {})
+    layout = [(written.get(n, n), ref.shape(n), out_dtype(n)) for n in names]
+    with ShardedWriter(out, layout, max_shard_size=max_shard_size) as writer:
+        for name in tqdm(names, desc="averaging", disable=not progress):
+            with timed("load"):
+                values = [source.get(name) for source in sources]
+            for i, value in enumerate(values):
+                check_finite(value, i, name)
+            with timed("average"):
+                fused = average_tensor(values, w, values[target])
+            with timed("write"):
+                writer.write(written.get(name, name), fused.to(out_dtype(name)))
         with timed("write"):
             return writer.close()
 
@@ -256,14 +302,14 @@ def disk_activation_costs(exported: Sequence[ExportedProgram], builds: Sequence[
 
 
 def streamable(config: MergeConfig, parents: Sequence[ModelInfo]) -> str | None:
-    """Why this merge cannot stream from disk (None when it can): OT fusion (weights, or activations calibrated
-    layer by layer on weights read from disk) with nothing that needs the fused model in memory (repair,
-    fine-tune, evaluation) and safetensors weights for every parent."""
+    """Why this merge cannot stream from disk (None when it can): a linear merge, or OT fusion (weights, or
+    activations calibrated layer by layer on weights read from disk), with nothing that needs the merged model in
+    memory (repair, fine-tune, evaluation) and safetensors weights for every parent."""
     params = config.fusion_parameters
-    if config.merge_method != "otfusion":
-        return "a linear merge loads the models"
-    if params.repair != "none" or config.evaluation is not None or config.finetune is not None:
-        return "repair, fine-tuning and evaluation run the fused model"
+    if config.evaluation is not None or config.finetune is not None:
+        return "fine-tuning and evaluation run the merged model"
+    if config.merge_method == "otfusion" and params.repair != "none":
+        return "a repair runs the fused model"
     if params.alignment == "activations" and world()[1] > 1:
         return "a distributed run splits the calibration over processes that each load the models"
     if config.fusion_parameters.sweeps:
@@ -281,7 +327,7 @@ class StreamJob:
 
     config: MergeConfig
     target: LoadedModel
-    plan: AlignmentPlan
+    plan: AlignmentPlan | None  # None: a linear merge
     plans: list[AlignmentPlan]
     sources: list[ParentSource]
     out_names: dict[str, str]  # state-dict name -> the name the library saves it under (the target's file names)
@@ -316,6 +362,8 @@ def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo], *, plan_cache
     the models' own state-dict names (a checkpoint the library renames while loading): then the merge must load
     the models. ``plan_cache``: as in :func:`~hf_otfusion.merge.merge`."""
     index = config.target_index
+    if config.merge_method == "linear":
+        return _linear_job(config, parents)
     activations = config.fusion_parameters.alignment == "activations"
     job_exported: dict[int, ExportedProgram] = {}
     builds: dict[int, LoadedModel] = {}
@@ -364,6 +412,22 @@ def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo], *, plan_cache
     return job
 
 
+def _linear_job(config: MergeConfig, parents: Sequence[ModelInfo]) -> StreamJob | None:
+    """A linear merge of the parents' checkpoints as they are stored (no plan, no trace: the target is built on the
+    meta device for its config files only); None when their tensor names differ (then the models are loaded)."""
+    with timed("load"):
+        target = load_model(parents[config.target_index], empty=True)
+    sources = [SafetensorsSource(find_checkpoint(p.model_dir)) for p in parents]
+    names = set(sources[config.target_index].keys())
+    if any(set(s.keys()) != names for s in sources):
+        for source in sources:
+            source.close()
+        return None
+    wrapped = [ParentSource(s, {n: n for n in names}) for s in sources]
+    return StreamJob(config=config, target=target, plan=None, plans=[], sources=wrapped,
+                     out_names={n: n for n in names})
+
+
 def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "cpu",
                  max_shard_size: int | None = None, progress: bool = True) -> None:
     """Write the job's merge into ``folder``: the library's config and preprocessing files, then the weights."""
@@ -371,6 +435,11 @@ def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "
     with timed("write"):
         save_model_files(job.target.model, folder, like=job.target, dtype=config.dtype)
     job.target.model = None  # type: ignore[assignment]  # a loaded (not empty) target is let go before fusing
+    if config.merge_method == "linear":
+        average_sources(job.sources, folder, target=config.target_index, weights=config.weights,
+                        dtype=_DTYPES[config.dtype], max_shard_size=max_shard_size, progress=progress,
+                        out_names=job.out_names)
+        return
     costs = None
     activations = params.alignment == "activations"
     with _spill_folder(folder) if activations else contextlib.nullcontext() as spill:

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from checkpoints import hf_bert, hf_resnet, hf_vit, timm_resnet
 from safetensors.torch import load_file, save_file
@@ -19,8 +20,8 @@ from hf_otfusion import build_plan, fuse
 from hf_otfusion.checkpoint import CheckpointError, SafetensorsSource, ShardedWriter
 from hf_otfusion.config import parse_config
 from hf_otfusion.merge import inspect_parents, merge
-from hf_otfusion.sources import SourceError, load_model
-from hf_otfusion.streaming import fuse_checkpoints, plan_stream
+from hf_otfusion.sources import SourceError, inspect_model, load_model
+from hf_otfusion.streaming import fuse_checkpoints, plan_stream, streamable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -98,10 +99,26 @@ def test_bad_shard_size_names_it(tmp_path):
         merge(_config(parents), tmp_path / "out", progress=False, out_shard_size="lots")
 
 
+def test_a_linear_merge_streams_the_loaded_merges_tensors_bit_for_bit(tmp_path):
+    parents = [timm_resnet(tmp_path / f"m{seed}", seed=seed) for seed in (0, 1)]
+    entries = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(parents, (1.0, 3.0), strict=True)]
+    for dtype in ("float32", "bfloat16"):
+        linear = parse_config({"merge_method": "linear", "models": entries, "dtype": dtype})
+        assert merge(linear, tmp_path / f"s{dtype}", progress=False).streamed
+        assert not merge(linear, tmp_path / f"l{dtype}", progress=False, stream=False).streamed
+        streamed, loaded = (load_file(tmp_path / f"{k}{dtype}" / "model.safetensors") for k in "sl")
+        assert streamed.keys() == loaded.keys()
+        for name, tensor in loaded.items():
+            assert streamed[name].dtype == tensor.dtype and torch.equal(streamed[name], tensor), name
+        model = timm.create_model(f"local-dir:{tmp_path / f's{dtype}'}", pretrained=True)
+        assert model.fc.weight.dtype == torch.float32  # timm loads it as its own model
+
+
 def test_merges_that_need_the_models_are_not_streamed(tmp_path):
     parents = [timm_resnet(tmp_path / f"m{seed}", seed=seed) for seed in (0, 1)]
-    linear = parse_config({"merge_method": "linear", "models": [{"model": str(m)} for m in parents]})
-    assert not merge(linear, tmp_path / "lin", progress=False).streamed
+    evaluated = parse_config({"merge_method": "linear", "models": [{"model": str(m)} for m in parents],
+                              "evaluation": {"dataset": "x"}})
+    assert streamable(evaluated, [inspect_model(str(m)) for m in parents]) is not None
 
 
 def test_renamed_checkpoint_falls_back_to_loading(tmp_path):
