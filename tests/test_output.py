@@ -21,7 +21,9 @@ from hub_server import HubServer
 from lm import tiny_llama
 from typer.testing import CliRunner
 
+from hf_otfusion.checkpoint import ShardedWriter
 from hf_otfusion.cli import app
+from hf_otfusion.config import load_config
 from hf_otfusion.output import MANIFEST_FILE, OutputError, check_output, remove_stale
 
 runner = CliRunner()
@@ -132,18 +134,22 @@ def test_disk_full_is_one_line_and_leaves_nothing(project, tmp_path, small_disk,
         result = _merge(project / "merge.yml", small_disk / "out")
         assert result.exit_code == 1 and "not enough free space" in result.output, result.output
         assert list(small_disk.iterdir()) == []
-    # a disk that fills up during the write (the estimate passed): simulated ENOSPC from the writer
-    merge_module = importlib.import_module("hf_otfusion.merge")  # the package exports a function of that name
-
+    # a disk that fills up during the write (the estimate passed): simulated ENOSPC from the streamed writer, and
+    # from the library's own save on the in-memory path
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(merge_module, "save_model", full)
-    out = tmp_path / "out"
     linear = _config(tmp_path / "lin.yml", [str(project / "a"), str(project / "b")], merge_method="linear")
-    result = _merge(linear, out)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardedWriter, "write", full)
+        result = _merge(linear, out)
     assert result.exit_code == 1 and "no space left" in result.output and "was not changed" in result.output
     assert "Traceback" not in result.output
+    patch_module = importlib.import_module("hf_otfusion.merge")  # the package exports a function of that name
+    monkeypatch.setattr(patch_module, "save_model", full)
+    with pytest.raises(OutputError, match="no space left"):
+        patch_module.merge(load_config(linear), out, progress=False, stream=False)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
