@@ -269,14 +269,21 @@ def plan(
 
 @app.command("demo")
 def demo_command(
-    host: Annotated[str, typer.Option(help="address to serve on (0.0.0.0 to accept other machines)")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address to serve on (0.0.0.0 to accept other machines; any "
+                                      "non-loopback address turns Space mode on)")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="port (default 7860, or the next free one)")] = None,
-    share: Annotated[bool, typer.Option("--share/--no-share", help="also open a public gradio share link")] = False,
-    space: Annotated[bool, typer.Option("--space", help="Space mode: refuse local paths in user input (on by "
-                                        "itself when SPACE_ID is set)")] = False,
+    share: Annotated[bool, typer.Option("--share/--no-share", help="also open a public gradio share link (turns "
+                                        "Space mode on)")] = False,
+    space: Annotated[bool, typer.Option("--space", help="Space mode: only Hub ids and the bundled examples, never "
+                                        "the server's files; images only from their bytes. On by itself with "
+                                        "--share, a non-loopback --host, or on a Space (SPACE_ID set)")] = False,
     examples: Annotated[Path | None, typer.Option(help="folder of bundled examples (models/*, data/*)")] = None,
 ) -> None:
     """Start the gradio demo: fuse models in the browser and see why aligning before averaging works.
+
+    Space mode turns on whenever the app is reachable from elsewhere: --share, a non-loopback --host, a Space.
+
+    A push always needs the token typed into the app; a stored token or HF_TOKEN is never used.
 
     Example: hf-otfusion demo --port 7860
     """

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .config import DatasetConfig
 from .errors import FusionError
 from .evaluate import IGNORE_INDEX, language_model_kind, mask_tokens
+from .untrusted import hub_dataset, hub_only, image_bytes, undecoded_images
 
 MNIST_5K_RESOURCE = "data/data/mnist_5k.csv.gz"
 
@@ -184,14 +185,16 @@ def _load_local(path: Path, cfg: DatasetConfig) -> datasets.Dataset:
     return _pick_split(_load_builder(cfg, str(path), cfg.name), cfg)
 
 
-def _load_hub(cfg: DatasetConfig) -> datasets.Dataset:
+def _load_hub(cfg: DatasetConfig, path: str | None = None, revision: str | None = None) -> datasets.Dataset:
+    """``cfg``'s split from the Hub (``path``: what datasets is given instead of ``cfg.dataset``, at ``revision``)."""
+    path = path or cfg.dataset
     try:
-        return datasets.load_dataset(cfg.dataset, cfg.name, split=cfg.split)
+        return datasets.load_dataset(path, cfg.name, split=cfg.split, revision=revision)
     except ValueError as err:
         if "Unknown split" not in str(err):
             raise
         try:
-            names = ", ".join(datasets.get_dataset_split_names(cfg.dataset, cfg.name))
+            names = ", ".join(datasets.get_dataset_split_names(path, cfg.name, revision=revision))
         except Exception:  # the error below is what matters; the list is a courtesy
             names = str(err)
         raise DataError(f"dataset {cfg.dataset!r} has no split {cfg.split!r}; available splits: {names}") from None
@@ -214,7 +217,9 @@ def load_split(cfg: DatasetConfig) -> datasets.Dataset:
         >>> ds = load_split(DatasetConfig(dataset="examples/data/mnist", split="test"))  # doctest: +SKIP
     """
     path = Path(cfg.dataset).expanduser()
-    if path.exists():
+    if hub_only(cfg.dataset):  # a public app (hf_otfusion.untrusted): the Hub, never the server's files
+        ds = _load_hub(cfg, *hub_dataset(cfg.dataset))
+    elif path.exists():
         ds = _load_local(path, cfg)
     elif _looks_local(cfg.dataset):
         raise DataError(f"dataset {cfg.dataset!r}: no such file or folder")
@@ -290,7 +295,10 @@ def _resolve_columns(ds: datasets.Dataset, cfg: DatasetConfig, require_labels: b
 
 
 def _to_pil(value: object, mode: str) -> PIL.Image.Image:
-    if isinstance(value, dict) and value.get("bytes") is not None:
+    value = image_bytes(value)  # a public app opens no file a dataset names (hf_otfusion.untrusted)
+    if isinstance(value, bytes):
+        value = PIL.Image.open(io.BytesIO(value))
+    elif isinstance(value, dict) and value.get("bytes") is not None:
         value = PIL.Image.open(io.BytesIO(value["bytes"]))
     elif isinstance(value, dict) and value.get("path"):
         value = PIL.Image.open(value["path"])
@@ -440,6 +448,7 @@ def make_loader_for_model(
     ds = load_split(cfg)
     lm = language_model_kind(model) if library == "transformers" else None
     columns = _resolve_columns(ds, cfg, require_labels and lm is None, labels=lm is None)
+    ds = undecoded_images(ds, columns.input)  # a public app decodes image bytes only (hf_otfusion.untrusted)
     if lm is not None and columns.kind != "text":
         raise DataError(f"dataset {cfg.dataset!r}: a language model reads text, but column {columns.input!r} holds "
                         "images; set text_column")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,9 +79,11 @@ def parse_ref(text: str) -> ModelRef:
 # Resolving and loading
 
 Library = Literal["timm", "transformers"]
-# files fetched from a Hub repo: configs, weights, and the preprocessing a saved output copies
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-_LEGACY_WEIGHTS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+# the weights the loaders read, in their order of preference: (index of shards, single file)
+_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+_CONFIG_FILES = ("config.json", "generation_config.json")
+_DOWNLOAD_LIMIT: ContextVar[int | None] = ContextVar("hf_otfusion_download_limit", default=None)
 # what a transformers output copies from the target: its processor and tokenizer files
 _PREPROCESSING_FILES = (
     "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
@@ -138,16 +142,96 @@ class LoadedModel(ModelInfo):
     model: nn.Module
 
 
+@contextlib.contextmanager
+def download_limit(max_bytes: int | None) -> Iterator[None]:
+    """Within the block, :func:`resolve` refuses a Hub model whose files to download add up to more than
+    ``max_bytes`` (``None``: no limit), before downloading any weights. A public app (the demo) sets it."""
+    token = _DOWNLOAD_LIMIT.set(max_bytes)
+    try:
+        yield
+    finally:
+        _DOWNLOAD_LIMIT.reset(token)
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    """The files :func:`resolve` downloads from a Hub repo at one commit, with their sizes in bytes (None: unknown)."""
+
+    commit: str
+    sizes: dict[str, int | None]
+
+    @property
+    def total(self) -> int:
+        return sum(size or 0 for size in self.sizes.values())
+
+
+def _literal(name: str) -> str:
+    """An ``allow_patterns`` pattern that matches exactly ``name`` (fnmatch's special characters escaped)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
+
+
+def _check_limit(ref: ModelRef, total: int, limit: int | None) -> None:
+    if limit is not None and total > limit:
+        raise SourceError(f"{ref.text!r}: its files to download add up to {total / 1e6:,.1f} MB, more than the "
+                          f"{limit / 1e6:,.1f} MB allowed here")
+
+
+def hub_files(ref: ModelRef, max_bytes: int | None = None) -> HubFiles:
+    """What the loaders read from a Hub repo, listed with their sizes at the commit ``ref.revision`` points to.
+
+    config.json (and generation_config.json), the weights (model.safetensors, or the shards its index names; if
+    the repo has no safetensors weights, the same for pytorch_model.bin) and the processor and tokenizer files;
+    nothing else. ``max_bytes``: refuse (``SourceError``) before downloading a shard index past that total.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+
+    assert ref.repo_id is not None
+    info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+    listed = {s.rfilename: s.size for s in info.siblings or []}
+    names = [n for n in (*_CONFIG_FILES, *_PREPROCESSING_FILES) if n in listed]
+    for index, single in _WEIGHTS:
+        if index in listed:
+            _check_limit(ref, sum(listed[n] or 0 for n in (*names, index)), max_bytes)
+            weight_map = json.loads(Path(hf_hub_download(ref.repo_id, index, revision=info.sha)).read_text(
+                encoding="utf-8")).get("weight_map", {})
+            names += [index, *sorted({str(v) for v in weight_map.values()} & set(listed))]
+            break
+        if single in listed:
+            names.append(single)
+            break
+    files = HubFiles(commit=str(info.sha), sizes={n: listed[n] for n in names})
+    _check_limit(ref, files.total, max_bytes)
+    return files
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """The errors of a Hub that cannot be reached (offline mode, no connection, a timeout)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled]
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(importlib.import_module(module).TransportError)
+    return tuple(errors)
+
+
 def resolve(ref: ModelRef) -> Path:
-    """The local folder of a reference: the folder itself, or a snapshot of the Hub repo at its revision."""
+    """The local folder of a reference: the folder itself, or a snapshot of the Hub repo at its revision.
+
+    From the Hub only the files :func:`hub_files` lists are downloaded (within :func:`download_limit`, if set);
+    offline, the cached snapshot is used as it is.
+    """
     if ref.path is not None:
         if not ref.path.is_dir():
             raise SourceError(f"model folder not found: {ref.path}")
         return ref.path
     try:
-        folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=_HUB_PATTERNS))
-        if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=_LEGACY_WEIGHTS))
+        try:
+            files = hub_files(ref, _DOWNLOAD_LIMIT.get())
+        except _unreachable():  # the cached snapshot, if there is one (LocalEntryNotFoundError if not)
+            return Path(snapshot_download(ref.repo_id, revision=ref.revision, local_files_only=True))
+        folder = Path(snapshot_download(ref.repo_id, revision=files.commit,
+                                        allow_patterns=[_literal(n) for n in files.sizes]))
     except RepositoryNotFoundError:
         raise SourceError(f"model {ref.repo_id!r} not found on the Hub (if it is private or gated, log in "
                           "with `hf auth login` or set HF_TOKEN)") from None

@@ -112,7 +112,9 @@ def test_space_mode_refuses_local_paths(examples, text):
 def test_model_and_dataset_inputs(examples):
     resolved = Path(resolve_model(SEED0, examples, space_mode=True))
     assert resolved.resolve() == (EXAMPLES / "models" / "mnist-resnet-seed0").resolve()
-    assert resolve_model("timm/resnet18.a1_in1k@main", examples, space_mode=True) == "timm/resnet18.a1_in1k@main"
+    # in a Space a Hub id is read from the Hub only, even where a folder of that name exists (decided from the text)
+    assert resolve_model("timm/resnet18.a1_in1k@main", examples, space_mode=True) == "hf-hub:timm/resnet18.a1_in1k@main"
+    assert resolve_model("examples/models", examples, space_mode=True) == "hf-hub:examples/models"
     assert resolve_dataset("ylecun/mnist", examples, space_mode=True) == "ylecun/mnist"
     # outside a Space, local folders are fine
     local = str(EXAMPLES / "models" / "mnist-resnet-seed1")
@@ -122,6 +124,8 @@ def test_model_and_dataset_inputs(examples):
     with pytest.raises(DemoError, match="empty"):
         resolve_model("  ", examples, space_mode=False)
     with pytest.raises(DemoError, match="neither an existing local folder nor a Hub model id"):
+        resolve_model("not a model!", examples, space_mode=False)
+    with pytest.raises(DemoError, match="is not a Hub model id"):
         resolve_model("not a model!", examples, space_mode=True)
     with pytest.raises(DemoError, match="not a Hub dataset id"):
         resolve_dataset("bad dataset?", examples, space_mode=True)

@@ -7,6 +7,8 @@ the app as the browser does.
 
 from __future__ import annotations
 
+import inspect
+import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -57,9 +59,30 @@ def in_space() -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (``localhost``, ``127.x.x.x``, ``::1``): reachable from this machine
+    only. Anything else (``0.0.0.0``, a LAN address, a host name) may be reachable from elsewhere."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def reachable_from_elsewhere(host: str | None, share: bool | None) -> bool:
+    """Whether gradio, launched with ``server_name=host`` and ``share``, serves other machines: a share link, a
+    non-loopback address, or a Space (None: gradio's defaults, ``GRADIO_SHARE`` and ``GRADIO_SERVER_NAME``)."""
+    if share is None:
+        share = os.environ.get("GRADIO_SHARE", "").strip().lower() == "true"
+    host = host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    return bool(share) or not is_loopback(host) or in_space()
+
+
 def _limits_text(limits: DemoLimits, space_mode: bool) -> str:
-    where = ("Running as a Space: only Hub ids and the bundled examples are read, never local files. "
-             if space_mode else "")
+    where = ("Space mode: only Hub model and dataset ids and the bundled examples are read, never the server's "
+             "files; images only from their bytes; a push needs your token. " if space_mode else "")
     return (f"<small>{where}Limits: {limits.max_models} models of at most {limits.max_params / 1e6:g} M parameters, "
             f"{limits.max_eval_samples} evaluation and {limits.max_calibration_samples} calibration samples, "
             f"{limits.timeout_s:g} s per fusion, one fusion at a time (others wait in a queue).</small>")
@@ -79,13 +102,15 @@ def build_app(
     """The demo as a ``gr.Blocks`` with its queue set up (launch it with ``.launch()`` or :func:`launch`).
 
     Args:
-        space_mode: refuse local paths in user input (default: on when ``SPACE_ID`` is set, as on a Space).
+        space_mode: treat every input as a stranger's: Hub ids and the bundled examples only, never the server's
+            files, images only from their bytes (always on when ``SPACE_ID`` is set, as on a Space). The app's
+            ``launch`` refuses to serve other machines (a share link, a non-loopback address) without it.
         limits: sizes, sample counts and the time limit of one fusion (default ``DemoLimits()``).
         examples_dir: the folder with ``models/*`` and ``data/*`` (default: ``$HF_OTFUSION_EXAMPLES``,
             ``./examples``, or the repository's).
         output_dir: where fused models are written (default: a new temporary folder).
     """
-    space_mode = in_space() if space_mode is None else bool(space_mode)
+    space_mode = bool(space_mode) or in_space()
     limits = limits or DemoLimits()
     examples: Examples = find_examples(examples_dir)
     store = OutputStore(output_dir)
@@ -152,15 +177,15 @@ def build_app(
             raise gr.Error("fuse some models first: there is nothing to push yet")
         if not repo_id:
             raise gr.Error("give the Hub repo to push to, e.g. your-name/fused-model")
-        if space_mode and not token:
+        if not token:  # in any mode: never the host's HF_TOKEN or stored token
             raise gr.Error("paste a Hugging Face token with write access (it is used once and never stored)")
         from ..hub import PushError, _scrub, push_to_hub
 
         try:
             rewrite_card(result, repo_id)
-            url = push_to_hub(result.folder, repo_id, private=bool(private), token=token or None)
+            url = push_to_hub(result.folder, repo_id, private=bool(private), token=token)  # this token, no other
         except (PushError, FusionError, ValueError) as err:
-            raise gr.Error(_scrub(str(err), [token] if token else []), duration=None) from None
+            raise gr.Error(_scrub(str(err), [token]), duration=None) from None
         return f"Pushed to [{repo_id}]({url})", ""
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
@@ -236,23 +261,32 @@ def build_app(
         push_button.click(push_handler, [repo_id, token, private, result_state], [push_status, token],
                           api_name="push", concurrency_limit=1, concurrency_id="push")
     demo.queue(default_concurrency_limit=1, max_size=limits.max_queue)
-    _no_run_history(demo)
+    _guard_launch(demo, space_mode)
     return demo
 
 
-def _no_run_history(demo: gr.Blocks) -> None:
-    """Make ``demo.launch()`` default to ``run_history=False``.
+def _guard_launch(demo: gr.Blocks, space_mode: bool) -> None:
+    """Make ``demo.launch()`` default to ``run_history=False`` and refuse to serve other machines unless the app is
+    in Space mode.
 
     gradio's run history keeps every input of every run (the push token included) in the browser, or in a bucket
-    the user connects; a token must never be stored, so the demo turns it off however it is launched.
+    the user connects; a token must never be stored, so the demo turns it off however it is launched. An app built
+    without Space mode reads the server's files; served by a share link or on a non-loopback address, anyone who
+    reaches it could, so such a launch is an error (build it with ``space_mode=True``, or use :func:`launch`).
     """
     launch_blocks = demo.launch
+    signature = inspect.signature(launch_blocks)
 
-    def launch_without_history(*args: Any, **kwargs: Any) -> Any:
+    def guarded_launch(*args: Any, **kwargs: Any) -> Any:
+        given = {**signature.bind_partial(*args).arguments, **kwargs}
+        if not space_mode and reachable_from_elsewhere(given.get("server_name"), given.get("share")):
+            raise ValueError("this demo was built without Space mode, so it reads the server's files; it cannot be "
+                             "served to other machines (share link, non-loopback address): build it with "
+                             "space_mode=True")
         kwargs.setdefault("run_history", False)
         return launch_blocks(*args, **kwargs)
 
-    demo.launch = launch_without_history  # type: ignore[method-assign]
+    demo.launch = guarded_launch  # type: ignore[method-assign]
 
 
 def launch(
@@ -266,11 +300,20 @@ def launch(
     prevent_thread_lock: bool = False,
     quiet: bool = False,
 ) -> gr.Blocks:
-    """Build the app and serve it on ``host:port`` (``port=None``: gradio's default, 7860, or the next free one)."""
+    """Build the app and serve it on ``host:port`` (``port=None``: gradio's default, 7860, or the next free one).
+
+    Space mode (see :func:`build_app`) turns on whenever the app is reachable from elsewhere: with ``share``, on a
+    ``host`` other than a loopback address, or on a Space; ``space_mode=False`` is then an error.
+    """
+    if reachable_from_elsewhere(host, share):
+        if space_mode is False:
+            raise ValueError(f"a demo served to other machines (share={share}, host={host!r}) runs in Space mode; "
+                             "space_mode=False is only for a loopback host without a share link")
+        space_mode = True
     demo = build_app(space_mode=space_mode, limits=limits, examples_dir=examples_dir)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
                 quiet=quiet, ssr_mode=False, show_error=True, footer_links=["api", "gradio"], run_history=False)
     return demo
 
 
-__all__ = ["DemoError", "DemoLimits", "build_app", "in_space", "launch"]
+__all__ = ["DemoError", "DemoLimits", "build_app", "in_space", "is_loopback", "launch", "reachable_from_elsewhere"]

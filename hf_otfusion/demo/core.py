@@ -13,6 +13,7 @@ and this module (the request, one fusion end to end, its output); every name sta
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import math
 import re
@@ -32,6 +33,8 @@ import torch
 from ..config import DatasetConfig, parse_config
 from ..evaluate import EvalRow
 from ..merge import load_parents, run_merge, write_output
+from ..sources import download_limit
+from ..untrusted import untrusted_data
 from .explain import (  # noqa: F401  (some only re-exported: importable from here as before the split)
     InterpolationCurve,
     _interpolate,
@@ -53,6 +56,7 @@ from .inputs import (  # noqa: F401  (as above)
     check_size,
     find_examples,
     precheck_dataset,
+    precheck_download,
     precheck_size,
     resolve_dataset,
     resolve_model,
@@ -241,7 +245,22 @@ def run_demo_fusion(
     report: Report | None = None,
     check: Check | None = None,
 ) -> DemoResult:
-    """Check the request, load the models (refusing oversized ones), fuse, evaluate, explain, write the output."""
+    """Check the request, load the models (refusing oversized ones), fuse, evaluate, explain, write the output.
+
+    ``space_mode``: the inputs are a stranger's (a Space, a share link): models and datasets come from the Hub or
+    the bundled examples only, never from the server's files, and images only from their bytes
+    (:mod:`hf_otfusion.untrusted`). In any mode a Hub model's download is limited to ``limits.max_download_mb``.
+    """
+    bundled = [_short_path(path) for path in examples.datasets.values()]
+    guard = untrusted_data(local=bundled) if space_mode else contextlib.nullcontext()
+    with guard, download_limit(int(limits.max_download_mb * 1e6)):
+        return _run_demo_fusion(request, limits=limits, examples=examples, store=store, space_mode=space_mode,
+                                bundled=bundled, report=report, check=check)
+
+
+def _run_demo_fusion(request: FusionRequest, *, limits: DemoLimits, examples: Examples, store: OutputStore,
+                     space_mode: bool, bundled: list[str], report: Report | None,
+                     check: Check | None) -> DemoResult:
     from ..data import make_loader_for_model
 
     start = time.perf_counter()
@@ -252,9 +271,11 @@ def run_demo_fusion(
     refs = [m.model for m in config.models]
     say(0.02, "checking model sizes")
     for ref in refs:
+        precheck_download(ref, limits)
         check_size(names[ref], precheck_size(ref), limits)
         stop("checking model sizes")
-    precheck_dataset(config.evaluation.dataset, limits)
+    dataset = config.evaluation.dataset
+    precheck_dataset(dataset, limits, local=dataset in bundled or (not space_mode and _looks_local(dataset)))
 
     say(0.05, "loading the models")
     parents = load_parents(config, progress=False)

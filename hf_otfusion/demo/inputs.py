@@ -15,11 +15,14 @@ from typing import Any
 
 from torch import nn
 
-from ..sources import SourceError, parse_ref
+from ..sources import SourceError, hub_files, parse_ref
+from ..untrusted import dataset_id_problem
 from .limits import DemoError, DemoLimits
 
 EXAMPLE_PREFIX = "example:"
 _DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_MODEL_ID = _DATASET_ID
+_REVISION = re.compile(r"^[\w.-]+(/[\w.-]+)*$")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,14 +81,18 @@ def find_examples(root: str | Path | None = None) -> Examples:
 # Input checks
 
 
-def _looks_local(text: str) -> bool:
+def _path_syntax(text: str) -> bool:
+    """Whether ``text`` is written as a path (decided from the text alone: nothing on disk is looked at)."""
     return (
         text.startswith(("local-dir:", "/", "./", "../", "~", "."))
         or "\\" in text
         or ".." in text.split("/")
         or text.count("/") > 1
-        or Path(text).expanduser().exists()
     )
+
+
+def _looks_local(text: str) -> bool:
+    return _path_syntax(text) or Path(text).expanduser().exists()
 
 
 def _bundled(value: str, entries: Mapping[str, Path], choices: Sequence[str], what: str) -> str:
@@ -104,9 +111,15 @@ def resolve_model(text: str, examples: Examples, *, space_mode: bool) -> str:
         raise DemoError("a model name is empty: pick a bundled example or type a Hub model id (org/name)")
     if value.startswith(EXAMPLE_PREFIX):
         return _bundled(value, examples.models, examples.model_choices(), "example")
-    if space_mode and _looks_local(value):
-        raise DemoError(f"{value!r}: this Space does not read local files; give a Hub model id (org/name) or pick "
-                        "a bundled example")
+    if space_mode:  # the text alone decides (a message that depends on what exists on disk would reveal it)
+        if _path_syntax(value):
+            raise DemoError(f"{value!r}: this Space does not read local files; give a Hub model id (org/name) or "
+                            "pick a bundled example")
+        name = value.removeprefix("hf-hub:")
+        repo_id, _, revision = name.partition("@")
+        if not _MODEL_ID.match(repo_id) or (_ and not _REVISION.match(revision)):
+            raise DemoError(f"{value!r} is not a Hub model id ('org/name' with optional '@revision')")
+        return "hf-hub:" + name  # never a local folder, even one of that name in the working directory
     try:
         parse_ref(value)
     except SourceError as err:
@@ -121,10 +134,15 @@ def resolve_dataset(text: str, examples: Examples, *, space_mode: bool) -> str:
         raise DemoError("the dataset is empty: pick the bundled example data or type a Hub dataset id")
     if value.startswith(EXAMPLE_PREFIX):
         return _bundled(value, examples.datasets, examples.dataset_choices(), "dataset")
-    if _looks_local(value):
-        if space_mode:
+    if space_mode:  # decided from the text alone; hf_otfusion.untrusted then reads it from the Hub only
+        if _path_syntax(value):
             raise DemoError(f"{value!r}: this Space does not read local files; give a Hub dataset id (org/name) or "
                             "pick the bundled example data")
+        problem = dataset_id_problem(value)
+        if problem:
+            raise DemoError(problem)
+        return value
+    if _looks_local(value):
         return value
     if not _DATASET_ID.match(value):
         raise DemoError(f"{value!r} is not a Hub dataset id ('name' or 'org/name')")
@@ -191,9 +209,24 @@ def precheck_size(ref_text: str) -> int | None:
     return None
 
 
-def precheck_dataset(dataset: str, limits: DemoLimits) -> None:
-    """Refuse a Hub dataset whose files are larger than ``limits.max_dataset_mb`` (when the Hub says)."""
-    if _looks_local(dataset):
+def precheck_download(ref_text: str, limits: DemoLimits) -> None:
+    """Refuse a Hub model whose files to download (what the loader reads) exceed ``limits.max_download_mb``, before
+    downloading anything; the download itself checks again (``hf_otfusion.sources.download_limit``)."""
+    ref = parse_ref(ref_text)
+    if ref.is_local:
+        return
+    try:
+        hub_files(ref, int(limits.max_download_mb * 1e6))
+    except SourceError as err:
+        raise DemoError(str(err)) from None
+    except Exception:  # noqa: BLE001 - offline, unknown, ...: loading gives the clear message
+        return
+
+
+def precheck_dataset(dataset: str, limits: DemoLimits, *, local: bool | None = None) -> None:
+    """Refuse a Hub dataset whose files are larger than ``limits.max_dataset_mb`` (when the Hub says); ``local``:
+    whether ``dataset`` is local data, not checked (default: when it looks like a path or exists)."""
+    if _looks_local(dataset) if local is None else local:
         return
     from huggingface_hub import HfApi
 

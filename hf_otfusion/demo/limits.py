@@ -29,6 +29,7 @@ class DemoLimits:
     max_eval_samples: int = 1000
     max_interpolation_points: int = 11
     max_dataset_mb: float = 500.0  # download size of a Hub dataset, when the Hub says it
+    max_download_mb: float = 200.0  # the files downloaded for one Hub model (weights, config, tokenizer...)
     timeout_s: float = 300.0
     max_queue: int = 16  # waiting fusions; more are turned away by gradio's queue
 
@@ -41,5 +42,5 @@ class DemoLimits:
             raise ValueError("DemoLimits.max_models must be at least 2 (a fusion needs two models)")
         if self.max_interpolation_points < 3:
             raise ValueError("DemoLimits.max_interpolation_points must be at least 3")
-        if not self.timeout_s > 0 or not self.max_dataset_mb > 0:
-            raise ValueError("DemoLimits.timeout_s and max_dataset_mb must be positive")
+        if not self.timeout_s > 0 or not self.max_dataset_mb > 0 or not self.max_download_mb > 0:
+            raise ValueError("DemoLimits.timeout_s, max_dataset_mb and max_download_mb must be positive")
