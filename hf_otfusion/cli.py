@@ -88,8 +88,20 @@ def merge(
     strict: Annotated[bool, typer.Option("--strict", help="refuse a plan that leaves movable hidden channels fixed "
                       "(as parameters.strict: true)")] = False,
     no_plan_cache: Annotated[bool, typer.Option("--no-plan-cache", help=NO_PLAN_CACHE_HELP)] = False,
+    cuda: Annotated[bool, typer.Option("--cuda", help="mergekit's flag: the same as --device cuda")] = False,
+    copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer", help="mergekit's flag, always on here: the "
+                              "target's tokenizer and processor files are copied into OUT")] = True,
+    lazy_unpickle: Annotated[bool, typer.Option("--lazy-unpickle", help="mergekit's flag, a no-op here: merges "
+                             "without data already read safetensors lazily, one tensor at a time, and .bin files "
+                             "load with weights_only")] = False,
+    allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="mergekit's flag: here it merges parents "
+                            "whose tokenizers differ, keeping the target's (as tokenizer_source: base); "
+                            "architectures must still match")] = False,
 ) -> None:
     """Fuse the models of a mergekit-style YAML config and write a loadable model with its card.
+
+    mergekit's flags are accepted (--cuda, --copy-tokenizer, --lazy-unpickle, --allow-crimes, --out-shard-size);
+    --help says what each does here.
 
     Example: hf-otfusion merge examples/mnist-otfusion.yml fused-mnist
     """
@@ -108,8 +120,12 @@ def merge(
         raise typer.BadParameter("--private, --revision and --create-pr need --push-to-hub REPO")
     say = (lambda text: None) if quiet or not main else typer.echo
     echo = typer.echo if main else (lambda text: None)
+    if cuda:
+        device = "cuda"
     with _user_errors():
         cfg = load_config(config)
+        if allow_crimes and cfg.tokenizer_source is None:
+            cfg = cfg.model_copy(update={"tokenizer_source": "base"})
         if strict and cfg.merge_method == "otfusion":
             params = cfg.fusion_parameters.model_copy(update={"strict": True})
             cfg = cfg.model_copy(update={"parameters": params})

@@ -183,6 +183,9 @@ def test_bad_options(tmp_path, timm_pair):
     assert private_alone.exit_code == 2 and "--push-to-hub" in private_alone.output
     bad_repo = runner.invoke(app, ["merge", str(config), str(tmp_path / "o"), "--push-to-hub", "a b"])
     assert bad_repo.exit_code == 1 and "not a Hub repo id" in bad_repo.output
+    if not torch.cuda.is_available():  # mergekit's --cuda is --device cuda
+        cuda = runner.invoke(app, ["merge", str(config), str(tmp_path / "o"), "--cuda", "-q"])
+        assert cuda.exit_code == 1 and "device='cuda'" in cuda.output and "Traceback" not in cuda.output
     assert not (tmp_path / "o").exists()
 
 

@@ -275,6 +275,9 @@ def test_parents_with_other_tokenizers_are_refused_unless_the_config_picks_one(t
     assert _merge(kept, tmp_path / "out").exit_code == 0
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (a / "tokenizer.json").read_bytes()
     shutil.rmtree(tmp_path / "out")
+    crimes = _merge(tmp_path / "c.yml", tmp_path / "out", "--allow-crimes", "--lazy-unpickle", "--copy-tokenizer")
+    assert crimes.exit_code == 0, crimes.output  # mergekit's flags: --allow-crimes keeps the target's tokenizer
+    assert yaml.safe_load((tmp_path / "out" / "hf_otfusion.yml").read_text())["tokenizer_source"] == "base"
 
 
 def test_remote_code_is_never_run_or_asked_for(tmp_path):
