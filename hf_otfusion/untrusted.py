@@ -36,11 +36,18 @@ class UntrustedInputError(FusionError):
 @contextlib.contextmanager
 def untrusted_data(local: Iterable[str] = ()) -> Iterator[None]:
     """Within the block (this thread), read datasets as a public app must; ``local``: dataset names still read as
-    they are (the bundled examples, exactly as the app names them)."""
+    they are (the bundled examples, exactly as the app names them). The host's Hub token (``HF_TOKEN``, the stored
+    login) is not sent with any request made without an explicit token meanwhile, so a stranger cannot reach the
+    host's private or gated repos (a process-wide switch: the demo runs one fusion at a time)."""
+    from huggingface_hub import constants
+
     token = _LOCAL.set(frozenset(str(x) for x in local))
+    implicit = constants.HF_HUB_DISABLE_IMPLICIT_TOKEN
+    constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
     try:
         yield
     finally:
+        constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = implicit
         _LOCAL.reset(token)
 
 

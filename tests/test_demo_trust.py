@@ -237,3 +237,18 @@ def test_space_mode_downloads_only_what_the_loader_reads(space_url, hub_server, 
         run_demo_fusion(FusionRequest(models=("me/seed0-big", SEED1), **FAST), limits=small,
                         examples=find_examples(EXAMPLES), store=OutputStore(tmp_path / "out"), space_mode=True)
     assert not hub_server.find_requests(contains="/me/seed0-big/resolve/")
+
+
+def test_space_mode_never_sends_the_hosts_token(space_url, hub_server):
+    """The host's HF_TOKEN stays home: a stranger's fusion reads the Hub as an anonymous user, so the host's
+    private or gated repos are out of reach (before: every download carried the host's token)."""
+    from gradio_client import Client
+
+    assert os.environ.get("HF_TOKEN") == DUMMY_TOKEN  # the host has a token
+    folder = EXAMPLES / "models" / "mnist-resnet-seed0"
+    hub_server.seed_repo("me/public-seed0", {p.name: p for p in folder.iterdir()})
+    hub_server.clear_requests()
+    status = _fuse(Client(space_url, verbose=False), models=("me/public-seed0", SEED1))[0]
+    assert status.startswith("**Done**")
+    sent = hub_server.find_requests(contains="/me/public-seed0")
+    assert sent and not any(r.authorized for r in sent)
