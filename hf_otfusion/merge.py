@@ -22,6 +22,7 @@ from .checkpoint import parse_size, stored_values
 from .config import FinetuneConfig, MergeConfig
 from .distributed import is_main, world
 from .errors import FusionError
+from .eval_results import eval_result_files
 from .evaluate import EvalRow, evaluate_fusion, language_model_kind
 from .fuse import fuse, resolve_device, vanilla_average
 from .output import CARD_FILE, CONFIG_FILE, PLAN_FILE, check_output, staged
@@ -289,6 +290,9 @@ def write_output(result: MergeResult, out: str | Path, *, overwrite: bool = Fals
                                      repo_id=repo_id, auto_class=result.target.auto_class,
                                      commits=[parent.commit for parent in result.parents], plan=result.plan)
             model_card.save(staging / CARD_FILE)
+        for name, text in eval_result_files(result.config, result.evaluation).items():
+            (staging / name).parent.mkdir(exist_ok=True)
+            (staging / name).write_text(text, encoding="utf-8")
     result.out = out
     return out
 

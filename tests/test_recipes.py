@@ -177,6 +177,14 @@ def test_multiberts_recipe_calibrates_and_evaluates_on_a_hub_dataset(hub_server:
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Salesforce/wikitext" in card and "perplexity" in card.lower()
     assert hub_server.find_requests(contains="/datasets/Salesforce/wikitext/resolve/")
+    # the merged model's numbers as Hub evaluation results, one file per metric
+    from huggingface_hub import parse_eval_result_entries
+
+    files = sorted((tmp_path / "out" / ".eval_results").iterdir())
+    assert [f.name for f in files] == ["wikitext_loss.yaml", "wikitext_perplexity.yaml"]
+    entry, = parse_eval_result_entries(yaml.safe_load(files[1].read_text()))
+    assert entry.dataset_id == "Salesforce/wikitext" and entry.task_id == "wikitext-2-raw-v1"
+    assert entry.value == pytest.approx(rows["fused"].perplexity, rel=1e-5) and "split 'test'" in entry.notes
 
 
 def test_resnet50_recipe_calibrates_on_a_hub_image_dataset(hub_server: HubServer, tmp_path):
