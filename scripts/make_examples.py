@@ -53,7 +53,7 @@ models:
 parameters:
   alignment: activations  # match channels by their activations on the calibration digits
   solver: emd
-  repair: reset_bn  # recompute the fused model's BatchNorm statistics on the calibration digits
+  # no repair given: with calibration data the default, the closed-form refit (docs/results/refit.md)
 calibration:
   dataset: examples/data/mnist  # train.parquet and test.parquet: splits "train" and "test"
   split: train
@@ -198,6 +198,7 @@ def measure(ot_cfg: MergeConfig) -> list[EvalRow]:
         alignment=params.alignment,
         solver=params.solver,
         calibration=calibration,
+        repair=params.repair,
         progress=False,
     )
     # the rows: each parent, vanilla_average(parents), ensemble(parents) and the fused model
@@ -238,7 +239,7 @@ that the saved models reload to the same outputs.
 
 Test accuracy of the parents: {parents}.
 On the 1,000 test digits, from `hf-otfusion merge examples/mnist-otfusion.yml fused-mnist` (activations, emd,
-`repair: reset_bn`; other hardware may differ in the last digits):
+and the default repair with data, the closed-form refit; other hardware may differ in the last digits):
 
 {format_table(rows)}
 """

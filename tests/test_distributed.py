@@ -156,18 +156,20 @@ def test_fuse_inside_torchrun_equals_one_process(tmp_path):
 def test_accelerate_launch_merge_equals_one_process(tmp_path):
     """The bundled example (activations, BN reset, evaluation) in two processes: OUT written once, by the main
     process, equal to the one-process OUT with the same evaluation table; each process saw half the batches."""
-    config = "examples/mnist-otfusion.yml"
+    config = tmp_path / "bn-reset.yml"  # the example with its earlier BN reset (the refit default costs minutes)
+    config.write_text((ROOT / "examples/mnist-otfusion.yml").read_text().replace(
+        "  solver: emd\n", "  solver: emd\n  repair: reset_bn\n"))
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _run([sys.executable, "-m", "hf_otfusion.cli", "merge", config, str(one), "-q"], tmp_path)
+    single = _run([sys.executable, "-m", "hf_otfusion.cli", "merge", str(config), str(one), "-q"], tmp_path)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_port()), "-m", "hf_otfusion.cli", "merge", config, str(two)]
+              "--main_process_port", str(_port()), "-m", "hf_otfusion.cli", "merge", str(config), str(two)]
     double = _run(launch, tmp_path)
     _check_split(_shares(double.stderr, "calibration"), 10)  # 1,000 digits in batches of 100
     _check_split(_shares(double.stderr, "evaluation"), 4)
     assert not _shares(single.stderr, "calibration")
     assert double.stdout.count(f"wrote {two}") == 1  # one writer
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "pc", "two"]  # no staging folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bn-reset.yml", "one", "pc", "two"]  # no staging left
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     table = [line for line in single.stdout.splitlines() if line.startswith("|")]
     assert table and table == [line for line in double.stdout.splitlines() if line.startswith("|")]
