@@ -6,7 +6,21 @@ ensure_torchvision_importable()
 
 from .config import MergeConfig, load_config  # noqa: E402
 from .engine import align  # noqa: E402
-from .errors import FusionError, PlanError  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DemoError,
+    DemoTimeout,
+    FusionError,
+    MergeError,
+    OutputError,
+    PlanError,
+    PushError,
+    SourceError,
+    TokenizerMismatchError,
+    UntrustedInputError,
+)
 from .fuse import ensemble, fuse, random_permutation, vanilla_average  # noqa: E402
 from .merge import merge  # noqa: E402
 from .plan import AlignmentPlan, AxisRef, Space  # noqa: E402
@@ -20,10 +34,21 @@ __version__ = "0.1.0"
 __all__ = [
     "AlignmentPlan",
     "AxisRef",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DemoError",
+    "DemoTimeout",
     "FusionError",
     "MergeConfig",
+    "MergeError",
+    "OutputError",
     "PlanError",
+    "PushError",
+    "SourceError",
     "Space",
+    "TokenizerMismatchError",
+    "UntrustedInputError",
     "align",
     "build_plan",
     "ensemble",

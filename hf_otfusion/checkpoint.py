@@ -30,7 +30,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 import torch
 
-from .errors import FusionError
+from .errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -88,9 +88,6 @@ _SIZE_UNITS = {
 }
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
 
-
-class CheckpointError(FusionError):
-    """A checkpoint that cannot be found, read or written as asked; the message names the file, tensor and problem."""
 
 
 @runtime_checkable

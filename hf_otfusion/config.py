@@ -18,14 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import FusionError
+from .errors import ConfigError
 
 MergeMethod = Literal["otfusion", "linear"]
 DType = Literal["float32", "float16", "bfloat16"]
 
-
-class ConfigError(FusionError):
-    """A merge configuration that is missing, not YAML, or has a bad field (the message names it)."""
 
 
 class _Frozen(BaseModel):

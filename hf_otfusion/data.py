@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import DatasetConfig
-from .errors import FusionError
+from .errors import DataError
 from .evaluate import IGNORE_INDEX, language_model_kind, mask_tokens
 from .untrusted import hub_dataset, hub_only, image_bytes, undecoded_images
 
@@ -134,9 +134,6 @@ _TEXT_NAMES = ("text", "sentence", "content")
 _LABEL_NAMES = ("label", "labels", "target")
 _LIBRARIES = ("timm", "transformers")
 
-
-class DataError(FusionError):
-    """A dataset that cannot be found, loaded or used as asked; the message names the dataset, split or column."""
 
 
 def _looks_local(name: str) -> bool:

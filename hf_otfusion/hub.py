@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from .errors import FusionError
+from .errors import PushError
 
 DEFAULT_COMMIT_MESSAGE = "Upload model fused with hf-otfusion"
 _HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
@@ -37,9 +37,6 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 # RuntimeError: upload_folder gives up with "Error while uploading ..." after its retries (a server gone mid-upload)
 _HUB_ERRORS = (HfHubHTTPError, OSError, RuntimeError, *_transport_errors())
 
-
-class PushError(FusionError):
-    """A push to the Hub that failed: a missing folder, bad credentials, an unknown repo or revision, no network."""
 
 
 def _scrub(text: str, secrets: list[str]) -> str:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoint import parse_size, stored_values
 from .config import FinetuneConfig, MergeConfig
 from .distributed import is_main, world
-from .errors import FusionError
+from .errors import DataError, FusionError, MergeError
 from .eval_results import eval_result_files
 from .evaluate import EvalRow, evaluate_fusion, language_model_kind
 from .fuse import fuse, resolve_device, vanilla_average
@@ -32,10 +32,6 @@ from .profile import timed
 from .sources import LoadedModel, ModelInfo, check_shardable, example_input, inspect_model, load_model, save_model
 from .train import finetune
 from .vocab import check_tokenizers
-
-
-class MergeError(FusionError):
-    """A merge that cannot run as asked (output folder in the way, parents of different libraries, ...)."""
 
 
 @dataclass
@@ -139,8 +135,6 @@ def _calibration(config: MergeConfig, target: LoadedModel) -> tuple[_Inputs, obj
     """The calibration inputs and an example batch to trace with (two rows of the first calibration batch, so the
     traced inputs are those the data gives; text is padded to one length for the whole split, since the traced
     graph keeps the sequence length it saw)."""
-    from .data import DataError
-
     assert config.calibration is not None
     calibration = _Inputs(_loader(config.calibration, target, False, fixed_length=True))
     batch = next(iter(calibration), None)
@@ -155,8 +149,6 @@ def _calibration(config: MergeConfig, target: LoadedModel) -> tuple[_Inputs, obj
 def _check_inputs(batch: Mapping, target: LoadedModel, dataset: str) -> None:
     """A ``DataError`` when the model's forward cannot take the keyword inputs the data gives (a name it does not
     take, or a required one the data lacks); a forward with ``**kwargs`` is taken at its word."""
-    from .data import DataError
-
     try:
         params = inspect.signature(target.model.forward).parameters
     except (TypeError, ValueError):

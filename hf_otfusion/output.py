@@ -23,7 +23,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import FusionError
+from .errors import OutputError
 
 CONFIG_FILE = "hf_otfusion.yml"
 PLAN_FILE = "plan.json"
@@ -35,9 +35,6 @@ OVERWRITE_HELP = ("replace OUT when it is a previous hf-otfusion output (it hold
 _LEGACY_OUTPUT = re.compile(r"[^/]*\.(safetensors|json|yml|txt|model|md|jinja|tiktoken)")
 _SCRATCH = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]+\.(tmp|old)|\.otfusion-costs-(?P<cpid>\d+)-.+")
 
-
-class OutputError(FusionError):
-    """An output folder that cannot be written as asked (it holds other files, it is not writable, no room)."""
 
 
 def _is_within(path: Path, folder: Path) -> bool:

@@ -33,14 +33,11 @@ from huggingface_hub.errors import (
 )
 from torch import nn
 
-from .errors import FusionError
+from .errors import SourceError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
-
-class SourceError(FusionError):
-    """A model reference that cannot be parsed, found, loaded or saved."""
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,12 @@ from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from .errors import FusionError
+from .errors import UntrustedInputError
 
 HUB_PREFIX = "hf://datasets/"  # datasets reads such a name from the Hub only, never from a local folder
 _DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _LOCAL: ContextVar[frozenset[str] | None] = ContextVar("hf_otfusion_untrusted_data", default=None)
 
-
-class UntrustedInputError(FusionError):
-    """Data a public app does not read (a path, a builder name, file paths in an image column); says why."""
 
 
 @contextlib.contextmanager

@@ -7,12 +7,8 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import FusionError
+from .errors import TokenizerMismatchError
 from .sources import ModelInfo
-
-
-class TokenizerMismatchError(FusionError):
-    """Parents whose tokenizers differ, with no ``tokenizer_source`` in the config to say which one to keep."""
 
 
 def _signature(info: ModelInfo) -> dict[str, Any] | None:

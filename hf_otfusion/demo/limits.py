@@ -5,18 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import FusionError
+from ..errors import DemoError, DemoTimeout  # noqa: F401 - re-exported for the demo's modules
 
 Report = Callable[[float, str], None]
 Check = Callable[[str], None]
 
-
-class DemoError(FusionError):
-    """Input the demo refuses (a limit, a local path in a Space, an unknown example); the message says why."""
-
-
-class DemoTimeout(DemoError):
-    """A fusion stopped because it ran past the demo's time limit."""
 
 
 @dataclass(frozen=True)
