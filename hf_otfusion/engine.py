@@ -164,7 +164,7 @@ class _Aligner:
         self.target_sizes = {s.name: s.size for s in target_plan.spaces}
         self.sizes = {s.name: s.size for s in plan.spaces}
         self.done: set[str] = set()
-        self.ops: dict[str, list[tuple[ChannelMap, int, int, int, int, int, int | None]]] = {}
+        self.ops: dict[str, list[tuple[ChannelMap, int, int, int, int, int, int | None, int | None]]] = {}
         self.cache: State = {}
 
     def offset(self, m: AxisRef) -> int:
@@ -187,7 +187,7 @@ class _Aligner:
 
     def apply(self, space: Space, m_map: ChannelMap) -> None:
         for m in space.members:
-            op = (m_map, m.axis, self.offset(m), m.repeat, m.tile, space.heads, m.block)
+            op = (m_map, m.axis, self.offset(m), m.repeat, m.tile, space.heads, m.block, m.head_axis)
             self.ops.setdefault(m.tensor, []).append(op)
         self.done.add(space.name)
 
@@ -228,9 +228,9 @@ def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: S
         if not aligner.ready(m_a) or tiles_elsewhere:
             continue
         out.append((rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat,
-                         m_a.tile, space.heads, m_a.block),
+                         m_a.tile, space.heads, m_a.block, m_a.head_axis),
                     rows(target.tensor(m_b.tensor), m_b.axis, m_b.offset, target_space.size, m_b.repeat, m_b.tile,
-                         target_space.heads, m_b.block)))
+                         target_space.heads, m_b.block, m_b.head_axis)))
     return out
 
 
@@ -267,7 +267,7 @@ def _cost(
         else:
             fa, fb = joined_rows(pairs, space.size, target_space.size, aligner.device)
             norm_a, norm_b = fa.norm(dim=1), fb.norm(dim=1)
-        if costs is not None:
+        if costs is not None and target_space.sites:  # a space that no activation carries: weights decide
             # activations decide; weights only break their ties (e.g. channels dead on all calibration data)
             act = costs[space.name].to(cost.device, cost.dtype)
             scale = act.max() / cost.max() if cost.numel() and cost.max() > 0 else 0.0

@@ -184,7 +184,7 @@ def random_permutation(
         perm = ChannelMap.permutation(order)
         for m in space.members:
             state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat, m.tile,
-                                             space.heads, m.block)
+                                             space.heads, m.block, m.head_axis)
     for alias, name in plan.aliases.items():
         state[alias] = state[name]
     return _with_state(model, state)

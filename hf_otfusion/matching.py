@@ -131,8 +131,8 @@ def _similarity(state: State, target_state: State, space: Space,
         if not a.is_floating_point() or (m.tile > 1 and (m.tensor, m.axis) in untiled):
             continue
         dtype = torch.promote_types(a.dtype, torch.float32)
-        ra = rows(a, m.axis, m.offset, n, m.repeat, m.tile, space.heads, m.block).to(dtype)
-        rb = rows(b, m.axis, m.offset, n, m.repeat, m.tile, space.heads, m.block).to(dtype)
+        ra = rows(a, m.axis, m.offset, n, m.repeat, m.tile, space.heads, m.block, m.head_axis).to(dtype)
+        rb = rows(b, m.axis, m.offset, n, m.repeat, m.tile, space.heads, m.block, m.head_axis).to(dtype)
         s += (ra @ rb.T).double()
     return s
 
@@ -221,7 +221,7 @@ def weight_matching(
                 m_map = permutation_map(q)
                 for m in sp.members:
                     new_state[m.tensor] = transport_axis(new_state[m.tensor], m_map, m.axis, m.offset, m.repeat,
-                                                         m.tile, sp.heads, m.block)
+                                                         m.tile, sp.heads, m.block, m.head_axis)
             new = sum(_dot(new_state[t], tgt[t]) for t in names)
             if new > old + 1e-10 * scale:  # ties keep the current map, so the descent cannot cycle
                 cur.update(new_state)

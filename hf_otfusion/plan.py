@@ -9,6 +9,9 @@ A member may also be *tiled* (``tile > 1``): grouped-query attention reads each 
 head of its group, so the output projection's input axis holds every head block ``tile`` times in a row. A
 member's head blocks may lie ``block`` positions apart with other channels between them: a segment of the channels
 inside every head (the non-rotary part of partial rotary query/key heads; GPT-NeoX's fused qkv, laid out per head).
+A member's heads may also lie on another axis of its tensor (``head_axis``): a mixture of experts stacks its experts'
+weights as ``[experts, out, in]``, so the experts are the heads (one router row each) and ``axis`` holds the hidden
+channels of each expert, which move inside their expert (a permutation per expert).
 
 Attention gives a space *heads*: its ``size`` channels form ``heads`` contiguous blocks of ``size // heads``
 (one per head), and its map must be block-diagonal up to a permutation of whole heads: channel ``i`` of head
@@ -56,8 +59,9 @@ class _Layout(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_contiguous(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         out = handler(self)
-        if self.block is None:  # the default layout: plans written before the field existed read the same
-            out.pop("block", None)
+        for key in ("block", "head_axis"):  # the default layout: plans written before the fields existed read the same
+            if key in out and out[key] is None:
+                out.pop(key)
         return out
 
 
@@ -70,6 +74,9 @@ class AxisRef(_Layout):
     repeat: int = 1
     tile: int = 1
     block: int | None = Field(None, description=_BLOCK)
+    head_axis: int | None = Field(None, description="another axis of the tensor that indexes the space's heads, one "
+                                  "head per entry (stacked experts, [experts, out, in]); ``axis`` then holds each "
+                                  "head's channels at ``offset + i * repeat + r``")
 
 
 class Site(_Layout):
@@ -126,6 +133,10 @@ class Space(BaseModel):
             if m.block == 0 and not self.shared:
                 raise ValueError(f"space {self.name!r}: a member holding one head's channels (block 0) needs a "
                                  f"shared within-head map ({m})")
+            stacked = getattr(m, "head_axis", None)
+            if stacked is not None and (stacked == m.axis or m.tile != 1 or m.block is not None or self.heads == 1):
+                raise ValueError(f"space {self.name!r}: a member whose heads lie on another axis needs heads > 1, "
+                                 f"that axis other than its own, no tile and no block ({m})")
             if m.block and m.block < self.head_dim * m.repeat:
                 raise ValueError(f"space {self.name!r}: head blocks {m.block} apart cannot hold {self.head_dim} "
                                  f"channels repeated {m.repeat} times ({m})")
@@ -213,7 +224,6 @@ class AlignmentPlan(BaseModel):
         """Whether a random permutation by this plan was checked to keep the model's outputs."""
         return self.verification is not None and self.verification.verified
 
-
     def __iter__(self) -> Iterator[Space]:  # type: ignore[override]
         return iter(self.spaces)
 
@@ -264,7 +274,7 @@ class AlignmentPlan(BaseModel):
                  + (" (expanded by layer index from a shallow trace: no activation sites)" if self.expanded else "")]
         groups = {g: i for i, g in enumerate(self.head_groups())}
         header = (f"{'#':>3}  {'space':<40} {'size':>6}  {'heads':<9} {'kind':<8}  "
-                  "members (tensor:axis[@offset][xrepeat][ttile][bblock])")
+                  "members (tensor:axis[@offset][xrepeat][ttile][bblock][hhead_axis])")
         lines += [header, "-" * len(header)]
         for i, space in enumerate(self.spaces):
             members = ", ".join(_format_member(m) for m in space.members)
@@ -330,4 +340,6 @@ def _format_member(m: AxisRef) -> str:
         text += f"t{m.tile}"
     if m.block is not None:
         text += f"b{m.block}"
+    if m.head_axis is not None:
+        text += f"h{m.head_axis}"
     return text

@@ -271,11 +271,30 @@ def tiled(seg: torch.Tensor, heads: int, tile: int, repeat: int) -> torch.Tensor
     return seg.index_select(0, torch.argsort(order).to(seg.device))
 
 
+def _stacked(tensor: torch.Tensor, axis: int, head_axis: int, heads: int, n: int, offset: int, repeat: int,
+             ) -> tuple[torch.Tensor, int | None]:
+    """A member whose heads lie on ``head_axis`` (stacked experts) as a member of one axis (dim 0): the two axes
+    merged head-major, and the block stride of its heads there (None where each head's channels fill the axis)."""
+    x = tensor.movedim((head_axis, axis), (0, 1))
+    if x.shape[0] != heads:
+        raise FusionError(f"axis {head_axis} of a tensor of shape {tuple(tensor.shape)} holds {x.shape[0]} heads, "
+                          f"not the plan's {heads}; the plan does not fit this model")
+    length = x.shape[1]
+    block = None if offset == 0 and (n // heads) * repeat == length else length
+    return x.reshape(heads * length, *x.shape[2:]), block
+
+
 def transport_axis(tensor: torch.Tensor, m: ChannelMap, axis: int, offset: int = 0, repeat: int = 1,
-                   tile: int = 1, heads: int = 1, block: int | None = None) -> torch.Tensor:
+                   tile: int = 1, heads: int = 1, block: int | None = None,
+                   head_axis: int | None = None) -> torch.Tensor:
     """Map the n_in channels of a member of ``tensor``'s ``axis`` (at ``offset``, each repeated ``repeat`` times
-    channel-major, each of its ``heads`` blocks ``tile`` times, the blocks ``block`` apart) with ``m``; the
-    result holds n_out."""
+    channel-major, each of its ``heads`` blocks ``tile`` times, the blocks ``block`` apart; or each head on one
+    entry of ``head_axis``, its channels at ``offset`` of ``axis``) with ``m``; the result holds n_out."""
+    if head_axis is not None:
+        flat, block = _stacked(tensor, axis, head_axis, heads, m.n_in, offset, repeat)
+        moved = transport_axis(flat, m, 0, offset, repeat, 1, heads, block)
+        rest = tuple(tensor.movedim((head_axis, axis), (0, 1)).shape[2:])
+        return moved.reshape(heads, -1, *rest).movedim((0, 1), (head_axis, axis))
     x = tensor.movedim(axis, 0)
     end = int(positions(m.n_in, heads, repeat, tile, block, offset)[-1]) + 1 if m.n_in else offset
     if end > x.shape[0]:
@@ -289,8 +308,12 @@ def transport_axis(tensor: torch.Tensor, m: ChannelMap, axis: int, offset: int =
 
 
 def rows(tensor: torch.Tensor, axis: int, offset: int, n: int, repeat: int, tile: int = 1,
-         heads: int = 1, block: int | None = None) -> torch.Tensor:
-    """The (n, features) rows of the channels of one axis segment (repeats, tiles and other axes flattened)."""
+         heads: int = 1, block: int | None = None, head_axis: int | None = None) -> torch.Tensor:
+    """The (n, features) rows of the channels of one axis segment (repeats, tiles and other axes flattened; heads
+    on ``head_axis``: see :func:`transport_axis`)."""
+    if head_axis is not None:
+        flat, block = _stacked(tensor, axis, head_axis, heads, n, offset, repeat)
+        return gather(flat, n, heads, repeat, 1, block, offset).reshape(n, -1)
     return gather(tensor.movedim(axis, 0), n, heads, repeat, tile, block, offset).reshape(n, -1)
 
 
@@ -304,6 +327,9 @@ def carry(values: torch.Tensor, segments: Sequence[tuple[AxisRef, int, torch.Ten
     the parent's widths do not add up to ``values``.
     """
     rest = values.shape[1:]
+    if any(m.head_axis is not None for m, _, _ in segments):
+        raise FusionError(f"{mismatch}: the statistics of a member whose heads lie on another axis (stacked experts) "
+                          "cannot be carried along one axis")
     if length == values.shape[0] and all(t.shape[0] == t.shape[1] for _, _, t in segments):
         out = values.clone()  # every width kept: each member in place, wherever its head blocks lie
         for m, heads, t in segments:

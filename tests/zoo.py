@@ -61,7 +61,7 @@ def make(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     torch.manual_seed(seed)
     entry = ZOO[name]
     model = entry.build()
-    if name in DECODERS:
+    if name in DECODERS or name in MOE:
         return randomize_state(model, seed).eval(), inputs(name, 4, seed + 100)
     if name in TRANSFORMERS:
         randomize_weights(model, seed)
@@ -426,6 +426,32 @@ DECODER_FAMILIES = {
 for _name, _build in DECODER_FAMILIES.items():
     register(_name, (8,), _token_ids)(_build)
 DECODERS = list(DECODER_FAMILIES)
+
+
+def _moe(kind: str, **extra: object) -> Callable[[], nn.Module]:
+    """A mixture-of-experts decoder whose experts run their eager loop (any dtype; the tracer exports grouped_mm)."""
+    def build() -> nn.Module:
+        model = _decoder(kind, num_key_value_heads=2, **extra)()
+        model.set_experts_implementation("eager")
+        return model
+
+    return build
+
+
+# experts stacked [experts, out, in] behind a top-k router; Qwen2-MoE adds a gated shared expert, gpt-oss biases
+# everywhere and an interleaved, clamped gate/up
+MOE_FAMILIES = {
+    "mixtral_moe": _moe("Mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe_shared": _moe("Qwen2Moe", moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
+                             num_experts_per_tok=2),
+    "qwen3_moe": _moe("Qwen3Moe", moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, head_dim=8),
+    "olmoe": _moe("Olmoe", num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": _moe("GptOss", num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                    layer_types=["sliding_attention", "full_attention"]),
+}
+for _name, _build in MOE_FAMILIES.items():
+    register(_name, (8,), _token_ids)(_build)
+MOE = list(MOE_FAMILIES)
 
 
 def randomize_state(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -49,6 +49,16 @@ def register_stack_rule(fn: StackRule) -> StackRule:
 
 INPUT, OUTPUT, VOCABULARY = "model input", "model output", "vocabulary"
 
+# Integer tensors whose *values* index the channels of a dim (a router's top-k expert indices, their sort, the
+# offsets of each expert's rows) carry that dim's label in :attr:`Tracer.values`. Ops named here read such values
+# in a way their rule follows; any other op that reads them fixes the channels they index (see Tracer.apply).
+READS_VALUES: set[str] = {"_assert_tensor_metadata", "sym_size", "sym_numel"}
+# ops whose values are values of their one tensor input (its shape, dtype or a part of it changes): the label
+# carries over
+KEEPS_VALUES = frozenset(("view", "_unsafe_view", "reshape", "flatten", "clone", "contiguous", "_to_copy", "to",
+                          "alias", "detach", "lift_fresh_copy", "unsqueeze", "squeeze", "select", "slice", "narrow",
+                          "expand"))
+
 
 def _filled_with_one_value(ep: ExportedProgram, spec: Any) -> bool:
     """Whether a graph constant (a non-persistent buffer, a lifted tensor) holds one value in every entry."""
@@ -85,6 +95,9 @@ class Tracer:
         self.state = state
         self.index = 0
         self.hidden_outputs = hidden_outputs(ep)
+        # node name (``name#i`` for an item of a tuple) -> (kind, label): an integer tensor whose values index the
+        # channels of that label ("index"), or the cumulative row counts of those channels ("offsets")
+        self.values: dict[str, tuple[str, Desc]] = {}
 
     # -- labels -------------------------------------------------------------------------------------------
     def new(self, size: int | None, fixed: bool = True, why: str | None = None) -> Desc:
@@ -175,6 +188,23 @@ class Tracer:
             name = getattr(target, "__name__", str(target))
         else:
             name = target._overloadpacket.__name__
+        read = [a for a in node.all_input_nodes if a.name in self.values]
+        if read and name in KEEPS_VALUES and len(node.all_input_nodes) == 1:
+            self.values[node.name] = self.values[read[0].name]
+        elif read and name not in READS_VALUES:
+            self.drop_values(node)
+        return self._apply(node, name)
+
+    def drop_values(self, node: Node) -> None:
+        """The values of ``node``'s inputs that index channels are used in a way the tracer does not follow: those
+        channels are fixed."""
+        for a in node.all_input_nodes:
+            if a.name in self.values:
+                kind, desc = self.values[a.name]
+                self.atoms.fix(desc, f"{kind} of these channels read by op '{self.op_name}' (node {node.name}), "
+                                     "which the tracer cannot follow")
+
+    def _apply(self, node: Node, name: str) -> Any:
         stacks = [a for a in node.all_input_nodes if isinstance(self.labels.get(a.name), _Stack)]
         if stacks:
             for stack_rule in STACK_RULES:
@@ -226,11 +256,24 @@ class Tracer:
         atoms = self.atoms
         atoms.close()
         members: dict[int, list[AxisRef]] = {}
+        broken: dict[int, str] = {}  # spaces left out whole: a tensor holds their channels in a way not expressible
         for tensor, axes in self.param_axes.items():
+            roots = [atoms.find(a) for a in axes]
+            stacked = {axis: self._stacked_head(atom) for axis, atom in enumerate(axes)}
+            head_axes = {axis: roots.index(h) if h in roots else None for axis, h in stacked.items() if h is not None}
             for axis, atom in enumerate(axes):
-                for root, offset, repeat, tile, block in self._segments(((atom, 1),)):
+                if axis in head_axes.values():
+                    continue  # the heads of a stacked member of this tensor: they move with it
+                head_axis = head_axes.get(axis)
+                for root, offset, repeat, tile, block in self._segments(((atom, 1),), stacked=True):
+                    if axis in head_axes and (head_axis is None or tile != 1 or block is not None):
+                        why = f"{tensor}:{axis} holds channels inside heads that no other axis of it indexes"
+                        broken[root] = why
+                        if stacked[axis] in atoms.heads:  # and those heads, which this tensor cannot follow
+                            broken[stacked[axis]] = why
                     members.setdefault(root, []).append(AxisRef(tensor=tensor, axis=axis, offset=offset,
-                                                                repeat=repeat, tile=tile, block=block))
+                                                                repeat=repeat, tile=tile, block=block,
+                                                                head_axis=head_axis))
         sites: dict[int, list[Site]] = {}
         for kind in (self.consumer_sites, self.producer_sites):
             found: dict[int, list[Site]] = {}
@@ -247,13 +290,15 @@ class Tracer:
         order: dict[int, int] = {}
         n_producers: dict[int, int] = {}
         for index, desc in self.producers:
-            for root in dict.fromkeys(seg[0] for seg in self._segments(desc)):
+            for root in dict.fromkeys(seg[0] for seg in self._segments(desc, stacked=True)):
                 order.setdefault(root, index)
                 n_producers[root] = n_producers.get(root, 0) + 1
         spaces = []
         names: set[str] = set()
         for root, refs in members.items():
-            if root not in sites and root not in atoms.heads:
+            if root in broken:
+                continue
+            if root not in sites and root not in atoms.heads and all(m.head_axis is None for m in refs):
                 continue  # a parameter axis that never meets an activation is not a space (unused tensor)
             if atoms.size[root] == 1:
                 continue  # one channel (e.g. the single key/value head of multi-query attention): nothing moves
@@ -282,7 +327,9 @@ class Tracer:
             tensors={k: tuple(v.shape) for k, v in state.items()},
             aliases=aliases,
             unhandled=tuple(self.unhandled),
-            fixed=self._fixed_report(),
+            fixed=self._fixed_report() + tuple(
+                FixedAxes(size=atoms.size[root] or 0, members=tuple(f"{m.tensor}:{m.axis}" for m in members[root]),
+                          reason=why) for root, why in broken.items()),
         )
 
     def _fixed_report(self) -> tuple[FixedAxes, ...]:
@@ -381,15 +428,28 @@ class Tracer:
         n = atoms.size[kv] or 1
         return (n, None if atoms.fixed[kv] else kv) if n > 1 else (1, None)
 
-    def _segments(self, desc: Desc) -> list[tuple[int, int, int, int, int | None]]:
-        """(space key, offset, repeat, tile, block) of each free segment of a dimension."""
+    def _segments(self, desc: Desc, stacked: bool = False) -> list[tuple[int, int, int, int, int | None]]:
+        """(space key, offset, repeat, tile, block) of each free segment of a dimension. ``stacked``: a within-head
+        dim (each expert's channels, the expert given by another axis or by the row) counts as its headed space's;
+        else it carries no space (an activation there holds one channel of every head at once)."""
         out, offset = [], 0
         for atom, repeat in self.atoms.expand(desc):
-            out += self._place(atom, offset, repeat, None)
+            out += self._place(atom, offset, repeat, None, stacked)
             offset += (self.atoms.size[atom] or 0) * repeat
         return out
 
-    def _place(self, root: int, offset: int, repeat: int, block: int | None,
+    def _stacked_head(self, atom: int) -> int | None:
+        """The head root of a dimension that holds channels inside heads whose heads lie elsewhere (stacked
+        experts), or None for any other dimension."""
+        atoms = self.atoms
+        heads = set()
+        for root, _ in atoms.expand(((atom, 1),)):
+            if root not in atoms.owner or atoms.fixed[root] or atoms.sharer_of(root) is not None:
+                continue
+            heads.add(atoms.find(atoms.split[atoms.find(atoms.owner[root])][0]))
+        return heads.pop() if len(heads) == 1 else -1 if heads else None
+
+    def _place(self, root: int, offset: int, repeat: int, block: int | None, stacked: bool = False,
                ) -> list[tuple[int, int, int, int, int | None]]:
         """(space key, offset, repeat, tile, block) of the free parts of a root atom's channels at ``offset``.
 
@@ -398,6 +458,11 @@ class Tracer:
         segments side by side) are one part.
         """
         atoms = self.atoms
+        if root in atoms.owner and not atoms.fixed[root] and atoms.sharer_of(root) is None:
+            if not stacked:
+                return []
+            resolved = self._resolve(atoms.find(atoms.owner[root]))
+            return [] if resolved is None else [(resolved[0], offset, repeat * resolved[1], resolved[2], None)]
         within = None if atoms.fixed[root] else atoms.sharer_of(root)
         if within is not None:  # one head's channels, read by every head: the headed space, every block on them
             resolved = self._resolve(atoms.find(atoms.owner[within]))
@@ -464,6 +529,8 @@ def hidden_outputs(ep: ExportedProgram) -> set[int]:
 
 def _getitem(t: Tracer, node: Node) -> Any:
     src, i = node.args
+    if f"{src.name}#{i}" in t.values:
+        t.values[node.name] = t.values[f"{src.name}#{i}"]
     value = t.labels.get(src.name)
     if isinstance(value, tuple) and i < len(value):
         return value[i]

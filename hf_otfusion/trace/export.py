@@ -42,7 +42,7 @@ def export_model(model: nn.Module, example_input: Any) -> ExportedProgram:
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings(), no_cache(model):
+        with warnings.catch_warnings(), no_cache(model), grouped_experts(model):
             warnings.simplefilter("ignore", FutureWarning)
             return _export(model, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - torch raises many types; the user needs one clear message
@@ -95,6 +95,25 @@ def no_cache(model: nn.Module) -> Iterator[None]:
     finally:
         for c, value in saved:
             c.use_cache = value
+
+
+@contextlib.contextmanager
+def grouped_experts(model: nn.Module) -> Iterator[None]:
+    """Trace a transformers mixture of experts with its ``grouped_mm`` experts (restored afterwards): the eager
+    implementation loops over the experts the data routes to, which ``torch.export`` cannot trace, and the
+    grouped one is the layout the tracer's expert rules read (:mod:`hf_otfusion.trace.rules.experts`)."""
+    get = getattr(model, "get_experts_implementation", None)
+    saved = None
+    with contextlib.suppress(Exception):  # a model without experts, or an implementation that cannot switch
+        current = get() if callable(get) else None
+        if current and any(v not in (None, "grouped_mm") for v in current.values()):
+            model.set_experts_implementation("grouped_mm")
+            saved = current
+    try:
+        yield
+    finally:
+        if saved is not None:
+            model.set_experts_implementation(saved)
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:

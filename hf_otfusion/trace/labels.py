@@ -298,6 +298,27 @@ class _Atoms:
             return None
         return ((h, 1),), ((w, 1),)
 
+    def stack(self, head: Desc, within: Desc) -> bool:
+        """Declare two dims of one tensor its heads and each head's channels (stacked experts, ``[experts, out,
+        in]``): ``within`` becomes the within atom of a headed atom over ``head``, so its channels move inside their
+        head. False (nothing changed) where either is not one plain atom, or ``within`` is fixed."""
+        eh, ew = self.expand(head), self.expand(within)
+        if len(eh) != 1 or len(ew) != 1 or eh[0][1] != 1 or ew[0][1] != 1:
+            return False
+        h, w = eh[0][0], ew[0][0]
+        if h == w or self.fixed[w] or w in self.uniform:
+            return False
+        if w in self.owner:  # already stacked: on the same heads, or not expressible
+            return self.find(self.split[self.find(self.owner[w])][0]) == h
+        if h in self.split or h in self.owner or h in self.definition or self._structured(w) or w in self.definition:
+            return False
+        sizes = self.size[h], self.size[w]
+        x = self.new(None if None in sizes else sizes[0] * sizes[1])  # type: ignore[operator]
+        self.heads.add(h)
+        self.owner[w] = x
+        self.split[x] = (h, w)
+        return True
+
     def owners_of_heads(self, head: int) -> list[int]:
         """The headed atoms whose head atom is ``head`` (a root): the first split, then its segments."""
         return [x for x, (h, _) in self.split.items() if self.find(h) == head and self.find(x) == x]

@@ -40,8 +40,14 @@ def _index(t: Tracer, node: Node) -> Any:
     if xl is None or out is None or src is None or dst is None or not isinstance(indices, (list, tuple)):
         return t.unknown(node, "index")
     picked = [k for k, i in enumerate(indices) if i is not None]
+    if x.name in t.values:  # indices picked from indices into channels still index them
+        t.values[node.name] = t.values[x.name]
     for k in picked:
-        t.atoms.fix(xl[k], f"{PICKED}: op 'index' (node {node.name})")
+        value = t.values.get(indices[k].name) if isinstance(indices[k], Node) else None
+        if value is not None and value[0] == "index":  # a per-expert table read at each row's expert
+            t.join(xl[k], value[1])
+        else:
+            t.atoms.fix(xl[k], f"{PICKED}: op 'index' (node {node.name})")
     if not picked:
         return list(xl)
     kept = [k for k in range(len(xl)) if k not in picked]

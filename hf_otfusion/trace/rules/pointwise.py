@@ -74,7 +74,7 @@ def _native_dropout(t: Tracer, node: Node) -> Any:
     return (out, out)
 
 
-@register_rule("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum")
+@register_rule("softmax", "_softmax", "log_softmax", "_log_softmax")
 def _along_dim(t: Tracer, node: Node) -> Any:
     return t.of(node.args[0]) or t.fresh(node)
 
