@@ -387,16 +387,27 @@ def test_strict_refuses_a_plan_with_movable_channels_left_fixed(tmp_path):
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 16, 16), "crop_pct": 1.0}
     timm.models.save_for_hf(model, str(vit), model_args=args, safe_serialization=True)
     assert runner.invoke(app, ["plan", str(vit), "--strict", "-q"]).exit_code == 0
-    # Mixtral's router (topk) and expert matmuls (grouped_mm) have no tracer rule: the residual stream stays fixed
+    # Mixtral's experts move as blocks with their router rows: nothing movable is left fixed
     mixtral = tmp_path / "mixtral"
     from transformers import MixtralConfig, MixtralForCausalLM
 
     MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
                                      num_experts_per_tok=1)).save_pretrained(mixtral)
-    config = _config(tmp_path / "n.yml", [str(mixtral), str(mixtral)], parameters={"strict": True})
+    assert runner.invoke(app, ["plan", str(mixtral), "--strict", "-q"]).exit_code == 0
+    # DeepSeek-V3's latent attention writes its rotary part with slice_scatter (no tracer rule) and its
+    # group-limited router takes an unsorted top-k (not followed): strict refuses it
+    deepseek = tmp_path / "deepseek_v3"
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+        topk_group=1, first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16,
+        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)).save_pretrained(deepseek)
+    config = _config(tmp_path / "n.yml", [str(deepseek), str(deepseek)], parameters={"strict": True})
     refused = runner.invoke(app, ["merge", str(config), str(tmp_path / "no"), "-q"])
-    assert refused.exit_code == 1 and "strict" in refused.output and "no tracer rule for op 'topk'" in refused.output
+    assert refused.exit_code == 1 and "strict" in refused.output and "no tracer rule for op" in refused.output
     assert not (tmp_path / "no").exists()
-    planned = runner.invoke(app, ["plan", str(mixtral), "--strict", "-q"])
+    planned = runner.invoke(app, ["plan", str(deepseek), "--strict", "-q"])
     assert planned.exit_code == 1 and "hidden channels left fixed" in planned.output

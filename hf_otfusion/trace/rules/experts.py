@@ -28,7 +28,11 @@ def _topk(t: Tracer, node: Node) -> Any:
     indices' values index them (the router's choice of experts)."""
     x = node.args[0]
     xl, val = t.of(x), node.meta.get("val")
-    if xl is None or not isinstance(val, (tuple, list)) or len(val) != 2 or not _arg(node, 4, "sorted", True):
+    if xl is None or not isinstance(val, (tuple, list)) or len(val) != 2:
+        return t.unknown(node, "topk")
+    if not _arg(node, 4, "sorted", True):
+        t.structural("a top-k that does not sort its result (DeepSeek-V3's group-limited routing): the order of the "
+                     "chosen channels follows their order, so they stay in place")
         return t.unknown(node, "topk")
     dim = _arg(node, 2, "dim", -1) % len(xl)
     outs = []
@@ -121,6 +125,9 @@ def _grouped_mm(t: Tracer, node: Node) -> Any:
     if (xl is None or wl is None or out is None or len(xl) != 2 or len(wl) != 3 or value is None
             or value[0] != "offsets" or extra or _shape(w) is None):
         t.drop_values(node)
+        if value is None and xl is not None and wl is not None and t.is_free([*xl, *wl]):
+            t.structural("a grouped matrix product whose groups are not the running counts of a router's top-k "
+                         "choice (the experts it routes to are not followed)")
         return t.unknown(node, t.op_name)
     experts = value[1]
     t.join(wl[0], experts)
