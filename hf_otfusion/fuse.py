@@ -72,7 +72,11 @@ def average_tensor(values: Sequence[torch.Tensor], weights: Sequence[float], ref
     if not ref.is_floating_point():
         return ref.clone()
     with timed("average"):
-        return sum(w * v.to(ref.dtype) for w, v in zip(weights, values, strict=True))
+        total = None
+        for w, v in zip(weights, values, strict=True):  # in place: one result tensor, the same sums as a + b + ...
+            term = w * v.to(ref.dtype)
+            total = term if total is None else total.add_(term)
+        return total
 
 
 def _with_state(model: nn.Module, state: State) -> nn.Module:
