@@ -128,7 +128,7 @@ def _mlp() -> tuple[nn.Module, torch.Tensor]:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(2, 4)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "other key", "bad plan"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other key", "bad plan", "binary"])
 def test_a_corrupt_entry_is_traced_again(tmp_path, calls, capsys, damage):
     model, x = _mlp()
     plan = cached_plan(model, x)
@@ -140,8 +140,12 @@ def test_a_corrupt_entry_is_traced_again(tmp_path, calls, capsys, damage):
         "truncated": text[: len(text) // 2],
         "other key": json.dumps({**stored, "key": {**stored["key"], "library": "elsewhere"}}),
         "bad plan": json.dumps({**stored, "plan": {"spaces": "nope"}}),
+        "binary": b"\x80\xff\xfe binary, not UTF-8",
     }[damage]
-    entry.write_text(broken)
+    if isinstance(broken, bytes):
+        entry.write_bytes(broken)
+    else:
+        entry.write_text(broken)
     again = cached_plan(model, x)
     assert again == plan and calls["build_plan"] == 2
     err = capsys.readouterr().err.strip().splitlines()
