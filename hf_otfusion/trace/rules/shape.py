@@ -465,8 +465,8 @@ def _slice(t: Tracer, node: Node) -> Any:
     elif step == 1 and (piece := _slice_desc(t, xl[dim], start, end)) is not None and piece:
         out[dim] = piece
     elif not t.atoms.is_fixed(xl[dim]):
-        strided = (f"a slice with step {step} ({t.atoms.context}): every {step}th channel (e.g. gpt-oss's interleaved "
-                   "gate and up projections) is not expressible in the plan")
+        strided = (f"a slice with step {step} ({t.atoms.context}): channels taken one in {step} (e.g. gpt-oss's "
+                   "interleaved gate and up projections) are not expressible in the plan")
         t.atoms.fix(xl[dim], strided if step != 1 else _slice_reason(t, xl[dim]))
     return out
 
