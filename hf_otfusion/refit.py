@@ -63,6 +63,8 @@ from .refit_passes import (  # noqa: F401  (some only re-exported: importable fr
     _chunks,
     _Collect,
     _collect,
+    _Held,
+    _hold,
     _input_rows,
     _output_rows,
     _Stop,
@@ -79,6 +81,7 @@ from .refit_units import (  # noqa: F401  (as above)
     _shape0,
     _Unit,
     find_units,
+    node_depths,
 )
 from .repair import _normalized, _Program, _shapes, _state_of
 from .runner import _static_batch
@@ -216,8 +219,36 @@ def refit_model(
     splittable = _static_batch(ep) is None and all(_static_batch(p.program.ep) is None for p in members)
 
     levels = sorted({u.level for u in units} | {r.level for r in resets})
+    todos = {level: [u for u in units if u.level == level] for level in levels}
+    streams = {level: {u.node for u in todos[level] if target == "stream" and inputs == "fused"
+                       and u.stream is not None and all(p.units[u.weight].stream is not None for p in members)}
+               for level in levels}
+    wanted_f: dict[int, set[str]] = {}
+    wanted_p: list[dict[int, set[str]]] = [{} for _ in members]
     for level in levels:
-        todo = [u for u in units if u.level == level]
+        todo, streamed = todos[level], streams[level]
+        wanted_f[level] = {r.source for r in resets if r.level == level}
+        if inputs == "fused":
+            wanted_f[level] |= {u.source for u in todo} | {u.stream[1] for u in todo if u.node in streamed}
+        for p, wp in zip(members, wanted_p, strict=True):
+            wp[level] = {_target_node(p.units[u.weight], u.node in streamed) for u in todo}
+            if inputs == "parents":
+                wp[level] |= {p.units[u.weight].source for u in todo}
+    held = _hold(calibration, chunk, splittable, [program] + [p.program for p in members])
+    if held is not None:  # every graph runs once: each chunk's values are kept from one level to the next
+        depth = node_depths(ep, units, resets)
+        lanes = [_Held(program, state, held, dev, wanted_f, depth)] + [
+            _Held(p.program, p.state, held, dev, wp, None) for p, wp in zip(members, wanted_p, strict=True)]
+
+    def run(k: int, c: int, batch: Any, level: int) -> dict[str, Any]:
+        """Model ``k``'s (0: the fused model, then the members) values wanted at ``level`` on chunk ``c``."""
+        if held is not None:
+            return lanes[k].values(c, level)
+        graph, st = (program, state) if k == 0 else (members[k - 1].program, members[k - 1].state)
+        return _collect(graph, st, batch, wanted_f[level] if k == 0 else wanted_p[k - 1][level], dev)
+
+    for level in levels:
+        todo, streamed = todos[level], streams[level]
         stats = [r for r in resets if r.level == level]
         normals: dict[str, _Normal] = {}
         for unit in todo:
@@ -227,24 +258,17 @@ def refit_model(
             normals[unit.node] = _Normal(torch.zeros(unit.groups, d_in, d_in, dtype=_F64, device=dev),
                                          torch.zeros(unit.groups, out // unit.groups, d_in, dtype=_F64, device=dev))
         sums = {r.node: [torch.zeros(state[r.mean].shape[0], dtype=_F64, device=dev)] * 2 + [0] for r in stats}
-        streamed = {u.node for u in todo if target == "stream" and inputs == "fused" and u.stream is not None
-                    and all(p.units[u.weight].stream is not None for p in members)}
-        wanted = {u.source for u in todo} | {r.source for r in stats} | {u.stream[1] for u in todo
-                                                                          if u.node in streamed}
         seen = 0
-        for batch in shard(_chunks(calibration, chunk, splittable)):
+        for c, batch in enumerate(held if held is not None else shard(_chunks(calibration, chunk, splittable))):
             seen += 1
-            values = _collect(program, state, batch, wanted if inputs == "fused" else {r.source for r in stats}, dev)
+            values = run(0, c, batch, level)
             for r in stats:
                 rows = values[r.source].movedim(1, -1).reshape(-1, values[r.source].shape[1]).to(_F64)
                 s, sq, n = sums[r.node]
                 sums[r.node] = [s + rows.sum(0), sq + (rows * rows).sum(0), n + rows.shape[0]]
             wanted_out: dict[str, torch.Tensor] = {}
-            for p in members:
-                p_wanted = {_target_node(p.units[u.weight], u.node in streamed) for u in todo}
-                if inputs == "parents":
-                    p_wanted |= {p.units[u.weight].source for u in todo}
-                got = _collect(p.program, p.state, batch, p_wanted, dev)
+            for k, p in enumerate(members, 1):
+                got = run(k, c, batch, level)
                 for unit in todo:
                     pu = p.units[unit.weight]
                     y = _output_rows(pu, got[_target_node(pu, unit.node in streamed)])

@@ -148,6 +148,17 @@ def find_units(ep: ExportedProgram) -> tuple[list[_Unit], list[_Reset]]:
     return units, out_resets
 
 
+def node_depths(ep: ExportedProgram, units: list[_Unit], resets: list[_Reset]) -> dict[str, int]:
+    """node -> the highest level among the units and resets its value depends on (a unit's or reset's own node: its
+    level): the value is final once every level up to it is solved."""
+    solved = {u.node for u in units} | {r.node for r in resets}
+    depth: dict[str, int] = {}
+    for node in ep.graph.nodes:
+        d = max((depth.get(a.name, 0) for a in node.all_input_nodes), default=0)
+        depth[node.name] = d + 1 if node.name in solved else d
+    return depth
+
+
 def _stream(node: torch.fx.Node, depth: dict[str, int], level: int) -> tuple[str, str] | None:
     """(add, other operand) when ``node``'s value (a BatchNorm's through its first output) is added to a value that
     depends only on units of lower levels than ``level``; None otherwise."""
