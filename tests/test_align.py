@@ -53,7 +53,8 @@ def test_aligned_bundled_example_averages_to_the_ot_fusion(tmp_path, weights):
 
     out = tmp_path / "aligned"
     names = ["mnist-resnet-seed0", "mnist-resnet-seed1"]
-    assert {p.name for p in out.iterdir()} == {*names, "README.md", "hf_otfusion.yml", "plan.json"}
+    assert {p.name for p in out.iterdir()} == {*names, "README.md", "hf_otfusion.yml", "plan.json",
+                                               ".hf_otfusion-files.json"}  # the manifest --overwrite reads
     assert not list(out.glob("mergekit-*.yml"))  # mergekit reads transformers checkpoints only
     assert "no mergekit config" in (out / "README.md").read_text()
     aligned = [_timm_state(out / name) for name in names]  # each loads with timm as its own model
