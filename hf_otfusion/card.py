@@ -275,6 +275,7 @@ def render_card(
         "evaluation_legend": "",
         "fixed": [(_cell(str(f.size)), _cell(", ".join(f.members)), _cell(f.reason)) for f in plan.fixed]
         if plan is not None else [],
+        "plan_check": str(plan.verification) if plan is not None and plan.verification is not None else "",
     }
     if evaluation:
         variables.update(_evaluation(config, evaluation))

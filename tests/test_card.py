@@ -308,3 +308,18 @@ def test_wheel_ships_the_template_and_renders_from_an_install(tmp_path: Path) ->
     assert Path(result["module"]).resolve().is_relative_to(site.resolve())
     assert Path(result["template"]).resolve() == (site / "hf_otfusion" / "model_cards" / "otfusion.md").resolve()
     assert "## Parents" in result["text"] and "[org/a](https://huggingface.co/org/a)" in result["text"]
+
+
+def test_the_plans_check_and_its_repairs_are_in_the_card() -> None:
+    from hf_otfusion.plan import AlignmentPlan, FixedAxes, Verification
+
+    verdict = Verification(verified=True, change=3e-15, dtype="float64", passes=9, repaired=("blocks.0.fc1.weight:0",))
+    reason = "failed verification: permuting it changes the output by 0.41 (relative)"
+    plan = AlignmentPlan(spaces=(), tensors={"blocks.0.fc1.weight": (8, 4)}, verification=verdict,
+                         fixed=(FixedAxes(size=8, members=("blocks.0.fc1.weight:0",), reason=reason),))
+    options = _section(render_card(_config(), library="timm", pipeline_tag=None, plan=plan), "Fusion options")
+    assert "Plan check: verified" in options and "repaired: 1 spaces" in options and "float64" in options
+    assert reason in options and "blocks.0.fc1.weight:0" in options
+    unchecked = plan.model_copy(update={"verification": Verification(verified=False, note="meta tensors")})
+    options = _section(render_card(_config(), library="timm", pipeline_tag=None, plan=unchecked), "Fusion options")
+    assert "Plan check: not verified: meta tensors" in options
