@@ -188,3 +188,80 @@ def test_stream_experiment_tiny_writes_its_table(tmp_path):
     for name, _ in _stream_experiment().ROWS:
         assert re.search(rf"^\| {re.escape(name)} \| [^|]+ \| {number} \| {number} \|$", report, re.M), name
     assert re.search(rf"after the OT permutation {number}, after the orthogonal map {number}", report)
+
+
+def test_glmc_maps_keep_a_randomised_llama_and_the_weights_alignment_recovers_them(monkeypatch):
+    """scripts/glmc_experiment.py's maps are exact: a random orthogonal stream map, random key/value group and query
+    head permutations, value-space orthogonal maps, rotary-pair rotations and scales, MLP neuron permutations and
+    signs keep a randomised, norm-folded Llama's logits in float64 (RMSNorm computed in float64 here: transformers'
+    own normalises in float32). The data-free alignment of the model with its carried copy then recovers every map
+    (the carried-back copy equals the model), while without the within-head maps, signs and scales it cannot."""
+    import importlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    ge = importlib.import_module("glmc_experiment")
+    np, torch = ge.np, ge.torch
+
+    def rms64(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms64)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    ids = torch.randint(0, 50, (3, 12))
+    folded = ge.fold_norms(model)
+    maps = ge.identity_maps(folded)
+    gen = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(0)
+    maps.q = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64, generator=gen))[0]
+    for lm in maps.layers:
+        lm.groups = rng.permutation(2)
+        lm.heads = np.concatenate([lm.groups[g] * 2 + rng.permutation(2) for g in range(2)])
+        lm.neurons = rng.permutation(24)
+        sign = torch.where(torch.rand(24, generator=gen) < 0.5, -1.0, 1.0).double()
+        lm.signs = sign * (torch.rand(24, generator=gen, dtype=torch.float64) + 0.5)
+        lm.vo = torch.linalg.qr(torch.randn(2, 4, 4, dtype=torch.float64, generator=gen))[0]
+        lm.vo_scale = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+        phi = torch.rand(2, 2, generator=gen, dtype=torch.float64) * 6.28
+        lm.qk = torch.stack([torch.stack([phi.cos(), -phi.sin()], -1), torch.stack([phi.sin(), phi.cos()], -1)], -2)
+        lm.qk_scale = torch.rand(2, 2, generator=gen, dtype=torch.float64) + 0.5
+    carried = ge.carry(folded, maps)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert torch.allclose(carried(input_ids=ids).logits, before, atol=1e-10)
+        broken = _copy_with_one_scale_wrong(ge, folded, maps)
+        assert not torch.allclose(broken(input_ids=ids).logits, before, atol=1e-3)
+    moved = {k for k, v in carried.state_dict().items() if not torch.allclose(v, folded.state_dict()[k])}
+    assert moved == {k for k in folded.state_dict() if any(p in k for p in ("embed", "proj", "lm_head"))}
+    assert ge.weight_distance(folded, carried) > 0.5
+    full = ge.Options(vo=True, qk=True, qk_scale=True, vo_scale=True, signs=True, mlp_scale=True)
+    found, _ = ge.align(folded, carried, full)
+    assert ge.weight_distance(folded, ge.carry(carried, found)) < 1e-5
+    found, _ = ge.align(folded, carried, ge.Options())
+    assert ge.weight_distance(folded, ge.carry(carried, found)) > 0.1
+
+
+def _copy_with_one_scale_wrong(ge, folded, maps):
+    """``maps`` with the key's scale of one rotary pair not undone (the query scaled, the key not): must not keep."""
+    import copy
+
+    wrong = copy.deepcopy(maps)
+    wrong.layers[0].qk_scale[0, 0] = 3.0
+    carried = ge.carry(folded, maps)
+    bad = ge.carry(folded, wrong)
+    state = bad.state_dict()
+    key = "model.layers.0.self_attn.k_proj.weight"
+    state[key] = carried.state_dict()[key]  # the key as in the exact map, the query scaled by 3
+    bad.load_state_dict(state)
+    return bad
