@@ -1,0 +1,88 @@
+"""Rules for the remaining vision ops (issue 26 item 4): ``roll`` (timm Swin's shifted windows, and a roll along
+channels) and timm LeViT's stage views. Every test randomises every parameter and buffer, checks that a random
+permutation by the plan keeps the outputs (float64) and that the tensors the rule is meant to move do move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo import live_batch_norms, randomize_state
+
+from hf_otfusion import AlignmentPlan, build_plan, random_permutation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _check(model: nn.Module, x: torch.Tensor, must_move: set[str], op: str) -> AlignmentPlan:
+    """Plan ``model`` (randomised), with ``op`` handled; a random permutation keeps the float64 outputs and moves
+    every tensor of ``must_move`` (and every tensor the plan names)."""
+    model = randomize_state(model).eval()
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        live_batch_norms(model, x)
+    plan = build_plan(model, x)
+    assert op not in plan.unhandled, plan.unhandled
+    assert not plan.unhandled, plan.unhandled
+    m64, x64 = model.double(), x.double()
+    permuted = random_permutation(m64, plan, seed=3)
+    with torch.no_grad():
+        ref, out = m64(x64), permuted(x64)
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-9
+    before, after = m64.state_dict(), permuted.state_dict()
+    planned = {m.tensor for s in plan.spaces for m in s.members}
+    assert must_move <= planned, must_move - planned
+    unmoved = {k for k in planned if torch.equal(before[k], after[k])}
+    assert not unmoved, unmoved
+    return plan
+
+
+class ChannelRoll(nn.Module):
+    """conv -> roll along channels -> conv -> roll along both spatial dims -> pool -> linear."""
+
+    def __init__(self, shift: int):
+        super().__init__()
+        self.shift = shift
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6, 3)
+        self.norm = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.a(x)).roll(self.shift, 1)
+        x = self.norm(self.b(x)).roll((2, -1), (2, 3))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("shift", [3, -5, 8])
+def test_roll_along_channels_is_two_segments_and_along_positions_passes(shift):
+    torch.manual_seed(0)
+    model = ChannelRoll(shift)
+    plan = _check(model, torch.randn(2, 3, 8, 8), {"a.weight", "a.bias", "b.weight", "norm.running_mean"}, "roll")
+    reads = sorted((m.axis, m.offset) for s in plan.spaces for m in s.members if m.tensor == "b.weight")
+    assert reads[0] == (0, 0) and [r for r in reads if r[0] == 1] == ([(1, 0)] if shift % 8 == 0 else
+                                                                      [(1, 0), (1, shift % 8)])
+
+
+def test_roll_of_the_flattened_tensor_fixes_its_channels_and_says_so():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.roll(self.a(x), 1))
+
+    plan = build_plan(Flat(), torch.randn(2, 4))
+    assert plan.unhandled == ("roll",) and not plan.spaces
+
+
+def test_timm_swin_shifted_windows_plan_with_nothing_unhandled():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=3, img_size=32,
+                              window_size=2, depths=(2, 2), num_heads=(2, 4), embed_dim=16)
+    x = torch.randn(2, 3, 32, 32)
+    assert any(getattr(b.attn, "window_size", None) is not None and b.shift_size != (0, 0)
+               for b in model.modules() if type(b).__name__ == "SwinTransformerBlock")
+    _check(model, x, {"layers.0.blocks.1.attn.qkv.weight", "layers.0.blocks.1.mlp.fc1.weight",
+                      "layers.1.blocks.1.attn.proj.weight", "layers.1.downsample.reduction.weight"}, "roll")
