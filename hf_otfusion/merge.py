@@ -117,15 +117,43 @@ def _loader(cfg, target: LoadedModel, require_labels: bool, fixed_length: bool =
                                  require_labels=require_labels, fixed_length=fixed_length)
 
 
+CALIBRATION_KEEP = 1 << 30  # bytes of calibration inputs kept in memory after a first full pass (not re-loaded)
+
+
+def _nbytes(value: object) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
 class _Inputs:
-    """The model inputs of a loader's ``(inputs, labels)`` batches (calibration needs no labels)."""
+    """The model inputs of a loader's ``(inputs, labels)`` batches (calibration needs no labels). After a first
+    complete pass, inputs of at most ``CALIBRATION_KEEP`` bytes are kept, so the later passes (activations, each
+    repair) do not decode and preprocess the data again; the loader is deterministic (no shuffling)."""
 
     def __init__(self, loader):
         self.loader = loader
+        self.kept: list | None = None
 
     def __iter__(self) -> Iterator:
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept: list | None = []
+        size = 0
         for inputs, _ in self.loader:
+            if kept is not None:
+                size += _nbytes(inputs)
+                if size <= CALIBRATION_KEEP:
+                    kept.append(inputs)
+                else:
+                    kept = None
             yield inputs
+        self.kept = kept
 
     def __len__(self) -> int:
         return len(self.loader)

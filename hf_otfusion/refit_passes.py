@@ -44,16 +44,24 @@ def _input_rows(unit: _Unit, x: torch.Tensor, weight_shape: Sequence[int]) -> to
             pads = [p for total in reversed(padding) for p in (total, total)]
         if any(pads):
             x = F.pad(x, pads)
-        patches = F.unfold(x.to(_F64), kernel, dilation=dilation, stride=stride)  # (N, C * k, L)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    elif unit.kind == "bn":
-        rows = x.movedim(1, -1).reshape(-1, x.shape[1]).to(_F64)
-    else:
-        rows = x.reshape(-1, x.shape[-1]).to(_F64)
-    rows = rows.reshape(rows.shape[0], unit.groups, -1)
-    if unit.affine:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], unit.groups, 1)], -1)
-    return rows
+        patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C * k, L), copied into float64 below
+        n, feats, length = patches.shape
+        return _with_ones(patches.view(n, unit.groups, feats // unit.groups, length).permute(0, 3, 1, 2),
+                          unit.affine)
+    if unit.kind == "bn":
+        x = x.movedim(1, -1)
+    return _with_ones(x.reshape(*x.shape[:-1], unit.groups, x.shape[-1] // unit.groups), unit.affine)
+
+
+def _with_ones(x: torch.Tensor, affine: bool) -> torch.Tensor:
+    """(rows, groups, features [+ 1]) in float64 from (..., groups, features), in one copy: a ones column last when
+    the fitted map has a bias."""
+    d = x.shape[-1]
+    out = torch.empty(*x.shape[:-1], d + (1 if affine else 0), dtype=_F64, device=x.device)
+    out[..., :d].copy_(x)
+    if affine:
+        out[..., d] = 1
+    return out.reshape(-1, *out.shape[-2:])
 
 
 def _output_rows(unit: _Unit, y: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,14 @@ class _Normal:
         if x.shape[0] != y.shape[0]:
             raise FusionError("refit: a layer's inputs and outputs have different numbers of positions")
         groups = x.shape[1]
-        yg = y.reshape(y.shape[0], groups, -1)
-        self.gram += weight * torch.einsum("rgi,rgj->gij", x, x)
-        self.cross += weight * torch.einsum("rgo,rgi->goi", yg, x)
+        if groups == 1:  # the same products as the grouped einsum, without its permuted copies
+            x1 = x[:, 0]
+            gram, cross = (x1.T @ x1).unsqueeze(0), (y.T @ x1).unsqueeze(0)
+        else:
+            yg = y.reshape(y.shape[0], groups, -1)
+            gram, cross = torch.einsum("rgi,rgj->gij", x, x), torch.einsum("rgo,rgi->goi", yg, x)
+        for total, part in ((self.gram, gram), (self.cross, cross)):
+            total += part if weight == 1 else weight * part
         self.count += weight * x.shape[0]
 
     def reduce(self) -> None:
