@@ -86,3 +86,16 @@ def test_timm_swin_shifted_windows_plan_with_nothing_unhandled():
                for b in model.modules() if type(b).__name__ == "SwinTransformerBlock")
     _check(model, x, {"layers.0.blocks.1.attn.qkv.weight", "layers.0.blocks.1.mlp.fc1.weight",
                       "layers.1.blocks.1.attn.proj.weight", "layers.1.downsample.reduction.weight"}, "roll")
+
+
+def test_timm_levit_at_a_small_input_plans_its_one_token_stage_with_nothing_unhandled():
+    """At 64 x 64 LeViT's last stage holds one token: its LinearNorm's (B, d) -> (B, 1, d) is that token, not the
+    single head of multi-query attention, so the stage's attention splits its channels into heads as the others."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, num_classes=3, img_size=64)
+    plan = _check(model, torch.randn(2, 3, 64, 64), {
+        "stages.2.downsample.attn_downsample.q.ln.linear.weight", "stages.2.blocks.0.attn.qkv.linear.weight",
+        "stages.2.blocks.0.attn.proj.ln.linear.weight", "stages.2.blocks.0.mlp.ln1.linear.weight"}, "view")
+    assert not plan.fixed, plan.fixed

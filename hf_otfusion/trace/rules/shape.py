@@ -165,8 +165,10 @@ def _reshape_labels(t: Tracer, node: Node, xl: Labels, src: list, dst: list) -> 
     for k in i_dims[i:]:
         t.atoms.fix(xl[k])
     name = node.target._overloadpacket.__name__
-    one_head = name in ("view", "_unsafe_view", "reshape") and len(dst) == len(src) + 1 and dst[-2] == 1
-    # (.., d) -> (.., 1, d): one attention head (multi-query attention's single key/value head)
+    one_head = name in ("view", "_unsafe_view", "reshape") and len(dst) == len(src) + 1 and dst[-2] == 1 \
+        and len(src) >= 3
+    # (.., T, d) -> (.., T, 1, d): one attention head (multi-query attention's single key/value head); (B, d) ->
+    # (B, 1, d) is one token (LeViT's last stage at a small input), not a head
     if one_head and dst[-1] == src[-1] and (headed := t.atoms.head_split(xl[-1], 1, dst[-1])) is not None:
         out[-2], out[-1] = headed
     for k, d in enumerate(out):  # the within-head dim of repeated heads is the tile's own
