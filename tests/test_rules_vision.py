@@ -99,3 +99,25 @@ def test_timm_levit_at_a_small_input_plans_its_one_token_stage_with_nothing_unha
         "stages.2.downsample.attn_downsample.q.ln.linear.weight", "stages.2.blocks.0.attn.qkv.linear.weight",
         "stages.2.blocks.0.attn.proj.ln.linear.weight", "stages.2.blocks.0.mlp.ln1.linear.weight"}, "view")
     assert not plan.fixed, plan.fixed
+
+
+class ResampledTable(nn.Module):
+    """A conv plus a position table resampled to the feature map (as timm resamples a ViT's at another size)."""
+
+    def __init__(self, mode: str, antialias: bool):
+        super().__init__()
+        self.mode, self.antialias = mode, antialias
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+        self.table = nn.Parameter(torch.randn(1, 8, 4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = F.interpolate(self.table, size=x.shape[-2:], mode=self.mode, antialias=self.antialias,
+                              **({} if self.mode == "nearest" else {"align_corners": False}))
+        return self.head(F.gelu(self.conv(x) + table).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode,antialias", [("bicubic", True), ("bicubic", False), ("bilinear", True),
+                                            ("nearest", False)])
+def test_a_resampled_table_moves_with_the_channels_it_is_added_to(mode, antialias):
+    torch.manual_seed(0)
+    _check(ResampledTable(mode, antialias), torch.randn(2, 3, 8, 8), {"table", "conv.weight", "head.weight"}, "")
