@@ -121,3 +121,28 @@ class ResampledTable(nn.Module):
 def test_a_resampled_table_moves_with_the_channels_it_is_added_to(mode, antialias):
     torch.manual_seed(0)
     _check(ResampledTable(mode, antialias), torch.randn(2, 3, 8, 8), {"table", "conv.weight", "head.weight"}, "")
+
+
+class StateConv(nn.Module):
+    """EfficientViM's hidden-state mixer in small: a state projection split into b, c, dt; ``h = x @ (a * b)^T``
+    puts the state on h's last dim, which a conv1d then reads as its length (kernel ``k``); ``y = h @ c``."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.bcdt, self.hz = nn.Conv1d(6, 3 * 4, 1), nn.Conv1d(6, 8, k, padding=k // 2)
+        self.a, self.head = nn.Parameter(torch.randn(4)), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, dt = self.bcdt(x).split([4, 4, 4], dim=1)
+        a = (dt + self.a.view(1, -1, 1)).softmax(-1)
+        h = F.gelu(self.hz(x @ (a * b).transpose(-2, -1)))
+        return self.head((h @ c).mean(-1))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_conv_over_a_dim_that_holds_channels_passes_them_with_kernel_1_else_fixes_them(k):
+    torch.manual_seed(0)
+    plan = _check(StateConv(k), torch.randn(2, 6, 5), {"hz.weight", "head.weight"} | ({"bcdt.weight", "a"} if k == 1
+                                                                                        else set()), "")
+    state = [s for s in plan.spaces if any(m.tensor == "a" for m in s.members)]
+    assert len(state) == (1 if k == 1 else 0)

@@ -90,6 +90,7 @@ def _conv(t: Tracer, node: Node) -> Any:
         return t.unknown(node, "conv_transpose" if transposed else "conv")
     out[0] = xl[0]
     out[1] = wl[0]
+    _positions(t, node, xl, out)
     if (bl := t.of(b)) is not None:
         t.join(bl[0], wl[0])
     in_ch, out_ch = _shape(x)[1], _shape(node)[1]
@@ -104,6 +105,19 @@ def _conv(t: Tracer, node: Node) -> Any:
     t.consumer_sites.append((x.name, 1, xl[1]))
     _producer(t, node, out, 1)
     return out
+
+
+def _positions(t: Tracer, node: Node, xl: Labels, out: Labels) -> None:
+    """The conv's spatial dims: a kernel of 1 that keeps the size (stride 1, no padding) reads each position alone,
+    so any labels there pass (EfficientViM runs a conv over a state dim that holds channels); any other kernel mixes
+    neighbouring entries, so channels held there stay in place."""
+    src, dst, kernel = _shape(node.args[0]), _shape(node), _shape(node.args[1])
+    for k in range(2, len(xl)):
+        if not t.atoms.is_fixed(xl[k]):
+            if kernel is not None and kernel[k] == 1 and src is not None and dst is not None and src[k] == dst[k]:
+                out[k] = xl[k]
+            else:
+                t.atoms.fix(xl[k], f"a conv's kernel mixes neighbouring entries of this dim ({t.atoms.context})")
 
 
 GROUPED = "grouped convolution: the input channels cannot be split into the conv's groups"
