@@ -1,0 +1,50 @@
+"""``repeat_interleave`` with a number of repeats: each entry of a dim repeated ``g`` times in a row.
+
+On plain channels that is a channel-major repeat (the labels' own ``repeat``): a permutation of the channels moves
+each block of ``g`` copies. On attention heads (grouped-value or grouped-query attention written as
+``k.repeat_interleave(g, dim=heads)``, as in Qwen3-Next's gated delta net and Mamba-2's grouped B and C) each head
+is read by ``g`` heads in a row: the heads are tiled as ``repeat_kv`` tiles them (:func:`.shape.repeat_heads`), so
+whole groups move together. Anything else (channels inside heads, repeats given by a tensor, no dim) is fixed and
+reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.fx import Node
+
+from ..core import Tracer, register_rule
+from ..labels import _arg, _shape
+from .shape import repeat_heads
+
+
+@register_rule("repeat_interleave")
+def _repeat_interleave(t: Tracer, node: Node) -> Any:
+    x = node.args[0]
+    xl, src, dst = t.of(x), _shape(x), _shape(node)
+    g, dim = _arg(node, 1, "repeats", None), _arg(node, 2, "dim", None)
+    if xl is None or src is None or dst is None or not isinstance(g, int) or not isinstance(dim, int) \
+            or len(src) != len(dst):
+        return t.unknown(node, "repeat_interleave")  # the index form (a repeats tensor), a flattening one
+    dim %= len(xl)
+    out = list(xl)
+    if g == 1 or t.atoms.is_fixed(xl[dim]):
+        out[dim] = xl[dim] if g == 1 else t.new(dst[dim])
+        return out
+    pieces = t.atoms.expand(xl[dim])
+    if not any(t.atoms._structured(a) for a, _ in pieces):
+        out[dim] = tuple((a, r * g) for a, r in pieces)
+        return out
+    others = [(d, src[k]) for k, d in enumerate(xl) if k != dim]
+    if (rep := repeat_heads(t, xl[dim], g, others)) is not None:
+        out[dim], within, tile_within = rep
+        whole = t.atoms.expand(((within, 1),))
+        for k, d in enumerate(out):
+            if k != dim and t.atoms.expand(d) == whole:
+                out[k] = ((tile_within, 1),)
+        return out
+    t.structural(f"a repeat_interleave by {g} of channels inside heads (or of heads without their channels)")
+    t.atoms.fix(xl[dim])
+    out[dim] = t.new(dst[dim])
+    return out

@@ -1,0 +1,55 @@
+"""Rules for the hybrid (linear-attention / SSM) families (issue 26 item 4): ``repeat_interleave`` on channels and on
+heads (Qwen3-Next's gated delta net and Mamba-2 repeat key or B/C heads over value heads this way). Each test
+randomises every parameter and buffer, checks in float64 that a random permutation by the plan keeps the outputs,
+and that the tensors meant to move do move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_rules_vision import _check
+from torch import nn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class InterleavedChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 4), nn.Linear(12, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.b(F.gelu(self.a(x)).repeat_interleave(3, dim=-1))))
+
+
+class InterleavedHeads(nn.Module):
+    """Grouped-query attention whose key/value heads are repeated with ``repeat_interleave`` over the head dim."""
+
+    def __init__(self, heads: int = 4, kv: int = 2, d: int = 3, dim: int = 8):
+        super().__init__()
+        self.h, self.kv, self.d = heads, kv, d
+        self.q, self.k, self.v = nn.Linear(dim, heads * d), nn.Linear(dim, kv * d), nn.Linear(dim, kv * d)
+        self.o, self.head = nn.Linear(heads * d, dim), nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.h, self.d).transpose(1, 2)
+        k = self.k(x).view(b, n, self.kv, self.d).transpose(1, 2).repeat_interleave(self.h // self.kv, dim=1)
+        v = self.v(x).view(b, n, self.kv, self.d).transpose(1, 2).repeat_interleave(self.h // self.kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, self.h * self.d)
+        return self.head((x + self.o(y)).mean(1))
+
+
+def test_repeat_interleave_of_channels_is_a_channel_major_repeat():
+    torch.manual_seed(0)
+    plan = _check(InterleavedChannels(), torch.randn(2, 5), {"a.weight", "a.bias", "b.weight"}, "repeat_interleave")
+    reads = [m for s in plan.spaces for m in s.members if m.tensor == "b.weight" and m.axis == 1]
+    assert [m.repeat for m in reads] == [3]
+
+
+def test_repeat_interleave_of_key_value_heads_tiles_them_like_repeat_kv():
+    torch.manual_seed(0)
+    plan = _check(InterleavedHeads(), torch.randn(2, 5, 8), {"q.weight", "k.weight", "v.weight", "o.weight"},
+                  "repeat_interleave")
+    assert plan.head_groups() and all(s.heads == 2 for s in plan.spaces if s.heads > 1)
