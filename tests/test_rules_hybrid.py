@@ -53,3 +53,29 @@ def test_repeat_interleave_of_key_value_heads_tiles_them_like_repeat_kv():
     plan = _check(InterleavedHeads(), torch.randn(2, 5, 8), {"q.weight", "k.weight", "v.weight", "o.weight"},
                   "repeat_interleave")
     assert plan.head_groups() and all(s.heads == 2 for s in plan.spaces if s.heads > 1)
+
+
+class Einsums(nn.Module):
+    """A hidden layer read by einsums: a weight contracted with its channels, an ellipsis scale, a per-position
+    gate from a contraction of two hidden values, an outer product summed back (as Mamba-2's chunked scan)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(5, 6)
+        self.w, self.scale = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = F.gelu(self.a(x)), self.b(x)
+        gate = torch.einsum("btc,btc->bt", h, g).sigmoid()
+        outer = torch.einsum("btc,bsc->bts", h, g).softmax(-1)
+        y = torch.einsum("bts,bsc->btc", outer, h) * gate[..., None]
+        z = torch.einsum("...c,c->...c", torch.einsum("btc,cd->btd", y, self.w), self.scale)
+        return self.head(F.gelu(z).mean(1))
+
+
+def test_einsum_joins_the_dims_each_letter_names():
+    torch.manual_seed(0)
+    plan = _check(Einsums(), torch.randn(2, 5, 5), {"a.weight", "b.weight", "w", "scale", "head.weight"}, "einsum")
+    space = next(s for s in plan.spaces if any(m.tensor == "a.weight" for m in s.members))
+    assert {m.tensor for m in space.members} >= {"a.weight", "a.bias", "b.weight", "b.bias", "w"}
