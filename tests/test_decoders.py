@@ -103,10 +103,15 @@ def test_fuse_undoes_a_hand_built_kv_head_and_query_head_permutation(family):
         averaged = make("llama_gqa")[0]
         averaged.load_state_dict(naive)
         assert _rel(run(averaged, x), ref) > 1e-2  # plain averaging does not undo it
+        other = randomize_state(make("llama_gqa")[0], seed=11)
+        other_swapped = _swap_kv_heads(other, 0, groups=2, d=8)  # and another model, so swapped, arrives
         for alignment in ("weights", "activations"):
-            fused = fuse([model, swapped], example_input=x, plan=plan, alignment=alignment, progress=False,
-                         calibration=[x] if alignment == "activations" else None)
+            options = dict(example_input=x, plan=plan, alignment=alignment, progress=False,
+                           calibration=[x] if alignment == "activations" else None)
+            fused = fuse([model, swapped], **options)
             assert _rel(run(fused, x), ref) < 1e-5, alignment
+            carried = fuse([model, other_swapped], weights=[0, 1], **options)
+            assert _rel(run(carried, x), run(other, x)) < 1e-5, alignment
         fused = fuse([model, swapped], example_input=x, plan=plan, sweeps=2, progress=False)
         assert _rel(run(fused, x), ref) < 1e-5
 

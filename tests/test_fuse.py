@@ -5,45 +5,72 @@ import pytest
 import torch
 from torch import nn
 
-from hf_otfusion import FusionError, ensemble, fuse, vanilla_average
+from hf_otfusion import FusionError, ensemble, fuse, random_permutation, vanilla_average
 from hf_otfusion.data import load_mnist_5k
 from hf_otfusion.evaluate import accuracy
 from hf_otfusion.train import train_classifier
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 from common import MLPNet  # noqa: E402
+from zoo import assert_states_close, moved_from  # noqa: E402
 
 FAMILIES = ["mlp", "vgg", "vgg_bn", "resnet_basic", "resnet_bottleneck", "mobilenet_se", "densenet",
             "groupnorm_cnn", "timm_resnet18", "timm_resnet50", "timm_vgg11"]
 
 
+def _close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("alignment", ["weights", "activations"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_fusing_a_permuted_copy_returns_the_original_function(family, name, alignment):
+def test_fusing_a_permuted_copy_returns_the_original_function(family, other, name, alignment):
+    """A permuted copy fuses back into the original; and, which a fuse that returned the target would fail, another
+    model B of the family arrives: ``fuse([A, perm(B)], weights=[0, 1])`` computes B's function, and (weights mode;
+    the transport is the same in both modes) is ``fuse([A, B], weights=[0, 1])``: a permutation of B changes
+    nothing, so ``fuse([A, perm(B)]) == fuse([A, B])`` for any weights."""
     model, x, plan, permuted = family(name)
     calibration = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(5))
-    fused = fuse([model, permuted], alignment=alignment, calibration=calibration, example_input=x, plan=plan,
-                 progress=False)
+    options = dict(alignment=alignment, calibration=calibration, example_input=x, plan=plan, progress=False)
+    fused = fuse([model, permuted], **options)
     with torch.no_grad():
         ref = model(x)
-        torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        _close(fused(x), ref)
     # the inputs are untouched
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in family(name)[0].state_dict().items())
+    b, shuffled = other(name)
+    carried = fuse([model, shuffled], weights=[0, 1], **options)
+    with torch.no_grad():
+        _close(carried(x), b(x))
+    if alignment == "weights":
+        assert_states_close(carried, fuse([model, b], weights=[0, 1], **options))
 
 
-def test_three_models_with_weights_and_a_non_default_target(family):
+def test_three_models_with_weights_and_a_non_default_target(family, other):
     model, x, plan, permuted = family("resnet_basic")
     fused = fuse([permuted, model, permuted], target=1, weights=[1, 2, 1], example_input=x, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    # the two other models arrive in the target's basis: B, permuted two ways, with the target weighted 0
+    b, shuffled = other("resnet_basic")
+    fused = fuse([shuffled, model, random_permutation(b, plan, seed=6)], target=1, weights=[1, 0, 1], plan=plan,
+                 progress=False)
+    with torch.no_grad():
+        _close(fused(x), b(x))
 
 
 @pytest.mark.parametrize("solver,marginals", [("sinkhorn", "uniform"), ("emd", "importance")])
-def test_other_solvers_and_marginals_recover_a_permuted_copy(family, solver, marginals):
+def test_other_solvers_and_marginals_recover_a_permuted_copy(family, other, solver, marginals):
     model, x, plan, permuted = family("mlp")
-    fused = fuse([model, permuted], example_input=x, solver=solver, reg=0.002, marginals=marginals, progress=False)
+    options = dict(example_input=x, solver=solver, reg=0.002, marginals=marginals, plan=plan, progress=False)
+    fused = fuse([model, permuted], **options)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-3, atol=1e-3)
+    # another model's permutation changes nothing (the solvers are equivariant), and the average is not the target
+    b, shuffled = other("mlp")
+    both = fuse([model, b], **options)
+    assert_states_close(fuse([model, shuffled], **options), both, tol=1e-3)
+    assert moved_from(both, model)
 
 
 def test_bad_configurations_fail_before_any_work(family):
@@ -91,6 +118,9 @@ def test_mnist_mlpnet_fusion_beats_vanilla_and_stays_near_parents(mnist, seeds):
     assert weights >= vanilla + 0.05 and weights >= parent_mean - 0.02
     assert acts >= vanilla + 0.05 and acts >= parent_mean - 0.03
     assert accuracy(ensemble(parents), test) >= parent_mean - 0.01
+    carried = fuse(parents, weights=[0, 1], example_input=mnist.x_train[:2], progress=False)  # the second arrives
+    with torch.no_grad():
+        _close(carried(mnist.x_test), parents[1](mnist.x_test))
 
 
 def test_fusing_a_wider_mlp_into_a_narrow_one(mnist):
@@ -99,4 +129,5 @@ def test_fusing_a_wider_mlp_into_a_narrow_one(mnist):
     test = (mnist.x_test, mnist.y_test)
     fused = fuse([narrow, wide], example_input=mnist.x_train[:2], progress=False)
     assert [p.shape for p in fused.parameters()] == [p.shape for p in narrow.parameters()]
+    assert moved_from(fused, narrow)
     assert accuracy(fused, test) >= accuracy(vanilla_average([narrow, narrow2]), test) + 0.05

@@ -322,10 +322,17 @@ def test_grouped_conv_moves_whole_groups_and_the_channels_inside_alike(name):
 def test_grouped_conv_fused_with_its_own_permutation_is_itself(alignment):
     model, x, plan, permuted = _blocked("timm_regnetx_002")
     model, permuted, x = copy.deepcopy(model).double(), copy.deepcopy(permuted).double(), x.double()
+    options = dict(alignment=alignment, calibration=[x] if alignment == "activations" else None, example_input=x,
+                   plan=plan, progress=False)
     with torch.no_grad():  # in float64: random BatchNorm statistics give activations whose squares overflow float32
-        fused = fuse([model, permuted], alignment=alignment, calibration=[x] if alignment == "activations" else None,
-                     example_input=x, plan=plan, progress=False)
+        fused = fuse([model, permuted], **options)
         assert _rel(run(fused, x), run(model, x)) < 1e-9
+        # and another model, permuted, arrives in the target's basis (which a copy of the target would not)
+        torch.manual_seed(11)
+        built, x_other = BLOCKED["timm_regnetx_002"]()
+        other = live_batch_norms(_random_state(built, seed=11), x_other, seed=11).double()
+        carried = fuse([model, random_permutation(other, plan, seed=5)], weights=[0, 1], **options)
+        assert _rel(run(carried, x), run(other, x)) < 1e-9
 
 
 @pytest.mark.usefixtures("one_thread")

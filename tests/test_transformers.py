@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo import TRANSFORMERS, inputs, make, randomize_state, run
+from zoo import TRANSFORMERS, assert_states_close, inputs, make, moved_from, randomize_state, run
 
 from hf_otfusion import FusionError, build_plan, fuse, random_permutation
 
@@ -42,15 +42,23 @@ def test_plan_has_heads_and_permutation_keeps_the_function(family, name):
 
 @pytest.mark.parametrize("alignment", ["weights", "activations"])
 @pytest.mark.parametrize("name", TRANSFORMERS)
-def test_fusing_a_permuted_copy_returns_the_original_function(family, name, alignment):
+def test_fusing_a_permuted_copy_returns_the_original_function(family, other, name, alignment):
+    """A permuted copy fuses back into the original; and, which a fuse that returned the target would fail, another
+    model B of the family arrives: ``fuse([A, perm(B)], weights=[0, 1])`` computes B's function, and (weights mode)
+    is ``fuse([A, B], weights=[0, 1])``, so ``fuse([A, perm(B)]) == fuse([A, B])`` for any weights."""
     model, x, plan, permuted = family(name)
     calibration = inputs(name, 16, seed=7)
+    options = dict(alignment=alignment, calibration=calibration, example_input=x, plan=plan, progress=False)
     with torch.no_grad():
         ref = run(model, x)
         for match_heads, copy in ((True, permuted), (False, random_permutation(model, plan, 2, permute_heads=False))):
-            fused = fuse([model, copy], alignment=alignment, calibration=calibration, example_input=x, plan=plan,
-                         match_heads=match_heads, progress=False)
+            fused = fuse([model, copy], match_heads=match_heads, **options)
             _close(run(fused, x), ref)
+        b, shuffled = other(name)
+        carried = fuse([model, shuffled], weights=[0, 1], **options)
+        _close(run(carried, x), run(b, x))
+        if alignment == "weights":
+            assert_states_close(carried, fuse([model, b], weights=[0, 1], **options))
 
 
 def test_head_permuted_copy_needs_head_matching(family):
@@ -87,13 +95,18 @@ def test_bert_embeddings_and_buffers(family):
                            for p in ("weight", "bias")}
 
 
-def test_tied_decoder_stays_tied(family):
+def test_tied_decoder_stays_tied(family, other):
     model, x, plan, permuted = family("hf_bert_mlm")
     assert plan.aliases["cls.predictions.decoder.weight"] == "bert.embeddings.word_embeddings.weight"
     fused = fuse([model, permuted], example_input=x, plan=plan, progress=False)
     assert fused.cls.predictions.decoder.weight is fused.bert.embeddings.word_embeddings.weight
     with torch.no_grad():
         _close(run(fused, x), run(model, x))
+    b, shuffled = other("hf_bert_mlm")  # the other model's tied table arrives, and stays tied
+    carried = fuse([model, shuffled], weights=[0, 1], example_input=x, plan=plan, progress=False)
+    assert carried.cls.predictions.decoder.weight is carried.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        _close(run(carried, x), run(b, x))
 
 
 def test_different_mlp_widths_fuse_into_the_target():
@@ -107,6 +120,7 @@ def test_different_mlp_widths_fuse_into_the_target():
     fused = fuse([a, wide], example_input=x, progress=False)
     assert [p.shape for p in fused.parameters()] == [p.shape for p in a.parameters()]
     assert torch.isfinite(fused(x)).all()
+    assert moved_from(fused, a)
 
 
 def test_different_head_counts_are_a_clear_error():

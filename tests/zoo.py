@@ -496,3 +496,19 @@ def live_batch_norms(model: nn.Module, x: Any, seed: int = 0) -> nn.Module:
             m.running_mean.add_(0.2 * std * torch.randn(m.running_mean.shape, generator=gen))
             m.running_var.mul_(0.7 + 0.6 * torch.rand(m.running_var.shape, generator=gen))
     return model
+
+
+def assert_states_close(a: nn.Module, b: nn.Module, tol: float = 1e-4) -> None:
+    """Every floating entry of two state dicts close (each tensor relative to its own largest entry)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key, value in sa.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(sb[key], value, rtol=tol, atol=tol * max(value.abs().max().item(), 1e-6),
+                                       msg=lambda m, key=key: f"{key}: {m}")
+
+
+def moved_from(fused: nn.Module, target: nn.Module) -> bool:
+    """Whether some entry of ``fused``'s state dict differs from the target's (a fuse that did work)."""
+    state = fused.state_dict()
+    return any(not torch.equal(v, state[k]) for k, v in target.state_dict().items())
