@@ -79,3 +79,27 @@ def test_einsum_joins_the_dims_each_letter_names():
     plan = _check(Einsums(), torch.randn(2, 5, 5), {"a.weight", "b.weight", "w", "scale", "head.weight"}, "einsum")
     space = next(s for s in plan.spaces if any(m.tensor == "a.weight" for m in s.members))
     assert {m.tensor for m in space.members} >= {"a.weight", "a.bias", "b.weight", "b.bias", "w"}
+
+
+class OneGroup(nn.Module):
+    """Mamba-2's shape in small: one group of B (a state per position) repeated over every head with
+    ``repeat_interleave``, a per-head decay, heads contracted with B by einsum, then the heads merged back."""
+
+    def __init__(self, heads: int = 4, p: int = 3, n: int = 5):
+        super().__init__()
+        self.h, self.p = heads, p
+        self.x, self.b = nn.Linear(6, heads * p), nn.Linear(6, n)
+        self.decay, self.o = nn.Parameter(torch.randn(heads)), nn.Linear(heads * p, 3)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        bs, t, _ = u.shape
+        x = self.x(u).view(bs, t, self.h, self.p) * self.decay[:, None]
+        b = self.b(u).view(bs, t, 1, -1).repeat_interleave(self.h, dim=2)
+        y = torch.einsum("bthn,bshn,bshp->bthp", b, b, x)
+        return self.o(F.gelu(y.reshape(bs, t, self.h * self.p))).mean(1)
+
+
+def test_a_single_group_repeated_over_heads_takes_on_the_heads():
+    torch.manual_seed(0)
+    plan = _check(OneGroup(), torch.randn(2, 5, 6), {"x.weight", "decay", "o.weight", "b.weight"}, "einsum")
+    assert plan.head_groups() and not plan.fixed

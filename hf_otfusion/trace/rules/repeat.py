@@ -4,8 +4,9 @@ On plain channels that is a channel-major repeat (the labels' own ``repeat``): a
 each block of ``g`` copies. On attention heads (grouped-value or grouped-query attention written as
 ``k.repeat_interleave(g, dim=heads)``, as in Qwen3-Next's gated delta net and Mamba-2's grouped B and C) each head
 is read by ``g`` heads in a row: the heads are tiled as ``repeat_kv`` tiles them (:func:`.shape.repeat_heads`), so
-whole groups move together. Anything else (channels inside heads, repeats given by a tensor, no dim) is fixed and
-reported.
+whole groups move together. A dim of one entry repeated is the same value ``g`` times: its label is uniform (it
+takes on the channels it meets, as a broadcast does). Anything else (channels inside heads, repeats given by a
+tensor, no dim) is fixed and reported.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def _repeat_interleave(t: Tracer, node: Node) -> Any:
         return t.unknown(node, "repeat_interleave")  # the index form (a repeats tensor), a flattening one
     dim %= len(xl)
     out = list(xl)
+    if src[dim] == 1 and g > 1:  # one entry copied g times (Mamba-2's single group of B and C over the heads):
+        out[dim] = t.new(dst[dim], why="one entry repeated")  # any order of the copies is the same tensor
+        t.atoms.uniform.update(a for a, _ in out[dim])
+        return out
     if g == 1 or t.atoms.is_fixed(xl[dim]):
         out[dim] = xl[dim] if g == 1 else t.new(dst[dim])
         return out
