@@ -7,8 +7,12 @@ The engine knows nothing of architectures: it reads spaces and (tensor, axis) me
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import StateSource, TensorSource
-from .distributed import broadcast, broadcast_object, is_main
+from .distributed import broadcast, broadcast_object, is_main, world
 from .errors import FusionError
+from .matching import check_sweeps, matched_couplings
 from .plan import AlignmentPlan, AxisRef, Space
 from .profile import record_space, timed
 from .transport import (
@@ -31,7 +36,9 @@ from .transport import (
     joined_rows,
     marginal,
     match_heads,
+    optimal_permutation,
     pairwise_distance,
+    permutation_coupling,
     rows,
     solve,
     solve_heads,
@@ -300,6 +307,46 @@ def _solve_space(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Sp
     return broadcast(t, tuple(cost.shape), torch.float64, cost.device)
 
 
+Solved = Callable[[], tuple[torch.Tensor | None, ChannelMap]]  # a space's coupling and map, once its solve is done
+
+
+def _coupling_and_map(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Space, order: list[int],
+                      opts: _Options, uniform: bool, coupling: bool = True) -> tuple[torch.Tensor | None, ChannelMap]:
+    """The space's coupling (None unless ``coupling``, where its map is a permutation) and its barycentric map."""
+    n_a, n_b = cost.shape
+    if opts.solver == "emd" and uniform and n_a == n_b > 0 and space.heads == 1 and world()[1] == 1:
+        with timed("solve"):  # solve()'s assignment path: its map is the permutation, no n x n coupling needed
+            perm = optimal_permutation(cost).to(cost.device)
+        return (permutation_coupling(perm) if coupling else None), ChannelMap.permutation(perm)
+    t = _solve_space(cost, a, b, space, order, opts, uniform)
+    return t, barycentric_map(t, b)
+
+
+def _start_solve(pool: ThreadPoolExecutor | None, *args) -> Solved:
+    """Solve a space now (no ``pool``), or start its solve on a thread of ``pool`` (the exact solvers release the
+    GIL, so spaces solve while the next costs are computed); the result is the same either way."""
+    if pool is None:
+        done = _coupling_and_map(*args)
+        return lambda: done
+    future = pool.submit(_coupling_and_map, *args)  # a thread records no phases: the wait for it counts as solve
+
+    def wait() -> tuple[torch.Tensor | None, ChannelMap]:
+        with timed("solve"):
+            return future.result()
+    return wait
+
+
+def solver_threads() -> int:
+    """Threads that solve spaces beside the main one: ``$HF_OTFUSION_SOLVE_THREADS``, else half the CPUs this
+    process may run on (1 to 8); 0 solves each space on the main thread. A distributed run solves on the main
+    thread (its couplings are broadcast in order)."""
+    env = os.environ.get("HF_OTFUSION_SOLVE_THREADS")
+    if env is not None:
+        return max(0, int(env))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // 2))
+
+
 class _Walker:
     """Solves one model's map of each space in turn, against the target; ``given`` couplings are used as they are."""
 
@@ -311,12 +358,15 @@ class _Walker:
         self.maps: dict[str, ChannelMap] = {}
         self.head_sources: dict[str, list[int]] = {}
 
-    def step(self, target_space: Space, groups: dict[str, list[Space]]) -> None:
+    def step(self, target_space: Space, groups: dict[str, list[Space]],
+             pool: ThreadPoolExecutor | None = None) -> Callable[[], None]:
+        """Compute the space's cost and start its solve; returns what applies its map (called in space order)."""
         plan, opts = self.aligner.plan, self.opts
         space = plan.space(target_space.name)
         if space.name in self.given:
             t = self.given[space.name]
-            b = t.sum(0)
+            done = (t, barycentric_map(t, t.sum(0)))
+            solved: Solved = lambda: done  # noqa: E731
         else:
             # a queries space reads weights only: its channels' entries are ordered by its group's other spaces,
             # solved before it, and its activations were read before any of them
@@ -335,13 +385,16 @@ class _Walker:
             order = self.head_sources.get(group, list(range(n_heads))) if group is not None else list(range(n_heads))
             if target_space.queries:  # its heads already stand where the group's tiled members moved them
                 order = list(range(n_heads))
-            t = _solve_space(cost, a, b, target_space, order, opts, uniform)
-        m_map = barycentric_map(t, b)
-        self.aligner.apply(space, m_map)
-        if "couplings" in self.keep:
-            self.couplings[space.name] = t
-        if "maps" in self.keep:
-            self.maps[space.name] = m_map
+            solved = _start_solve(pool, cost, a, b, target_space, order, opts, uniform, "couplings" in self.keep)
+
+        def apply() -> None:
+            t, m_map = solved()
+            self.aligner.apply(space, m_map)
+            if "couplings" in self.keep:
+                self.couplings[space.name] = t
+            if "maps" in self.keep:
+                self.maps[space.name] = m_map
+        return apply
 
 
 Finished = Callable[[str, list[torch.Tensor]], None]
@@ -363,6 +416,10 @@ def _walk(
 
     As soon as every space of a tensor is solved, ``finished(name, [its value in each model])`` gets it (the
     target's unchanged) and no model holds it any more.
+
+    Solves run on threads (:func:`solver_threads`) while the next spaces' costs are computed; a space's map is
+    applied, in plan order, before any later space reads a tensor it moves, so every cost, map and tensor is the
+    one the walk one space at a time gives.
     """
     target_plan = plans[target]
     aligners = [_Aligner(s, p, target_plan, device, k) for k, (s, p) in enumerate(zip(sources, plans, strict=True))]
@@ -383,22 +440,49 @@ def _walk(
 
     finish([name for name, spaces in remaining.items() if not spaces])  # fixed tensors: nothing to solve
     groups = target_plan.head_groups()
+    threads = solver_threads() if world()[1] == 1 else 0
+    # spaces whose solve was started and whose map is not applied yet, in plan order: (space, the tensors it moves,
+    # each walker's apply, seconds so far)
+    pending: deque[tuple[Space, set[str], list[Callable[[], None]], float]] = deque()
+
+    def settle(needed: set[str], keep: int) -> None:
+        """Apply pending maps in order: through the last one that moves a tensor in ``needed``, then until at most
+        ``keep`` are left."""
+        last = max((i for i, (_, moved, _, _) in enumerate(pending) if moved & needed), default=-1)
+        while pending and (last >= 0 or len(pending) > keep):
+            space, _, applies, seconds = pending.popleft()
+            last -= 1
+            start = time.perf_counter()
+            for apply in applies:
+                apply()
+            done = []
+            for m in space.members:
+                spaces = remaining[m.tensor]
+                spaces.discard(space.name)
+                if not spaces:
+                    done.append(m.tensor)
+            finish(dict.fromkeys(done))
+            seconds += time.perf_counter() - start
+            record_space(space.name, seconds)
+            bar.set_postfix_str(f"{space.name} ({space.size} ch) {seconds:.2f}s", refresh=False)
+
     bar = tqdm(target_plan.spaces, desc="solving spaces", disable=not progress, leave=False, unit="space")
-    for target_space in bar:
-        start = time.perf_counter()
-        for walker in walkers:
-            if walker is not None:
-                walker.step(target_space, groups)
-        done = []
-        for m in target_space.members:
-            spaces = remaining[m.tensor]
-            spaces.discard(target_space.name)
-            if not spaces:
-                done.append(m.tensor)
-        finish(dict.fromkeys(done))
-        seconds = time.perf_counter() - start
-        record_space(target_space.name, seconds)
-        bar.set_postfix_str(f"{target_space.name} ({target_space.size} ch) {seconds:.2f}s", refresh=False)
+    with ThreadPoolExecutor(threads) if threads else contextlib.nullcontext() as pool:
+        try:
+            for target_space in bar:
+                # a cost reads the member tensors of its space (and of its head group's spaces)
+                group = groups.get(target_space.head_group, []) if target_space.head_group is not None else []
+                needed = {m.tensor for s in [target_space, *group] for m in s.members}
+                settle(needed, threads)
+                start = time.perf_counter()
+                applies = [w.step(target_space, groups, pool) for w in walkers if w is not None]
+                pending.append((target_space, {m.tensor for m in target_space.members}, applies,
+                                time.perf_counter() - start))
+                settle(set(), threads)
+            settle(set(), 0)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
     return walkers
 
 
@@ -422,53 +506,6 @@ def _stream_couplings(sources: Sequence[TensorSource], plans: Sequence[Alignment
             space = plans[k].space(stream.name)
             cost, a, b, uniform = _cost(aligner, space, reference, stream, None, opts.marginals, per_tensor=True)
             given[k][stream.name] = _solve_space(cost, a, b, stream, list(range(stream.heads)), opts, uniform)
-    return given
-
-
-def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", marginals: str = "uniform") -> None:
-    """A :class:`FusionError` for a ``sweeps`` value, or options, that weight matching cannot run with."""
-    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
-        raise FusionError(f"sweeps must be an integer >= 0, got {sweeps!r}")
-    if not sweeps:
-        return
-    for name, value, needed in (("alignment", alignment, "weights"), ("solver", solver, "emd"),
-                                ("marginals", marginals, "uniform")):
-        if value != needed:
-            raise FusionError(f"sweeps={sweeps} (weight matching by coordinate descent) needs {name}={needed!r}, "
-                              f"got {value!r}: it improves permutations, found from the weights alone")
-
-
-def _matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
-                       device: torch.device, walkers: Sequence[_Walker | None], sweeps: int, seed: int,
-                       heads: bool) -> list[dict[str, torch.Tensor]]:
-    """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
-    target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk."""
-    from .matching import record, weight_matching
-
-    target_plan = plans[target]
-    names = [t for t in target_plan.members_by_tensor() if t not in target_plan.aliases]
-    reference = _Aligner(sources[target], target_plan, target_plan, device, target)
-    target_state = {name: reference.release(name) for name in names}
-    given: list[dict[str, torch.Tensor]] = [{} for _ in sources]
-    for k, walker in enumerate(walkers):
-        if walker is None:
-            continue
-        aligner = _Aligner(sources[k], plans[k], target_plan, device, k)
-        for space in plans[k].spaces:
-            m_map = walker.maps[space.name]
-            if m_map.index is None or m_map.scale is not None or m_map.n_in != m_map.n_out:
-                raise FusionError(f"sweeps: the map of space {space.name!r} for model {k} is not a permutation")
-            aligner.apply(space, m_map)
-        state = {name: aligner.release(name) for name in names}
-        with timed("matching"):
-            _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads)
-        record(result)
-        for space in target_plan.spaces:
-            n = space.size
-            index = walker.maps[space.name].index.cpu()[result.perms[space.name]]
-            t = torch.zeros(n, n, dtype=torch.float64)
-            t[index, torch.arange(n)] = 1.0 / n
-            given[k][space.name] = t.to(device)
     return given
 
 
@@ -520,7 +557,7 @@ def align_sources(
                                       f"{space.name!r} has {space.size} channels in model {k} but {space_t.size} "
                                       "in the target (fuse other widths with sweeps=0)")
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
-        given = _matched_couplings(sources, plans, target, device, first, sweeps, seed, heads)
+        given = matched_couplings(sources, plans, target, device, first, sweeps, seed, heads)
     walkers = _walk(sources, plans, target, device, costs, given, opts, finished, progress,
                     {"couplings"} if couplings else set())
     return [None if w is None else w.couplings for w in walkers]

@@ -30,16 +30,22 @@ permutations (exact solver, uniform marginals). No data is used.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from .checkpoint import TensorSource
 from .errors import FusionError
 from .plan import AlignmentPlan, AxisRef, Space
+from .profile import timed
 from .transport import ChannelMap, head_costs, marginal, match_heads, rows, solve, solve_heads, transport_axis
+
+if TYPE_CHECKING:
+    from .engine import _Walker
 
 State = dict[str, torch.Tensor]
 
@@ -234,3 +240,54 @@ def weight_matching(
         if changed == 0:
             break
     return cur, result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine's use of it: ``sweeps`` > 0
+
+
+def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", marginals: str = "uniform") -> None:
+    """A :class:`FusionError` for a ``sweeps`` value, or options, that weight matching cannot run with."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise FusionError(f"sweeps must be an integer >= 0, got {sweeps!r}")
+    if not sweeps:
+        return
+    for name, value, needed in (("alignment", alignment, "weights"), ("solver", solver, "emd"),
+                                ("marginals", marginals, "uniform")):
+        if value != needed:
+            raise FusionError(f"sweeps={sweeps} (weight matching by coordinate descent) needs {name}={needed!r}, "
+                              f"got {value!r}: it improves permutations, found from the weights alone")
+
+
+def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
+                      device: torch.device, walkers: Sequence[_Walker | None], sweeps: int, seed: int,
+                      heads: bool) -> list[dict[str, torch.Tensor]]:
+    """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
+    target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk."""
+    from .engine import _Aligner
+
+    target_plan = plans[target]
+    names = [t for t in target_plan.members_by_tensor() if t not in target_plan.aliases]
+    reference = _Aligner(sources[target], target_plan, target_plan, device, target)
+    target_state = {name: reference.release(name) for name in names}
+    given: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+    for k, walker in enumerate(walkers):
+        if walker is None:
+            continue
+        aligner = _Aligner(sources[k], plans[k], target_plan, device, k)
+        for space in plans[k].spaces:
+            m_map = walker.maps[space.name]
+            if m_map.index is None or m_map.scale is not None or m_map.n_in != m_map.n_out:
+                raise FusionError(f"sweeps: the map of space {space.name!r} for model {k} is not a permutation")
+            aligner.apply(space, m_map)
+        state = {name: aligner.release(name) for name in names}
+        with timed("matching"):
+            _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads)
+        record(result)
+        for space in target_plan.spaces:
+            n = space.size
+            index = walker.maps[space.name].index.cpu()[result.perms[space.name]]
+            t = torch.zeros(n, n, dtype=torch.float64)
+            t[index, torch.arange(n)] = 1.0 / n
+            given[k][space.name] = t.to(device)
+    return given

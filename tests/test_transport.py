@@ -83,6 +83,26 @@ def test_strided_member_maps_only_its_positions():
         transport_axis(x, ChannelMap(torch.ones(4, 6) / 6), axis=1, offset=2, heads=2, block=6)
 
 
+def test_a_permutation_is_one_gather_with_the_general_paths_entries():
+    # the permutation fast path of transport_axis against the general one (a map scaled by one)
+    gen = torch.Generator().manual_seed(3)
+    layouts = [dict(axis=1, offset=3), dict(axis=0, offset=0, repeat=2), dict(axis=1, offset=2, heads=2, block=6),
+               dict(axis=1, offset=1, heads=2, repeat=2, tile=2, block=7), dict(axis=0, offset=0, heads=2, tile=2),
+               dict(axis=2, offset=1)]
+    for layout in layouts:
+        n = 4 if layout.get("block") == 7 else 6 if layout.get("block") else 4
+        x = torch.randn(32, 32, 5, generator=gen)
+        order = torch.randperm(n, generator=gen)
+        if layout.get("heads", 1) > 1 and layout.get("block") is not None:  # stays inside the member's head blocks
+            d = n // layout["heads"]
+            order = torch.cat([h * d + torch.randperm(d, generator=gen) for h in torch.randperm(layout["heads"])])
+        fast = transport_axis(x, ChannelMap.permutation(order), **layout)
+        scaled = ChannelMap.permutation(order)
+        scaled.scale = torch.ones(n, 1)  # takes the general path, exactly
+        general = transport_axis(x, scaled, **layout)
+        assert torch.equal(fast, general) and fast.is_contiguous(), layout
+
+
 def test_carry_moves_strided_members_in_place():
     values = torch.arange(12, dtype=torch.float64)
     member = AxisRef(tensor="w", axis=0, offset=2, block=6)
