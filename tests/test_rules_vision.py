@@ -146,3 +146,28 @@ def test_a_conv_over_a_dim_that_holds_channels_passes_them_with_kernel_1_else_fi
                                                                                         else set()), "")
     state = [s for s in plan.spaces if any(m.tensor == "a" for m in s.members)]
     assert len(state) == (1 if k == 1 else 0)
+
+
+class Scatter(nn.Module):
+    """In-place slice assignments (exported as ``slice_scatter``): a conv's channels 2:5 overwritten by another
+    conv's, and a zero buffer filled in two ranges (GhostNet's and latent attention's layouts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.d, self.head = nn.Conv2d(8, 7, 1), nn.Linear(7 + 10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.a(x))
+        y[:, 2:5] = self.b(x)
+        z = x.new_zeros(x.shape[0], 10, *x.shape[2:])
+        z[:, 1:5] = self.c(x)
+        z[:, 6:9] = F.relu(self.b(x))
+        h = torch.cat([self.d(y), z], 1)
+        return self.head(F.gelu(h).mean((2, 3)))
+
+
+def test_slice_scatter_puts_the_sources_channels_in_the_slice():
+    torch.manual_seed(0)
+    _check(Scatter(), torch.randn(2, 3, 6, 6), {"a.weight", "b.weight", "c.weight", "d.weight", "head.weight"},
+           "slice_scatter")

@@ -4,4 +4,17 @@ A new architecture is a new rule: write ``@register_rule("op_name")`` on a funct
 in the module of its family (or in your own code); the core and the fusion engine never need to change.
 """
 
-from . import attention, einsum, experts, gather, linear, norms, pointwise, repeat, resample, roll, shape  # noqa: F401
+from . import (  # noqa: F401
+    attention,
+    einsum,
+    experts,
+    gather,
+    linear,
+    norms,
+    pointwise,
+    repeat,
+    resample,
+    roll,
+    scatter,
+    shape,
+)

@@ -54,7 +54,7 @@ def _pointwise_out(t: Tracer, node: Node, tensors: Sequence[Any]) -> Labels | No
     "addcdiv", "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
     "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "clone", "contiguous", "alias", "detach",
     "_to_copy", "to", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "erf", "square", "reciprocal", "clamp",
-    "clamp_min", "clamp_max", "dropout", "lift_fresh_copy", "copy", "fill", "bitwise_not",
+    "clamp_min", "clamp_max", "dropout", "lift_fresh_copy", "fill", "bitwise_not",
     "logical_not", "eq", "ne", "lt", "le", "gt", "ge", "sign", "floor", "ceil", "round", "sin", "cos",
 )
 def _pointwise(t: Tracer, node: Node) -> Any:
