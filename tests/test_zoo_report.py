@@ -54,7 +54,9 @@ def test_timeouts_errors_and_the_budget_are_rows_and_the_report_totals_them(zr, 
             "perm_change": 1e-15, "fuse_change": 0.0, "vacuous": False}
     all_rows = [*map(json.loads, log.read_text().splitlines()), skipped, done]
     totals = zr.totals(all_rows)
-    assert totals["models"] == 6 and totals["over budget"] == 1 and totals["not run"] == 1
+    fast = by_name["vit_h_14"]["stage"] == "skipped"  # counted on meta before the time limit (else a timeout)
+    assert by_name["vit_h_14"]["stage"] in ("skipped", "timeout")
+    assert totals["models"] == 6 and totals["over budget"] == 1 + fast and totals["not run"] == 1
     assert totals["checked"] == 1 and totals["permutation failures"] == 0 and totals["fuse failures"] == 0
     text = zr.render(all_rows, "python scripts/zoo_report.py --log zoo.jsonl", 60, 26)
     assert "| **all** |" in text and "`test_resnet`" in text and "timm sample seed 26" in text
