@@ -16,6 +16,10 @@ from zoo import assert_states_close, moved_from  # noqa: E402
 
 FAMILIES = ["mlp", "vgg", "vgg_bn", "resnet_basic", "resnet_bottleneck", "mobilenet_se", "densenet",
             "groupnorm_cnn", "timm_resnet18", "timm_resnet50", "timm_vgg11"]
+# timm's VGG-11 has 4096-wide pre-logits: the exact assignment between two unrelated models' 4096 activations takes
+# about 100 s on one CPU thread (a permuted copy's, a second or two), and each fuse in weights mode about 30 s, so
+# the other model is carried over once, in weights mode (the other families check both modes)
+HEAVY = {"timm_vgg11"}
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
@@ -38,11 +42,13 @@ def test_fusing_a_permuted_copy_returns_the_original_function(family, other, nam
         _close(fused(x), ref)
     # the inputs are untouched
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in family(name)[0].state_dict().items())
+    if name in HEAVY and alignment == "activations":
+        return
     b, shuffled = other(name)
     carried = fuse([model, shuffled], weights=[0, 1], **options)
     with torch.no_grad():
         _close(carried(x), b(x))
-    if alignment == "weights":
+    if alignment == "weights" and name not in HEAVY:
         assert_states_close(carried, fuse([model, b], weights=[0, 1], **options))
 
 
