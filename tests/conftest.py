@@ -3,7 +3,8 @@
 ``--lazy-fuse`` (the honesty run of the exactness tests, issue 29): ``hf_otfusion.fuse`` is replaced, everywhere it
 is bound (the package, its module ``hf_otfusion.fuse``, every imported ``hf_otfusion`` module that imported it), by
 a lazy one that returns a copy of the target and does nothing else. A test that still passes so does not see the
-engine. At the end the run prints, per test file, how many tests called ``fuse`` and how many of those passed::
+engine. At the end the run prints, per test file, how many tests called ``fuse`` and how many of those passed
+(run it in one process, without ``-n``: each process keeps its own count)::
 
     python -m pytest -q -p no:cacheprovider --lazy-fuse tests/test_fuse.py tests/test_transformers.py \
         tests/test_decoders.py tests/test_trace.py
