@@ -101,7 +101,7 @@ def _run(model: nn.Module, x: Any) -> Any:
         return model(*x) if isinstance(x, tuple) else model(x)
 
 
-def _randomise(model: nn.Module, x: Any, seed: int) -> int:
+def randomise_state(model: nn.Module, x: Any, seed: int) -> int:
     """Every floating state-dict entry random: at the scale of its fan-in, norm gains around 1, running variances
     positive; BatchNorm statistics then those of the batch, moved at random (so the signal lives through deep nets
     and a wrong permutation of the statistics still shows). Returns the forward passes taken (0 or 1)."""
@@ -197,7 +197,7 @@ class _Checker:
         device = next((t.device for t in work.state_dict().values()), torch.device("cpu"))
         work = work.to(dtype).eval()
         self.x = _cast(x, dtype, device)
-        self.passes += _randomise(work, self.x, seed)
+        self.passes += randomise_state(work, self.x, seed)
         self.work = work
         self.base = work.state_dict()  # the randomised tensors themselves: a check swaps in permuted ones
         self.ref = self._outputs()

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import zoo_models  # noqa: E402
 
 from hf_otfusion import build_plan, fuse, random_permutation  # noqa: E402
-from hf_otfusion.verify import _randomise, verify_plan  # noqa: E402
+from hf_otfusion.verify import randomise_state, verify_plan  # noqa: E402
 
 TOLERANCE = 1e-4
 REGISTRIES = ("torchvision", "timm", "transformers")
@@ -92,7 +92,7 @@ def check(model: torch.nn.Module, x: Any, row: dict[str, Any]) -> dict[str, Any]
     """Plan, verify, permute and fuse one built model; fills ``row`` as it goes (a failure leaves what was done)."""
     state = model.state_dict()
     row["params"] = zoo_models._count(model)
-    _randomise(model, x, seed=7)
+    randomise_state(model, x, seed=7)
     start = time.perf_counter()
     row["stage"] = "plan"
     plan = build_plan(model, x)
