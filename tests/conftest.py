@@ -40,6 +40,7 @@ from hub_server import hub_server  # noqa: E402, F401 - the Hub test server fixt
 from zoo import make  # noqa: E402
 
 from hf_otfusion import build_plan, random_permutation  # noqa: E402
+from hf_otfusion.verify import verify_plan  # noqa: E402
 
 _CACHE: dict[str, tuple] = {}
 _OTHER_CACHE: dict[str, tuple] = {}
@@ -122,7 +123,7 @@ def family():
     def get(name: str):
         if name not in _CACHE:
             model, x = make(name)
-            plan = build_plan(model, x)
+            plan = verify_plan(model, build_plan(model, x), x)  # once: fuse then trusts it (it checks an unchecked one)
             _CACHE[name] = (model, x, plan, random_permutation(model, plan, seed=1))
         return _CACHE[name]
 
