@@ -68,6 +68,28 @@ def tiny_llama(folder: Path, seed: int, hidden: int = 32, layers: int = 1, max_p
     return Path(folder)
 
 
+def tiny_mixtral(folder: Path, seed: int, hidden: int = 32, experts: int = 4, max_positions: int = 64,
+                 train_on: list[str] | None = None, steps: int = 0) -> Path:
+    """A seeded ``MixtralForCausalLM`` (byte vocabulary, ``experts`` experts, 2 per token, grouped-query attention)
+    and its tokenizer, saved in ``folder``; with ``train_on``, first trained ``steps`` Adam steps on that text."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2,
+        max_position_embeddings=max_positions, pad_token_id=256, bos_token_id=257, eos_token_id=258,
+        tie_word_embeddings=False,
+    )
+    model = MixtralForCausalLM(config)
+    tokenizer = byte_tokenizer(max_positions)
+    if train_on:
+        train_causal_lm(model, tokenizer, train_on, steps, seed)
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
 def train_causal_lm(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, texts: list[str], steps: int,
                     seed: int, batch_size: int = 16, lr: float = 3e-3) -> None:
     """Next-token training with Adam on seeded random mini-batches of ``texts`` (padding ignored)."""

@@ -167,3 +167,35 @@ def test_expert_indices_read_in_an_unfollowed_way_fix_the_experts():
                                                                       ("table", 0)}
         with torch.no_grad():
             torch.testing.assert_close(random_permutation(model, plan, seed=2)(x), model(x))
+
+
+def test_merge_of_two_trained_mixtral_checkpoints_reports_perplexity(tmp_path):
+    """`hf-otfusion merge` of two tiny mixture-of-experts LMs trained from different seeds on real text (the
+    standard library's source): exit 0, the perplexity table, and the fused model below the vanilla average."""
+    import re
+
+    import yaml
+    from lm import tiny_mixtral
+    from typer.testing import CliRunner
+
+    from hf_otfusion.cli import app
+    from hf_otfusion.config import DatasetConfig
+    from hf_otfusion.data import load_split, stdlib_text_dataset
+
+    data = stdlib_text_dataset(tmp_path / "text", length=48, num_train=192, num_test=48)
+    train = list(load_split(DatasetConfig(dataset=str(data), split="train"))["text"])
+    parents = [tiny_mixtral(tmp_path / f"mixtral-seed{s}", seed=s, train_on=train, steps=120) for s in (0, 1)]
+    config = tmp_path / "moe.yml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"model": str(p)} for p in parents], "parameters": {"alignment": "weights"},
+        "evaluation": {"dataset": str(data), "split": "test", "batch_size": 16}}))
+    result = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "fused"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.stdout
+    losses = {}
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 2 and re.fullmatch(r"[0-9.]+", cells[1]):
+            losses[cells[0]] = float(cells[1])
+    vanilla = next(v for k, v in losses.items() if "vanilla" in k)
+    assert losses["OT fusion"] < vanilla, losses
