@@ -59,13 +59,7 @@ def tiny_llama(folder: Path, seed: int, hidden: int = 32, layers: int = 1, max_p
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
         pad_token_id=256, bos_token_id=257, eos_token_id=258, tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
-    tokenizer = byte_tokenizer(max_positions)
-    if train_on:
-        train_causal_lm(model, tokenizer, train_on, steps, seed)
-    model.eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return Path(folder)
+    return _save_lm(LlamaForCausalLM(config), folder, max_positions, train_on, steps, seed)
 
 
 def tiny_mixtral(folder: Path, seed: int, hidden: int = 32, experts: int = 4, max_positions: int = 64,
@@ -81,7 +75,12 @@ def tiny_mixtral(folder: Path, seed: int, hidden: int = 32, experts: int = 4, ma
         max_position_embeddings=max_positions, pad_token_id=256, bos_token_id=257, eos_token_id=258,
         tie_word_embeddings=False,
     )
-    model = MixtralForCausalLM(config)
+    return _save_lm(MixtralForCausalLM(config), folder, max_positions, train_on, steps, seed)
+
+
+def _save_lm(model: torch.nn.Module, folder: Path, max_positions: int, train_on: list[str] | None, steps: int,
+             seed: int) -> Path:
+    """Train ``model`` (with ``train_on``) and save it with its byte tokenizer in ``folder``."""
     tokenizer = byte_tokenizer(max_positions)
     if train_on:
         train_causal_lm(model, tokenizer, train_on, steps, seed)
