@@ -146,14 +146,12 @@ def _stream_experiment():
     return importlib.import_module("stream_experiment")
 
 
-def test_orthogonal_stream_map_keeps_a_randomised_llama_and_moves_every_stream_tensor():
-    """The experiment's orthogonal stream map is exact: with every parameter random (RMSNorm gains included, which
-    must be folded into their readers first) the rotated decoder keeps its logits, and every tensor touching the stream
-    moved. Without the fold, the same rotation changes the function (the check can fail)."""
+def _random_llama():
+    """A seeded float64 grouped-query Llama (hidden 16, 2 layers) with every parameter random (norm gains around 1),
+    and a batch of token ids."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    se = _stream_experiment()
-    torch = se.torch
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
@@ -162,7 +160,16 @@ def test_orthogonal_stream_map_keeps_a_randomised_llama_and_moves_every_stream_t
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
-    ids = torch.randint(0, 50, (3, 12))
+    return model, torch.randint(0, 50, (3, 12))
+
+
+def test_orthogonal_stream_map_keeps_a_randomised_llama_and_moves_every_stream_tensor():
+    """The experiment's orthogonal stream map is exact: with every parameter random (RMSNorm gains included, which
+    must be folded into their readers first) the rotated decoder keeps its logits, and every tensor touching the stream
+    moved. Without the fold, the same rotation changes the function (the check can fail)."""
+    se = _stream_experiment()
+    torch = se.torch
+    model, ids = _random_llama()
     q = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))[0]
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -198,7 +205,6 @@ def test_glmc_maps_keep_a_randomised_llama_and_the_weights_alignment_recovers_th
     (the carried-back copy equals the model), while without the within-head maps, signs and scales it cannot."""
     import importlib
 
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama
 
     scripts = str(ROOT / "scripts")
@@ -211,15 +217,7 @@ def test_glmc_maps_keep_a_randomised_llama_and_the_weights_alignment_recovers_th
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms64)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
-    ids = torch.randint(0, 50, (3, 12))
+    model, ids = _random_llama()
     folded = ge.fold_norms(model)
     maps = ge.identity_maps(folded)
     gen = torch.Generator().manual_seed(1)
