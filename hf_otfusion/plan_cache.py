@@ -47,7 +47,6 @@ import hashlib
 import json
 import os
 import secrets
-import sys
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -57,7 +56,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .log import get_logger
 from .plan import AlignmentPlan
+
+log = get_logger(__name__)
 
 ENV_VAR = "HF_OTFUSION_PLAN_CACHE"
 FORMAT = 1  # the layout of an entry file; part of the key
@@ -183,7 +185,7 @@ def key_hash(key: Mapping[str, Any]) -> str:
 
 
 def _warn(text: str) -> None:
-    print(f"warning: plan cache: {text}", file=sys.stderr)
+    log.warning("plan cache: %s", text)
 
 
 def read_entry(path: Path, key: Mapping[str, Any]) -> AlignmentPlan | None:
