@@ -13,8 +13,9 @@ from torch import nn
 
 from .config import MergeConfig
 from .distributed import is_main
+from .errors import MergeError
 from .fuse import fuse, resolve_device
-from .merge import MergeError, _calibration, inspect_parents, load_parents, local_inputs, output_bytes
+from .merge import calibration_inputs, inspect_parents, load_parents, local_inputs, output_bytes
 from .output import CARD_FILE, CONFIG_FILE, PLAN_FILE, check_output, staged
 from .plan import AlignmentPlan
 from .plan_cache import cached_plan_of
@@ -93,7 +94,7 @@ def run_align(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
     target = parents[t]
     dev = resolve_device(device, target.model)
     params = config.fusion_parameters
-    calibration, example = (_calibration(config, target) if params.alignment == "activations"
+    calibration, example = (calibration_inputs(config, target) if params.alignment == "activations"
                             else (None, example_input(target)))
     with timed("trace"):
         plan = cached_plan_of(target, example, enabled=plan_cache, sites=params.alignment != "weights")

@@ -153,14 +153,16 @@ def logits_of(output: Any) -> torch.Tensor:
     return logits
 
 
-def _predict(model: nn.Module, x: Inputs, device: torch.device) -> torch.Tensor:
+def batch_logits(model: nn.Module, x: Inputs, device: torch.device) -> torch.Tensor:
     """The model's logits on one batch of inputs, moved to ``device`` first (keyword tensors for a dict)."""
     if isinstance(x, Mapping):
         return logits_of(model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()}))
     return logits_of(model(x.to(device)))
 
 
-def _batches(data: Data) -> Iterator[tuple[Inputs, torch.Tensor]]:
+def labelled_batches(data: Data) -> Iterator[tuple[Inputs, torch.Tensor]]:
+    """The ``(inputs, labels)`` batches of ``data``: a pair of tensors cut into batches, or an iterable of
+    batches."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         x, y = data
         if len(x) != len(y):
@@ -174,7 +176,8 @@ def _batches(data: Data) -> Iterator[tuple[Inputs, torch.Tensor]]:
         yield batch[0], batch[1]
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -249,7 +252,7 @@ def _run(
     special = _special_ids(model) if lm == "masked" else []
     if device is not None:
         model.to(device)
-    dev = _model_device(model)
+    dev = model_device(model)
     correct, total, loss_sum, rows = 0, 0, 0.0, 0
     preds: list[torch.Tensor] = []
 
@@ -258,10 +261,10 @@ def _run(
         rows += len(batch[1])
 
     with _eval_mode(model):
-        for x, y in shard(_batches(data), "evaluation", skipped=skipped):
+        for x, y in shard(labelled_batches(data), "evaluation", skipped=skipped):
             if lm is None:
                 y = y.to(dev)
-                logits = _predict(model, x, dev)
+                logits = batch_logits(model, x, dev)
                 # cross_entropy applies log_softmax, which leaves log-probabilities (an ensemble) unchanged.
                 loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
                 pred = logits.argmax(dim=-1)
@@ -271,7 +274,7 @@ def _run(
                 x, labels = _lm_batch(lm, x, y, mask_token_id=mask_token_id, special_ids=special, seed=seed,
                                       first_row=rows)
                 rows += len(labels)
-                logits = _predict(model, x, dev).float()
+                logits = batch_logits(model, x, dev).float()
                 labels = labels.to(logits.device)
                 if lm == "causal":
                     logits, labels = logits[:, :-1], labels[:, 1:]
@@ -333,12 +336,12 @@ def agreement(model_a: nn.Module, model_b: nn.Module, data: Data, device: str | 
             raise ValueError("the two models scored different tokens")
         same, total = sum_numbers((pred_a == pred_b).sum().item(), len(pred_a))  # this process's tokens, summed
         return same / total
-    dev_a, dev_b = _model_device(model_a), _model_device(model_b)
+    dev_a, dev_b = model_device(model_a), model_device(model_b)
     same, total = 0, 0
     with _eval_mode(model_a), _eval_mode(model_b):
-        for x, _ in shard(_batches(data), "evaluation"):
-            pred_a = _predict(model_a, x, dev_a).argmax(dim=-1)
-            pred_b = _predict(model_b, x, dev_b).argmax(dim=-1).to(pred_a.device)
+        for x, _ in shard(labelled_batches(data), "evaluation"):
+            pred_a = batch_logits(model_a, x, dev_a).argmax(dim=-1)
+            pred_b = batch_logits(model_b, x, dev_b).argmax(dim=-1).to(pred_a.device)
             same += (pred_a == pred_b).sum().item()
             total += len(pred_a)
     same, total = sum_numbers(same, total)
@@ -383,7 +386,7 @@ def evaluate_fusion(
         >>> rows = evaluate_fusion([a, b], fused, (x_test, y_test), names=["a", "b"], agreement=True)  # doctest: +SKIP
         >>> print(format_table(rows))  # doctest: +SKIP
     """
-    from hf_otfusion import ensemble, vanilla_average
+    from .fuse import ensemble, vanilla_average  # (fuse imports this module)
 
     if len(parents) < 1:
         raise ValueError("evaluate_fusion needs at least one parent")

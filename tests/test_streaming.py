@@ -19,13 +19,12 @@ from torch import nn
 from hf_otfusion import build_plan, fuse
 from hf_otfusion.checkpoint import CheckpointError, SafetensorsSource, ShardedWriter
 from hf_otfusion.config import parse_config
-from hf_otfusion.merge import inspect_parents, merge
+from hf_otfusion.merge import inspect_parents, merge, plan_stream, streamable
 from hf_otfusion.sources import SourceError, inspect_model, load_model
-from hf_otfusion.streaming import fuse_checkpoints, plan_stream, streamable
+from hf_otfusion.streaming import fuse_checkpoints
+from hf_otfusion.testing import cifar_resnet18, seeded
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from common import cifar_resnet18, seeded  # noqa: E402
 
 
 def _config(models: list[Path], **params) -> object:
@@ -207,7 +206,7 @@ def test_fusion_of_checkpoints_larger_than_the_memory_cap(tmp_path, alignment):
         import torch
         from torch import nn
         from hf_otfusion import build_plan
-        from hf_otfusion.sources import _unwritten_parameters
+        from hf_otfusion.sources import unwritten_parameters
         from hf_otfusion.streaming import fuse_checkpoints
         import ot, scipy.optimize  # the solvers' imports, before the cap
         torch.set_num_threads(2)
@@ -222,7 +221,7 @@ def test_fusion_of_checkpoints_larger_than_the_memory_cap(tmp_path, alignment):
         assert len(plan.spaces) == {DEPTH}, plan
         activations = "{alignment}" == "activations"
         if activations:
-            _unwritten_parameters(mlp)  # address space, not memory: no page of it is ever written
+            unwritten_parameters(mlp)  # address space, not memory: no page of it is ever written
             # large inputs: activations shrink by about 2 ** -0.5 a layer, and the biases must not drown them out
             calibration = 1e4 * torch.randn(128, {WIDTH}, generator=torch.Generator().manual_seed(0))
         gc.collect()
@@ -285,11 +284,11 @@ def _write_permuted_mlp_pair(a: Path, b: Path) -> None:
 
 def test_a_causal_lm_saved_with_its_default_config_streams_like_the_loaded_merge(tmp_path):
     """Meta-device tracing of a grouped-query Llama (key/value cache on in its config), streamed from disk."""
-    from lm import tiny_llama
     from transformers import AutoModelForCausalLM
 
     from hf_otfusion import merge
     from hf_otfusion.config import parse_config
+    from hf_otfusion.testing import tiny_llama
 
     parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, kv_heads=2) for s in (0, 1)]
     config = parse_config({"models": [{"model": str(p)} for p in parents]})
@@ -306,10 +305,9 @@ def test_a_causal_lm_saved_with_its_default_config_streams_like_the_loaded_merge
 def test_an_activations_merge_streams_layer_by_layer_like_the_loaded_merge(tmp_path, residual):
     """Activations alignment from disk: the parents' graphs run on weights read as each node needs them (hollow
     builds: no weights in memory), and the streamed output equals the in-memory merge's."""
-    from lm import tiny_llama
     from transformers import AutoModelForCausalLM
 
-    from hf_otfusion.data import stdlib_text_dataset
+    from hf_otfusion.testing import stdlib_text_dataset, tiny_llama
 
     data = stdlib_text_dataset(tmp_path / "text", length=24, num_train=70, num_test=8)
     parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, layers=2, kv_heads=2) for s in (0, 1)]
@@ -332,11 +330,10 @@ def test_an_activations_merge_streams_layer_by_layer_like_the_loaded_merge(tmp_p
 
 def test_the_merge_command_says_the_calibration_streamed(tmp_path):
     import yaml
-    from lm import tiny_llama
     from typer.testing import CliRunner
 
     from hf_otfusion.cli import app
-    from hf_otfusion.data import stdlib_text_dataset
+    from hf_otfusion.testing import stdlib_text_dataset, tiny_llama
 
     data = stdlib_text_dataset(tmp_path / "text", length=24, num_train=40, num_test=8)
     parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, kv_heads=2) for s in (0, 1)]
