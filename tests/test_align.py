@@ -14,7 +14,6 @@ import timm
 import torch
 import yaml
 from huggingface_hub import ModelCard
-from lm import tiny_llama
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -22,6 +21,7 @@ from hf_otfusion.aligned import align_parents
 from hf_otfusion.cli import app
 from hf_otfusion.config import parse_config
 from hf_otfusion.merge import MergeError, merge
+from hf_otfusion.testing import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()

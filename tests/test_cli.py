@@ -331,11 +331,11 @@ def _table_losses(output: str) -> dict[str, float]:
 
 def test_merge_of_two_trained_llama_gqa_checkpoints_reports_perplexity_and_generates(tmp_path):
     """Two grouped-query Llamas trained from different seeds on real text, saved with their default config."""
-    from lm import tiny_llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_otfusion.config import DatasetConfig
-    from hf_otfusion.data import load_split, stdlib_text_dataset
+    from hf_otfusion.data import load_split
+    from hf_otfusion.testing import stdlib_text_dataset, tiny_llama
 
     data = stdlib_text_dataset(tmp_path / "text", length=48, num_train=192, num_test=48)
     train = list(load_split(DatasetConfig(dataset=str(data), split="train"))["text"])
@@ -367,7 +367,7 @@ def test_merge_of_two_trained_llama_gqa_checkpoints_reports_perplexity_and_gener
 
 
 def test_strict_refuses_a_plan_with_movable_channels_left_fixed(tmp_path):
-    from lm import tiny_llama
+    from hf_otfusion.testing import tiny_llama
 
     parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, kv_heads=2) for s in (0, 1)]
     config = _config(tmp_path / "c.yml", [str(p) for p in parents])

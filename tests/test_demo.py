@@ -522,10 +522,9 @@ def test_base64_png_helper_is_a_png(fused):
 
 def test_demo_fuses_two_trained_causal_lms(tmp_path, examples, store):
     """Language models in the demo: the table gives loss and perplexity (no accuracy) and the path is token loss."""
-    from lm import tiny_llama
-
     from hf_otfusion.config import DatasetConfig
-    from hf_otfusion.data import load_split, stdlib_text_dataset
+    from hf_otfusion.data import load_split
+    from hf_otfusion.testing import stdlib_text_dataset, tiny_llama
 
     data = stdlib_text_dataset(tmp_path / "text", length=48, num_train=96, num_test=32)
     train = list(load_split(DatasetConfig(dataset=str(data), split="train"))["text"])

@@ -233,8 +233,9 @@ def test_format_table_marks_rows_without_agreement():
 
 
 def _llama(seed: int):
-    from lm import VOCAB_SIZE
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_otfusion.testing import VOCAB_SIZE
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -244,8 +245,9 @@ def _llama(seed: int):
 
 
 def _bert_mlm(seed: int):
-    from lm import VOCAB_SIZE
     from transformers import BertConfig, BertForMaskedLM
+
+    from hf_otfusion.testing import VOCAB_SIZE
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -402,11 +404,9 @@ def test_format_table_mixes_missing_cells():
 
 
 def test_merge_evaluates_a_causal_lm_pair_on_stdlib_text(tmp_path):
-    from lm import tiny_llama
-
     from hf_otfusion import merge
     from hf_otfusion.config import parse_config
-    from hf_otfusion.data import stdlib_text_dataset
+    from hf_otfusion.testing import stdlib_text_dataset, tiny_llama
 
     data = stdlib_text_dataset(tmp_path / "text", length=48, num_train=8, num_test=6)
     parents = [tiny_llama(tmp_path / f"lm{s}", seed=s) for s in (0, 1)]

@@ -157,11 +157,11 @@ def test_fuse_with_an_expanded_plan(monkeypatch):
 
 
 def test_streamed_merge_of_deep_llamas_uses_the_expansion(tmp_path, monkeypatch):
-    from lm import tiny_llama
     from safetensors.torch import load_file
 
     from hf_otfusion.config import parse_config
     from hf_otfusion.merge import merge
+    from hf_otfusion.testing import tiny_llama
 
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "plans"))
     parents = [tiny_llama(tmp_path / f"lm{s}", seed=s, layers=4, kv_heads=2) for s in (0, 1)]

@@ -1,18 +1,13 @@
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from zoo import assert_states_close, moved_from
 
 from hf_otfusion import FusionError, ensemble, fuse, random_permutation, vanilla_average
-from hf_otfusion.data import load_mnist_5k
 from hf_otfusion.evaluate import accuracy
+from hf_otfusion.testing import MLPNet, load_mnist_5k
 from hf_otfusion.train import train_classifier
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-from common import MLPNet  # noqa: E402
-from zoo import assert_states_close, moved_from  # noqa: E402
 
 FAMILIES = ["mlp", "vgg", "vgg_bn", "resnet_basic", "resnet_bottleneck", "mobilenet_se", "densenet",
             "groupnorm_cnn", "timm_resnet18", "timm_resnet50", "timm_vgg11"]

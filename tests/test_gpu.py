@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from hf_otfusion import build_plan, fuse, fuse_checkpoints
 from hf_otfusion.checkpoint import ShardedWriter
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from common import cifar_resnet18, seeded  # noqa: E402
+from hf_otfusion.testing import cifar_resnet18, seeded
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

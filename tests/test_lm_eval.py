@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lm import tiny_llama
 from typer.testing import CliRunner
 
 from hf_otfusion.cli import app
+from hf_otfusion.testing import tiny_llama
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402

@@ -175,12 +175,12 @@ def test_merge_of_two_trained_mixtral_checkpoints_reports_perplexity(tmp_path):
     import re
 
     import yaml
-    from lm import tiny_mixtral
     from typer.testing import CliRunner
 
     from hf_otfusion.cli import app
     from hf_otfusion.config import DatasetConfig
-    from hf_otfusion.data import load_split, stdlib_text_dataset
+    from hf_otfusion.data import load_split
+    from hf_otfusion.testing import stdlib_text_dataset, tiny_mixtral
 
     data = stdlib_text_dataset(tmp_path / "text", length=48, num_train=192, num_test=48)
     train = list(load_split(DatasetConfig(dataset=str(data), split="train"))["text"])

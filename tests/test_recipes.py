@@ -16,13 +16,13 @@ import timm
 import torch
 import yaml
 from hub_server import HubServer
-from lm import VOCAB_SIZE, byte_tokenizer, tiny_bert_mlm
 from typer.testing import CliRunner
 
 from hf_otfusion.cli import app
 from hf_otfusion.config import DatasetConfig, load_config, parse_config
 from hf_otfusion.data import load_split
 from hf_otfusion.merge import merge
+from hf_otfusion.testing import VOCAB_SIZE, byte_tokenizer, tiny_bert_mlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent

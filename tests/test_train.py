@@ -8,8 +8,8 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_otfusion import finetune
-from hf_otfusion.data import load_mnist_5k
 from hf_otfusion.evaluate import accuracy
+from hf_otfusion.testing import load_mnist_5k
 from hf_otfusion.train import train_classifier
 
 
