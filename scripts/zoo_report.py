@@ -31,15 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import zoo_models  # the sibling script (scripts/ is on the path of a script run from it)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
-
-import zoo_models  # noqa: E402
-
-from hf_otfusion import build_plan, fuse, random_permutation  # noqa: E402
-from hf_otfusion.verify import randomise_state, verify_plan  # noqa: E402
+from hf_otfusion import build_plan, fuse, random_permutation
+from hf_otfusion.verify import randomise_state, verify_plan
 
 TOLERANCE = 1e-4
 REGISTRIES = ("torchvision", "timm", "transformers")

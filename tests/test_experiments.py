@@ -1,4 +1,5 @@
-"""Smoke runs of scripts/experiments.py in its tiny mode: every experiment runs end to end and writes its report."""
+"""Smoke runs of the MNIST suite (``python -m experiments``) in its tiny mode: every experiment runs end to end and
+writes its report."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONWARNINGS"] = "ignore"
-    proc = subprocess.run([sys.executable, "scripts/experiments.py", *args], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "experiments", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -39,7 +40,7 @@ def mlp_results(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_writes_a_report_and_a_figure(mlp_results, name):
     report = (mlp_results / f"{name}.md").read_text()
-    assert report.startswith("# ") and f"python scripts/experiments.py {name}" in report
+    assert report.startswith("# ") and f"python -m experiments {name}" in report
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
     assert figures and all((mlp_results / f).stat().st_size > 1000 for f in figures)
     numbers = [float(m) for m in re.findall(r"\| (\d+\.\d\d) ± \d+\.\d\d", report)]

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from experiments import mnist_vit
 from hf_otfusion import fuse, vanilla_average
-from hf_otfusion.data import load_mnist_5k
 from hf_otfusion.evaluate import accuracy
+from hf_otfusion.testing import load_mnist_5k
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import mnist_vit  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,8 +46,8 @@ def test_mnist_vit_script(tmp_path):
     out = tmp_path / "vit.md"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
                PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "scripts/mnist_vit.py", "--pairs", "1", "--epochs", "1", "--dim", "32", "--calibration",
-           "256", "--out", str(out)]
+    cmd = [sys.executable, "-m", "experiments", "mnist-vit", "--pairs", "1", "--epochs", "1", "--dim", "32",
+           "--calibration", "256", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()

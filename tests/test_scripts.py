@@ -1,4 +1,5 @@
-"""Smoke runs of the scripts with tiny settings: they run end to end and print their tables."""
+"""Smoke runs of the tools (scripts/), benchmarks (benchmarks/) and experiments (``python -m experiments``) with tiny
+settings: they run end to end and print their tables."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_mnist_mlp_script(tmp_path):
     out = tmp_path / "mnist.md"
-    proc = _run("scripts/mnist_mlp.py", "--pairs", "1", "--epochs", "3", "--out", str(out))
+    proc = _run("-m", "experiments", "mnist-mlp", "--pairs", "1", "--epochs", "3", "--out", str(out))
     report = out.read_text()
     assert report.strip() == proc.stdout.strip()
     for row in (
@@ -43,7 +44,7 @@ def test_mnist_mlp_script(tmp_path):
 
 
 def test_bench_script_one_case():
-    proc = _run("scripts/bench_fusion.py", "--cases", "mlpnet", "--modes", "weights", "disk", "disk-activations",
+    proc = _run("benchmarks/bench_fusion.py", "--cases", "mlpnet", "--modes", "weights", "disk", "disk-activations",
                 "--threads", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| MLPNet")]
     # in memory; from disk, traced then with the plan cached, then in activations mode; a phase row for each
@@ -66,8 +67,8 @@ def test_bundled_example_parents_have_cards_saying_where_they_came_from(tmp_path
     import timm  # conftest imported hf_otfusion first, which makes torchvision importable
     from huggingface_hub import ModelCard
 
-    from hf_otfusion.data import load_mnist_5k
     from hf_otfusion.evaluate import accuracy
+    from hf_otfusion.testing import load_mnist_5k
 
     spec = importlib.util.spec_from_file_location("make_examples", ROOT / "scripts" / "make_examples.py")
     make_examples = importlib.util.module_from_spec(spec)
@@ -107,10 +108,10 @@ def test_supported_architectures_table_two_families(tmp_path):
 def test_transformer_experiment_tiny_writes_both_tables(tmp_path):
     """``--tiny``: one seed, a few training steps; the report has the ViT and the causal-LM table, every fusion row
     with a number in each column, and the floors' verdicts."""
-    proc = _run("scripts/transformer_experiment.py", "--tiny", "--out", str(tmp_path), "--threads", "1", timeout=900)
+    proc = _run("-m", "experiments", "transformers", "--tiny", "--out", str(tmp_path), "--threads", "1", timeout=900)
     report = (tmp_path / "transformers.md").read_text()
     assert report.strip() == proc.stdout.strip()
-    assert report.startswith("# ") and "python scripts/transformer_experiment.py --tiny" in report
+    assert report.startswith("# ") and "python -m experiments transformers --tiny" in report
     sections = report.split("\n## ")
     vit = next(s for s in sections if s.startswith("ViT"))
     lm = next(s for s in sections if s.startswith("Causal LM"))
@@ -137,13 +138,10 @@ def test_transformer_experiment_tiny_writes_both_tables(tmp_path):
 
 
 def _stream_experiment():
-    """scripts/stream_experiment.py as a module (it imports its sibling scripts by their names)."""
-    import importlib
+    """The stream experiment's module (``python -m experiments stream``)."""
+    from experiments import stream
 
-    scripts = str(ROOT / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    return importlib.import_module("stream_experiment")
+    return stream
 
 
 def _random_llama():
@@ -188,7 +186,7 @@ def test_orthogonal_stream_map_keeps_a_randomised_llama_and_moves_every_stream_t
 
 
 def test_stream_experiment_tiny_writes_its_table(tmp_path):
-    proc = _run("scripts/stream_experiment.py", "--tiny", "--out", str(tmp_path), "--threads", "1")
+    proc = _run("-m", "experiments", "stream", "--tiny", "--out", str(tmp_path), "--threads", "1")
     report = (tmp_path / "stream.md").read_text()
     assert report.strip() == proc.stdout.strip()
     number = r"-?[\d.]+ ± [\d.]+"
@@ -198,19 +196,15 @@ def test_stream_experiment_tiny_writes_its_table(tmp_path):
 
 
 def test_glmc_maps_keep_a_randomised_llama_and_the_weights_alignment_recovers_them(monkeypatch):
-    """scripts/glmc_experiment.py's maps are exact: a random orthogonal stream map, random key/value group and query
-    head permutations, value-space orthogonal maps, rotary-pair rotations and scales, MLP neuron permutations and
-    signs keep a randomised, norm-folded Llama's logits in float64 (RMSNorm computed in float64 here: transformers'
-    own normalises in float32). The data-free alignment of the model with its carried copy then recovers every map
-    (the carried-back copy equals the model), while without the within-head maps, signs and scales it cannot."""
-    import importlib
-
+    """The glmc experiment's maps (``python -m experiments glmc``) are exact: a random orthogonal stream map, random
+    key/value group and query head permutations, value-space orthogonal maps, rotary-pair rotations and scales, MLP
+    neuron permutations and signs keep a randomised, norm-folded Llama's logits in float64 (RMSNorm computed in
+    float64 here: transformers' own normalises in float32). The data-free alignment of the model with its carried
+    copy then recovers every map (the carried-back copy equals the model), while without the within-head maps, signs
+    and scales it cannot."""
     from transformers.models.llama import modeling_llama
 
-    scripts = str(ROOT / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    ge = importlib.import_module("glmc_experiment")
+    from experiments import glmc as ge
     np, torch = ge.np, ge.torch
 
     def rms64(self, x):

@@ -4,7 +4,7 @@ replaces only its own section of a markdown file."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,10 +17,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def zr():
-    scripts = str(ROOT / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    return importlib.import_module("zoo_report")
+    """scripts/zoo_report.py loaded from its file (the tools in scripts/ are run as scripts, not imported from a
+    package), after the sibling it imports by name, scripts/zoo_models.py."""
+    module = None
+    for name in ("zoo_models", "zoo_report"):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("registry,name", [("torchvision", "squeezenet1_1"), ("timm", "test_vit"),

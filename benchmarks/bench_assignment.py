@@ -1,6 +1,6 @@
 """Exact assignment at LLM widths: SciPy against the Jonker-Volgenant solvers on PyPI, and Sinkhorn (issue 14).
 
-    OMP_NUM_THREADS=1 python scripts/bench_assignment.py > table.md
+    OMP_NUM_THREADS=1 python benchmarks/bench_assignment.py > table.md
 
 Costs are those fusions produce, float32 Euclidean distances between the rows of weight matrices (``d`` columns):
 
@@ -25,17 +25,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hf_otfusion.transport import marginal, pairwise_distance, solve  # noqa: E402
+from hf_otfusion.transport import marginal, pairwise_distance, solve
 
 Assign = Callable[[np.ndarray], np.ndarray]  # cost -> column of each row
 

@@ -4,23 +4,19 @@ The plan is traced as a streamed merge traces it (the empty model on the ``meta`
 layer index), then verified with a real example batch: the meta parameters get memory and random values. The fusion
 is a weights-mode ``fuse`` of two random-init models of the shape, in memory, with the verified plan.
 
-    python scripts/bench_verify.py [--layers 24 --hidden 1024 --mlp 2816 --heads 16 --kv-heads 4] [--no-fuse]
+    python benchmarks/bench_verify.py [--layers 24 --hidden 1024 --mlp 2816 --heads 16 --kv-heads 4] [--no-fuse]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf_otfusion import fuse  # noqa: E402
-from hf_otfusion.plan_cache import cached_plan  # noqa: E402
-from hf_otfusion.profile import profiling  # noqa: E402
+from hf_otfusion import fuse
+from hf_otfusion.plan_cache import cached_plan
+from hf_otfusion.profile import profiling
 
 
 def main() -> int:

@@ -3,7 +3,7 @@
 Both on the meta device, as the merge streamed from disk traces: no weights are allocated. Prints one table and
 checks that the two plans agree (sites aside).
 
-    python scripts/bench_expand.py --layers 16 --hidden 256
+    python benchmarks/bench_expand.py --layers 16 --hidden 256
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 by Procrustes over the weights, alternated with exact head and MLP matching, then averaged (and refitted).
 
 The idea is that of generalized linear mode connectivity for transformers (Theus et al., NeurIPS 2025,
-arXiv 2506.22712); the code is this project's own. On the causal LM of ``scripts/transformer_experiment.py`` (a 2-layer
+arXiv 2506.22712); the code is this project's own. On the causal LM of ``python -m experiments transformers`` (a 2-layer
 Llama, width 64, same parents and ``--cache``) the other parent ``b`` is carried into the target ``a``'s basis by maps
 that keep ``b``'s function exactly:
 
-- **RMSNorm gains folded** into the layers reading each norm (``stream_experiment.fold_norms``), after which any
+- **RMSNorm gains folded** into the layers reading each norm (``experiments.stream.fold_norms``), after which any
   orthogonal map ``q`` of the residual stream commutes with the norms.
 - **Stream map** ``q`` (``b``'s stream becomes ``h @ q``): orthogonal Procrustes over the weights, with no data. It
   starts from the token embeddings and the LM head (rows paired by token identity); each later round uses every
@@ -30,8 +30,8 @@ that keep ``b``'s function exactly:
 
 Writes docs/results/glmc.md:
 
-    python scripts/glmc_experiment.py --cache /tmp/tx/cache   # 3 seeds, parents shared with transformer_experiment
-    python scripts/glmc_experiment.py --tiny --out /tmp/g     # a smoke run
+    python -m experiments glmc --cache /tmp/tx/cache   # 3 seeds, parents shared with `transformers`
+    python -m experiments glmc --tiny --out /tmp/g     # a smoke run
 """
 
 from __future__ import annotations
@@ -42,19 +42,21 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformer_experiment as tx
-from experiments import ROOT, context
 from scipy.optimize import linear_sum_assignment
-from stream_experiment import fold_norms
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
 from hf_otfusion.refit import refit_model
+
+from . import transformer as tx
+from .harness import ROOT, context
+from .stream import fold_norms
 
 READERS = ("q_proj", "k_proj", "v_proj")
 
@@ -416,10 +418,11 @@ BEST = "+ alternation, V/O and Q/K maps, MLP signs"
 SINKHORN = dict(alignment="weights", solver="sinkhorn", reg=tx.SINKHORN_REG, repair="refit")
 
 
-def main() -> None:
+def main(argv: Sequence[str]) -> None:
+    """Run it with the options in ``argv`` (those of ``transformers``, plus ``--out``); writes glmc.md."""
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    args = tx.lm_options(own)
+    args = tx.lm_options(own, argv)
     ctx = context(args)
     s, tag = tx.lm_of(args)
     kw = dict(calibration=s.calib, example_input=s.example, progress=False)
@@ -480,13 +483,13 @@ def main() -> None:
                f"barrier {cell(rows[best]['barrier'])} nats. Floor (>= {floor:.0%} of the loss gap, mean of "
                f"{args.seeds} seed(s), no gradient step): " + ("met." if gap >= floor else
                                                                f"**not met**, {100 * (floor - gap):.1f} points short."))
-    argv = " ".join(sys.argv[1:])
+    command = " ".join(argv)
     lines = [
         "# Data-free alignment of the causal LM's residual stream from the weights",
         "",
-        f"Produced by `python scripts/glmc_experiment.py{' ' + argv if argv else ''}` in "
+        f"Produced by `python -m experiments glmc{' ' + command if command else ''}` in "
         f"{time.perf_counter() - started:.0f} s ({torch.get_num_threads()} CPU thread(s), torch {torch.__version__}); "
-        f"mean ± std over {args.seeds} seed(s), the parents of `scripts/transformer_experiment.py` (same seeds).",
+        f"mean ± std over {args.seeds} seed(s), the parents of `python -m experiments transformers` (same seeds).",
         "",
         s.describe,
         "",
@@ -522,6 +525,3 @@ def main() -> None:
     (args.out / "glmc.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print("\n".join(lines))
 
-
-if __name__ == "__main__":
-    main()

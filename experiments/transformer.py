@@ -2,12 +2,12 @@
 with OT alignment, standardized activations, REPAIR, the closed-form refit and RegMean. Writes
 docs/results/transformers.md.
 
-    python scripts/transformer_experiment.py                      # 3 seeds, the ViT and the causal LM
-    python scripts/transformer_experiment.py --tiny --out /tmp/t  # a smoke run
+    python -m experiments transformers                      # 3 seeds, the ViT and the causal LM
+    python -m experiments transformers --tiny --out /tmp/t  # a smoke run
 
 Gap closure, per seed: ViT (fused - vanilla) / (ensemble - vanilla) on test accuracy; causal LM
 (vanilla_loss - fused_loss) / (vanilla_loss - ensemble_loss) on the held-out token loss. No gradient step after
-fusion. The ViT's data, test split and calibration images are the MNIST context of ``scripts/experiments.py``
+fusion. The ViT's data, test split and calibration images are the MNIST context of the suite (``experiments.harness``)
 (``--calibration``, ``--seeds``, ``--threads``, ``--cache``, ``--tiny``, ``--epochs-scale`` are its options).
 """
 
@@ -19,21 +19,22 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from experiments import ROOT, Ctx, Table, context, parse_args
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
-from hf_otfusion.data import STDLIB_TEXT_MODULES, stdlib_text
 from hf_otfusion.evaluate import accuracy
 from hf_otfusion.evaluate import loss as token_loss
 from hf_otfusion.profile import profiling
 from hf_otfusion.refit import refit_model
+from hf_otfusion.testing import STDLIB_TEXT_MODULES, stdlib_text
+
+from .harness import ROOT, Ctx, Table, context, parse_args
 
 MODELS = ("vit", "lm")
 FLOORS = {"vit": 0.92, "lm": 0.80}  # the issue's floors on the mean gap closure, no gradient step
@@ -167,7 +168,7 @@ def lm_setting(args: argparse.Namespace, steps: int, lr: float) -> Setting:
     modules = STDLIB_TEXT_MODULES if args.tiny else LM_MODULES
     describe = (f"`transformers.LlamaForCausalLM` ({cfg}, untied embeddings, rotary positions) over a byte "
                 f"vocabulary (256 tokens, no tokenizer). Text: the Python source of the standard-library modules "
-                f"{', '.join(f'`{m}`' for m in modules)} (`hf_otfusion.data.stdlib_text`), cut into 128-character "
+                f"{', '.join(f'`{m}`' for m in modules)} (`hf_otfusion.testing.stdlib_text`), cut into 128-character "
                 f"chunks, each the first 128 UTF-8 bytes of its chunk; a seeded random {len(test_ids)} chunks held out "
                 f"for the test ({len(test_ids) * 127:,} scored next-token predictions), {len(train_ids)} for training. "
                 f"Training: {steps} steps of AdamW (lr {lr:g}, weight decay 0.01, batch {batch} sequences, 5% warm-up "
@@ -334,12 +335,12 @@ def summary(s: Setting, table: Results, seeds: int) -> str:
     return " ".join(text)
 
 
-def lm_options(own: argparse.ArgumentParser) -> argparse.Namespace:
-    """The command line: ``own``'s options, the causal LM's, then those of ``scripts/experiments.py``."""
+def lm_options(own: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """The command line ``argv``: ``own``'s options, the causal LM's, then those of the MNIST suite."""
     own.add_argument("--lm-steps", type=int, default=1000)
     own.add_argument("--lm-lr", type=float, default=3e-3)
     own.add_argument("--lm-calibration", type=int, default=300, help="training sequences for calibration")
-    known, rest = own.parse_known_args()
+    known, rest = own.parse_known_args(argv)
     args = parse_args(["iid", *rest])
     for k, v in vars(known).items():
         setattr(args, k, v)
@@ -356,13 +357,14 @@ def lm_of(args: argparse.Namespace) -> tuple[Setting, str]:
     return lm_setting(args, steps, args.lm_lr), f"{'tiny-' if args.tiny else ''}s{steps}-lr{args.lm_lr:g}"
 
 
-def main() -> None:
+def main(argv: Sequence[str]) -> None:
+    """Run it with the options in ``argv``; writes transformers.md."""
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     own.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     own.add_argument("--vit-epochs", type=int, default=25)
     own.add_argument("--vit-lr", type=float, default=3e-3)
-    args = lm_options(own)
+    args = lm_options(own, argv)
     ctx = context(args)
     started = time.perf_counter()
     vit_epochs = max(1, round(args.vit_epochs * args.epochs_scale))
@@ -391,12 +393,12 @@ def main() -> None:
                  f"Where the fusion time goes (`hf_otfusion.profile`, all the fusions above, {total:.0f} s): {where}.",
                  ""]
         shows.append(summary(s, table, args.seeds))
-    argv = " ".join(sys.argv[1:])
+    command = " ".join(argv)
     elapsed = time.perf_counter() - started
     lines = [
         "# Fusion quality on small transformers: a ViT on MNIST and a causal LM on text",
         "",
-        f"Produced by `python scripts/transformer_experiment.py{' ' + argv if argv else ''}` in {elapsed:.0f} s "
+        f"Produced by `python -m experiments transformers{' ' + command if command else ''}` in {elapsed:.0f} s "
         f"(of which training {ctx.train_seconds:.0f} s; {torch.get_num_threads()} CPU thread(s), torch "
         f"{torch.__version__}); every number is the mean ± std over {args.seeds} seed(s), each with two new parents "
         "(seeds 100·s and 100·s + 1, same data).",
@@ -430,6 +432,3 @@ def main() -> None:
     (args.out / "transformers.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print("\n".join(lines))
 
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,7 @@ the prediction ensemble, and OT fusion in several settings:
 
 Prints mean ± std over the pairs as markdown tables.
 
-    python scripts/mnist_vit.py [--pairs 3] [--epochs 15] [--out results.md]
+    python -m experiments mnist-vit [--pairs 3] [--epochs 15] [--out results.md]
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import finish_report, gap_table, mean_std, seeded
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
-from hf_otfusion.data import load_mnist_5k
 from hf_otfusion.evaluate import accuracy
+from hf_otfusion.testing import load_mnist_5k, seeded
 from hf_otfusion.train import train_classifier
+
+from .harness import finish_report, gap_table, mean_std
 
 # (row label, fuse() keyword arguments); alignment "activations" rows get the calibration data
 VARIANTS: list[tuple[str, str, dict]] = [
@@ -142,6 +143,3 @@ def main(argv: Sequence[str] | None = None) -> str:
     out += ["", "Per pair (test accuracy, %):", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|", *per_pair]
     return finish_report(out, fuse_times, elapsed, args.out)
 
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,7 @@ calibration inputs already decoded and preprocessed; best of ``--repeat``), the 
 calibration inputs once (included in the merge's activations phase, which reads the data first), and the ratio
 (activations + repair) / forward passes.
 
-    python scripts/bench_default.py [--repeat 3] [--threads N] [--out FILE]
+    python benchmarks/bench_default.py [--repeat 3] [--threads N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from hf_otfusion.config import load_config
-    from hf_otfusion.merge import _calibration, load_parents, merge
+    from hf_otfusion.merge import calibration_inputs, load_parents, merge
     from hf_otfusion.profile import profiling
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(default_config(Path(tmp)))
         parents = load_parents(config, progress=False)
         start = time.perf_counter()
-        batches = list(_calibration(config, parents[config.target_index])[0])
+        batches = list(calibration_inputs(config, parents[config.target_index])[0])
         decode = time.perf_counter() - start
         models = [p.model.eval() for p in parents]
         forward = float("inf")

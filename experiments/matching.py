@@ -2,12 +2,13 @@
 alignment: the BatchNorm ResNet (and MLPNet with ``--archs mlp``), sweeps 0 vs N, with and without BN reset.
 Writes docs/results/matching.md.
 
-    python scripts/matching_experiment.py --seeds 3 --archs resnet      # sweeps 0 vs 5
-    python scripts/matching_experiment.py --seeds 3 --archs resnet --widths 8 16 32   # and wider parents
-    python scripts/matching_experiment.py --tiny --out /tmp/m            # a smoke run
+    python -m experiments matching --seeds 3 --archs resnet      # sweeps 0 vs 5
+    python -m experiments matching --seeds 3 --archs resnet --widths 8 16 32   # and wider parents
+    python -m experiments matching --tiny --out /tmp/m            # a smoke run
 
 Gap closure = (fused - vanilla) / (ensemble - vanilla), test accuracy, per seed. Parents, data, calibration and
-training are those of ``scripts/experiments.py`` (same seeds: the i.i.d. experiment's first two parents).
+training are those of the MNIST suite (``experiments.harness``; same seeds: the i.i.d. experiment's first two
+parents).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from experiments import ROOT, Ctx, Scorer, Table, arch_widths, context, parse_args, setup_line, train
 
 from hf_otfusion import ensemble, fuse, vanilla_average
 from hf_otfusion.matching import recording
+
+from .harness import ROOT, Ctx, Scorer, Table, arch_widths, context, parse_args, setup_line, train
 
 
 def run(ctx: Ctx, sweeps: int, widths: list[int] | None = None) -> list[str]:
@@ -66,23 +69,24 @@ def run(ctx: Ctx, sweeps: int, widths: list[int] | None = None) -> list[str]:
     return body
 
 
-def main() -> None:
+def main(argv: Sequence[str]) -> None:
+    """Run it with the options in ``argv`` (the suite's, plus ``--out``, ``--sweeps``, ``--widths``)."""
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     own.add_argument("--sweeps", type=int, default=5)
     own.add_argument("--widths", type=int, nargs="+", default=None,
                      help="ResNet widths to run (default: the experiments' narrow width)")
-    known, rest = own.parse_known_args()
+    known, rest = own.parse_known_args(argv)
     args = parse_args(["iid", *rest])
     args.out = known.out
     ctx = context(args)
     started = time.perf_counter()
     body = run(ctx, known.sweeps, known.widths)
-    argv = " ".join(a for a in sys.argv[1:] if not a.startswith("--cache") and "cache" not in a)
+    command = " ".join(a for a in argv if not a.startswith("--cache") and "cache" not in a)
     lines = [
         "# Weight matching by coordinate descent (`sweeps`), 2 models i.i.d., data-free alignment",
         "",
-        f"Produced by `python scripts/matching_experiment.py{' ' + argv if argv else ''}` in "
+        f"Produced by `python -m experiments matching{' ' + command if command else ''}` in "
         f"{time.perf_counter() - started:.0f} s ({torch.get_num_threads()} CPU thread(s), torch {torch.__version__}); "
         f"every number is the mean ± std over {args.seeds} seed(s), each with new parents (the i.i.d. experiment's "
         "first two).",
@@ -104,6 +108,3 @@ def main() -> None:
     (args.out / "matching.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """The causal LM's residual stream: what an orthogonal stream map and twice the width would give (issue 13, item 4).
 
-The causal LM of ``scripts/transformer_experiment.py`` (a 2-layer Llama, width 64, on stdlib text) closes about two
+The causal LM of ``python -m experiments transformers`` (a 2-layer Llama, width 64, on stdlib text) closes about two
 thirds of the loss gap with OT + refit. This experiment asks where the rest goes, on the same parents (same seeds,
 same ``--cache``), and writes docs/results/stream.md:
 
@@ -15,8 +15,8 @@ same ``--cache``), and writes docs/results/stream.md:
   onto one averaged stream. Its loss is what averaging the stream alone costs.
 - The mean of the two parents' logits, beside the ensemble of their probabilities.
 
-    python scripts/stream_experiment.py --cache /tmp/tx/cache   # 3 seeds, parents shared with transformer_experiment
-    python scripts/stream_experiment.py --tiny --out /tmp/s     # a smoke run
+    python -m experiments stream --cache /tmp/tx/cache   # 3 seeds, parents shared with `transformers`
+    python -m experiments stream --tiny --out /tmp/s     # a smoke run
 
 The orthogonal map is built here for Llama-style decoders only (RMSNorm, untied head): an experiment, not an option
 of ``fuse``, since it gave little (see the written page).
@@ -29,16 +29,18 @@ import copy
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformer_experiment as tx
-from experiments import ROOT, context
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
 from hf_otfusion.refit import refit_model
+
+from . import transformer as tx
+from .harness import ROOT, context
 
 ROWS = (
     ("vanilla average", "the parents' weights averaged, no alignment"),
@@ -172,10 +174,11 @@ def logit_loss(models: list[nn.Module], test_ids: torch.Tensor) -> float:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), test_ids[:, 1:].reshape(-1)).item()
 
 
-def main() -> None:
+def main(argv: Sequence[str]) -> None:
+    """Run it with the options in ``argv`` (those of ``transformers``, plus ``--out``); writes stream.md."""
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    args = tx.lm_options(own)
+    args = tx.lm_options(own, argv)
     ctx = context(args)
     s, tag = tx.lm_of(args)
     _, test_ids = tx.text_ids(args.tiny)
@@ -230,13 +233,13 @@ def main() -> None:
 
     table = ["| model | what it is | test loss (nats/token) | loss gap closed (%) |", "|---|---|---:|---:|"]
     table += [f"| {name} | {what} | {cell(scores[name])} | {cell(gaps[name], 100, 1)} |" for name, what in ROWS]
-    argv = " ".join(sys.argv[1:])
+    command = " ".join(argv)
     lines = [
         "# The causal LM's residual stream: an orthogonal map, and what averaging the stream costs",
         "",
-        f"Produced by `python scripts/stream_experiment.py{' ' + argv if argv else ''}` in "
+        f"Produced by `python -m experiments stream{' ' + command if command else ''}` in "
         f"{time.perf_counter() - started:.0f} s ({torch.get_num_threads()} CPU thread(s), torch {torch.__version__}); "
-        f"mean ± std over {args.seeds} seed(s), the parents of `scripts/transformer_experiment.py` (same seeds).",
+        f"mean ± std over {args.seeds} seed(s), the parents of `python -m experiments transformers` (same seeds).",
         "",
         s.describe,
         "",
@@ -258,6 +261,3 @@ def main() -> None:
     (args.out / "stream.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print("\n".join(lines))
 
-
-if __name__ == "__main__":
-    main()

@@ -2,12 +2,13 @@
 rows, gap closure, the ridge strength, the prior, the number of calibration samples and RegMean. Writes
 docs/results/refit.md.
 
-    python scripts/refit_experiment.py                     # 3 seeds, MLPNet and the BatchNorm ResNet
-    python scripts/refit_experiment.py --tiny --out /tmp/r  # a smoke run
-    python scripts/refit_experiment.py --archs resnet --widths 16 --out /tmp/r16  # the 16-32-64 ResNet
+    python -m experiments refit                     # 3 seeds, MLPNet and the BatchNorm ResNet
+    python -m experiments refit --tiny --out /tmp/r  # a smoke run
+    python -m experiments refit --archs resnet --widths 16 --out /tmp/r16  # the 16-32-64 ResNet
 
 Gap closure = (fused - vanilla) / (ensemble - vanilla), test accuracy, per seed. Parents, data, calibration and
-training are those of ``scripts/experiments.py`` (same seeds: the parents are the i.i.d. experiment's first two).
+training are those of the MNIST suite (``experiments.harness``; same seeds: the parents are the i.i.d. experiment's
+first two).
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from experiments import ROOT, Ctx, Scorer, Table, arch_widths, context, parse_args, setup_line, train
 from torch import nn
 
 from hf_otfusion import ensemble, finetune, fuse, vanilla_average
 from hf_otfusion.refit import REFIT_ALPHA, refit_model
+
+from .harness import ROOT, Ctx, Scorer, Table, arch_widths, context, parse_args, setup_line, train
 
 ALPHAS = (1e-4, 1e-2, 1e-1)
 TUNED = ("vanilla average", "OT (activations) + refit")  # the rows fine-tuned (the only gradient steps)
@@ -103,22 +105,23 @@ def run(ctx: Ctx, widths: list[int] | None = None) -> list[str]:
     return body
 
 
-def main() -> None:
+def main(argv: Sequence[str]) -> None:
+    """Run it with the options in ``argv`` (the suite's, plus ``--out`` and ``--widths``); writes refit.md."""
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     own.add_argument("--widths", type=int, nargs="+", default=None,
                      help="ResNet widths to run (default: the experiments' narrow width)")
-    known, rest = own.parse_known_args()
+    known, rest = own.parse_known_args(argv)
     args = parse_args(["iid", *rest])
     args.out = known.out
     ctx = context(args)
     started = time.perf_counter()
     body = run(ctx, known.widths)
-    argv = " ".join(sys.argv[1:])
+    command = " ".join(argv)
     lines = [
         "# Closed-form layer refit (`repair=\"refit\"`), 2 models i.i.d.",
         "",
-        f"Produced by `python scripts/refit_experiment.py{' ' + argv if argv else ''}` in "
+        f"Produced by `python -m experiments refit{' ' + command if command else ''}` in "
         f"{time.perf_counter() - started:.0f} s ({torch.get_num_threads()} CPU thread(s), torch {torch.__version__}); "
         f"every number is the mean ± std over {args.seeds} seed(s), each with new parents (the i.i.d. experiment's "
         "first two).",
@@ -142,6 +145,3 @@ def main() -> None:
     (args.out / "refit.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ Width experiment: a wider MLP (784-800-400-200-10) fused into a narrow one (targ
 parent), against the narrow model's vanilla-averaging counterpart (the vanilla average of that
 MLPNet with the other MLPNet of its pair: vanilla averaging cannot mix widths).
 
-    python scripts/mnist_mlp.py [--pairs 3] [--epochs 10] [--out results.md]
+    python -m experiments mnist-mlp [--pairs 3] [--epochs 10] [--out results.md]
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from common import MLPNet, finish_report, gap_table, mean_std, seeded
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
-from hf_otfusion.data import load_mnist_5k
 from hf_otfusion.evaluate import accuracy
+from hf_otfusion.testing import MLPNet, load_mnist_5k, seeded
 from hf_otfusion.train import train_classifier
+
+from .harness import finish_report, gap_table, mean_std
 
 NARROW = (400, 200, 100)
 WIDE = (800, 400, 200)
@@ -187,6 +188,3 @@ def main(argv: Sequence[str] | None = None) -> str:
     out += ["", "Per pair (test accuracy, %):", "", header, rule, *per_pair]
     return finish_report(out, fuse_times, elapsed, args.out)
 
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ The pairs are randomly initialised ``LlamaForCausalLM`` (seeds 0 and 1) saved in
 ``156m`` (hidden 1,024, 8 layers, MLP 2,816, 16 heads, 4 key/value heads, vocabulary 32,000) and ``1.1b``
 (TinyLlama's shape). Read the ratios: on a shared machine the seconds move from run to run.
 
-    python scripts/bench_mergekit.py [--sizes 156m 1.1b] [--out docs/bench.md]
+    python benchmarks/bench_mergekit.py [--sizes 156m 1.1b] [--out docs/bench.md]
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     if args.out is not None:
         with args.out.open("a", encoding="utf-8") as fh:
-            fh.write(f"\n## Against mergekit ({started})\n\nOutput of `python scripts/bench_mergekit.py --sizes "
+            fh.write(f"\n## Against mergekit ({started})\n\nOutput of `python benchmarks/bench_mergekit.py --sizes "
                      f"{' '.join(args.sizes)}` on the 2-core CPU development machine:\n\n{table}\n")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,7 +16,7 @@ Each (model, mode) case runs in a fresh subprocess so that peak memories do not 
 "peak RSS" is the subprocess's high-water mark (Python, torch, models); "+RSS" how much the fusion raised it
 above everything before. On CUDA the peak GPU memory allocated during fusion is reported too.
 
-    python scripts/bench_fusion.py [--quick] [--cases ...] [--modes ...] [--device cuda] [--out docs/bench.md]
+    python benchmarks/bench_fusion.py [--quick] [--cases ...] [--modes ...] [--device cuda] [--out docs/bench.md]
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import MLPNet, cifar_resnet18, cifar_resnet50, seeded, vgg
 from torch import nn
+
+from hf_otfusion.testing import MLPNet, cifar_resnet18, cifar_resnet50, seeded, vgg
 
 
 @dataclass(frozen=True)
