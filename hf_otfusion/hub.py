@@ -39,7 +39,7 @@ _HUB_ERRORS = (HfHubHTTPError, OSError, RuntimeError, *_transport_errors())
 
 
 
-def _scrub(text: str, secrets: list[str]) -> str:
+def scrub(text: str, secrets: list[str]) -> str:
     """``text`` with every secret, bearer credential and Hub-token-shaped string masked."""
     for secret in secrets:
         text = text.replace(secret, "***")
@@ -132,5 +132,5 @@ def push_to_hub(
     except _HUB_ERRORS as err:
         where = f"{repo_id}@{revision}" if revision else repo_id
         # `from None`: the original exception's text is not scrubbed, so it must not reach a traceback.
-        raise PushError(_scrub(f"pushing {path} to {where} on the Hub failed: {_cause(err)}", secrets)) from None
+        raise PushError(scrub(f"pushing {path} to {where} on the Hub failed: {_cause(err)}", secrets)) from None
     return str(info.pr_url or info.commit_url)

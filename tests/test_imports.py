@@ -15,9 +15,14 @@ PACKAGE = "hf_otfusion"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 MAX_LINES = 600
 
-# (importer, imported): imports inside a function that would close an import cycle at module level. Each is a
-# known edge from a module to one that (indirectly) imports it; keep the list exact.
-DEFERRED: set[tuple[str, str]] = set()
+# (importer, imported): imports inside a function that would close an import cycle at module level, each an edge
+# from a module to one that (indirectly) imports it, with why; keep the list exact (the test says what to change).
+DEFERRED: dict[tuple[str, str], str] = {
+    ("hf_otfusion.card", "hf_otfusion"): "__version__, defined by the package after it imports its modules",
+    ("hf_otfusion.plan_cache", "hf_otfusion"): "__version__ (as card)",
+    ("hf_otfusion.evaluate", "hf_otfusion.fuse"): "ensemble and vanilla_average; fuse imports evaluate.logits_of",
+    ("hf_otfusion.matching", "hf_otfusion.engine"): "the engine's aligner; the engine imports matching",
+}
 
 
 @dataclass(frozen=True)
@@ -155,10 +160,14 @@ def private_imports() -> list[str]:
 
 
 def _targets(imp: Import) -> list[str]:
-    """The package modules an import runs: the ``from`` module, and the submodule when the name is one."""
-    found = [imp.source] if imp.source in MODULES else []
-    if imp.name is not None and f"{imp.source}.{imp.name}" in MODULES:
-        found.append(f"{imp.source}.{imp.name}")
+    """The package modules an import needs: the submodule when the name is one, and the ``from`` module (a package
+    the importer lies in only for a name it defines: its ``__init__`` is otherwise imported before the importer
+    anyway, as every parent package is, and ``from . import core`` needs only ``core``)."""
+    submodule = f"{imp.source}.{imp.name}" if imp.name is not None else None
+    found = [submodule] if submodule in MODULES else []
+    ancestor = imp.module.startswith(imp.source + ".")
+    if imp.source in MODULES and not (ancestor and found):
+        found.append(imp.source)
     return found
 
 
@@ -207,6 +216,18 @@ def test_the_walk_sees_the_package():
     assert _resolve("hf_otfusion", 1, None) == "hf_otfusion"
 
 
+def test_what_the_checks_count():
+    assert _private("_x") and not _private("__version__") and not _private("x")
+    assert _own_package_reexport(Import("hf_otfusion.trace", "hf_otfusion.trace.core", "_Atoms", 1, "module"))
+    across = Import("hf_otfusion.fuse", "hf_otfusion.trace.core", "_Atoms", 1, "module")
+    assert not _own_package_reexport(across) and not _private_module_of_package(across)
+    assert _private_module_of_package(Import("hf_otfusion", "hf_otfusion", "_compat", 1, "module"))
+    assert _targets(Import("hf_otfusion.trace.expand", "hf_otfusion.trace", "core", 1, "module")) == \
+        ["hf_otfusion.trace.core"]
+    assert _targets(Import("hf_otfusion.card", "hf_otfusion", "__version__", 1, "function")) == ["hf_otfusion"]
+    assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}, "d": set()}) == [["a", "b"]]
+
+
 def test_no_module_imports_another_modules_private_names():
     bad = private_imports()
     assert not bad, f"{len(bad)} private names imported across modules (give them a public name):\n" + "\n".join(bad)
@@ -219,7 +240,7 @@ def test_no_import_cycle_at_module_level():
 
 def test_imports_inside_functions_that_break_a_cycle_are_listed():
     found = deferred_cycle_edges()
-    new, stale = sorted(found - DEFERRED), sorted(DEFERRED - found)
+    new, stale = sorted(found - set(DEFERRED)), sorted(set(DEFERRED) - found)
     assert not new, "imports inside functions that would close a cycle at module level (add them to DEFERRED in " \
                     "tests/test_imports.py, or remove the cycle):\n" + "\n".join(f"{a} -> {b}" for a, b in new)
     assert not stale, "DEFERRED lists imports that no longer close a cycle (remove them):\n" + \

@@ -179,13 +179,13 @@ def build_app(
             raise gr.Error("give the Hub repo to push to, e.g. your-name/fused-model")
         if not token:  # in any mode: never the host's HF_TOKEN or stored token
             raise gr.Error("paste a Hugging Face token with write access (it is used once and never stored)")
-        from ..hub import PushError, _scrub, push_to_hub
+        from ..hub import PushError, push_to_hub, scrub
 
         try:
             rewrite_card(result, repo_id)
             url = push_to_hub(result.folder, repo_id, private=bool(private), token=token)  # this token, no other
         except (PushError, FusionError, ValueError) as err:
-            raise gr.Error(_scrub(str(err), [token]), duration=None) from None
+            raise gr.Error(scrub(str(err), [token]), duration=None) from None
         return f"Pushed to [{repo_id}]({url})", ""
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 7200)) as demo:

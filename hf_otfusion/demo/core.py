@@ -7,7 +7,7 @@ pair (``hf_otfusion.engine.align``), and the model card of the written output fo
 
 Layout: :mod:`.limits` (the limits and the demo's errors), :mod:`.inputs` (the bundled examples and the input
 checks), :mod:`.explain` (the aligned pair and the interpolation path), :mod:`.timeout` (a job with a time limit)
-and this module (the request, one fusion end to end, its output); every name stays importable from here.
+and this module (the request, one fusion end to end, its output); every public name stays importable from here.
 """
 
 from __future__ import annotations
@@ -37,34 +37,29 @@ from ..sources import download_limit
 from ..untrusted import untrusted_data
 from .explain import (  # noqa: F401  (some only re-exported: importable from here as before the split)
     InterpolationCurve,
-    _interpolate,
-    _state,
     align_pair,
     default_space,
     has_batchnorm,
     interpolation_curve,
 )
 from .inputs import (  # noqa: F401  (as above)
-    _DATASET_ID,
     EXAMPLE_PREFIX,
     Examples,
-    _candidate_roots,
-    _looks_local,
-    _millions,
-    _short_path,
     check_count,
     check_size,
     find_examples,
+    looks_local,
     precheck_dataset,
     precheck_download,
     precheck_size,
     resolve_dataset,
     resolve_model,
     safetensors_values,
+    short_path,
     state_values,
 )
 from .limits import Check, DemoError, DemoLimits, DemoTimeout, Report  # noqa: F401  (as above)
-from .timeout import _JOB_LOCK, _raise_in_thread, run_with_timeout  # noqa: F401  (as above)
+from .timeout import run_with_timeout  # noqa: F401  (as above)
 
 ALIGNMENTS = ("weights", "activations")
 SOLVERS = ("emd", "sinkhorn")
@@ -251,7 +246,7 @@ def run_demo_fusion(
     the bundled examples only, never from the server's files, and images only from their bytes
     (:mod:`hf_otfusion.untrusted`). In any mode a Hub model's download is limited to ``limits.max_download_mb``.
     """
-    bundled = [_short_path(path) for path in examples.datasets.values()]
+    bundled = [short_path(path) for path in examples.datasets.values()]
     guard = untrusted_data(local=bundled) if space_mode else contextlib.nullcontext()
     with guard, download_limit(int(limits.max_download_mb * 1e6)):
         return _run_demo_fusion(request, limits=limits, examples=examples, store=store, space_mode=space_mode,
@@ -275,7 +270,7 @@ def _run_demo_fusion(request: FusionRequest, *, limits: DemoLimits, examples: Ex
         check_size(names[ref], precheck_size(ref), limits)
         stop("checking model sizes")
     dataset = config.evaluation.dataset
-    precheck_dataset(dataset, limits, local=dataset in bundled or (not space_mode and _looks_local(dataset)))
+    precheck_dataset(dataset, limits, local=dataset in bundled or (not space_mode and looks_local(dataset)))
 
     say(0.05, "loading the models")
     parents = load_parents(config, progress=False)

@@ -53,7 +53,7 @@ def _candidate_roots() -> list[Path]:
     return roots
 
 
-def _short_path(path: Path) -> str:
+def short_path(path: Path) -> str:
     """``path`` relative to the working directory when it lies inside it (tidier in the model card), else absolute."""
     path = path.resolve()
     try:
@@ -91,7 +91,8 @@ def _path_syntax(text: str) -> bool:
     )
 
 
-def _looks_local(text: str) -> bool:
+def looks_local(text: str) -> bool:
+    """Whether ``text`` names a local path: written as one, or an existing file or folder."""
     return _path_syntax(text) or Path(text).expanduser().exists()
 
 
@@ -101,7 +102,7 @@ def _bundled(value: str, entries: Mapping[str, Path], choices: Sequence[str], wh
     if name not in entries:
         known = ", ".join(choices) or "none are installed"
         raise DemoError(f"unknown bundled {what} {value!r}; the bundled {what}s: {known}")
-    return _short_path(entries[name])
+    return short_path(entries[name])
 
 
 def resolve_model(text: str, examples: Examples, *, space_mode: bool) -> str:
@@ -142,7 +143,7 @@ def resolve_dataset(text: str, examples: Examples, *, space_mode: bool) -> str:
         if problem:
             raise DemoError(problem)
         return value
-    if _looks_local(value):
+    if looks_local(value):
         return value
     if not _DATASET_ID.match(value):
         raise DemoError(f"{value!r} is not a Hub dataset id ('name' or 'org/name')")
@@ -226,7 +227,7 @@ def precheck_download(ref_text: str, limits: DemoLimits) -> None:
 def precheck_dataset(dataset: str, limits: DemoLimits, *, local: bool | None = None) -> None:
     """Refuse a Hub dataset whose files are larger than ``limits.max_dataset_mb`` (when the Hub says); ``local``:
     whether ``dataset`` is local data, not checked (default: when it looks like a path or exists)."""
-    if _looks_local(dataset) if local is None else local:
+    if looks_local(dataset) if local is None else local:
         return
     from huggingface_hub import HfApi
 
