@@ -80,7 +80,7 @@ def profiling() -> Iterator[Profile]:
         >>> models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)]
         >>> with profiling() as prof:
         ...     fused = fuse(models, example_input=torch.randn(2, 4), progress=False)
-        >>> sorted(prof.seconds) >= ["cost", "solve"]
+        >>> {"cost", "solve"} <= set(prof.seconds)
         True
     """
     profile = Profile()
