@@ -21,6 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 from .config import DatasetConfig, MergeConfig
 from .evaluate import EvalRow, format_table
 from .plan import AlignmentPlan
+from .registry import REPAIRS, SOLVERS, Registry
 from .sources import parse_ref
 
 
@@ -41,7 +42,6 @@ LOCAL_PLACEHOLDER = "PATH/TO/THIS/FOLDER"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DATA_FILE_SUFFIXES = (".parquet", ".csv", ".json", ".jsonl", ".tsv", ".txt", ".arrow", ".gz", ".zip")
-_SOLVERS = {"emd": "emd (exact optimal transport)", "sinkhorn": "sinkhorn (entropy-regularised optimal transport)"}
 _KIND_LEGEND = {
     "parent": "each parent on its own",
     "vanilla": "the same weighted average of the parents' parameters, without aligning the neurons first",
@@ -137,23 +137,21 @@ def _usage(library: str, repo_id: str | None, auto_class: str | None) -> str:
     return f'from transformers import {cls}\n\nmodel = {cls}.from_pretrained("{repo_id or LOCAL_PLACEHOLDER}")'
 
 
-_REPAIRS = {
-    "none": "none",
-    "reset_bn": "reset_bn (BatchNorm statistics recomputed on the calibration data)",
-    "repair": "repair (each channel's mean and std set to the average of its parents', REPAIR)",
-    "refit": "refit (every linear and conv layer re-solved in forward order by ridge least squares so that, on the "
-             "unlabelled calibration inputs as the fused model computes them, it reproduces the mean of its parents' "
-             "outputs; a layer-wise closed-form distillation: no labels, no gradient step)",
-}
+def _described(registry: Registry, name: str) -> str:
+    """``name (description)`` from the registry; a unit that does nothing (the repair ``none``) by its name alone."""
+    unit = registry.get(name)
+    return f"{name} ({unit.description})" if unit.fn is not None else name
 
 
 def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
     options = config.fusion_parameters
-    rows = [("alignment", options.alignment), ("solver", _SOLVERS[options.solver])]
+    rows = [("alignment", options.alignment), ("solver", _described(SOLVERS, options.solver))]
     if options.solver == "sinkhorn":
         rows.append(("reg", f"{options.reg:g} (relative to the largest cost)"))
     rows.append(("marginals", options.marginals))
-    rows.append(("repair", _REPAIRS.get(options.repair, options.repair)))
+    rows.append(("repair", _described(REPAIRS, options.repair)))
+    if options.repair_parameters is not None:
+        rows.append(("repair parameters", ", ".join(f"{k}={v}" for k, v in options.repair_params)))
     rows.append(("attention heads", "matched first" if options.match_heads else "kept in place"))
     rows.append(("residual stream cost", options.residual))
     if options.sweeps:

@@ -12,17 +12,54 @@ Example:
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from .errors import ConfigError
+from .errors import ConfigError, FusionError
+from .registry import MERGE_METHODS, REPAIRS, SOLVERS, NoParameters, Registry
 
-MergeMethod = Literal["otfusion", "linear"]
 DType = Literal["float32", "float16", "bfloat16"]
 
+
+def _expected(names: tuple[str, ...]) -> str:
+    """``'a', 'b' or 'c'``: the choices as pydantic words a Literal's."""
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def registered(registry: Registry, value: Any) -> str:
+    """``value`` if ``registry`` holds a unit of that name, else a validation error listing the choices (worded as
+    for a Literal field, so a config's message reads as before the registries)."""
+    if not isinstance(value, str) or value not in registry:
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": _expected(registry.names()), "kind": registry.kind})
+    return value
+
+
+def _choices(registry: Registry) -> Callable[[dict[str, Any]], None]:
+    """A field's JSON schema from the registry when the schema is made: its names and their descriptions."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["enum"] = list(registry.names())
+        schema["description"] = f"{schema.get('description', '')}: " + "; ".join(
+            f"{unit.name}: {unit.description}" for unit in registry)
+
+    return extra
 
 
 class _Frozen(BaseModel):
@@ -53,16 +90,15 @@ class FusionParameters(_Frozen):
     """Options of the OT fusion (see ``hf_otfusion.fuse``)."""
 
     alignment: Literal["weights", "activations"] = "weights"
-    solver: Literal["emd", "sinkhorn"] = "emd"
+    solver: str = Field("emd", description="the optimal transport solver (hf_otfusion.registry.SOLVERS)",
+                        json_schema_extra=_choices(SOLVERS))
     reg: float = Field(0.05, gt=0.0, description="Sinkhorn regularisation, relative to the largest cost")
     marginals: Literal["uniform", "importance"] = "uniform"
-    repair: Literal["none", "reset_bn", "repair", "refit"] = Field(
-        "none",
-        description="after fusion, on the calibration data: recompute BatchNorm statistics (reset_bn), set each "
-        "hidden channel's mean and std to the average of its parents' (repair: REPAIR, folded into the weights), or "
-        "refit every linear and conv layer in closed form onto the mean of its parents' outputs (refit: ridge least "
-        "squares on unlabelled inputs, no labels, no gradient)",
-    )
+    repair: str = Field("none", description="what corrects the fused model after fusion, on the calibration data "
+                        "(hf_otfusion.registry.REPAIRS)", json_schema_extra=_choices(REPAIRS))
+    repair_parameters: SerializeAsAny[BaseModel] | None = Field(
+        None, description="the repair's own options, validated by its parameters model (e.g. refit's alpha, prior, "
+        "target); unset: its defaults")
     match_heads: bool = Field(True, description="match attention heads to heads before the channels inside them")
     residual: Literal["shared", "mean"] = Field(
         "shared", description="cost of a residual stream: solved once (shared), or the mean of its writers' costs"
@@ -72,6 +108,55 @@ class FusionParameters(_Frozen):
                         "pass: at most this many sweeps over every space (0: none); weights mode, emd, equal widths")
     strict: bool = Field(False, description="refuse a plan that leaves hidden channels fixed that a permutation "
                          "could move (an op without a tracer rule, a structure the plan cannot express)")
+
+    @field_validator("solver")
+    @classmethod
+    def _solver(cls, value: Any) -> str:
+        return registered(SOLVERS, value)
+
+    @field_validator("repair")
+    @classmethod
+    def _repair(cls, value: Any) -> str:
+        return registered(REPAIRS, value)
+
+    @field_validator("sweeps", mode="before")
+    @classmethod
+    def _sweeps(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"sweeps must be an integer >= 0, got {value!r}")
+        return value
+
+    @field_validator("repair_parameters", mode="before")
+    @classmethod
+    def _repair_parameters(cls, value: Any, info: ValidationInfo) -> BaseModel | None:
+        """Validated by the repair's own parameters model (the repair is validated first)."""
+        repair = info.data.get("repair")
+        if value is None or repair is None:  # no options, or an unknown repair (reported on its own field)
+            return None
+        model = REPAIRS.get(repair).parameters
+        if model is NoParameters:
+            raise PydanticCustomError("no_parameters", "repair '{repair}' takes no parameters", {"repair": repair})
+        if isinstance(value, model):
+            return value
+        if isinstance(value, BaseModel):  # another repair's options
+            value = value.model_dump(exclude_unset=True)
+        if not isinstance(value, Mapping):
+            raise PydanticCustomError("mapping_type", "should be a mapping of the options of repair '{repair}': "
+                                      "{names}", {"repair": repair, "names": ", ".join(model.model_fields)})
+        try:
+            return model.model_validate(dict(value))
+        except ValidationError as err:  # one error, its field named below this one (see format_validation_error)
+            problem = err.errors()[0]
+            msg = problem["msg"]
+            if problem["type"] == "extra_forbidden":
+                msg = f"unknown field: repair {repair!r} takes {', '.join(model.model_fields)}"
+            raise PydanticCustomError("nested_field", "{field}: {message}",
+                                      {"field": _field_path(problem["loc"]), "message": msg}) from None
+
+    @property
+    def repair_params(self) -> BaseModel:
+        """The repair's options: ``repair_parameters``, else its parameters model's defaults."""
+        return self.repair_parameters or REPAIRS.get(self.repair).parameters()
 
 
 class DatasetConfig(_Frozen):
@@ -111,7 +196,8 @@ class FinetuneConfig(DatasetConfig):
 class MergeConfig(_Frozen):
     """A whole merge: parents, the target (``base_model``), method, options, data and output dtype."""
 
-    merge_method: MergeMethod = "otfusion"
+    merge_method: str = Field("otfusion", description="how the parents are merged (hf_otfusion.registry."
+                              "MERGE_METHODS)", json_schema_extra=_choices(MERGE_METHODS))
     base_model: str | None = Field(None, description="the target; default: the first model")
     models: list[ModelEntry] = Field(min_length=2)
     parameters: FusionParameters | None = None
@@ -129,7 +215,7 @@ class MergeConfig(_Frozen):
         """With calibration data and no word on how to use it, the best measured combination: activations
         alignment and the closed-form refit (docs/results/refit.md). Written into the config, so the saved config
         and the card's fusion options show it."""
-        if not isinstance(data, dict) or data.get("calibration") is None or data.get("merge_method") == "linear":
+        if not isinstance(data, dict) or data.get("calibration") is None or not _aligns(data.get("merge_method")):
             return data
         params = data.get("parameters")
         if params is not None and not isinstance(params, dict):
@@ -139,6 +225,11 @@ class MergeConfig(_Frozen):
         params.setdefault("repair", "refit")
         return {**data, "parameters": params}
 
+    @field_validator("merge_method")
+    @classmethod
+    def _merge_method(cls, value: Any) -> str:
+        return registered(MERGE_METHODS, value)
+
     @model_validator(mode="after")
     def _consistent(self) -> MergeConfig:
         refs = [m.model for m in self.models]
@@ -146,18 +237,21 @@ class MergeConfig(_Frozen):
             raise ValueError(f"base_model: {self.base_model!r} is not one of the models; list it under models too")
         if all(m.parameters.weight == 0 for m in self.models):
             raise ValueError("models: at least one model needs a weight > 0")
-        if self.merge_method == "linear":
+        method = MERGE_METHODS.get(self.merge_method)
+        if not method.takes_parameters:
             if self.parameters is not None:
-                raise ValueError("parameters: merge_method 'linear' (a vanilla average) takes no fusion parameters")
+                raise ValueError(f"parameters: merge_method {method.name!r} ({method.description}) takes no fusion "
+                                 "parameters")
             if self.calibration is not None:
-                raise ValueError("calibration: merge_method 'linear' uses no calibration data")
+                raise ValueError(f"calibration: merge_method {method.name!r} uses no calibration data")
+            return self
         params = self.fusion_parameters
-        needs_data = params.alignment == "activations" or params.repair != "none"
-        if self.merge_method == "otfusion" and needs_data and self.calibration is None:
+        needs_data = params.alignment == "activations" or REPAIRS.get(params.repair).needs_data
+        if needs_data and self.calibration is None:
             what = "parameters.alignment 'activations'" if params.alignment == "activations" else \
                 f"parameters.repair '{params.repair}'"
             raise ValueError(f"calibration: {what} needs a calibration dataset")
-        if self.merge_method == "otfusion" and not needs_data and self.calibration is not None:
+        if not needs_data and self.calibration is not None:
             raise ValueError("calibration: is only used with parameters.alignment 'activations' or a repair")
         if "reg" in params.model_fields_set and params.solver != "sinkhorn":
             raise ValueError("parameters.reg: only the 'sinkhorn' solver is regularised")
@@ -183,6 +277,12 @@ class MergeConfig(_Frozen):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
 
 
+def _aligns(merge_method: Any) -> bool:
+    """Whether a (raw) merge_method takes fusion parameters: the default does, an unknown name does not."""
+    name = "otfusion" if merge_method is None else merge_method
+    return isinstance(name, str) and name in MERGE_METHODS and MERGE_METHODS.get(name).takes_parameters
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
@@ -195,11 +295,59 @@ def format_validation_error(err: ValidationError) -> str:
         loc = _field_path(problem["loc"])
         if problem["type"] == "extra_forbidden":
             msg = "unknown field"
+        if problem["type"] == "nested_field":  # a field of a nested options model (repair_parameters)
+            loc, msg = f"{loc}.{problem['ctx']['field']}", problem["ctx"]["message"]
         if problem["type"] == "value_error" and ":" in msg.split(" ", 1)[0]:
             lines.append(msg)  # our own checks name their field already
         else:
             lines.append(f"{loc}: {msg}")
     return "\n".join(lines)
+
+
+def fusion_error(err: ValidationError) -> str:
+    """The problems of ``FusionParameters`` as keyword arguments: one line per problem, each naming its option, e.g.
+    ``solver: unknown solver 'x': choose one of emd, sinkhorn``."""
+    lines = []
+    for problem in err.errors():
+        loc = _field_path(problem["loc"])
+        msg = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "literal_error":
+            kind = problem.get("ctx", {}).get("kind", loc.replace("_", " "))
+            choices = re.findall(r"'([^']*)'", problem.get("ctx", {}).get("expected", ""))
+            msg = f"unknown {kind} {problem['input']!r}: choose one of {', '.join(choices)}"
+        elif problem["type"] == "nested_field":
+            loc, msg = f"{loc}.{problem['ctx']['field']}", problem["ctx"]["message"]
+        lines.append(msg if msg.startswith(f"{loc} ") else f"{loc}: {msg}")
+    return "\n".join(lines)
+
+
+def resolve_options(options: FusionParameters | None = None, overrides: Mapping[str, Any] | None = None, *,
+                    caller: str = "fuse") -> FusionParameters:
+    """``options`` (default: every default) with ``overrides`` (``FusionParameters`` field names) applied, validated
+    once; a ``FusionError`` names an unknown option or each bad field.
+
+    Example:
+        >>> resolve_options(FusionParameters(solver="sinkhorn"), {"reg": 0.1}).reg
+        0.1
+        >>> resolve_options(None, {"solver": "exact"})
+        Traceback (most recent call last):
+        ...
+        hf_otfusion.errors.FusionError: solver: unknown solver 'exact': choose one of emd, sinkhorn
+    """
+    overrides = dict(overrides or {})
+    unknown = [name for name in overrides if name not in FusionParameters.model_fields]
+    if unknown:
+        raise FusionError(f"{caller}() got an unknown option {unknown[0]!r}: the options are "
+                          f"{', '.join(FusionParameters.model_fields)}")
+    if options is not None and not isinstance(options, FusionParameters):
+        raise FusionError(f"options must be a FusionParameters, got {type(options).__name__}")
+    if not overrides:
+        return options if options is not None else FusionParameters()
+    data = {name: getattr(options, name) for name in options.model_fields_set} if options is not None else {}
+    try:
+        return FusionParameters.model_validate({**data, **overrides})
+    except ValidationError as err:
+        raise FusionError(fusion_error(err)) from None
 
 
 def parse_config(data: Any, source: str = "config") -> MergeConfig:

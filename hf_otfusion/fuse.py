@@ -6,33 +6,24 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from .activations import activation_costs, first_batch
 from .checkpoint import StateSource
+from .config import FusionParameters, resolve_options
 from .distributed import is_main
-from .engine import RESIDUALS, Residual, State, align_sources, check_compatible, check_finite, check_sweeps, plans_for
+from .engine import State, align_sources, check_compatible, check_finite, check_sweeps, plans_for
 from .errors import FusionError, PlanError
 from .evaluate import logits_of
+from .graph import Runner
 from .plan import AlignmentPlan, Space
 from .profile import timed
-from .runner import Runner
+from .registry import REPAIRS
 from .trace import build_plan, export_model
-from .transport import (
-    MARGINALS,
-    SOLVERS,
-    ChannelMap,
-    Marginals,
-    Solver,
-    transport_axis,
-)
-
-Alignment = Literal["weights", "activations"]
-ALIGNMENTS: tuple[str, ...] = ("weights", "activations")
-
+from .transport import ChannelMap, transport_axis
 
 # ----------------------------------------------------------------------------------------------------------
 # Public API
@@ -187,8 +178,7 @@ def random_permutation(
         order = _random_order(space, gen, head_orders, permute_heads)
         perm = ChannelMap.permutation(order)
         for m in space.members:
-            state[m.tensor] = transport_axis(state[m.tensor], perm, m.axis, m.offset, m.repeat, m.tile,
-                                             space.heads, m.block, m.head_axis)
+            state[m.tensor] = transport_axis(state[m.tensor], perm, space.layout(m))
     for alias, name in plan.aliases.items():
         state[alias] = state[name]
     return _with_state(model, state)
@@ -196,23 +186,16 @@ def random_permutation(
 
 def fuse(
     models: Sequence[nn.Module],
+    options: FusionParameters | None = None,
     *,
     target: int = 0,
     weights: Sequence[float] | None = None,
-    alignment: Alignment = "weights",
     calibration: Any = None,
     example_input: Any = None,
-    solver: Solver = "emd",
-    reg: float = 0.05,
-    marginals: Marginals = "uniform",
-    match_heads: bool = True,
-    residual: Residual = "shared",
-    standardize: bool = False,
     plan: AlignmentPlan | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
-    repair: str = "none",
-    sweeps: int = 0,
+    **overrides: Any,
 ) -> nn.Module:
     """Fuse N models into one with the target's architecture and widths, by optimal transport.
 
@@ -220,6 +203,10 @@ def fuse(
     its channels and the target's (``alignment="weights"``: distances between aligned weight rows;
     ``"activations"``: distances between activations on ``calibration``), an OT coupling (``solver``), then
     every tensor axis of the space is transported. The aligned models are averaged with ``weights``.
+
+    The options come in one object, ``options`` (a :class:`~hf_otfusion.config.FusionParameters`: the
+    ``parameters:`` section of a merge config), and by name as keyword ``overrides`` over it; both are validated
+    once, together (a ``FusionError`` names a bad option).
 
     Transformers: a space with attention heads (queries/keys of one attention op; values/output projection) is
     solved head by head, so its map is block-diagonal and attention stays exact. With ``match_heads`` the heads
@@ -243,32 +230,33 @@ def fuse(
 
     Args:
         models: two or more models of one architecture (widths of hidden spaces may differ; head counts not).
+        options: the fusion options (default: every field's default); ``overrides`` replace single fields.
         target: index of the model whose architecture and widths the result keeps.
         weights: one non-negative weight per model (default equal).
-        alignment: ``"weights"`` (data-free) or ``"activations"`` (needs ``calibration``).
         calibration: a tensor of inputs, a dict of keyword tensors, or an iterable of input batches (tensors,
             dicts) or of (input, label) batches.
         example_input: a batch to trace the models with; defaults to the first calibration batch.
-        solver: ``"emd"`` (exact; a linear assignment when the optimum is a permutation) or ``"sinkhorn"``.
+        plan: the target's alignment plan (traced when omitted).
+        device: where costs, solves and transports run: ``"cpu"``, ``"cuda"``, ``"auto"`` (default: the
+            target's device). Exact EMD always solves on the CPU.
+        progress: show progress bars (on the main process only, in a distributed run).
+        **overrides: fields of ``FusionParameters`` by name (below), applied over ``options``.
+
+    Options (fields of ``FusionParameters``; an unknown name is a ``FusionError``):
+        alignment: ``"weights"`` (data-free) or ``"activations"`` (needs ``calibration``).
+        solver: a registered solver (``hf_otfusion.registry.SOLVERS``): ``"emd"`` (exact; a linear assignment when
+            the optimum is a permutation) or ``"sinkhorn"``.
         reg: entropic regularisation for Sinkhorn, relative to the cost's largest entry.
         marginals: ``"uniform"`` or ``"importance"`` (channel mass proportional to its weights' norm).
         match_heads: match attention heads to heads before the channels inside them (default True).
         residual: ``"shared"`` or ``"mean"``: how the cost of a residual stream is made (see above).
         standardize: activations mode: compare activations centred and scaled to unit variance per channel
             (a correlation distance) instead of raw values.
-        plan: the target's alignment plan (traced when omitted).
-        device: where costs, solves and transports run: ``"cpu"``, ``"cuda"``, ``"auto"`` (default: the
-            target's device). Exact EMD always solves on the CPU.
-        progress: show progress bars (on the main process only, in a distributed run).
-        repair: after averaging, ``"none"``; ``"reset_bn"`` (recompute BatchNorm running statistics on
-            ``calibration``, see ``hf_otfusion.repair.reset_norm_stats``); or ``"repair"`` (REPAIR: each hidden
-            channel's mean and std set to the weighted average of its parents' on ``calibration``, measured on each
-            parent and carried over by its couplings, folded into the weights; BatchNorm statistics are recomputed
-            too; see ``hf_otfusion.repair.repair_model``); or ``"refit"`` (closed-form layer refit: every linear and
-            conv layer, in forward order, re-solved by ridge least squares so that on ``calibration`` its outputs,
-            with the fused model's inputs, match the weighted mean of the parents' outputs of the same layer; a
-            layer and the BatchNorm after it fitted as one and folded back; no labels and no gradient; see
-            ``hf_otfusion.refit.refit_model``).
+        repair: after averaging, a registered repair run on ``calibration`` (``hf_otfusion.registry.REPAIRS``;
+            ``REPAIRS.help()`` says what each does): ``"none"`` (default), ``"reset_bn"``, ``"repair"`` (REPAIR),
+            ``"refit"`` (the closed-form layer refit).
+        repair_parameters: the repair's own options, a mapping or an instance of its parameters model (e.g.
+            ``{"alpha": 0.01}`` for refit); unset: its defaults.
         sweeps: weight matching by coordinate descent (Git Re-Basin, Ainsworth et al. ICLR 2023, Algorithm 1, on
             the plan), data-free: after the single pass, every space (a head group as one) is revisited in a
             seeded random order, with all other maps held, and re-solved by an assignment that maximises the
@@ -277,6 +265,7 @@ def fuse(
             At most ``sweeps`` passes, fewer when one changes nothing; 0 (default): the single pass alone. Needs
             weights mode, ``solver="emd"``, uniform marginals and the target's widths; each model is matched to
             the target. ``hf_otfusion.matching.recording`` collects the objective per sweep.
+        strict: the merge command's check of the plan (``hf_otfusion.merge``); ``fuse`` uses the plan it is given.
 
     Returns:
         A new module (a copy of the target with fused weights); the inputs are not modified. Tied tensors (an
@@ -294,6 +283,9 @@ def fuse(
         >>> a = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> b = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> fused = fuse([a, b], example_input=torch.randn(2, 4), progress=False)
+        >>> from hf_otfusion.config import FusionParameters
+        >>> soft = fuse([a, b], FusionParameters(solver="sinkhorn"), reg=0.1, example_input=torch.randn(2, 4),
+        ...             progress=False)
     """
     models = list(models)
     progress = progress and is_main()  # a distributed run: one set of bars
@@ -302,25 +294,13 @@ def fuse(
     if not -len(models) <= target < len(models):
         raise FusionError(f"target={target} is out of range for {len(models)} models")
     target %= len(models)
-    if alignment not in ALIGNMENTS:
-        raise FusionError(f"unknown alignment {alignment!r}: choose one of {', '.join(ALIGNMENTS)}")
-    if solver not in SOLVERS:
-        raise FusionError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
-    if marginals not in MARGINALS:
-        raise FusionError(f"unknown marginals {marginals!r}: choose one of {', '.join(MARGINALS)}")
-    if residual not in RESIDUALS:
-        raise FusionError(f"unknown residual policy {residual!r}: choose one of {', '.join(RESIDUALS)}")
-    if solver == "sinkhorn" and not reg > 0:
-        raise FusionError(f"sinkhorn needs reg > 0, got {reg}")
+    opts = resolve_options(options, overrides)
+    alignment, repair = opts.alignment, REPAIRS.get(opts.repair)
     if alignment == "activations" and calibration is None:
         raise FusionError("alignment='activations' needs calibration data (calibration=...)")
-    check_sweeps(sweeps, alignment, solver, marginals)
-    from .repair import REPAIRS
-
-    if repair not in REPAIRS:
-        raise FusionError(f"unknown repair {repair!r}: choose one of {', '.join(REPAIRS)}")
-    if repair != "none" and calibration is None:
-        raise FusionError(f"repair={repair!r} needs calibration data (calibration=...)")
+    check_sweeps(opts.sweeps, alignment, opts.solver, opts.marginals)
+    if repair.needs_data and calibration is None:
+        raise FusionError(f"repair={repair.name!r} needs calibration data (calibration=...)")
     if example_input is None and calibration is not None:
         example_input = first_batch(calibration)
     if plan is None and example_input is None:
@@ -333,7 +313,7 @@ def fuse(
 
     with timed("trace"):
         target_model = models[target]
-        if plan is not None and plan.expanded and (alignment == "activations" or repair != "none"):
+        if plan is not None and plan.expanded and (alignment == "activations" or repair.fn is not None):
             plan = None  # an expanded plan has no activation sites: trace the target's graph
         ep_t = export_model(target_model, example_input) if plan is None or alignment == "activations" else None
         plan_t = plan if plan is not None else build_plan(target_model, example_input, exported=ep_t)
@@ -355,10 +335,10 @@ def fuse(
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     if alignment == "activations":
         runners = [Runner(exported.get(i, ep_t), m, dev) for i, m in enumerate(models)]
-        streams = {s.name for s in plan_t.spaces if s.kind == "residual"} if residual == "mean" else set()
+        streams = {s.name for s in plan_t.spaces if s.kind == "residual"} if opts.residual == "mean" else set()
         with timed("activations"):
             costs = activation_costs(runners, plans, target, calibration, per_site=streams,
-                                     standardize=standardize, progress=progress)
+                                     standardize=opts.standardize, progress=progress)
         del runners
 
     fused: State = {}
@@ -367,23 +347,13 @@ def fuse(
         fused[name] = average_tensor(values, w, values[target])
 
     sources = [StateSource(m.state_dict()) for m in models]
-    couplings = align_sources(sources, plans, average, target=target, costs=costs, solver=solver, reg=reg,
-                              marginals=marginals, heads=match_heads, residual=residual, device=dev,
-                              progress=progress, couplings=repair in ("repair", "refit"), sweeps=sweeps)
+    couplings = align_sources(sources, plans, average, target=target, costs=costs, options=opts, device=dev,
+                              progress=progress, couplings="couplings" in repair.needs)
     for alias, name in plan_t.aliases.items():
         fused[alias] = fused[name]
-    if repair == "none":
+    if repair.fn is None:
         return _with_state(target_model, fused)
-    from .repair import repair_model, reset_norm_stats
-
     with timed("repair"):
-        if repair == "reset_bn":
-            return reset_norm_stats(_with_state(target_model, fused), calibration, device=dev)
-        if repair == "refit":
-            from .refit import refit_model
-
-            return refit_model(_with_state(target_model, fused), models, calibration, weights=w, couplings=couplings,
-                               device=dev, plan=plan_t, example_input=example_input, exported=ep_t)
-        # each parent's statistics, measured on the parent and carried over by its couplings (exact for any widths)
-        return repair_model(_with_state(target_model, fused), models, calibration, weights=w, couplings=couplings,
-                            device=dev, plan=plan_t, example_input=example_input, exported=ep_t)
+        return repair.fn(_with_state(target_model, fused), models, calibration, weights=w, couplings=couplings,
+                         device=dev, plan=plan_t, example_input=example_input, exported=ep_t,
+                         params=opts.repair_params)

@@ -62,6 +62,19 @@ class Unit:
         return self.label or self.name
 
 
+@dataclass(frozen=True)
+class MergeMethod(Unit):
+    """A merge method: ``fn`` merges loaded models in memory (``fn(models, weights=..., ...)``), ``streamed`` merges
+    checkpoints on disk tensor by tensor (``None``: in memory only). ``parameters`` is the model of the config's
+    ``parameters:`` section (``NoParameters``: the method takes none, and no calibration data either)."""
+
+    streamed: Callable[..., Any] | None = None
+
+    @property
+    def takes_parameters(self) -> bool:
+        return self.parameters is not NoParameters
+
+
 U = TypeVar("U", bound=Unit)
 
 
@@ -91,6 +104,11 @@ class Registry(Generic[U]):
             for module in self.modules:
                 importlib.import_module(module)
 
+    def unregister(self, name: str) -> U:
+        """Remove the unit called ``name`` and return it (a test's throwaway unit)."""
+        self._load()
+        return self._units.pop(name)
+
     def get(self, name: str) -> U:
         """The unit called ``name``; a ``FusionError`` naming the choices when there is none."""
         self._load()
@@ -100,6 +118,7 @@ class Registry(Generic[U]):
             raise FusionError(f"unknown {self.kind} {name!r}: choose one of {', '.join(self._units)}") from None
 
     def names(self) -> tuple[str, ...]:
+        """The registered names, in registration order."""
         self._load()
         return tuple(self._units)
 
@@ -116,6 +135,6 @@ class Registry(Generic[U]):
         return "\n".join(f"{u.name}: {u.description}" for u in self)
 
 
-MERGE_METHODS: Registry[Unit] = Registry("merge method", ("hf_otfusion.methods",))
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", ("hf_otfusion.methods",))
 SOLVERS: Registry[Unit] = Registry("solver", ("hf_otfusion.transport",))
 REPAIRS: Registry[Unit] = Registry("repair", ("hf_otfusion.repairs",))
