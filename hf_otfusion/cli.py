@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from .errors import FusionError
 from .output import OVERWRITE_HELP
@@ -67,7 +68,32 @@ def _check_device(device: str) -> str:
     return device
 
 
-@app.command()
+def registry_help() -> str:
+    """One paragraph per registry (merge methods, solvers, repairs): the config field, then each unit's name and
+    description, as ``hf-otfusion merge --help`` ends."""
+    from rich.markup import escape
+
+    from .registry import MERGE_METHODS, REPAIRS, SOLVERS
+
+    sections = (("merge_method", MERGE_METHODS), ("parameters.solver", SOLVERS), ("parameters.repair", REPAIRS))
+    return "\n\n".join(f"{field}: " + "; ".join(escape(f"{unit.name} ({unit.description})") for unit in registry)
+                       for field, registry in sections)
+
+
+class RegistryHelpCommand(TyperCommand):
+    """A command whose ``--help`` ends with :func:`registry_help`, read from the registries when the help is shown
+    (a unit registered after this module was imported shows too)."""
+
+    @property  # type: ignore[override]
+    def epilog(self) -> str:
+        return registry_help()
+
+    @epilog.setter
+    def epilog(self, value: str | None) -> None:  # click sets it in __init__; the registries say it instead
+        pass
+
+
+@app.command(cls=RegistryHelpCommand)
 def merge(
     config: Annotated[Path, typer.Argument(help="the merge YAML")],
     out: Annotated[Path, typer.Argument(help="the output folder (created; must be new or empty unless --overwrite)")],

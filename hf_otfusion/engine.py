@@ -14,21 +14,21 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import StateSource, TensorSource
+from .config import FusionParameters, resolve_options
 from .distributed import broadcast, broadcast_object, is_main, world
 from .errors import FusionError
 from .matching import check_sweeps, matched_couplings
-from .plan import AlignmentPlan, AxisRef, Space
+from .plan import AlignmentPlan, AxisRef, Layout, Space
 from .profile import record_space, timed
 from .transport import (
     ChannelMap,
     Marginals,
-    Solver,
     all_finite,
     barycentric_map,
     distance_of_blocks,
@@ -47,7 +47,6 @@ from .transport import (
 from .verify import conform
 
 Residual = Literal["shared", "mean"]
-RESIDUALS: tuple[str, ...] = ("shared", "mean")
 State = dict[str, torch.Tensor]
 
 
@@ -59,7 +58,6 @@ State = dict[str, torch.Tensor]
 class _Segment:
     space: str
     member: AxisRef
-    length: int  # entries on the axis: space size * repeat * tile
 
 
 def _segments(plan: AlignmentPlan) -> dict[tuple[str, int], list[_Segment]]:
@@ -67,7 +65,7 @@ def _segments(plan: AlignmentPlan) -> dict[tuple[str, int], list[_Segment]]:
     out: dict[tuple[str, int], list[_Segment]] = {}
     for space in plan.spaces:
         for m in space.members:
-            out.setdefault((m.tensor, m.axis), []).append(_Segment(space.name, m, space.size * m.repeat * m.tile))
+            out.setdefault((m.tensor, m.axis), []).append(_Segment(space.name, m))
     for segs in out.values():
         segs.sort(key=lambda s: s.member.offset)
     return out
@@ -151,7 +149,7 @@ def plans_for(
 # Aligning one model to the target
 
 
-class _Aligner:
+class Aligner:
     """One model's tensors, transported lazily into the target's channel order and widths.
 
     A solved space's map is recorded on each of its members; a tensor is read from its source, and the maps
@@ -171,17 +169,18 @@ class _Aligner:
         self.target_sizes = {s.name: s.size for s in target_plan.spaces}
         self.sizes = {s.name: s.size for s in plan.spaces}
         self.done: set[str] = set()
-        self.ops: dict[str, list[tuple[ChannelMap, int, int, int, int, int, int | None, int | None]]] = {}
+        self.ops: dict[str, list[tuple[ChannelMap, Layout]]] = {}
         self.cache: State = {}
 
     def offset(self, m: AxisRef) -> int:
         """Where a member's segment starts now that earlier segments on its axis may have changed width."""
-        shift = 0
-        for seg in self.segs[(m.tensor, m.axis)]:
-            if seg.member.offset < m.offset and seg.space in self.done:
-                per_channel = seg.member.repeat * seg.member.tile
-                shift += (self.target_sizes[seg.space] - self.sizes[seg.space]) * per_channel
-        return m.offset + shift
+        segs = self.segs[(m.tensor, m.axis)]
+        return m.offset + sum((self.target_sizes[s.space] - self.sizes[s.space]) * s.member.repeat * s.member.tile
+                              for s in segs if s.member.offset < m.offset and s.space in self.done)
+
+    def layout(self, space: Space, m: AxisRef) -> Layout:
+        """The member's layout as its axis holds it now (:meth:`offset`)."""
+        return space.layout(m).with_offset(self.offset(m))
 
     def ready(self, m: AxisRef) -> bool:
         """All other axes of the member's tensor already read the target's channels."""
@@ -194,8 +193,7 @@ class _Aligner:
 
     def apply(self, space: Space, m_map: ChannelMap) -> None:
         for m in space.members:
-            op = (m_map, m.axis, self.offset(m), m.repeat, m.tile, space.heads, m.block, m.head_axis)
-            self.ops.setdefault(m.tensor, []).append(op)
+            self.ops.setdefault(m.tensor, []).append((m_map, self.layout(space, m)))
         self.done.add(space.name)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -208,8 +206,8 @@ class _Aligner:
         ops = self.ops.pop(name, None)
         if ops:
             with timed("transport"):
-                for m_map, *layout in ops:
-                    t = transport_axis(t, m_map, *layout)
+                for m_map, layout in ops:
+                    t = transport_axis(t, m_map, layout)
         self.cache[name] = t
         return t
 
@@ -225,7 +223,7 @@ class _Aligner:
         self.ops.pop(name, None)
 
 
-def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: Space,
+def _features(aligner: Aligner, space: Space, target: Aligner, target_space: Space,
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Rows of every ready member: (this model's, the target's), one pair per member. Tiled members on an axis
     that a queries space holds are left out: the order of their tiles is that space's, not solved yet."""
@@ -234,10 +232,8 @@ def _features(aligner: _Aligner, space: Space, target: _Aligner, target_space: S
         tiles_elsewhere = not space.queries and m_a.tile > 1 and (m_a.tensor, m_a.axis) in aligner.query_axes
         if not aligner.ready(m_a) or tiles_elsewhere:
             continue
-        out.append((rows(aligner.tensor(m_a.tensor), m_a.axis, aligner.offset(m_a), space.size, m_a.repeat,
-                         m_a.tile, space.heads, m_a.block, m_a.head_axis),
-                    rows(target.tensor(m_b.tensor), m_b.axis, m_b.offset, target_space.size, m_b.repeat, m_b.tile,
-                         target_space.heads, m_b.block, m_b.head_axis)))
+        out.append((rows(aligner.tensor(m_a.tensor), aligner.layout(space, m_a)),
+                    rows(target.tensor(m_b.tensor), target_space.layout(m_b))))
     return out
 
 
@@ -248,9 +244,9 @@ def _member_pairs(space: Space, target_space: Space) -> list[tuple[AxisRef, Axis
 
 
 def _cost(
-    aligner: _Aligner,
+    aligner: Aligner,
     space: Space,
-    target: _Aligner,
+    target: Aligner,
     target_space: Space,
     costs: Mapping[str, torch.Tensor] | None,
     marginals: Marginals,
@@ -285,16 +281,8 @@ def _cost(
     return cost, a, b, not importance
 
 
-@dataclass(frozen=True)
-class _Options:
-    solver: Solver
-    reg: float
-    marginals: Marginals
-    heads: bool
-
-
 def _solve_space(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Space, order: list[int],
-                 opts: _Options, uniform: bool) -> torch.Tensor:
+                 opts: FusionParameters, uniform: bool) -> torch.Tensor:
     """The coupling of one space, solved on the main process and broadcast to the others (a distributed run)."""
     t = None
     with timed("solve"):
@@ -311,7 +299,8 @@ Solved = Callable[[], tuple[torch.Tensor | None, ChannelMap]]  # a space's coupl
 
 
 def _coupling_and_map(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, space: Space, order: list[int],
-                      opts: _Options, uniform: bool, coupling: bool = True) -> tuple[torch.Tensor | None, ChannelMap]:
+                      opts: FusionParameters, uniform: bool,
+                      coupling: bool = True) -> tuple[torch.Tensor | None, ChannelMap]:
     """The space's coupling (None unless ``coupling``, where its map is a permutation) and its barycentric map."""
     n_a, n_b = cost.shape
     if opts.solver == "emd" and uniform and n_a == n_b > 0 and space.heads == 1 and world()[1] == 1:
@@ -347,11 +336,11 @@ def solver_threads() -> int:
     return max(1, min(8, cpus // 2))
 
 
-class _Walker:
+class Walker:
     """Solves one model's map of each space in turn, against the target; ``given`` couplings are used as they are."""
 
-    def __init__(self, aligner: _Aligner, target: _Aligner, costs: Mapping[str, torch.Tensor] | None,
-                 given: dict[str, torch.Tensor], opts: _Options, keep: set[str]):
+    def __init__(self, aligner: Aligner, target: Aligner, costs: Mapping[str, torch.Tensor] | None,
+                 given: dict[str, torch.Tensor], opts: FusionParameters, keep: set[str]):
         self.aligner, self.target, self.costs, self.given, self.opts = aligner, target, costs, given, opts
         self.keep = keep  # what to keep of each space once solved: "couplings", "maps" (n x n each, so optional)
         self.couplings: dict[str, torch.Tensor] = {}
@@ -373,7 +362,7 @@ class _Walker:
             cost, a, b, uniform = _cost(self.aligner, space, self.target, target_space,
                                         None if space.queries else self.costs, opts.marginals)
             n_heads, group = target_space.heads, target_space.head_group
-            if group is not None and opts.heads and group not in self.head_sources and not space.queries:
+            if group is not None and opts.match_heads and group not in self.head_sources and not space.queries:
                 total = head_costs(cost, n_heads)
                 for other in groups[group]:
                     if other.name != target_space.name and not other.queries:
@@ -407,11 +396,11 @@ def _walk(
     device: torch.device,
     costs: Sequence[Mapping[str, torch.Tensor] | None],
     given: Sequence[dict[str, torch.Tensor]],
-    opts: _Options,
+    opts: FusionParameters,
     finished: Finished | None,
     progress: bool,
     keep: set[str],
-) -> list[_Walker | None]:
+) -> list[Walker | None]:
     """One walk over the target's spaces in order, every model aligned to the target space by space.
 
     As soon as every space of a tensor is solved, ``finished(name, [its value in each model])`` gets it (the
@@ -422,8 +411,8 @@ def _walk(
     one the walk one space at a time gives.
     """
     target_plan = plans[target]
-    aligners = [_Aligner(s, p, target_plan, device, k) for k, (s, p) in enumerate(zip(sources, plans, strict=True))]
-    walkers = [None if k == target else _Walker(aligners[k], aligners[target], costs[k], given[k], opts, keep)
+    aligners = [Aligner(s, p, target_plan, device, k) for k, (s, p) in enumerate(zip(sources, plans, strict=True))]
+    walkers = [None if k == target else Walker(aligners[k], aligners[target], costs[k], given[k], opts, keep)
                for k in range(len(sources))]
     remaining: dict[str, set[str]] = {name: set() for name in target_plan.tensors if name not in target_plan.aliases}
     for space in target_plan.spaces:
@@ -487,7 +476,7 @@ def _walk(
 
 
 def _stream_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
-                      device: torch.device, walkers: Sequence[_Walker | None], opts: _Options,
+                      device: torch.device, walkers: Sequence[Walker | None], opts: FusionParameters,
                       ) -> list[dict[str, torch.Tensor]]:
     """``residual="mean"``: each residual stream solved from the mean of its members' own costs, once every other
     space is solved (so deep writers' rows are aligned)."""
@@ -498,11 +487,11 @@ def _stream_couplings(sources: Sequence[TensorSource], plans: Sequence[Alignment
         if walker is None:
             continue
         for stream in streams:
-            aligner = _Aligner(sources[k], plans[k], target_plan, device, k)
+            aligner = Aligner(sources[k], plans[k], target_plan, device, k)
             for other in target_plan.spaces:
                 if other.name != stream.name:
                     aligner.apply(plans[k].space(other.name), walker.maps[other.name])
-            reference = _Aligner(sources[target], target_plan, target_plan, device, target)
+            reference = Aligner(sources[target], target_plan, target_plan, device, target)
             space = plans[k].space(stream.name)
             cost, a, b, uniform = _cost(aligner, space, reference, stream, None, opts.marginals, per_tensor=True)
             given[k][stream.name] = _solve_space(cost, a, b, stream, list(range(stream.heads)), opts, uniform)
@@ -516,15 +505,10 @@ def align_sources(
     *,
     target: int = 0,
     costs: Sequence[Mapping[str, torch.Tensor] | None] | None = None,
-    solver: Solver = "emd",
-    reg: float = 0.05,
-    marginals: Marginals = "uniform",
-    heads: bool = True,
-    residual: Residual = "shared",
+    options: FusionParameters | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     couplings: bool = True,
-    sweeps: int = 0,
     seed: int = 0,
 ) -> list[dict[str, torch.Tensor] | None]:
     """The engine on tensors: align every source to the target's, space by space, handing on finished tensors.
@@ -532,8 +516,9 @@ def align_sources(
     ``sources`` give each model's tensors by state-dict name (in memory, or read lazily from safetensors files);
     ``plans`` are their alignment plans (the same plan for models of the same shapes). Each tensor is read when
     first needed and handed to ``finished(name, [value in each model])`` as soon as all of its spaces are
-    solved, so only the tensors of the spaces in flight are held. Options as in :func:`fuse`; ``sweeps > 0``
-    (weight matching, order drawn from ``seed``) holds every model's moved tensors and the target's at once.
+    solved, so only the tensors of the spaces in flight are held. ``options``: the fusion options (validated; the
+    engine reads solver, reg, marginals, match_heads, residual and sweeps: see :func:`fuse`); ``sweeps > 0`` (weight
+    matching, order drawn from ``seed``) holds every model's moved tensors and the target's at once.
 
     Returns:
         Each model's coupling per space (None for the target); empty dicts with ``couplings=False``, which keeps
@@ -542,14 +527,16 @@ def align_sources(
     device = torch.device(device)
     n = len(sources)
     costs = list(costs) if costs is not None else [None] * n
-    opts = _Options(solver=solver, reg=reg, marginals=marginals, heads=heads)
+    opts = options if options is not None else FusionParameters()
+    sweeps = opts.sweeps
     given: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     streams = any(s.kind == "residual" for s in plans[target].spaces)
-    if residual == "mean" and all(c is None for c in costs) and streams:
+    if opts.residual == "mean" and all(c is None for c in costs) and streams:
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
         given = _stream_couplings(sources, plans, target, device, first, opts)
     if sweeps:
-        check_sweeps(sweeps, "weights" if all(c is None for c in costs) else "activations", solver, marginals)
+        check_sweeps(sweeps, "weights" if all(c is None for c in costs) else "activations", opts.solver,
+                     opts.marginals)
         for k, plan_k in enumerate(plans):
             for space, space_t in zip(plan_k.spaces, plans[target].spaces, strict=True):
                 if space.size != space_t.size:
@@ -557,7 +544,7 @@ def align_sources(
                                       f"{space.name!r} has {space.size} channels in model {k} but {space_t.size} "
                                       "in the target (fuse other widths with sweeps=0)")
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
-        given = matched_couplings(sources, plans, target, device, first, sweeps, seed, heads)
+        given = matched_couplings(sources, plans, target, device, first, sweeps, seed, opts.match_heads)
     walkers = _walk(sources, plans, target, device, costs, given, opts, finished, progress,
                     {"couplings"} if couplings else set())
     return [None if w is None else w.couplings for w in walkers]
@@ -568,22 +555,21 @@ def align(
     plan: AlignmentPlan,
     target_state: State,
     target_plan: AlignmentPlan,
+    options: FusionParameters | None = None,
     *,
     costs: dict[str, torch.Tensor] | None = None,
-    solver: Solver = "emd",
-    reg: float = 0.05,
-    marginals: Marginals = "uniform",
-    heads: bool = True,
-    residual: Residual = "shared",
     progress: bool = False,
+    **overrides: Any,
 ) -> tuple[State, dict[str, torch.Tensor]]:
     """Transport one model's state onto the target's channels; returns it and the coupling of each space.
 
-    A space with attention heads gets a block-diagonal coupling: head ``sigma(h)`` of this model onto head ``h``
-    of the target. ``heads=True`` chooses ``sigma`` once per head group, by an assignment over the summed
-    head-to-head transport costs of all the group's spaces (queries/keys and values/outputs); ``heads=False``
-    keeps every head in place. ``residual``: see :func:`fuse`.
+    ``options`` and ``overrides`` (``FusionParameters`` field names: ``solver``, ``reg``, ``marginals``,
+    ``match_heads``, ``residual``, ``sweeps``) as in :func:`fuse`, validated once. A space with attention heads gets
+    a block-diagonal coupling: head ``sigma(h)`` of this model onto head ``h`` of the target. ``match_heads=True``
+    chooses ``sigma`` once per head group, by an assignment over the summed head-to-head transport costs of all the
+    group's spaces (queries/keys and values/outputs); ``match_heads=False`` keeps every head in place.
     """
+    opts = resolve_options(options, overrides, caller="align")
     out: State = {}
 
     def keep(name: str, values: list[torch.Tensor]) -> None:
@@ -591,8 +577,7 @@ def align(
 
     device = next(iter(target_state.values())).device if target_state else torch.device("cpu")
     couplings = align_sources([StateSource(target_state), StateSource(state)], [target_plan, plan], keep,
-                              costs=[None, costs], solver=solver, reg=reg, marginals=marginals, heads=heads,
-                              residual=residual, device=device, progress=progress)
+                              costs=[None, costs], options=opts, device=device, progress=progress)
     return out, couplings[1]
 
 

@@ -24,17 +24,16 @@ from tqdm.auto import tqdm
 
 from .activations import activation_costs, first_batch
 from .checkpoint import CheckpointError, SafetensorsSource, ShardedWriter, TensorSource
-from .config import resolve_options
+from .config import FusionParameters, resolve_options
 from .engine import Residual, align_sources, check_compatible, check_finite
 from .errors import FusionError
 from .fuse import average_tensor, normalized_weights
+from .graph import Runner
 from .output import scratch_prefix
 from .plan import AlignmentPlan
 from .profile import timed
-from .runner import Runner
 from .sources import unwritten_parameters
 from .trace import build_plan, export_model
-from .transport import Marginals, Solver
 
 
 class ParentSource:
@@ -64,28 +63,28 @@ def fuse_sources(
     sources: Sequence[TensorSource],
     plans: Sequence[AlignmentPlan],
     out: str | Path,
+    options: FusionParameters | None = None,
     *,
     target: int = 0,
     weights: Sequence[float] | None = None,
-    solver: Solver = "emd",
-    reg: float = 0.05,
-    marginals: Marginals = "uniform",
-    match_heads: bool = True,
-    residual: Residual = "shared",
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     max_shard_size: int | str | None = None,
     progress: bool = True,
     out_names: Mapping[str, str] | None = None,
     costs: Sequence[Mapping[str, torch.Tensor] | None] | None = None,
+    **overrides: Any,
 ) -> list[Path]:
     """Fuse tensor sources into a safetensors checkpoint in ``out``, each tensor written as soon as it is final.
 
     The tensors written are the target source's, in its order (``dtype``: floating tensors cast to it; named
     ``out_names[name]`` when given). ``costs``: activation costs per model and space (activations alignment, see
-    :func:`~hf_otfusion.activations.activation_costs`); weights alignment without. Returns the files written (the
-    shards, then the index when sharded).
+    :func:`~hf_otfusion.activations.activation_costs`); weights alignment without. ``options`` and ``overrides``
+    (``FusionParameters`` field names: ``solver``, ``reg``, ``marginals``, ``match_heads``, ``residual``,
+    ``sweeps``) as in :func:`~hf_otfusion.fuse`, validated once; no repair (it needs the fused model in memory).
+    Returns the files written (the shards, then the index when sharded).
     """
+    opts = _disk_options(options, overrides, "fuse_sources")
     w = normalized_weights(weights, len(sources))
     for i, (source, plan) in enumerate(zip(sources, plans, strict=True)):
         _check_shapes(source, plan, i)
@@ -104,9 +103,7 @@ def fuse_sources(
             with timed("write"):
                 writer.write(written.get(name, name), fused.to(out_dtype(name)))
 
-        options = resolve_options(None, {"solver": solver, "reg": reg, "marginals": marginals,
-                                         "match_heads": match_heads, "residual": residual}, caller="fuse_sources")
-        align_sources(sources, plans, write, target=target, costs=costs, options=options, device=device,
+        align_sources(sources, plans, write, target=target, costs=costs, options=opts, device=device,
                       progress=progress, couplings=False)
         with timed("write"):
             return writer.close()
@@ -157,6 +154,16 @@ def average_sources(
             return writer.close()
 
 
+def _disk_options(options: FusionParameters | None, overrides: Mapping[str, Any], caller: str) -> FusionParameters:
+    """The fusion options of a fusion from disk, validated once; a ``FusionError`` for a repair (it runs the fused
+    model, which a fusion from disk never holds)."""
+    opts = resolve_options(options, overrides, caller=caller)
+    if opts.repair != "none":
+        raise FusionError(f"{caller} writes the aligned average tensor by tensor: repair {opts.repair!r} needs the "
+                          "fused model in memory (use fuse)")
+    return opts
+
+
 def _check_shapes(source: TensorSource, plan: AlignmentPlan, index: int) -> None:
     """The source holds exactly the plan's tensors (tied aliases aside), with the plan's shapes."""
     expected = {name: tuple(shape) for name, shape in plan.tensors.items() if name not in plan.aliases}
@@ -179,8 +186,13 @@ def fuse_checkpoints(
     target: int = 0,
     model: nn.Module | None = None,
     calibration: Any = None,
-    standardize: bool = False,
-    **options,
+    options: FusionParameters | None = None,
+    weights: Sequence[float] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    max_shard_size: int | str | None = None,
+    progress: bool = True,
+    **overrides: Any,
 ) -> list[Path]:
     """Fuse safetensors checkpoints on disk into one, reading and writing one tensor at a time.
 
@@ -202,9 +214,11 @@ def fuse_checkpoints(
         model: activations alignment: the architecture, built without weights (see above).
         calibration: activations alignment: model inputs (a tensor, a dict of keyword tensors, or an iterable of
             batches), as for :func:`~hf_otfusion.fuse`.
-        standardize: activations alignment: correlation distances, as for :func:`~hf_otfusion.fuse`.
-        **options: ``weights``, ``solver``, ``reg``, ``marginals``, ``match_heads``, ``residual``, ``dtype``,
-            ``device``, ``max_shard_size``, ``progress``, as in :func:`fuse_sources` and :func:`~hf_otfusion.fuse`.
+        options: the fusion options (a ``FusionParameters``, as for :func:`~hf_otfusion.fuse`; the alignment is
+            activations when ``calibration`` is given, else weights; no repair).
+        weights, dtype, device, max_shard_size, progress: as in :func:`fuse_sources`.
+        **overrides: fields of ``FusionParameters`` by name over ``options`` (``solver``, ``reg``, ``marginals``,
+            ``match_heads``, ``residual``, ``standardize``, ``sweeps``), validated once with them.
 
     Example:
         >>> import torch
@@ -215,6 +229,9 @@ def fuse_checkpoints(
         >>> plan = build_plan(mlp, torch.empty(2, 4096, device="meta"))
         >>> files = fuse_checkpoints(["run-a", "run-b"], "fused", plan)  # doctest: +SKIP
     """
+    opts = _disk_options(options, overrides, "fuse_checkpoints")
+    if calibration is None and opts.alignment == "activations":
+        raise FusionError("fuse_checkpoints: alignment 'activations' needs calibration= (and model=)")
     sources = [SafetensorsSource(path) for path in checkpoints]
     spill = spill_folder(out) if calibration is not None else None
     try:
@@ -238,10 +255,9 @@ def fuse_checkpoints(
                 check_compatible(plan, traced, target)
             plan = traced
             costs = disk_activation_costs([ep] * len(sources), [hollow] * len(sources), sources,
-                                          [plan] * len(sources), target, calibration, standardize=standardize,
-                                          residual=options.get("residual", "shared"),
-                                          device=options.get("device", "cpu"),
-                                          progress=options.get("progress", True), spill=spill.name)
+                                          [plan] * len(sources), target, calibration, standardize=opts.standardize,
+                                          residual=opts.residual, device=device, progress=progress,
+                                          spill=spill.name)
         if plan is None:
             raise FusionError("fuse_checkpoints needs a plan (weights alignment) or calibration and model= "
                               "(activations alignment)")
@@ -250,7 +266,8 @@ def fuse_checkpoints(
             raise FusionError(f"got {len(plans)} plans for {len(sources)} checkpoints")
         for i, p in enumerate(plans):
             check_compatible(plan, p, i)
-        return fuse_sources(sources, plans, out, target=target, costs=costs, **options)
+        return fuse_sources(sources, plans, out, opts, target=target, weights=weights, dtype=dtype, device=device,
+                            max_shard_size=max_shard_size, progress=progress, costs=costs)
     finally:
         if spill is not None:
             spill.cleanup()

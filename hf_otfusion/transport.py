@@ -16,13 +16,13 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .errors import FusionError
+from .registry import SOLVERS, Unit
 
 if TYPE_CHECKING:
-    from .plan import AxisRef
+    from .plan import Layout
 
-Solver = Literal["emd", "sinkhorn"]
+Solver = str  # a registered solver's name (hf_otfusion.registry.SOLVERS)
 Marginals = Literal["uniform", "importance"]
-SOLVERS: tuple[str, ...] = ("emd", "sinkhorn")
 MARGINALS: tuple[str, ...] = ("uniform", "importance")
 
 
@@ -109,32 +109,53 @@ def solve(
         tensor([[0.0000, 0.5000],
                 [0.5000, 0.0000]], dtype=torch.float64)
     """
-    n_a, n_b = cost.shape
-    device = cost.device
+    fn = SOLVERS.get(solver).fn  # an unknown name: a FusionError naming the registered solvers
     if not all_finite(cost):
         raise FusionError("the cost matrix has NaN or infinite entries (NaN weights or activations?)")
-    if solver == "emd":
-        if uniform and n_a == n_b:
-            return permutation_coupling(optimal_permutation(cost)).to(device)
-        import ot
+    return fn(cost, a, b, reg=reg, uniform=uniform)
 
-        t = ot.emd(a.double().cpu().numpy(), b.double().cpu().numpy(), cost.detach().double().cpu().numpy(),
-                   numItermax=max(100_000, 50 * n_a * n_b))
-        t = torch.from_numpy(np.asarray(t)).to(device)
-    elif solver == "sinkhorn":
-        import ot
 
-        if reg <= 0:
-            raise FusionError(f"sinkhorn needs reg > 0 (got {reg})")
-        c = cost.detach().double()
-        scale = c.max()
-        c = c / scale if scale > 0 else c
-        method = "sinkhorn_log" if reg < 0.05 else "sinkhorn"
-        t = ot.sinkhorn(a.to(device), b.to(device), c, reg, method=method, numItermax=10_000, stopThr=1e-7)
-    else:
-        raise FusionError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
-    _check_coupling(t, a.to(t.device), b.to(t.device), solver)
+def emd_coupling(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, reg: float = 0.05,
+                 uniform: bool = True) -> torch.Tensor:
+    """The solver ``emd``: exact OT by POT's network simplex (on the CPU), or a linear assignment when the marginals
+    are uniform and equal in size (the optimum is then a permutation). ``reg`` is not used."""
+    n_a, n_b = cost.shape
+    if uniform and n_a == n_b:
+        return permutation_coupling(optimal_permutation(cost)).to(cost.device)
+    import ot
+
+    t = ot.emd(a.double().cpu().numpy(), b.double().cpu().numpy(), cost.detach().double().cpu().numpy(),
+               numItermax=max(100_000, 50 * n_a * n_b))
+    t = torch.from_numpy(np.asarray(t)).to(cost.device)
+    _check_coupling(t, a.to(t.device), b.to(t.device), "emd")
     return t
+
+
+def sinkhorn_coupling(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, reg: float = 0.05,
+                      uniform: bool = True) -> torch.Tensor:
+    """The solver ``sinkhorn``: entropic OT on ``cost``'s device, ``reg`` relative to the cost's largest entry, in
+    the log domain for ``reg`` below 0.05. ``uniform`` is not used."""
+    import ot
+
+    if reg <= 0:
+        raise FusionError(f"sinkhorn needs reg > 0 (got {reg})")
+    device = cost.device
+    c = cost.detach().double()
+    scale = c.max()
+    c = c / scale if scale > 0 else c
+    method = "sinkhorn_log" if reg < 0.05 else "sinkhorn"
+    t = ot.sinkhorn(a.to(device), b.to(device), c, reg, method=method, numItermax=10_000, stopThr=1e-7)
+    _check_coupling(t, a.to(t.device), b.to(t.device), "sinkhorn")
+    return t
+
+
+SOLVERS.register(Unit(
+    name="emd", description="exact optimal transport", fn=emd_coupling,
+    reference="POT's network simplex (ot.emd, Bonneel et al. 2011); a linear assignment when the optimum is a "
+    "permutation"))
+SOLVERS.register(Unit(
+    name="sinkhorn", description="entropy-regularised optimal transport", fn=sinkhorn_coupling,
+    reference="Cuturi, \"Sinkhorn Distances\", NeurIPS 2013 (ot.sinkhorn)"))
 
 
 def optimal_permutation(cost: torch.Tensor) -> torch.Tensor:
@@ -246,87 +267,74 @@ def barycentric_map(t: torch.Tensor, b: torch.Tensor | None = None) -> ChannelMa
     return ChannelMap((t / col.clamp_min(1e-300)[None, :]).T)
 
 
-def positions(n: int, heads: int = 1, repeat: int = 1, tile: int = 1, block: int | None = None,
-              offset: int = 0) -> torch.Tensor:
-    """The axis positions of a member's ``n`` channels (see :class:`~hf_otfusion.plan.AxisRef`) in channel-major
-    order: channel after channel, each channel's ``repeat * tile`` entries in a row (repeat-major, tile fastest)."""
-    d = n // heads
-    step = d * repeat if block is None else block
-    h = torch.arange(heads).view(-1, 1, 1, 1)
-    i = torch.arange(d).view(1, -1, 1, 1)
-    r = torch.arange(repeat).view(1, 1, -1, 1)
-    s = torch.arange(tile).view(1, 1, 1, -1)
-    return (offset + (h * tile + s) * step + i * repeat + r).reshape(-1)
+def gather(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The ``layout.length`` entries of dim 0 of ``x`` that the layout's channels hold, channel-major (``axis`` is
+    not read: move it to dim 0 first)."""
+    if layout.contiguous:  # one run, already channel-major: a view
+        return x[layout.offset : layout.offset + layout.size * layout.repeat]
+    return x.index_select(0, layout.positions().to(x.device))
 
 
-def gather(x: torch.Tensor, n: int, heads: int = 1, repeat: int = 1, tile: int = 1, block: int | None = None,
-           offset: int = 0) -> torch.Tensor:
-    """The ``n * repeat * tile`` entries of dim 0 of ``x`` that a member's ``n`` channels hold, channel-major."""
-    if tile == 1 and block is None:  # one contiguous run, already channel-major: a view
-        return x[offset : offset + n * repeat]
-    return x.index_select(0, positions(n, heads, repeat, tile, block, offset).to(x.device))
-
-
-def place(x: torch.Tensor, moved: torch.Tensor, n_in: int, heads: int = 1, repeat: int = 1, tile: int = 1,
-          block: int | None = None, offset: int = 0) -> torch.Tensor:
-    """``x`` with a member's ``n_in`` channels on dim 0 replaced by ``moved`` (channel-major, as :func:`gather`
-    gives). A contiguous member may change width; one whose head blocks lie apart (``block``) may not."""
-    k = repeat * tile
+def place(x: torch.Tensor, moved: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``x`` with the layout's channels on dim 0 replaced by ``moved`` (channel-major, as :func:`gather` gives). A
+    contiguous layout may change width; one whose head blocks lie apart (``block``) may not."""
+    k = layout.per_channel
     n_out = moved.shape[0] // k
-    if block is not None:
-        if n_out != n_in:
-            raise FusionError(f"channels {n_in} -> {n_out}: the channels inside heads that a slice cuts into "
+    if layout.block is not None:
+        if n_out != layout.size:
+            raise FusionError(f"channels {layout.size} -> {n_out}: the channels inside heads that a slice cuts into "
                               "segments (partial rotary, a per-head fused qkv) cannot change width; fuse models of "
                               "equal head widths")
-        return x.index_copy(0, positions(n_in, heads, repeat, tile, block, offset).to(x.device), moved.to(x.dtype))
-    return torch.cat([x[:offset], tiled(moved, heads, tile, repeat), x[offset + n_in * k :]])
+        return x.index_copy(0, layout.positions().to(x.device), moved.to(x.dtype))
+    return torch.cat([x[: layout.offset], tiled(moved, layout), x[layout.offset + layout.size * k :]])
 
 
-def channel_major(seg: torch.Tensor, heads: int, tile: int, repeat: int) -> torch.Tensor:
-    """Reorder dim 0 of a tiled segment (see :class:`~hf_otfusion.plan.AxisRef`) so that each channel's
+def channel_major(seg: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Reorder dim 0 of a tiled segment (the layout's entries, from position 0) so that each channel's
     ``tile * repeat`` entries are contiguous: the layout of an untiled member with repeat ``tile * repeat``."""
-    return gather(seg, seg.shape[0] // (tile * repeat), heads, repeat, tile)
+    return gather(seg, layout.replace(size=seg.shape[0] // layout.per_channel, offset=0, block=None))
 
 
-def tiled(seg: torch.Tensor, heads: int, tile: int, repeat: int) -> torch.Tensor:
+def tiled(seg: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The inverse of :func:`channel_major`."""
-    if tile == 1:
+    if layout.tile == 1:
         return seg
-    order = positions(seg.shape[0] // (tile * repeat), heads, repeat, tile)
+    order = layout.replace(size=seg.shape[0] // layout.per_channel, offset=0, block=None).positions()
     return seg.index_select(0, torch.argsort(order).to(seg.device))
 
 
-def _stacked(tensor: torch.Tensor, axis: int, head_axis: int, heads: int, n: int, offset: int, repeat: int,
-             ) -> tuple[torch.Tensor, int | None]:
-    """A member whose heads lie on ``head_axis`` (stacked experts) as a member of one axis (dim 0): the two axes
-    merged head-major, and the block stride of its heads there (None where each head's channels fill the axis)."""
-    x = tensor.movedim((head_axis, axis), (0, 1))
-    if x.shape[0] != heads:
-        raise FusionError(f"axis {head_axis} of a tensor of shape {tuple(tensor.shape)} holds {x.shape[0]} heads, "
-                          f"not the plan's {heads}; the plan does not fit this model")
+def _stacked(tensor: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, Layout]:
+    """A layout whose heads lie on ``head_axis`` (stacked experts) as one on dim 0: the two axes merged head-major,
+    and its layout there (head blocks ``block`` apart, or back to back where each head's channels fill the axis)."""
+    assert layout.head_axis is not None
+    x = tensor.movedim((layout.head_axis, layout.axis), (0, 1))
+    if x.shape[0] != layout.heads:
+        raise FusionError(f"axis {layout.head_axis} of a tensor of shape {tuple(tensor.shape)} holds {x.shape[0]} "
+                          f"heads, not the plan's {layout.heads}; the plan does not fit this model")
     length = x.shape[1]
-    block = None if offset == 0 and (n // heads) * repeat == length else length
-    return x.reshape(heads * length, *x.shape[2:]), block
+    block = None if layout.offset == 0 and layout.head_dim * layout.repeat == length else length
+    flat = layout.replace(axis=0, tile=1, block=block, head_axis=None)
+    return x.reshape(layout.heads * length, *x.shape[2:]), flat
 
 
-def transport_axis(tensor: torch.Tensor, m: ChannelMap, axis: int, offset: int = 0, repeat: int = 1,
-                   tile: int = 1, heads: int = 1, block: int | None = None,
-                   head_axis: int | None = None) -> torch.Tensor:
-    """Map the n_in channels of a member of ``tensor``'s ``axis`` (at ``offset``, each repeated ``repeat`` times
-    channel-major, each of its ``heads`` blocks ``tile`` times, the blocks ``block`` apart; or each head on one
-    entry of ``head_axis``, its channels at ``offset`` of ``axis``) with ``m``; the result holds n_out."""
-    if head_axis is not None:
-        flat, block = _stacked(tensor, axis, head_axis, heads, m.n_in, offset, repeat)
-        moved = transport_axis(flat, m, 0, offset, repeat, 1, heads, block)
-        rest = tuple(tensor.movedim((head_axis, axis), (0, 1)).shape[2:])
-        return moved.reshape(heads, -1, *rest).movedim((0, 1), (head_axis, axis))
+def transport_axis(tensor: torch.Tensor, m: ChannelMap, layout: Layout) -> torch.Tensor:
+    """Map the ``m.n_in`` channels that ``layout`` places on ``tensor``'s axis with ``m``; the result holds
+    ``m.n_out`` there (``layout.size`` is taken to be ``m.n_in``)."""
+    if layout.size != m.n_in:
+        layout = layout.replace(size=m.n_in)
+    if layout.head_axis is not None:
+        flat, flat_layout = _stacked(tensor, layout)
+        moved = transport_axis(flat, m, flat_layout)
+        rest = tuple(tensor.movedim((layout.head_axis, layout.axis), (0, 1)).shape[2:])
+        return moved.reshape(layout.heads, -1, *rest).movedim((0, 1), (layout.head_axis, layout.axis))
+    axis = layout.axis
     x = tensor.movedim(axis, 0)
-    where = positions(m.n_in, heads, repeat, tile, block, offset)
-    end = int(where[-1]) + 1 if m.n_in else offset
+    where = layout.positions()
+    end = int(where[-1]) + 1 if m.n_in else layout.offset
     if end > x.shape[0]:
         raise FusionError(f"axis {axis} of a tensor of shape {tuple(tensor.shape)} is shorter than its plan "
                           f"({end} entries); the plan does not fit this model")
-    k = repeat * tile
+    k = layout.per_channel
     if m.index is not None and m.scale is None and m.n_in == m.n_out:
         # a permutation: one gather along the axis itself (the same entries as the general path below, without its
         # transposed copies; the result is contiguous)
@@ -334,56 +342,54 @@ def transport_axis(tensor: torch.Tensor, m: ChannelMap, axis: int, offset: int =
         order = torch.arange(x.shape[0])
         order[where.reshape(-1)] = where[m.index.cpu()].reshape(-1)
         return tensor.index_select(axis, order.to(tensor.device))
-    seg = gather(x, m.n_in, heads, repeat, tile, block, offset).reshape(m.n_in, k * int(np.prod(x.shape[1:],
-                                                                                              dtype=np.int64)))
+    seg = gather(x, layout).reshape(m.n_in, k * int(np.prod(x.shape[1:], dtype=np.int64)))
     moved = m(seg).reshape(m.n_out * k, *x.shape[1:])
-    return place(x, moved, m.n_in, heads, repeat, tile, block, offset).movedim(0, axis)
+    return place(x, moved, layout).movedim(0, axis)
 
 
-def rows(tensor: torch.Tensor, axis: int, offset: int, n: int, repeat: int, tile: int = 1,
-         heads: int = 1, block: int | None = None, head_axis: int | None = None) -> torch.Tensor:
-    """The (n, features) rows of the channels of one axis segment (repeats, tiles and other axes flattened; heads
-    on ``head_axis``: see :func:`transport_axis`)."""
-    if head_axis is not None:
-        flat, block = _stacked(tensor, axis, head_axis, heads, n, offset, repeat)
-        return gather(flat, n, heads, repeat, 1, block, offset).reshape(n, -1)
-    return gather(tensor.movedim(axis, 0), n, heads, repeat, tile, block, offset).reshape(n, -1)
+def rows(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The (size, features) rows of the layout's channels on ``tensor`` (repeats, tiles and other axes flattened;
+    heads on ``head_axis``: see :func:`transport_axis`)."""
+    if layout.head_axis is not None:
+        flat, flat_layout = _stacked(tensor, layout)
+        return gather(flat, flat_layout).reshape(layout.size, -1)
+    return gather(tensor.movedim(layout.axis, 0), layout).reshape(layout.size, -1)
 
 
-def carry(values: torch.Tensor, segments: Sequence[tuple[AxisRef, int, torch.Tensor]], length: int,
+def carry(values: torch.Tensor, segments: Sequence[tuple[Layout, torch.Tensor]], length: int,
           mismatch: str) -> torch.Tensor:
     """Dim 0 of a parent's ``values`` carried to the fused model's ``length`` channels.
 
-    ``segments``: (member, its space's heads, the (parent, fused) coupling of its space) for each space member of
-    the axis. Each gets the coupling's barycentric map (fused channel ``j`` receives the transport-weighted mean of
-    the parent channels sent to it); channels in no space stay where they are. ``mismatch``: the error raised when
-    the parent's widths do not add up to ``values``.
+    ``segments``: (the parent's layout of a space member on this axis, the (parent, fused) coupling of its space)
+    for each space member of the axis. Each gets the coupling's barycentric map (fused channel ``j`` receives the
+    transport-weighted mean of the parent channels sent to it); channels in no space stay where they are.
+    ``mismatch``: the error raised when the parent's widths do not add up to ``values``.
     """
     rest = values.shape[1:]
-    if any(m.head_axis is not None for m, _, _ in segments):
+    if any(lay.head_axis is not None for lay, _ in segments):
         raise FusionError(f"{mismatch}: the statistics of a member whose heads lie on another axis (stacked experts) "
                           "cannot be carried along one axis")
-    if length == values.shape[0] and all(t.shape[0] == t.shape[1] for _, _, t in segments):
+    segments = [(lay.replace(axis=0, size=t.shape[0]), t) for lay, t in segments]
+    if length == values.shape[0] and all(t.shape[0] == t.shape[1] for _, t in segments):
         out = values.clone()  # every width kept: each member in place, wherever its head blocks lie
-        for m, heads, t in segments:
-            n = t.shape[0]
+        for lay, t in segments:
             # from ``out``: two spaces may share positions (a queries space), their maps applied one after the other
-            parent = gather(out, n, heads, m.repeat, m.tile, m.block, m.offset).reshape(n, -1)
+            parent = gather(out, lay).reshape(lay.size, -1)
             moved = _barycentric(t, values) @ parent
-            out = place(out, moved.reshape(-1, *rest), n, heads, m.repeat, m.tile, m.block, m.offset)
+            out = place(out, moved.reshape(-1, *rest), lay)
         return out
-    if any(m.block is not None for m, _, _ in segments):
+    if any(lay.block is not None for lay, _ in segments):
         raise FusionError(f"{mismatch} (channels inside heads cut into segments cannot change width)")
     out = values.new_empty(length, *rest)
     pos_t = pos_p = 0
-    for m, heads, t in sorted(segments, key=lambda s: s[0].offset):
-        gap = m.offset - pos_t  # fixed channels between segments: the same in every model
+    for lay, t in sorted(segments, key=lambda s: s[0].offset):
+        gap = lay.offset - pos_t  # fixed channels between segments: the same in every model
         out[pos_t : pos_t + gap] = values[pos_p : pos_p + gap]
         pos_t, pos_p = pos_t + gap, pos_p + gap
-        (n_p, n_t), k = t.shape, m.repeat * m.tile
-        block = channel_major(values[pos_p : pos_p + n_p * k], heads, m.tile, m.repeat).reshape(n_p, -1)
+        (n_p, n_t), k = t.shape, lay.per_channel
+        block = channel_major(values[pos_p : pos_p + n_p * k], lay).reshape(n_p, -1)
         moved = (_barycentric(t, values) @ block).reshape(n_t * k, *rest)
-        out[pos_t : pos_t + n_t * k] = tiled(moved, heads, m.tile, m.repeat)
+        out[pos_t : pos_t + n_t * k] = tiled(moved, lay)
         pos_t, pos_p = pos_t + n_t * k, pos_p + n_p * k
     if pos_p + length - pos_t != values.shape[0]:
         raise FusionError(mismatch)

@@ -17,13 +17,11 @@ from typing import Any
 import gradio as gr
 
 from ..errors import FusionError
+from ..registry import REPAIRS, SOLVERS
 from .core import (
     ALIGNMENTS,
     DEFAULT_REPAIR,
     MARGINALS,
-    REPAIR_HELP,
-    REPAIRS,
-    SOLVERS,
     TABLE_HEADERS,
     DemoError,
     DemoLimits,
@@ -31,6 +29,7 @@ from .core import (
     Examples,
     FusionRequest,
     OutputStore,
+    choices_help,
     default_space,
     find_examples,
     rewrite_card,
@@ -202,15 +201,13 @@ def build_app(
                 with gr.Accordion("Fusion options", open=True):
                     alignment = gr.Radio(list(ALIGNMENTS), value="activations", label="Alignment",
                                          info="weights: data-free; activations: from calibration inputs")
-                    solver = gr.Radio(list(SOLVERS), value="emd", label="Solver",
-                                      info="emd: exact optimal transport; sinkhorn: entropy-regularised")
+                    solver = gr.Radio(list(SOLVERS.names()), value="emd", label="Solver", info=choices_help(SOLVERS))
                     reg = gr.Slider(0.005, 1.0, value=0.05, step=0.005, label="Sinkhorn regularisation",
                                     visible=False)
                     marginals = gr.Radio(list(MARGINALS), value="uniform", label="Marginals")
                     repair = gr.Radio(
-                        list(REPAIRS), value=DEFAULT_REPAIR if REPAIRS else None,
-                        label="Repair (after fusion, on the calibration data)",
-                        info="; ".join(f"{r}: {REPAIR_HELP.get(r, r)}" for r in REPAIRS), visible=bool(REPAIRS))
+                        list(REPAIRS.names()), value=DEFAULT_REPAIR, label="Repair (after fusion, on the calibration "
+                        "data)", info=choices_help(REPAIRS))
                 with gr.Accordion("Data", open=False):
                     dataset = gr.Dropdown(choices=dataset_choices, value=default_dataset, allow_custom_value=True,
                                           label="Dataset", info="the bundled examples, or a Hub dataset id")

@@ -26,13 +26,14 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
 from ..config import DatasetConfig, parse_config
 from ..evaluate import EvalRow
 from ..merge import load_parents, run_merge, write_output
+from ..registry import REPAIRS, SOLVERS, Registry
 from ..sources import download_limit
 from ..untrusted import untrusted_data
 from .explain import (  # noqa: F401  (some only re-exported: importable from here as before the split)
@@ -62,27 +63,17 @@ from .limits import Check, DemoError, DemoLimits, DemoTimeout, Report  # noqa: F
 from .timeout import run_with_timeout  # noqa: F401  (as above)
 
 ALIGNMENTS = ("weights", "activations")
-SOLVERS = ("emd", "sinkhorn")
 MARGINALS = ("uniform", "importance")
-REPAIR_HELP = {
-    "none": "keep the averaged statistics",
-    "reset_bn": "recompute BatchNorm statistics on the calibration data",
-    "repair": "REPAIR: give each fused channel its parents' mean and std (Jordan et al. 2023)",
-}
 ROLE_LABELS = {"parent": "parent", "vanilla": "vanilla average", "ensemble": "ensemble", "fused": "OT fusion"}
 TABLE_HEADERS = ["model", "role", "accuracy (%)", "loss", "perplexity"]
 
 
-def _config_repairs() -> tuple[str, ...]:
-    """The repairs the merge config accepts (``parameters.repair``); empty when it has no such field."""
-    from ..config import FusionParameters
-
-    field_info = FusionParameters.model_fields.get("repair")
-    return tuple(get_args(field_info.annotation)) if field_info is not None else ()
+def choices_help(registry: Registry) -> str:
+    """``name: description; ...`` for every unit of a registry (the app's help under a choice), read when asked."""
+    return "; ".join(f"{unit.name}: {unit.description}" for unit in registry)
 
 
-REPAIRS = _config_repairs()
-DEFAULT_REPAIR = "reset_bn" if "reset_bn" in REPAIRS else "none"
+DEFAULT_REPAIR = "reset_bn"
 _MAX_STORED_MAP = 1024  # transport maps kept for the picture: spaces up to this many channels
 
 
@@ -105,7 +96,7 @@ class FusionRequest:
     calibration_split: str = "train"
     calibration_samples: int = 500
     interpolation_points: int = 7
-    repair: str = DEFAULT_REPAIR  # one of REPAIRS; the interpolation path's models get their statistics reset too
+    repair: str = DEFAULT_REPAIR  # a registered repair; the interpolation path's models get their statistics reset too
     batch_size: int = 100
 
 
@@ -120,10 +111,8 @@ def build_config(request: FusionRequest, examples: Examples, limits: DemoLimits,
         raise DemoError(f"{len(models)} models is more than this demo fuses at once ({limits.max_models})")
     if len(set(models)) != len(models):
         raise DemoError("a model is listed twice: pick different models")
-    checks = [("alignment", request.alignment, ALIGNMENTS), ("solver", request.solver, SOLVERS),
-              ("marginals", request.marginals, MARGINALS)]
-    if REPAIRS:
-        checks.append(("repair", request.repair, REPAIRS))
+    checks = [("alignment", request.alignment, ALIGNMENTS), ("solver", request.solver, SOLVERS.names()),
+              ("marginals", request.marginals, MARGINALS), ("repair", request.repair, REPAIRS.names())]
     for name, value, allowed in checks:
         if value not in allowed:
             raise DemoError(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")
@@ -137,10 +126,7 @@ def build_config(request: FusionRequest, examples: Examples, limits: DemoLimits,
         if not str(split).strip() or not re.match(r"^[\w.\-\[\]:%+]+$", str(split).strip()):
             raise DemoError(f"the {what} split {split!r} is not a split name (e.g. 'train', 'test')")
     params: dict[str, Any] = {"alignment": request.alignment, "solver": request.solver,
-                              "marginals": request.marginals}
-    repair = request.repair if REPAIRS else "none"
-    if REPAIRS:
-        params["repair"] = repair
+                              "marginals": request.marginals, "repair": request.repair}
     if request.solver == "sinkhorn":
         try:
             params["reg"] = float(request.reg)
@@ -157,7 +143,7 @@ def build_config(request: FusionRequest, examples: Examples, limits: DemoLimits,
                         "the number of calibration samples")
     calibration = {"dataset": dataset, "split": str(request.calibration_split).strip(), "num_samples": n_cal,
                    "batch_size": batch}
-    if request.alignment == "activations" or repair != "none":
+    if request.alignment == "activations" or REPAIRS.get(request.repair).needs_data:
         data["calibration"] = calibration
     config = parse_config(data, source="the demo's settings")
     return config, dict(zip(refs, models, strict=True)), DatasetConfig(**calibration)
@@ -295,12 +281,10 @@ def _run_demo_fusion(request: FusionRequest, *, limits: DemoLimits, examples: Ex
             require_labels=False, fixed_length=True))
     params = config.fusion_parameters
     # the path's models get the fused model's BatchNorm treatment: any repair recomputes their statistics
-    repair_path = getattr(params, "repair", "none") != "none" and has_batchnorm(target.model)
+    repair_path = REPAIRS.get(params.repair).fn is not None and has_batchnorm(target.model)
     first = calibration[0][0] if calibration else None
     example = {k: v[:2] for k, v in first.items()} if isinstance(first, dict) else None
-    aligned, couplings = align_pair(target, other, result.plan, alignment=params.alignment, solver=params.solver,
-                                    reg=params.reg, marginals=params.marginals, calibration=calibration,
-                                    example=example)
+    aligned, couplings = align_pair(target, other, result.plan, params, calibration=calibration, example=example)
     stop("aligning")
 
     data = _materialize(make_loader_for_model(config.evaluation, library=target.library, model=target.model,
@@ -327,7 +311,7 @@ def _run_demo_fusion(request: FusionRequest, *, limits: DemoLimits, examples: Ex
                       pair=(names[refs[target_i]], names[refs[other_i]]), couplings=stored, folder=folder,
                       archive=archive, card=(folder / "README.md").read_text(encoding="utf-8"), card_info=card_info,
                       seconds=time.perf_counter() - start, batchnorm=has_batchnorm(target.model),
-                      repair=getattr(params, "repair", "none"))
+                      repair=params.repair)
 
 
 def rewrite_card(result: DemoResult, repo_id: str | None) -> None:
