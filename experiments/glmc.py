@@ -52,7 +52,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from hf_otfusion import ensemble, fuse, vanilla_average
-from hf_otfusion.refit import refit_model
+from hf_otfusion.repairs import refit_model
 
 from . import transformer as tx
 from .harness import ROOT, context

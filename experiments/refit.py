@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hf_otfusion import ensemble, finetune, fuse, vanilla_average
-from hf_otfusion.refit import REFIT_ALPHA, refit_model
+from hf_otfusion.repairs.refit import REFIT_ALPHA, refit_model
 
 from .harness import ROOT, Ctx, Scorer, Table, arch_widths, context, parse_args, setup_line, train
 

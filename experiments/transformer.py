@@ -31,7 +31,7 @@ from hf_otfusion import ensemble, fuse, vanilla_average
 from hf_otfusion.evaluate import accuracy
 from hf_otfusion.evaluate import loss as token_loss
 from hf_otfusion.profile import profiling
-from hf_otfusion.refit import refit_model
+from hf_otfusion.repairs import refit_model
 from hf_otfusion.testing import STDLIB_TEXT_MODULES, stdlib_text
 
 from .harness import ROOT, Ctx, Table, context, parse_args

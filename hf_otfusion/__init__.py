@@ -24,7 +24,7 @@ from .errors import (  # noqa: E402
 from .fuse import ensemble, fuse, random_permutation, vanilla_average  # noqa: E402
 from .merge import merge  # noqa: E402
 from .plan import AlignmentPlan, AxisRef, Space  # noqa: E402
-from .repair import repair_model, reset_norm_stats  # noqa: E402
+from .repairs import repair_model, reset_norm_stats  # noqa: E402
 from .streaming import fuse_checkpoints  # noqa: E402
 from .trace import build_plan, register_rule  # noqa: E402
 from .train import finetune  # noqa: E402

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from .distributed import all_reduce_, is_main, shard, sum_numbers, world
 from .errors import FusionError
-from .plan import AlignmentPlan, Site
-from .runner import Runner, lockstep
+from .graph import Runner, lockstep
+from .plan import AlignmentPlan, Layout
 from .transport import distance_from_gram, gather
 
 CHUNK = 32  # inputs per forward pass: activations of one chunk are held at a time
@@ -30,7 +30,7 @@ def iter_batches(calibration: Any) -> Iterator[Any]:
     if calibration is None:
         return
     if isinstance(calibration, (torch.Tensor, dict)) or hasattr(calibration, "keys"):
-        yield from _pieces(calibration)
+        yield from pieces(calibration)
         return
     if not isinstance(calibration, Iterable):
         raise FusionError(f"calibration must be a tensor or an iterable of batches, not {type(calibration).__name__}")
@@ -53,7 +53,7 @@ def _split_dict(batch: dict[str, Any], chunk: int = CHUNK) -> Iterator[dict[str,
                for k, v in batch.items()}
 
 
-def _pieces(batch: Any, chunk: int = CHUNK) -> Iterator[Any]:
+def pieces(batch: Any, chunk: int = CHUNK) -> Iterator[Any]:
     """A batch in pieces of at most ``chunk`` rows (a tensor or a dict of keyword tensors; anything else whole)."""
     if isinstance(batch, torch.Tensor) and batch.dim() > 0:
         yield from batch.split(chunk)
@@ -69,11 +69,13 @@ def first_batch(calibration: Any) -> Any:
     raise FusionError("the calibration data is empty")
 
 
-def channel_matrix(value: torch.Tensor, site: Site, n: int, heads: int = 1) -> torch.Tensor:
-    """(rows, n) activations of the n channels a site carries (samples and positions as rows), in float32 or
-    better: one chunk's products are exact enough in float32, and their running sums are kept in float64."""
-    x = gather(value.movedim(site.dim, 0), n, heads, site.repeat, site.tile, site.block, site.offset).movedim(0, -1)
-    x = x.reshape(*x.shape[:-1], n, site.repeat * site.tile).movedim(-2, -1)
+def channel_matrix(value: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(rows, n) activations of the n channels a site's layout places on ``value`` (samples and positions as rows),
+    in float32 or better: one chunk's products are exact enough in float32, and their running sums are kept in
+    float64."""
+    n = layout.size
+    x = gather(value.movedim(layout.axis, 0), layout).movedim(0, -1)
+    x = x.reshape(*x.shape[:-1], n, layout.per_channel).movedim(-2, -1)
     return x.reshape(-1, n).to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -171,12 +173,9 @@ class _Pair:
 
     key: tuple[int, str, int]  # (model, space, site index; 0 when the space's sites are summed)
     node: str
-    site: Site
-    n: int
+    layout: Layout
     ref: str
-    ref_site: Site
-    ref_n: int
-    heads: int
+    ref_layout: Layout
 
 
 class _Costs:
@@ -201,8 +200,9 @@ class _Costs:
                 for i in range(1 if summed else max(1, len(space.sites))):
                     self.stats[(k, space.name, i)] = _PairStats(space_k.size, space.size, runners[k].device)
                 for i, (site_b, site_a) in enumerate(zip(space.sites, space_k.sites, strict=False)):
-                    self.pairs.append(_Pair((k, space.name, 0 if summed else i), site_a.node, site_a, space_k.size,
-                                            site_b.node, site_b, space.size, space.heads))
+                    self.pairs.append(_Pair((k, space.name, 0 if summed else i), site_a.node,
+                                            space_k.layout(site_a).replace(heads=space.heads), site_b.node,
+                                            space.layout(site_b)))
         self.wanted = [set() for _ in plans]
         self.by_value: dict[tuple[int, str], list[_Pair]] = {}
         for p in self.pairs:
@@ -238,8 +238,7 @@ class _Costs:
             if partner is None:
                 continue
             a, b = (value, partner) if m != self.target else (partner, value)
-            self.stats[p.key].add(channel_matrix(a, p.site, p.n, p.heads), channel_matrix(b, p.ref_site, p.ref_n,
-                                                                                            p.heads))
+            self.stats[p.key].add(channel_matrix(a, p.layout), channel_matrix(b, p.ref_layout))
             for used in ((m, node, c), (*other, c)):
                 self.uses[used] -= 1
                 if not self.uses[used]:
@@ -261,7 +260,7 @@ class _Costs:
 def _groups(calibration: Any, splittable: bool, layerwise: bool) -> Iterator[tuple[list[Any], bool]]:
     """This process's chunks of the calibration data, one at a time or (``layerwise``) all in one group, each
     group with whether it is the last."""
-    chunks = (c for batch in shard(iter_batches(calibration)) for c in (_pieces(batch) if splittable else [batch]))
+    chunks = (c for batch in shard(iter_batches(calibration)) for c in (pieces(batch) if splittable else [batch]))
     if layerwise:
         group = list(chunks)
         if group:

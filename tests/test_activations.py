@@ -9,7 +9,7 @@ import zoo
 
 from hf_otfusion import build_plan
 from hf_otfusion.activations import SpilledCosts, _Costs, activation_costs
-from hf_otfusion.runner import Runner
+from hf_otfusion.graph import Runner
 from hf_otfusion.trace import export_model
 
 CPU = torch.device("cpu")

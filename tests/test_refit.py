@@ -10,7 +10,7 @@ from torch import nn
 
 from hf_otfusion import FusionError, ensemble, fuse, random_permutation, reset_norm_stats
 from hf_otfusion.config import FusionParameters
-from hf_otfusion.refit import find_units, refit_model
+from hf_otfusion.repairs.refit import find_units, refit_model
 from hf_otfusion.trace import export_model
 
 X = torch.randn(80, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -256,14 +256,14 @@ def test_chunking_does_not_change_the_refit():
 def test_held_passes_equal_passes_rerun_at_every_level(kwargs, monkeypatch):
     """Each graph runs once with every chunk's values held between levels; re-running each level from the inputs
     (when held values would not fit the budget) gives the same weights, bit for bit."""
-    import hf_otfusion.refit_passes as passes
+    import hf_otfusion.repairs.refit as refit
 
     torch.manual_seed(0)
     a, b = _randomize_norms(_Zoo().eval(), 1), _randomize_norms(_Zoo().eval(), 2)
     avg = fuse([a, b], calibration=X, progress=False)
     aligned_b = fuse([a, b], weights=[0, 1], calibration=X, progress=False)
     held = refit_model(avg, [a, aligned_b], X, chunk=7, **kwargs).state_dict()
-    monkeypatch.setattr(passes, "REFIT_HOLD", 0)
+    monkeypatch.setattr(refit, "REFIT_HOLD", 0)
     rerun = refit_model(avg, [a, aligned_b], X, chunk=7, **kwargs).state_dict()
     assert all(torch.equal(held[k], rerun[k]) for k in held)
     if kwargs:
@@ -272,7 +272,7 @@ def test_held_passes_equal_passes_rerun_at_every_level(kwargs, monkeypatch):
     narrow, wide = _mlp(0, (16, 12)), _mlp(1, (32, 24))
     fused = {}
     for hold in (0, 1 << 30):
-        monkeypatch.setattr(passes, "REFIT_HOLD", hold)
+        monkeypatch.setattr(refit, "REFIT_HOLD", hold)
         fused[hold] = fuse([narrow, wide], alignment="activations", calibration=X, repair="refit", progress=False)
     assert all(torch.equal(fused[0].state_dict()[k], v) for k, v in fused[1 << 30].state_dict().items())
 

@@ -16,7 +16,7 @@ from hf_otfusion import (
     reset_norm_stats,
     vanilla_average,
 )
-from hf_otfusion.repair import REPAIRS
+from hf_otfusion.registry import REPAIRS
 
 X = torch.randn(96, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -134,7 +134,7 @@ def test_repair_over_several_batches(monkeypatch):
         torch.testing.assert_close(s, st, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(m, mt, rtol=1e-4, atol=1e-5)
     # in batches of 24 the pass normalises with each batch's statistics; the polishing passes correct the rest
-    monkeypatch.setattr("hf_otfusion.repair.REPAIR_CHUNK", 24)
+    monkeypatch.setattr("hf_otfusion.repairs.repair.REPAIR_CHUNK", 24)
     errors = []
     for polish in (0, 2):
         repaired = repair_model(fused, parents, X, polish=polish)
@@ -175,7 +175,7 @@ def test_fuse_repair_options_and_errors():
     model = _bn_cnn(0)
     x = X[:4]
     permuted = random_permutation(model, example_input=x)
-    assert REPAIRS == ("none", "reset_bn", "repair", "refit")
+    assert REPAIRS.names() == ("none", "reset_bn", "repair", "refit")
     reset = fuse([model, permuted], example_input=x, calibration=X, repair="reset_bn", progress=False)
     torch.testing.assert_close(reset[1].running_mean, reset_norm_stats(model, X)[1].running_mean)
     with pytest.raises(FusionError, match="unknown repair 'bogus': choose one of none, reset_bn, repair"):

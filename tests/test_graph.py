@@ -13,7 +13,7 @@ from accelerate import init_empty_weights
 from hf_otfusion import build_plan
 from hf_otfusion.checkpoint import StateSource
 from hf_otfusion.errors import FusionError
-from hf_otfusion.runner import Runner, lockstep
+from hf_otfusion.graph import Runner, lockstep
 from hf_otfusion.sources import unwritten_parameters
 from hf_otfusion.trace import export_model
 

@@ -10,15 +10,14 @@ import torch
 import torch.fx
 from torch.export import ExportedProgram
 
-from .errors import FusionError
-from .repair import _BN_STATS, _arg, _op, _param_names
+from ..errors import FusionError
+from ..graph import LAYER_OPS, NORM_OPS, arg, op_name, tensor_names
 
-State = dict[str, torch.Tensor]
-_F64 = torch.float64
+F64 = torch.float64
 
 
 @dataclass(frozen=True)
-class _Norm:
+class FitNorm:
     """A BatchNorm (eval mode) fed only by the unit's layer: fitted together with it and folded back."""
 
     node: str
@@ -30,7 +29,7 @@ class _Norm:
 
 
 @dataclass(frozen=True)
-class _Unit:
+class FitUnit:
     """One refitted layer: graph node ``node`` (``kind`` linear, addmm or conv), its input node and target node."""
 
     node: str
@@ -39,9 +38,9 @@ class _Unit:
     bias: str | None
     source: str  # the node whose value is the layer's input
     out: str  # the node whose value is the target (the layer, or its BatchNorm)
-    norm: _Norm | None
+    norm: FitNorm | None
     level: int
-    stats: _Norm | None = None  # kind "bn": the BatchNorm itself, refitted as a per-channel affine map
+    stats: FitNorm | None = None  # kind "bn": the BatchNorm itself, refitted as a per-channel affine map
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] | str = ()
     dilation: tuple[int, ...] = ()
@@ -61,7 +60,7 @@ class _Unit:
 
 
 @dataclass(frozen=True)
-class _Reset:
+class StatsReset:
     """A BatchNorm with running statistics that no unit folds: its statistics are measured at its level."""
 
     node: str
@@ -71,7 +70,6 @@ class _Reset:
     level: int
 
 
-_LAYERS = {"linear", "addmm", "conv1d", "conv2d", "convolution"}
 _SAME_VALUE = {"clone", "alias", "contiguous", "dropout"}
 
 
@@ -84,17 +82,17 @@ def _ints(value: Any, n: int, default: int) -> tuple[int, ...]:
     return value * n if len(value) == 1 else value
 
 
-def find_units(ep: ExportedProgram) -> tuple[list[_Unit], list[_Reset]]:
+def find_units(ep: ExportedProgram) -> tuple[list[FitUnit], list[StatsReset]]:
     """The layers to refit and the BatchNorms to recompute, in graph order, each with its level: one more than the
     highest level among the units it depends on (units of one level are solved from one pass)."""
-    names = _param_names(ep)
+    names = tensor_names(ep)
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
 
-    def param(arg: Any) -> str | None:
-        return names.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+    def param(value: Any) -> str | None:
+        return names.get(value.name) if isinstance(value, torch.fx.Node) else None
 
-    def single_use(arg: Any) -> bool:
-        return isinstance(arg, torch.fx.Node) and arg.name in placeholders and len(arg.users) == 1
+    def single_use(value: Any) -> bool:
+        return isinstance(value, torch.fx.Node) and value.name in placeholders and len(value.users) == 1
 
     found: dict[str, dict[str, Any]] = {}  # producer node -> unit fields (without level)
     folded: set[str] = set()
@@ -102,53 +100,54 @@ def find_units(ep: ExportedProgram) -> tuple[list[_Unit], list[_Reset]]:
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
-        op = _op(node)
-        if op in _LAYERS:
+        op = op_name(node)
+        if op in LAYER_OPS:
             fields = _layer_fields(node, op, param, single_use)
             if fields is None:
                 continue
             users = list(node.users)
-            norm = users[0] if len(users) == 1 and _op(users[0]) in _BN_STATS and users[0].args[0] is node else None
+            norm = users[0] if len(users) == 1 and _running(users[0]) is not None and users[0].args[0] is node \
+                else None
             if norm is not None:
-                i_mean, i_var, i_eps = _BN_STATS[_op(norm)]
-                mean, var = param(_arg(norm, i_mean)), param(_arg(norm, i_var))
+                i_mean, i_var, i_eps = _running(norm)
+                mean, var = param(arg(norm, i_mean)), param(arg(norm, i_var))
                 if mean is not None and var is not None:
-                    w, b = param(_arg(norm, 1)), param(_arg(norm, 2))
-                    fields["norm"] = _Norm(norm.name, w, b, mean, var, float(_arg(norm, i_eps)))
+                    w, b = param(arg(norm, 1)), param(arg(norm, 2))
+                    fields["norm"] = FitNorm(norm.name, w, b, mean, var, float(arg(norm, i_eps)))
                     fields["out"] = norm.name
                     folded.add(norm.name)
             found[node.name] = fields
-        elif op in _BN_STATS and node.name not in folded:
-            i_mean, i_var, i_eps = _BN_STATS[op]
-            mean, var = param(_arg(node, i_mean)), param(_arg(node, i_var))
-            w, b = param(_arg(node, 1)), param(_arg(node, 2))
+        elif _running(node) is not None and node.name not in folded:
+            i_mean, i_var, i_eps = _running(node)
+            mean, var = param(arg(node, i_mean)), param(arg(node, i_var))
+            w, b = param(arg(node, 1)), param(arg(node, 2))
             if mean is None or var is None or not isinstance(node.args[0], torch.fx.Node):
                 continue
-            if w is not None and b is not None and single_use(_arg(node, 1)) and single_use(_arg(node, 2)):
-                stats = _Norm(node.name, w, b, mean, var, float(_arg(node, i_eps)))
+            if w is not None and b is not None and single_use(arg(node, 1)) and single_use(arg(node, 2)):
+                stats = FitNorm(node.name, w, b, mean, var, float(arg(node, i_eps)))
                 found[node.name] = dict(node=node.name, kind="bn", weight=w, bias=b, source=node.args[0].name,
                                         out=node.name, norm=None, stats=stats, groups=int(_shape0(node.args[0])))
             else:
                 resets[node.name] = dict(node=node.name, source=node.args[0].name, mean=mean, var=var)
     # levels: a unit is solved after every unit its input depends on
     depth: dict[str, int] = {}
-    units: list[_Unit] = []
-    out_resets: list[_Reset] = []
+    units: list[FitUnit] = []
+    out_resets: list[StatsReset] = []
     for node in ep.graph.nodes:
         d = max((depth.get(a.name, 0) for a in node.all_input_nodes), default=0)
         if node.name in found:
             d += 1
-            units.append(_Unit(level=d, **found[node.name]))
+            units.append(FitUnit(level=d, **found[node.name]))
         elif node.name in resets:
             d += 1
-            out_resets.append(_Reset(level=d, **resets[node.name]))
+            out_resets.append(StatsReset(level=d, **resets[node.name]))
         depth[node.name] = d
     nodes = {n.name: n for n in ep.graph.nodes}
     units = [dataclasses.replace(u, stream=_stream(nodes[u.out], depth, u.level)) for u in units]
     return units, out_resets
 
 
-def node_depths(ep: ExportedProgram, units: list[_Unit], resets: list[_Reset]) -> dict[str, int]:
+def node_depths(ep: ExportedProgram, units: list[FitUnit], resets: list[StatsReset]) -> dict[str, int]:
     """node -> the highest level among the units and resets its value depends on (a unit's or reset's own node: its
     level): the value is final once every level up to it is solved."""
     solved = {u.node for u in units} | {r.node for r in resets}
@@ -159,15 +158,21 @@ def node_depths(ep: ExportedProgram, units: list[_Unit], resets: list[_Reset]) -
     return depth
 
 
+def _running(node: torch.fx.Node) -> tuple[int, int, int] | None:
+    """A BatchNorm's (running_mean, running_var, eps) argument positions; None for any other op."""
+    norm = NORM_OPS.get(op_name(node))
+    return norm.running if norm is not None else None
+
+
 def _stream(node: torch.fx.Node, depth: dict[str, int], level: int) -> tuple[str, str] | None:
     """(add, other operand) when ``node``'s value (a BatchNorm's through its first output) is added to a value that
     depends only on units of lower levels than ``level``; None otherwise."""
     users = list(node.users)
-    if len(users) == 1 and _op(users[0]) == "getitem" and users[0].args[1] == 0:
+    if len(users) == 1 and op_name(users[0]) == "getitem" and users[0].args[1] == 0:
         node, users = users[0], list(users[0].users)
-    while len(users) == 1 and _op(users[0]) in _SAME_VALUE:  # an eval-mode dropout exports as a clone
+    while len(users) == 1 and op_name(users[0]) in _SAME_VALUE:  # an eval-mode dropout exports as a clone
         node, users = users[0], list(users[0].users)
-    if len(users) != 1 or _op(users[0]) != "add" or users[0].kwargs.get("alpha", 1) != 1:
+    if len(users) != 1 or op_name(users[0]) != "add" or users[0].kwargs.get("alpha", 1) != 1:
         return None
     add = users[0]
     others = [a for a in add.args if a is not node]
@@ -191,12 +196,10 @@ def _shape0(node: torch.fx.Node) -> int:
 
 def _layer_fields(node: torch.fx.Node, op: str, param: Any, single_use: Any) -> dict[str, Any] | None:
     """The unit fields of one linear/addmm/conv node, or None when it is not a refittable layer."""
-    if op == "addmm":
-        x, w_arg, b_arg = node.args[1], node.args[2], node.args[0]
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-            return None
-    else:
-        x, w_arg, b_arg = node.args[0], node.args[1], _arg(node, 2)
+    layer = LAYER_OPS[op]
+    x, w_arg, b_arg = node.args[layer.x], node.args[layer.weight], arg(node, layer.bias)
+    if op == "addmm" and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+        return None
     weight = param(w_arg)
     if weight is None or not single_use(w_arg) or not isinstance(x, torch.fx.Node):
         return None  # not a weight layer, or a weight shared with another op (tied): left as fused
@@ -210,13 +213,11 @@ def _layer_fields(node: torch.fx.Node, op: str, param: Any, single_use: Any) -> 
     val = w_arg.meta.get("val")
     nd = val.dim() - 2 if isinstance(val, torch.Tensor) else None
     if nd not in (1, 2):
-        return None  # 3-d convolutions are left as fused
-    if op == "convolution":
-        if bool(_arg(node, 6)):
-            return None  # transposed
-        stride, padding, dilation, groups = _arg(node, 3), _arg(node, 4), _arg(node, 5), _arg(node, 8)
-    else:
-        stride, padding, dilation, groups = _arg(node, 3), _arg(node, 4), _arg(node, 5), _arg(node, 6)
+        return None  # 3-d convolutions are left as fused: a layer's inputs are unfolded as 1-d or 2-d patches
+    if layer.transposed is not None and bool(arg(node, layer.transposed)):
+        return None  # transposed
+    stride, padding, dilation, groups = (arg(node, i) for i in (layer.stride, layer.padding, layer.dilation,
+                                                               layer.groups))
     fields.update(kind="conv", stride=_ints(stride, nd, 1), dilation=_ints(dilation, nd, 1),
                   padding=padding if isinstance(padding, str) else _ints(padding, nd, 0),
                   groups=int(groups) if groups is not None else 1)

@@ -38,9 +38,10 @@ Knowledge Fusion by Merging Weights of Language Models", ICLR 2023) solves the s
 parents' own input Gram matrices, ``W = (Σ wᵢ Wᵢ Xᵢ Xᵢᵀ)(Σ wᵢ Xᵢ Xᵢᵀ)⁻¹``: ``inputs="parents"`` computes that
 (ridge-regularised) for comparison.
 
-Layout: :mod:`.refit_units` (what to refit, read from the exported graph), :mod:`.refit_passes` (calibration
-chunks through a graph, a layer's inputs and outputs as rows), :mod:`.refit_solve` (the normal equations, the ridge
-solution and its fold into the state) and this module (:func:`refit_model`, which runs them level by level).
+Layout: ``_refit_units`` (what to refit, read from the exported graph), ``_refit_passes`` (calibration chunks
+through the graph, :mod:`hf_otfusion.graph`'s runner, a layer's inputs and outputs as rows), ``_refit_solve`` (the
+normal equations, the ridge solution and its fold into the state) and this module (:func:`refit_model`, which runs
+them level by level, and the registered repair ``refit``).
 """
 
 from __future__ import annotations
@@ -52,47 +53,27 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.export import ExportedProgram
 
-from .distributed import all_reduce, shard, sum_numbers
-from .errors import FusionError
-from .plan import AlignmentPlan
-from .refit_passes import (  # noqa: F401  (some only re-exported: importable from here as before the split)
-    _carry,
-    _chunks,
-    _Collect,
-    _collect,
-    _Held,
-    _hold,
-    _input_rows,
-    _output_rows,
-    _Stop,
-)
-from .refit_solve import _current_map, _Normal, _solve, _write
-from .refit_units import (  # noqa: F401  (as above)
-    _F64,
-    _LAYERS,
-    State,
-    _ints,
-    _layer_fields,
-    _Norm,
-    _Reset,
-    _shape0,
-    _Unit,
-    find_units,
-    node_depths,
-)
-from .repair import _normalized, _Program, _shapes, _state_of
-from .runner import _static_batch
-from .runner import to_device as _to
-from .trace import build_plan, export_model
+from ..distributed import all_reduce, shard, sum_numbers
+from ..errors import FusionError
+from ..graph import Runner, to_device
+from ..plan import AlignmentPlan
+from ..registry import REPAIRS, Unit
+from ..trace import build_plan, export_model
+from ._common import State, parent_weights, run_device, shapes, state_of
+from ._refit_passes import Held, carried, chunks, collect, hold, input_rows, output_rows
+from ._refit_solve import Normal, current_map, solve, write
+from ._refit_units import F64, FitUnit, find_units, node_depths
 
 Prior = Literal["fused", "zero"]
 Inputs = Literal["fused", "parents"]
 Target = Literal["layer", "stream"]
 REFIT_ALPHA = 1e-3  # ridge strength relative to the Gram matrix's mean diagonal (measured: docs/results/refit.md)
 REFIT_CHUNK = 64  # inputs per forward pass: the unfolded patches of one chunk are held at a time
+REFIT_HOLD = 2 << 30  # bytes of held values (all models, all chunks) up to which the passes are held, not re-run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,14 +82,14 @@ REFIT_CHUNK = 64  # inputs per forward pass: the unfolded patches of one chunk a
 
 @dataclass
 class _Parent:
-    program: _Program
+    runner: Runner
     state: State
     weight: float
     coupling: Mapping[str, torch.Tensor] | None
-    units: dict[str, _Unit]  # by weight name
+    units: dict[str, FitUnit]  # by weight name
 
 
-def _target_node(unit: _Unit, streamed: bool) -> str:
+def _target_node(unit: FitUnit, streamed: bool) -> str:
     """The node whose value a parent's unit gives the target from: its residual add's output when streamed."""
     return unit.stream[0] if streamed and unit.stream is not None else unit.out
 
@@ -176,18 +157,17 @@ def refit_model(
         raise FusionError(f"refit needs alpha >= 0, got {alpha}")
     if chunk < 1:
         raise FusionError(f"refit needs chunk >= 1, got {chunk}")
-    w = _normalized(weights, len(parents))
-    dev = torch.device(device) if device is not None else next(
-        (p.device for p in fused.parameters()), torch.device("cpu"))
+    w = parent_weights(weights, len(parents))
+    dev = run_device(fused, device)
     if example_input is None:
-        example_input = next(iter(_chunks(calibration, chunk, True)), None)
+        example_input = next(iter(chunks(calibration, chunk, True)), None)
         if example_input is None:
             raise FusionError("the calibration data is empty")
     model = copy.deepcopy(fused).to(dev).eval()
-    ep = exported if exported is not None else export_model(model, _to(example_input, dev))
-    state = _state_of(model, dev)
+    ep = exported if exported is not None else export_model(model, to_device(example_input, dev))
+    state = state_of(model, dev)
     units, resets = find_units(ep)
-    program = _Program(ep)
+    program = Runner(ep, None, dev, state=state)
     if couplings is not None and any(c is not None for c in couplings) and plan is None:
         plan = build_plan(model, example_input, exported=ep)
 
@@ -196,8 +176,8 @@ def refit_model(
         if wi == 0:
             continue
         coupling = couplings[i] if couplings is not None else None
-        p_state = _state_of(parent, dev)
-        same = _shapes(p_state) == _shapes(state)
+        p_state = state_of(parent, dev)
+        same = shapes(p_state) == shapes(state)
         if coupling is None and not same:
             bad = next((k for k in state if k not in p_state or p_state[k].shape != state[k].shape), "?")
             raise FusionError(f"refit: parent {i} does not have the fused model's shapes (tensor {bad!r}): pass the "
@@ -206,17 +186,18 @@ def refit_model(
             raise FusionError("refit with inputs='parents' (RegMean) needs the parents aligned to the fused model "
                               "(no couplings)")
         if same:
-            p_program, p_units = program, units
+            p_ep, p_units = ep, units
         else:
             if not isinstance(parent, nn.Module):
                 raise FusionError(f"refit: parent {i} has other widths, so it must be the model itself (a module)")
-            ep_p = export_model(copy.deepcopy(parent).to(dev).eval(), _to(example_input, dev))
-            p_program, p_units = _Program(ep_p), find_units(ep_p)[0]
-        members.append(_Parent(p_program, p_state, wi, coupling, {u.weight: u for u in p_units}))
+            p_ep = export_model(copy.deepcopy(parent).to(dev).eval(), to_device(example_input, dev))
+            p_units = find_units(p_ep)[0]
+        members.append(_Parent(Runner(p_ep, None, dev, state=p_state), p_state, wi, coupling,
+                               {u.weight: u for u in p_units}))
         for unit in units:
             if unit.weight not in members[-1].units:
                 raise FusionError(f"refit: parent {i} has no layer with weight {unit.weight!r}")
-    splittable = _static_batch(ep) is None and all(_static_batch(p.program.ep) is None for p in members)
+    splittable = program.static_batch is None and all(p.runner.static_batch is None for p in members)
 
     levels = sorted({u.level for u in units} | {r.level for r in resets})
     todos = {level: [u for u in units if u.level == level] for level in levels}
@@ -234,36 +215,36 @@ def refit_model(
             wp[level] = {_target_node(p.units[u.weight], u.node in streamed) for u in todo}
             if inputs == "parents":
                 wp[level] |= {p.units[u.weight].source for u in todo}
-    held = _hold(calibration, chunk, splittable, [program] + [p.program for p in members])
+    held = hold(calibration, chunk, splittable, [program] + [p.runner for p in members], REFIT_HOLD)
     if held is not None:  # every graph runs once: each chunk's values are kept from one level to the next
         depth = node_depths(ep, units, resets)
-        lanes = [_Held(program, state, held, dev, wanted_f, depth)] + [
-            _Held(p.program, p.state, held, dev, wp, None) for p, wp in zip(members, wanted_p, strict=True)]
+        lanes = [Held(program, held, wanted_f, depth)] + [
+            Held(p.runner, held, wp, None) for p, wp in zip(members, wanted_p, strict=True)]
 
     def run(k: int, c: int, batch: Any, level: int) -> dict[str, Any]:
         """Model ``k``'s (0: the fused model, then the members) values wanted at ``level`` on chunk ``c``."""
         if held is not None:
             return lanes[k].values(c, level)
-        graph, st = (program, state) if k == 0 else (members[k - 1].program, members[k - 1].state)
-        return _collect(graph, st, batch, wanted_f[level] if k == 0 else wanted_p[k - 1][level], dev)
+        runner = program if k == 0 else members[k - 1].runner
+        return collect(runner, batch, wanted_f[level] if k == 0 else wanted_p[k - 1][level])
 
     for level in levels:
         todo, streamed = todos[level], streams[level]
         stats = [r for r in resets if r.level == level]
-        normals: dict[str, _Normal] = {}
+        normals: dict[str, Normal] = {}
         for unit in todo:
             shape = state[unit.weight].shape
             out = shape[unit.out_axis]
             d_in = (shape[0] if unit.kind == "addmm" else int(math.prod(shape[1:]))) + (1 if unit.affine else 0)
-            normals[unit.node] = _Normal(torch.zeros(unit.groups, d_in, d_in, dtype=_F64, device=dev),
-                                         torch.zeros(unit.groups, out // unit.groups, d_in, dtype=_F64, device=dev))
-        sums = {r.node: [torch.zeros(state[r.mean].shape[0], dtype=_F64, device=dev)] * 2 + [0] for r in stats}
+            normals[unit.node] = Normal(torch.zeros(unit.groups, d_in, d_in, dtype=F64, device=dev),
+                                         torch.zeros(unit.groups, out // unit.groups, d_in, dtype=F64, device=dev))
+        sums = {r.node: [torch.zeros(state[r.mean].shape[0], dtype=F64, device=dev)] * 2 + [0] for r in stats}
         seen = 0
-        for c, batch in enumerate(held if held is not None else shard(_chunks(calibration, chunk, splittable))):
+        for c, batch in enumerate(held if held is not None else shard(chunks(calibration, chunk, splittable))):
             seen += 1
             values = run(0, c, batch, level)
             for r in stats:
-                rows = values[r.source].movedim(1, -1).reshape(-1, values[r.source].shape[1]).to(_F64)
+                rows = values[r.source].movedim(1, -1).reshape(-1, values[r.source].shape[1]).to(F64)
                 s, sq, n = sums[r.node]
                 sums[r.node] = [s + rows.sum(0), sq + (rows * rows).sum(0), n + rows.shape[0]]
             wanted_out: dict[str, torch.Tensor] = {}
@@ -271,20 +252,20 @@ def refit_model(
                 got = run(k, c, batch, level)
                 for unit in todo:
                     pu = p.units[unit.weight]
-                    y = _output_rows(pu, got[_target_node(pu, unit.node in streamed)])
+                    y = output_rows(pu, got[_target_node(pu, unit.node in streamed)])
                     if p.coupling is not None:
-                        y = _carry(y, plan, unit.weight, unit.out_axis, state[unit.weight].shape[unit.out_axis],
+                        y = carried(y, plan, unit.weight, unit.out_axis, state[unit.weight].shape[unit.out_axis],
                                    p.coupling)
                     if inputs == "parents":
-                        x = _input_rows(unit, got[pu.source], state[unit.weight].shape)
+                        x = input_rows(unit, got[pu.source], state[unit.weight].shape)
                         normals[unit.node].add(x, y, p.weight)
                     else:
                         wanted_out[unit.node] = wanted_out.get(unit.node, 0) + p.weight * y
             if inputs == "fused":
                 for unit in todo:
-                    x = _input_rows(unit, values[unit.source], state[unit.weight].shape)
+                    x = input_rows(unit, values[unit.source], state[unit.weight].shape)
                     if unit.node in streamed:  # the stream after the add, less what the fused model adds to it
-                        wanted_out[unit.node] = wanted_out[unit.node] - _output_rows(unit, values[unit.stream[1]])
+                        wanted_out[unit.node] = wanted_out[unit.node] - output_rows(unit, values[unit.stream[1]])
                     normals[unit.node].add(x, wanted_out[unit.node])
         if sum_numbers(seen)[0] == 0:
             raise FusionError("the calibration data is empty")
@@ -294,9 +275,9 @@ def refit_model(
             s, sq, n = sums[r.node]
             sums[r.node] = [all_reduce(s), all_reduce(sq), sum_numbers(n)[0]]
         for unit in todo:
-            prior_map = _current_map(unit, state) if prior == "fused" else None
-            fit = _solve(normals[unit.node], prior_map, alpha, unit.affine)
-            _write(unit, state, fit, normals[unit.node])
+            prior_map = current_map(unit, state) if prior == "fused" else None
+            fit = solve(normals[unit.node], prior_map, alpha, unit.affine)
+            write(unit, state, fit, normals[unit.node])
         for r in stats:
             s, sq, n = sums[r.node]
             mean = s / max(n, 1)
@@ -307,3 +288,39 @@ def refit_model(
         for alias, name in plan.aliases.items():  # tied tensors stay tied
             model.state_dict()[alias].copy_(state[name])
     return model.train().eval()  # train() drops weight-derived caches (see fuse)
+
+
+class RefitParameters(BaseModel):
+    """The options of the closed-form refit (see :func:`refit_model`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alpha: float = Field(REFIT_ALPHA, ge=0.0, allow_inf_nan=False,
+                         description="ridge strength, relative to the mean diagonal of each layer's input Gram matrix")
+    prior: Prior = Field("fused", description="what the ridge shrinks towards: the fused weights or zero")
+    target: Target = Field("layer", description="fit each layer's own output (layer) or, for a layer added onto a "
+                           "residual stream, the parents' mean stream after the add (stream)")
+
+
+def refit_repair(fused: nn.Module, parents: Sequence[nn.Module], calibration: Any, *, weights: list[float],
+                 couplings: Any, device: torch.device, plan: AlignmentPlan, example_input: Any,
+                 exported: ExportedProgram | None, params: BaseModel) -> nn.Module:
+    """The registered repair: :func:`refit_model` with ``params`` (a :class:`RefitParameters`)."""
+    if not isinstance(params, RefitParameters):
+        params = RefitParameters.model_validate(params.model_dump() if isinstance(params, BaseModel) else params)
+    return refit_model(fused, parents, calibration, weights=weights, couplings=couplings, alpha=params.alpha,
+                       prior=params.prior, target=params.target, device=device, plan=plan,
+                       example_input=example_input, exported=exported)
+
+
+REFIT = REPAIRS.register(Unit(
+    name="refit",
+    description="every linear and conv layer re-solved in forward order by ridge least squares so that, on the "
+    "unlabelled calibration inputs as the fused model computes them, it reproduces the mean of its parents' outputs; "
+    "a layer-wise closed-form distillation: no labels, no gradient step",
+    fn=refit_repair,
+    reference="docs/results/refit.md; the same normal equations as RegMean (Jin et al., Dataless Knowledge Fusion by "
+              "Merging Weights of Language Models, ICLR 2023), on the fused model's own inputs",
+    needs=frozenset({"calibration", "couplings"}),
+    parameters=RefitParameters,
+))

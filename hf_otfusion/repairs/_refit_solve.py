@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .distributed import all_reduce_, sum_numbers
-from .errors import FusionError
-from .refit_units import _F64, State, _Unit
+from ..distributed import all_reduce_, sum_numbers
+from ..errors import FusionError
+from ._common import State
+from ._refit_units import F64, FitUnit
 
 
 @dataclass
-class _Normal:
+class Normal:
     """The normal equations of one unit, per group: ``gram`` = Σ x xᵀ, ``cross`` = Σ y xᵀ (float64)."""
 
     gram: torch.Tensor  # (groups, d, d)
@@ -40,38 +41,38 @@ class _Normal:
         self.count = sum_numbers(self.count)[0]
 
 
-def _current_map(unit: _Unit, state: State) -> torch.Tensor:
+def current_map(unit: FitUnit, state: State) -> torch.Tensor:
     """The unit's affine map as the state has it, (groups, out per group, d): the ridge prior."""
     if unit.stats is not None:  # a BatchNorm: y = s x + t per channel
         n = unit.stats
-        scale = state[n.weight].to(_F64) / (state[n.var].to(_F64) + n.eps).sqrt()
-        shift = state[n.bias].to(_F64) - scale * state[n.mean].to(_F64)
+        scale = state[n.weight].to(F64) / (state[n.var].to(F64) + n.eps).sqrt()
+        shift = state[n.bias].to(F64) - scale * state[n.mean].to(F64)
         return torch.stack([scale, shift], -1).unsqueeze(1)
-    w = state[unit.weight].to(_F64)
+    w = state[unit.weight].to(F64)
     if unit.kind == "addmm":
         w = w.T
     out = w.shape[0]
     w = w.reshape(unit.groups, out // unit.groups, -1)
-    b = state[unit.bias].to(_F64) if unit.bias is not None else torch.zeros(out, dtype=_F64, device=w.device)
+    b = state[unit.bias].to(F64) if unit.bias is not None else torch.zeros(out, dtype=F64, device=w.device)
     if unit.norm is not None:
         n = unit.norm
-        g = state[n.weight].to(_F64) if n.weight is not None else torch.ones_like(b)
-        scale = g / (state[n.var].to(_F64) + n.eps).sqrt()
-        shift = state[n.bias].to(_F64) if n.bias is not None else torch.zeros_like(b)
+        g = state[n.weight].to(F64) if n.weight is not None else torch.ones_like(b)
+        scale = g / (state[n.var].to(F64) + n.eps).sqrt()
+        shift = state[n.bias].to(F64) if n.bias is not None else torch.zeros_like(b)
         w = w * scale.view(unit.groups, -1, 1)
-        b = scale * (b - state[n.mean].to(_F64)) + shift
+        b = scale * (b - state[n.mean].to(F64)) + shift
     if unit.affine:
         w = torch.cat([w, b.view(unit.groups, -1, 1)], -1)
     return w
 
 
-def _solve(normal: _Normal, prior: torch.Tensor | None, alpha: float, affine: bool) -> torch.Tensor:
+def solve(normal: Normal, prior: torch.Tensor | None, alpha: float, affine: bool) -> torch.Tensor:
     """The ridge solution (groups, out per group, d); the bias column (last, when ``affine``) is not regularised."""
     gram, cross = normal.gram, normal.cross
     d = gram.shape[-1] - (1 if affine else 0)
     diag = torch.diagonal(gram, dim1=-2, dim2=-1)[..., :d]
     lam = alpha * float(diag.mean()) if diag.numel() else 0.0
-    reg = torch.zeros(gram.shape[-1], dtype=_F64, device=gram.device)
+    reg = torch.zeros(gram.shape[-1], dtype=F64, device=gram.device)
     reg[:d] = lam
     lhs = gram + torch.diag(reg)
     rhs = cross if prior is None else cross + prior * reg
@@ -83,7 +84,7 @@ def _solve(normal: _Normal, prior: torch.Tensor | None, alpha: float, affine: bo
     return sol.transpose(-1, -2)
 
 
-def _write(unit: _Unit, state: State, fit: torch.Tensor, normal: _Normal) -> None:
+def write(unit: FitUnit, state: State, fit: torch.Tensor, normal: Normal) -> None:
     """Fold a fitted map (groups, out per group, d) into the unit's weight, bias and BatchNorm."""
     groups = unit.groups
     if unit.stats is not None:  # a BatchNorm: statistics of its input on the calibration data, affine = the fit
@@ -129,7 +130,7 @@ def _write(unit: _Unit, state: State, fit: torch.Tensor, normal: _Normal) -> Non
     # no full affine to undo the normalisation with: statistics that make the norm a shift (identity scale)
     if not 0 < n.eps < 1:
         raise FusionError(f"refit cannot fold into the BatchNorm of {unit.weight!r} (no affine, eps={n.eps})")
-    shift = state[n.bias].to(_F64) if n.bias is not None else torch.zeros_like(b)
+    shift = state[n.bias].to(F64) if n.bias is not None else torch.zeros_like(b)
     if n.weight is not None:
         state[n.weight] = torch.ones_like(state[n.weight])
     state[n.var] = torch.full_like(state[n.var], 1.0 - n.eps)

@@ -1,16 +1,14 @@
-"""Repairing a fused model's activation statistics.
+"""The repair ``repair``: REPAIR (Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation
+Repair", ICLR 2023, arXiv 2211.08403).
 
-Averaging aligned models shrinks the variance of their hidden units ("variance collapse"), and the averaged
-BatchNorm running statistics no longer describe the fused model's activations. Two remedies:
+Averaging aligned models shrinks the variance of their hidden units ("variance collapse"). Each fused channel's mean
+and standard deviation are set to the weighted average of its parents' (aligned) channel statistics, measured on
+calibration data, and the per-channel correction is folded into existing parameters, so the saved model keeps its
+architecture.
 
-- ``reset_norm_stats``: recompute the BatchNorm running statistics on calibration data.
-- ``repair_model``: REPAIR (Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation Repair",
-  ICLR 2023, arXiv 2211.08403). Each fused channel's mean and standard deviation are set to the weighted average of
-  its parents' (aligned) channel statistics, measured on calibration data, and the per-channel correction is folded
-  into existing parameters, so the saved model keeps its architecture.
-
-Where REPAIR corrects, found from the exported graph (no per-architecture code), only channels of hidden spaces of
-the plan (a classifier's logits are left alone):
+Where REPAIR corrects, found from the exported graph (no per-architecture code; the ops are those of
+:mod:`hf_otfusion.graph`'s op table), only channels of hidden spaces of the plan (a classifier's logits are left
+alone):
 
 - the output of every BatchNorm, LayerNorm (over the channel dim) or GroupNorm with a per-channel affine weight: the
   norm's weight and bias absorb the correction; every BatchNorm's running statistics are recomputed as well;
@@ -24,103 +22,25 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.fx
+from pydantic import BaseModel
 from torch import nn
 from torch.export import ExportedProgram
-from torch.fx._pytree import tree_flatten_spec
 
-from .activations import iter_batches
-from .distributed import all_gather_object, all_reduce, all_reduce_, shard, sum_numbers, world
-from .errors import FusionError
-from .plan import AlignmentPlan
-from .runner import to_device as _to
-from .trace import as_args, build_plan, export_model
-from .transport import carry
+from ..activations import iter_batches
+from ..distributed import all_gather_object, all_reduce_, shard, sum_numbers
+from ..errors import FusionError
+from ..graph import LAYER_OPS, NORM_OPS, Env, Runner, arg, main_value, op_name, run, tensor_names, to_device
+from ..plan import AlignmentPlan
+from ..registry import REPAIRS, Unit
+from ..trace import build_plan, export_model
+from ..transport import carry
+from ._common import State, parent_weights, run_device, shapes, state_of
 
-Repair = Literal["none", "reset_bn", "repair", "refit"]
-REPAIRS: tuple[str, ...] = ("none", "reset_bn", "repair", "refit")  # refit: hf_otfusion.refit.refit_model
 REPAIR_CHUNK = 1024  # rows per pass when calibration is one tensor: REPAIR normalises with each batch's statistics
-_BatchNorm = nn.modules.batchnorm._BatchNorm
-State = dict[str, torch.Tensor]
-
-
-def reset_norm_stats(model: nn.Module, calibration: Any, *, device: str | torch.device | None = None) -> nn.Module:
-    """A copy of ``model`` whose BatchNorm running statistics are recomputed on ``calibration``.
-
-    The statistics are the exact average over all calibration batches (``momentum=None``); only the norm
-    layers run in training mode, so dropout and the like stay off. A model without BatchNorm is returned as
-    an unchanged copy.
-
-    Example:
-        >>> fused = reset_norm_stats(fused, calibration_loader)  # doctest: +SKIP
-    """
-    if calibration is None:
-        raise FusionError("resetting norm statistics needs calibration data")
-    model = copy.deepcopy(model)
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not norms:
-        return model
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(dev).eval()
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-        norm.train()
-    seen = 0
-    with torch.no_grad():
-        for batch in shard(iter_batches(calibration)):
-            args, kwargs = as_args(_to(batch, dev))
-            model(*args, **kwargs)
-            seen += 1
-    for norm, momentum in zip(norms, momenta, strict=True):
-        norm.momentum = momentum
-        _merge_running_stats(norm)
-    model.eval()
-    if sum_numbers(seen)[0] == 0:
-        raise FusionError("the calibration data is empty")
-    return model
-
-
-def _merge_running_stats(norm: _BatchNorm) -> None:
-    """A distributed run: the average over every process's batches of a norm's ``momentum=None`` statistics (each
-    an average over its own batches, so weighted by their number)."""
-    if world()[1] == 1:
-        return
-    batches = all_reduce(norm.num_batches_tracked.double())
-    if batches.item() == 0:
-        return
-    mine = norm.num_batches_tracked.double()
-    for stat in (norm.running_mean, norm.running_var):
-        stat.copy_(all_reduce(stat.double() * mine) / batches)
-    norm.num_batches_tracked.fill_(int(batches.item()))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Where to correct: read from the exported graph
-
-
-_PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "addmm"}
-# norm op -> (weight, bias) argument positions, and (running_mean, running_var, eps) for BatchNorm
-_AFFINE_NORMS = {
-    "_native_batch_norm_legit_no_training": (1, 2),
-    "batch_norm": (1, 2),
-    "layer_norm": (2, 3),
-    "native_layer_norm": (2, 3),
-    "group_norm": (2, 3),
-    "native_group_norm": (1, 2),
-}
-_BN_STATS = {"_native_batch_norm_legit_no_training": (3, 4, 6), "batch_norm": (3, 4, 7)}
-
-
-def _op(node: torch.fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._overloadpacket.__name__
-    return getattr(target, "__name__", str(target))
 
 
 @dataclass(frozen=True)
@@ -147,59 +67,45 @@ class _BatchNormSite:
     var: str
 
 
-def _param_names(ep: ExportedProgram) -> dict[str, str]:
-    sig = ep.graph_signature
-    return {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-
-
-def _arg(node: torch.fx.Node, i: int) -> Any:
-    return node.args[i] if len(node.args) > i else None
-
-
 def find_points(ep: ExportedProgram, plan: AlignmentPlan) -> tuple[list[_Point], list[_BatchNormSite]]:
     """The values REPAIR corrects (in graph order) and every BatchNorm with running statistics."""
-    names = _param_names(ep)
+    names = tensor_names(ep)
     in_space = {(m.tensor, m.axis) for space in plan.spaces for m in space.members}
 
-    def param(arg: Any) -> str | None:
-        return names.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+    def param(value: Any) -> str | None:
+        return names.get(value.name) if isinstance(value, torch.fx.Node) else None
 
     points: list[_Point] = []
     bns: list[_BatchNormSite] = []
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
-        op = _op(node)
-        if op in _BN_STATS:
-            i_mean, i_var, _ = _BN_STATS[op]
-            mean, var = param(_arg(node, i_mean)), param(_arg(node, i_var))
-            if mean is not None and var is not None:
-                bns.append(_BatchNormSite(node.name, mean, var))
-        if op in _AFFINE_NORMS:
-            i_w, i_b = _AFFINE_NORMS[op]
-            norm_w, norm_b = param(_arg(node, i_w)), param(_arg(node, i_b))
-            dim = -1 if op in ("layer_norm", "native_layer_norm") else 1
-            if dim == -1 and len(node.args[1]) != 1:
+        op = op_name(node)
+        norm = NORM_OPS.get(op)
+        if norm is not None:
+            if norm.running is not None:
+                i_mean, i_var, _ = norm.running
+                mean, var = param(arg(node, i_mean)), param(arg(node, i_var))
+                if mean is not None and var is not None:
+                    bns.append(_BatchNormSite(node.name, mean, var))
+            norm_w, norm_b = param(arg(node, norm.weight)), param(arg(node, norm.bias))
+            if norm.dim == -1 and len(node.args[1]) != 1:
                 continue  # normalised over several dims: no per-channel affine to fold into
             if norm_w is not None and (norm_w, 0) in in_space:
-                points.append(_Point(node.name, dim, norm_w, 0, norm_b, op))
+                points.append(_Point(node.name, norm.dim, norm_w, 0, norm_b, op))
             continue
-        if op not in _PRODUCERS:
+        layer = LAYER_OPS.get(op)
+        if layer is None:
             continue
-        if op == "addmm":
-            w_arg, b_arg, axis, dim = node.args[2], node.args[0], 1, -1
-        else:
-            w_arg, b_arg, axis = node.args[1], _arg(node, 2), 0
-            dim = -1 if op == "linear" else 1
-            if op == "convolution" and bool(_arg(node, 6)):
-                continue  # transposed convolution: its weight is (in, out / groups, ...)
-        weight, bias = param(w_arg), param(b_arg)
+        if layer.transposed is not None and bool(arg(node, layer.transposed)):
+            continue  # transposed convolution: its weight is (in, out / groups, ...)
+        weight, bias, axis = param(node.args[layer.weight]), param(arg(node, layer.bias)), layer.weight_out
         if weight is None or (weight, axis) not in in_space:
             continue  # not a weight layer, or its output channels are fixed (a classifier's logits)
         users = list(node.users)
-        if len(users) == 1 and _op(users[0]) in _AFFINE_NORMS and users[0].args[0] is node:
+        if len(users) == 1 and op_name(users[0]) in NORM_OPS and users[0].args[0] is node:
             continue  # a norm renormalises this output: its own output is the value to correct (when affine)
-        points.append(_Point(node.name, dim, weight, axis, bias, "producer"))
+        points.append(_Point(node.name, layer.out_dim, weight, axis, bias, "producer"))
     # a parameter used by several ops (weight sharing) cannot take one correction per use: leave those alone
     uses: dict[str, int] = {}
     for p in points:
@@ -255,33 +161,31 @@ def _channel_rows(value: torch.Tensor, dim: int) -> torch.Tensor:
     return value.movedim(dim, -1).reshape(-1, value.shape[dim])
 
 
-def _first(value: Any) -> torch.Tensor:
-    return value[0] if isinstance(value, (tuple, list)) else value
+class _Pass:
+    """Hooks on the graph's nodes that measure (and in repair mode correct) the points' values, with every
+    BatchNorm run in training mode (on this batch's statistics) in repair mode."""
 
-
-class _Pass(torch.fx.Interpreter):
-    """Interprets the exported graph on one state; measures (and in repair mode corrects) the points' values."""
-
-    def __init__(self, ep: ExportedProgram, points: Sequence[_Point], bns: Sequence[_BatchNormSite],
+    def __init__(self, points: Sequence[_Point], bns: Sequence[_BatchNormSite],
                  targets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
-        super().__init__(ep.graph_module)
         self.points = {p.node: p for p in points}
         self.bns = {b.node: b for b in bns} if targets is not None else {}
         self.targets = targets  # node -> (mean, std) to normalise to, batch by batch (the repair pass)
         self.moments: dict[str, _Moments] = {}
         self.bn_moments: dict[str, _Moments] = {}
+        self.hooks = {name: self.at for name in {*self.points, *self.bns}}
 
     def _acc(self, table: dict[str, _Moments], key: str, rows: torch.Tensor) -> None:
         if key not in table:
             table[key] = _Moments.zeros(rows.shape[1], rows.device)
         table[key].add(rows)
 
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = self._train_mode_batch_norm(n) if n.name in self.bns else super().run_node(n)
+    def at(self, env: Env, n: torch.fx.Node) -> Any:
+        """A point's or BatchNorm's value: measured, and in repair mode normalised to its target."""
+        out = self._train_mode_batch_norm(n, env.inputs(n)[0]) if n.name in self.bns else env.compute(n)
         point = self.points.get(n.name)
         if point is None:
             return out
-        value = _first(out)
+        value = main_value(out)
         rows = _channel_rows(value, point.dim)
         self._acc(self.moments, n.name, rows)
         if self.targets is None:
@@ -301,13 +205,12 @@ class _Pass(torch.fx.Interpreter):
             return type(out)([fixed, *out[1:]])
         return fixed
 
-    def _train_mode_batch_norm(self, n: torch.fx.Node) -> Any:
+    def _train_mode_batch_norm(self, n: torch.fx.Node, args: tuple) -> Any:
         """BatchNorm with this batch's statistics (what ``reset_norm_stats`` does), accumulating the input's moments."""
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
         x = args[0]
-        i_w, i_b = _AFFINE_NORMS[_op(n)]
-        _, _, i_eps = _BN_STATS[_op(n)]
-        weight, bias, eps = args[i_w], args[i_b], float(args[i_eps])
+        norm = NORM_OPS[op_name(n)]
+        assert norm.running is not None
+        weight, bias, eps = args[norm.weight], args[norm.bias], float(args[norm.running[2]])
         rows = _channel_rows(x, 1)
         self._acc(self.bn_moments, n.name, rows)
         rows64 = rows.to(torch.float64)
@@ -318,60 +221,30 @@ class _Pass(torch.fx.Interpreter):
             out = out * weight.view(shape)
         if bias is not None:
             out = out + bias.view(shape)
-        if _op(n) == "batch_norm":
+        if op_name(n) == "batch_norm":
             return out
         empty = x.new_zeros(0)
         return (out, empty, empty)
 
 
-class _Program:
-    """An exported program that runs on any state dict of the model's shapes."""
-
-    def __init__(self, ep: ExportedProgram):
-        self.ep = ep
-        self.specs = list(ep.graph_signature.input_specs)
-
-    def inputs(self, state: Mapping[str, torch.Tensor], batch: Any, device: torch.device) -> list[Any]:
-        args, kwargs = as_args(_to(batch, device))
-        user = list(tree_flatten_spec((args, kwargs), self.ep.call_spec.in_spec))
-        out: list[Any] = []
-        for spec in self.specs:
-            if spec.target is None:
-                out.append(user.pop(0))
-                continue
-            name = spec.target
-            if name in state:
-                value = state[name]
-            elif name in self.ep.constants:
-                value = self.ep.constants[name]
-            else:
-                value = self.ep.state_dict[name]
-            out.append(value.to(device) if isinstance(value, torch.Tensor) else value)
-        return out
-
-    @torch.no_grad()
-    def run(self, interp: _Pass, state: Mapping[str, torch.Tensor], calibration: Any, device: torch.device) -> int:
-        seen = 0
-        for batch in shard(_repair_batches(calibration)):
-            try:
-                interp.run(*self.inputs(state, batch, device))
-            except FusionError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - an exported graph that does not take this batch
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise FusionError(f"repair could not run the calibration batch through the model's graph: "
-                                  f"{first}") from exc
-            seen += 1
-        for table in (interp.moments, interp.bn_moments):  # a distributed run: every process's sums
-            sizes: dict[str, int] = {}
-            for part in all_gather_object({k: m.total.numel() for k, m in table.items()}):
-                sizes.update(part)  # a process given no batch has no entries yet
-            for key in sorted(sizes):
-                table.setdefault(key, _Moments.zeros(sizes[key], device)).reduce()
-        seen = int(sum_numbers(seen)[0])
-        if seen == 0:
-            raise FusionError("the calibration data is empty")
-        return seen
+def _run_pass(ep: ExportedProgram, interp: _Pass, state: Mapping[str, torch.Tensor], calibration: Any,
+              device: torch.device) -> int:
+    """One pass of the graph, on ``state``'s tensors, over the calibration batches; every process's sums."""
+    runner = Runner(ep, None, device, state=state)
+    seen = 0
+    for batch in shard(_repair_batches(calibration)):
+        run(runner, batch, who="repair", hooks=interp.hooks)
+        seen += 1
+    for table in (interp.moments, interp.bn_moments):  # a distributed run: every process's sums
+        sizes: dict[str, int] = {}
+        for part in all_gather_object({k: m.total.numel() for k, m in table.items()}):
+            sizes.update(part)  # a process given no batch has no entries yet
+        for key in sorted(sizes):
+            table.setdefault(key, _Moments.zeros(sizes[key], device)).reduce()
+    seen = int(sum_numbers(seen)[0])
+    if seen == 0:
+        raise FusionError("the calibration data is empty")
+    return seen
 
 
 def _repair_batches(calibration: Any) -> Iterator[Any]:
@@ -402,20 +275,6 @@ def _repair_batches(calibration: Any) -> Iterator[Any]:
 
 # ----------------------------------------------------------------------------------------------------------
 # REPAIR
-
-
-def _state_of(model: nn.Module | Mapping[str, torch.Tensor], device: torch.device) -> State:
-    state = model.state_dict() if isinstance(model, nn.Module) else model
-    return {k: v.detach().to(device) for k, v in state.items()}
-
-
-def _normalized(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0 / n] * n
-    w = [float(x) for x in weights]
-    if len(w) != n or any(x < 0 or x != x for x in w) or sum(w) <= 0:
-        raise FusionError(f"repair needs one non-negative weight per parent ({n}), summing to more than 0; got {w}")
-    return [x / sum(w) for x in w]
 
 
 def _fold(state: State, points: Sequence[_Point], moments: dict[str, _Moments],
@@ -449,11 +308,7 @@ def _transport(values: torch.Tensor, plan: AlignmentPlan, tensor: str, axis: int
     if missing is not None:
         raise FusionError(f"repair: no coupling for space {missing!r}")
     mismatch = f"repair: the channels of {tensor!r} do not match between a parent and the fused model"
-    return carry(values.to(torch.float64), [(m, s.heads, coupling[s.name]) for s, m in members], length, mismatch)
-
-
-def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
+    return carry(values.to(torch.float64), [(s.layout(m), coupling[s.name]) for s, m in members], length, mismatch)
 
 
 def repair_model(
@@ -511,33 +366,31 @@ def repair_model(
         raise FusionError("repair needs the aligned parents")
     if couplings is not None and len(couplings) != len(parents):
         raise FusionError(f"repair: got {len(couplings)} couplings for {len(parents)} parents")
-    w = _normalized(weights, len(parents))
-    dev = torch.device(device) if device is not None else next(
-        (p.device for p in fused.parameters()), torch.device("cpu"))
+    w = parent_weights(weights, len(parents))
+    dev = run_device(fused, device)
     if example_input is None:
         example_input = next(iter(_repair_batches(calibration)), None)
         if example_input is None:
             raise FusionError("the calibration data is empty")
     model = copy.deepcopy(fused).to(dev).eval()
-    ep = exported if exported is not None else export_model(model, _to(example_input, dev))
+    ep = exported if exported is not None else export_model(model, to_device(example_input, dev))
     if plan is None:
         plan = build_plan(model, example_input, exported=ep)
-    fused_state = _state_of(model, dev)
+    fused_state = state_of(model, dev)
     points, bns = find_points(ep, plan)
-    program = _Program(ep)
 
     # target statistics: the weighted average of the parents' per-channel means and stds, in the fused channel order
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, (wi, parent) in enumerate(zip(w, parents, strict=True)):
         coupling = couplings[i] if couplings is not None else None
         if coupling is None:
-            state = _state_of(parent, dev)
-            if _shapes(state) != _shapes(fused_state):
+            state = state_of(parent, dev)
+            if shapes(state) != shapes(fused_state):
                 bad = next(k for k in fused_state if k not in state or state[k].shape != fused_state[k].shape)
                 raise FusionError(f"aligned parent {i} does not have the fused model's shapes (tensor {bad!r}): pass "
                                   "the parents aligned to the fused model, or their couplings")
-            measure = _Pass(ep, points, bns)
-            program.run(measure, state, calibration, dev)
+            measure = _Pass(points, bns)
+            _run_pass(ep, measure, state, calibration, dev)
             stats = {node: (m.mean, m.std) for node, m in measure.moments.items()}
         else:
             stats = _parent_stats(parent, i, coupling, calibration, dev, example_input, ep, plan, points, fused_state)
@@ -546,8 +399,8 @@ def repair_model(
             targets[node] = (mean_t + wi * mean, std_t + wi * std)
 
     # one pass of the fused model, each point normalised to its target batch by batch
-    repair = _Pass(ep, points, bns, targets=targets)
-    program.run(repair, fused_state, calibration, dev)
+    repair = _Pass(points, bns, targets=targets)
+    _run_pass(ep, repair, fused_state, calibration, dev)
     new = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for site in bns:
         m = repair.bn_moments.get(site.node)
@@ -557,8 +410,8 @@ def repair_model(
     _fold(new, points, repair.moments, targets)
     # polishing: measure the folded model as it is (eval mode) and correct what batch-by-batch normalising missed
     for _ in range(polish):
-        measure = _Pass(ep, points, bns)
-        program.run(measure, {k: v.to(dev) for k, v in new.items()}, calibration, dev)
+        measure = _Pass(points, bns)
+        _run_pass(ep, measure, {k: v.to(dev) for k, v in new.items()}, calibration, dev)
         _fold(new, points, measure.moments, targets)
     for alias, name in plan.aliases.items():  # tied tensors stay tied
         new[alias] = new[name]
@@ -581,14 +434,14 @@ def _parent_stats(
     """Per fused-model point: a parent's (mean, std) measured on the parent and transported by its coupling."""
     if not isinstance(parent, nn.Module):
         raise FusionError(f"repair: parent {index} comes with couplings, so it must be the model itself (a module)")
-    state = _state_of(parent, dev)
-    if _shapes(state) == _shapes(fused_state):
+    state = state_of(parent, dev)
+    if shapes(state) == shapes(fused_state):
         ep_p, points_p, bns_p = ep, points, []
     else:
-        ep_p = export_model(copy.deepcopy(parent).to(dev).eval(), _to(example_input, dev))
+        ep_p = export_model(copy.deepcopy(parent).to(dev).eval(), to_device(example_input, dev))
         points_p, bns_p = find_points(ep_p, build_plan(parent, example_input, exported=ep_p))
-    measure = _Pass(ep_p, points_p, bns_p)
-    _Program(ep_p).run(measure, state, calibration, dev)
+    measure = _Pass(points_p, bns_p)
+    _run_pass(ep_p, measure, state, calibration, dev)
     by_scale = {p.scale: measure.moments[p.node] for p in points_p if p.node in measure.moments}
     out = {}
     for point in points:
@@ -599,3 +452,22 @@ def _parent_stats(
         out[point.node] = tuple(_transport(v, plan, point.scale, point.scale_axis, length, coupling)
                                 for v in (m.mean, m.std))
     return out
+
+
+def repair_repair(fused: nn.Module, parents: Sequence[nn.Module], calibration: Any, *, weights: list[float],
+                  couplings: Any, device: torch.device, plan: AlignmentPlan, example_input: Any,
+                  exported: ExportedProgram | None, params: BaseModel) -> nn.Module:
+    """The registered repair: :func:`repair_model`, each parent's statistics measured on the parent itself and
+    carried over by its couplings (exact for any widths)."""
+    return repair_model(fused, parents, calibration, weights=weights, couplings=couplings, device=device, plan=plan,
+                        example_input=example_input, exported=exported)
+
+
+REPAIR = REPAIRS.register(Unit(
+    name="repair",
+    description="each channel's mean and std set to the average of its parents', REPAIR",
+    fn=repair_repair,
+    reference="Jordan et al., REPAIR: REnormalizing Permuted Activations for Interpolation Repair, ICLR 2023 "
+              "(https://arxiv.org/abs/2211.08403)",
+    needs=frozenset({"calibration", "couplings"}),
+))
