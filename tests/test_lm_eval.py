@@ -1,6 +1,6 @@
 """The lm-eval (lm-evaluation-harness) hand-off: a merged causal LM is scored by ``lm_eval --model hf`` as is.
 
-Two seeded tiny Llamas (byte tokenizer, ``tests/lm.py``) are merged by ``hf-otfusion merge`` (``merge_method:
+Two seeded tiny Llamas (byte tokenizer, ``hf_otfusion.testing``) are merged by ``hf-otfusion merge`` (``merge_method:
 linear``), and lm-eval's ``hf`` backend scores OUT and a parent offline on a local ``loglikelihood_rolling`` task
 (a temporary task YAML, ``dataset_path: json`` over a JSONL file of lines of Python's standard library source). Its
 ``bits_per_byte`` is checked against the same number computed here with transformers, model by model.
