@@ -45,7 +45,7 @@ from .profile import timed
 from .transport import ChannelMap, head_costs, marginal, match_heads, rows, solve, solve_heads, transport_axis
 
 if TYPE_CHECKING:
-    from .engine import _Walker
+    from .engine import Walker
 
 State = dict[str, torch.Tensor]
 
@@ -137,8 +137,8 @@ def _similarity(state: State, target_state: State, space: Space,
         if not a.is_floating_point() or (m.tile > 1 and (m.tensor, m.axis) in untiled):
             continue
         dtype = torch.promote_types(a.dtype, torch.float32)
-        ra = rows(a, m.axis, m.offset, n, m.repeat, m.tile, space.heads, m.block, m.head_axis).to(dtype)
-        rb = rows(b, m.axis, m.offset, n, m.repeat, m.tile, space.heads, m.block, m.head_axis).to(dtype)
+        layout = space.layout(m)
+        ra, rb = rows(a, layout).to(dtype), rows(b, layout).to(dtype)
         s += (ra @ rb.T).double()
     return s
 
@@ -226,8 +226,7 @@ def weight_matching(
             for sp, q in zip(spaces, qs, strict=True):
                 m_map = permutation_map(q)
                 for m in sp.members:
-                    new_state[m.tensor] = transport_axis(new_state[m.tensor], m_map, m.axis, m.offset, m.repeat,
-                                                         m.tile, sp.heads, m.block, m.head_axis)
+                    new_state[m.tensor] = transport_axis(new_state[m.tensor], m_map, sp.layout(m))
             new = sum(_dot(new_state[t], tgt[t]) for t in names)
             if new > old + 1e-10 * scale:  # ties keep the current map, so the descent cannot cycle
                 cur.update(new_state)
@@ -260,21 +259,21 @@ def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", m
 
 
 def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
-                      device: torch.device, walkers: Sequence[_Walker | None], sweeps: int, seed: int,
+                      device: torch.device, walkers: Sequence[Walker | None], sweeps: int, seed: int,
                       heads: bool) -> list[dict[str, torch.Tensor]]:
     """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
     target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk."""
-    from .engine import _Aligner
+    from .engine import Aligner
 
     target_plan = plans[target]
     names = [t for t in target_plan.members_by_tensor() if t not in target_plan.aliases]
-    reference = _Aligner(sources[target], target_plan, target_plan, device, target)
+    reference = Aligner(sources[target], target_plan, target_plan, device, target)
     target_state = {name: reference.release(name) for name in names}
     given: list[dict[str, torch.Tensor]] = [{} for _ in sources]
     for k, walker in enumerate(walkers):
         if walker is None:
             continue
-        aligner = _Aligner(sources[k], plans[k], target_plan, device, k)
+        aligner = Aligner(sources[k], plans[k], target_plan, device, k)
         for space in plans[k].spaces:
             m_map = walker.maps[space.name]
             if m_map.index is None or m_map.scale is not None or m_map.n_in != m_map.n_out:

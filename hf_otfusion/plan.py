@@ -31,10 +31,12 @@ other spaces; it joins their head matching, and solves only the order of the que
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 SpaceKind = Literal["hidden", "residual"]
@@ -42,8 +44,8 @@ _BLOCK = ("axis positions from the start of one head block to the next; None: he
           "0: every head block on the same positions (one head's channels, read by every head of a shared space)")
 
 
-class _Layout(BaseModel):
-    """Where a space's channels lie along one dimension (of a tensor axis, or of an activation).
+class _Placement(BaseModel):
+    """The layout fields of a member or site (see :class:`Layout`, which reads them together with the space's).
 
     Positions ``offset + (h * tile + s) * block + i * repeat + r`` hold channel ``h * head_dim + i`` of the space
     (channel ``i`` of head ``h``), for ``s`` in ``range(tile)`` and ``r`` in ``range(repeat)``. ``block`` None is
@@ -51,7 +53,7 @@ class _Layout(BaseModel):
     ``offset + ((h * tile + s) * head_dim + i) * repeat + r``, with ``tile == 1`` simply ``offset + c * repeat + r``.
     A larger ``block`` leaves other channels between the head blocks: a segment of the channels inside every head
     (partial rotary embeddings, a qkv projection laid out per head). A space without heads is one head, so ``tile``
-    then repeats the whole space. :func:`hf_otfusion.transport.positions` lists the positions in channel-major order.
+    then repeats the whole space. :meth:`Layout.positions` lists the positions in channel-major order.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -65,8 +67,8 @@ class _Layout(BaseModel):
         return out
 
 
-class AxisRef(_Layout):
-    """One segment of one tensor axis that indexes a space (laid out as :class:`_Layout` says)."""
+class AxisRef(_Placement):
+    """One segment of one tensor axis that indexes a space (laid out as :class:`Layout` says)."""
 
     tensor: str
     axis: int
@@ -79,7 +81,7 @@ class AxisRef(_Layout):
                                   "head's channels at ``offset + i * repeat + r``")
 
 
-class Site(_Layout):
+class Site(_Placement):
     """A graph value whose dimension ``dim`` carries a space (where activations are read)."""
 
     node: str
@@ -88,6 +90,81 @@ class Site(_Layout):
     repeat: int = 1
     tile: int = 1
     block: int | None = Field(None, description=_BLOCK)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a space's ``size`` channels lie along dimension ``axis`` of a tensor (or of an activation).
+
+    Read from a member (or site) and its space by :meth:`of` (``space.layout(member)``); the transport of an axis,
+    the rows of a cost, activation matrices and random permutations all take this one object. Channel ``i`` of head
+    ``h`` (``head_dim = size // heads``) lies at positions ``offset + (h * tile + s) * step + i * repeat + r`` for
+    ``s < tile`` and ``r < repeat``, where ``step`` is ``block``, or ``head_dim * repeat`` when ``block`` is None
+    (head blocks back to back). ``block`` 0: every head on the same positions (one head's channels, read by every
+    head of a shared space). ``head_axis``: the heads lie on that other axis instead, one head per entry (stacked
+    experts), and ``axis`` holds each head's channels at ``offset + i * repeat + r``.
+
+    Example:
+        >>> Layout(axis=1, size=4, heads=2, repeat=2, offset=1).positions().tolist()
+        [1, 2, 3, 4, 5, 6, 7, 8]
+        >>> Layout(axis=0, size=4, heads=2, block=3).positions().tolist()
+        [0, 1, 3, 4]
+    """
+
+    axis: int
+    size: int
+    heads: int = 1
+    offset: int = 0
+    repeat: int = 1
+    tile: int = 1
+    block: int | None = None
+    head_axis: int | None = None
+
+    @classmethod
+    def of(cls, space: Space, member: AxisRef | Site) -> Layout:
+        """The layout of a member (a tensor axis) or a site (an activation's dimension) of ``space``."""
+        if isinstance(member, Site):
+            return cls(member.dim, space.size, space.heads, member.offset, member.repeat, member.tile, member.block)
+        return cls(member.axis, space.size, space.heads, member.offset, member.repeat, member.tile, member.block,
+                   member.head_axis)
+
+    @property
+    def head_dim(self) -> int:
+        return self.size // self.heads
+
+    @property
+    def per_channel(self) -> int:
+        """Entries each channel holds: ``repeat * tile``."""
+        return self.repeat * self.tile
+
+    @property
+    def length(self) -> int:
+        """Entries the channels hold in all: ``size * repeat * tile``."""
+        return self.size * self.repeat * self.tile
+
+    @property
+    def contiguous(self) -> bool:
+        """One run of ``length`` entries from ``offset``, already channel-major (no tiles, head blocks adjacent)."""
+        return self.tile == 1 and self.block is None
+
+    def replace(self, **changes: Any) -> Layout:
+        """A copy with some fields changed (``size`` for another width, ``axis`` for a moved dimension)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_offset(self, offset: int) -> Layout:
+        """A copy starting at ``offset`` (the engine's shifted start once earlier segments changed width)."""
+        return self if offset == self.offset else dataclasses.replace(self, offset=offset)
+
+    def positions(self) -> torch.Tensor:
+        """The positions of the channels in channel-major order: channel after channel, each channel's
+        ``repeat * tile`` entries in a row (repeat-major, tile fastest); heads on ``head_axis`` are not listed."""
+        d = self.size // self.heads
+        step = d * self.repeat if self.block is None else self.block
+        h = torch.arange(self.heads).view(-1, 1, 1, 1)
+        i = torch.arange(d).view(1, -1, 1, 1)
+        r = torch.arange(self.repeat).view(1, 1, -1, 1)
+        s = torch.arange(self.tile).view(1, 1, 1, -1)
+        return (self.offset + (h * self.tile + s) * step + i * self.repeat + r).reshape(-1)
 
 
 class Space(BaseModel):
@@ -145,6 +222,10 @@ class Space(BaseModel):
     @property
     def head_dim(self) -> int:
         return self.size // self.heads
+
+    def layout(self, member: AxisRef | Site) -> Layout:
+        """Where this space's channels lie in one of its members or sites (:meth:`Layout.of`)."""
+        return Layout.of(self, member)
 
     def tensors(self) -> set[str]:
         return {m.tensor for m in self.members}

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .errors import PlanError
-from .plan import AlignmentPlan, AxisRef, FixedAxes, Space, Verification
+from .plan import AlignmentPlan, FixedAxes, Layout, Space, Verification
 from .profile import timed
-from .transport import ChannelMap, positions, transport_axis
+from .transport import ChannelMap, transport_axis
 
 # relative output changes: float64 allows for the float32 arithmetic some models keep inside (Llama's RMSNorm); a
 # wrong plan changes randomised outputs by far more (1e-2 and up)
@@ -232,7 +232,8 @@ class _Checker:
             if order is None:
                 continue
             for m in space.members:
-                state[m.tensor] = permute_axis(state.get(m.tensor, self.base[m.tensor]), order, m, space.heads)
+                state[m.tensor] = permute_axis(state.get(m.tensor, self.base[m.tensor]), order, space.layout(m),
+                                               m.tensor)
         for alias, name in plan.aliases.items():
             if name in state:
                 state[alias] = state[name]
@@ -240,21 +241,21 @@ class _Checker:
         return _change(self.ref, self._outputs(state))
 
 
-def permute_axis(tensor: torch.Tensor, order: torch.Tensor, m: AxisRef, heads: int) -> torch.Tensor:
-    """``tensor`` with member ``m``'s channels put in ``order`` (channel ``order[j]`` to ``j``): what
-    :func:`~hf_otfusion.transport.transport_axis` does with ``ChannelMap.permutation(order)``, as one
-    ``index_select`` along the axis (no copies of the axis moved to the front, no concatenation)."""
-    if m.head_axis is not None:  # experts' heads on another axis: the general transport
-        return transport_axis(tensor, ChannelMap.permutation(order), m.axis, m.offset, m.repeat, m.tile, heads,
-                              m.block, m.head_axis)
+def permute_axis(tensor: torch.Tensor, order: torch.Tensor, layout: Layout, name: str = "a tensor") -> torch.Tensor:
+    """``tensor`` with the channels ``layout`` places on its axis put in ``order`` (channel ``order[j]`` to ``j``):
+    what :func:`~hf_otfusion.transport.transport_axis` does with ``ChannelMap.permutation(order)``, as one
+    ``index_select`` along the axis (no copies of the axis moved to the front, no concatenation). ``name``: the
+    tensor's, for the error."""
+    if layout.head_axis is not None:  # experts' heads on another axis: the general transport
+        return transport_axis(tensor, ChannelMap.permutation(order), layout)
     n = len(order)
-    pos = positions(n, heads, m.repeat, m.tile, m.block, m.offset).view(n, -1)
-    length = tensor.shape[m.axis]
+    pos = layout.positions().view(n, -1)
+    length = tensor.shape[layout.axis]
     if int(pos.max()) >= length:
-        raise PlanError(f"axis {m.axis} of {m.tensor!r} ({length} entries) is shorter than its plan")
+        raise PlanError(f"axis {layout.axis} of {name!r} ({length} entries) is shorter than its plan")
     index = torch.arange(length)
     index[pos.reshape(-1)] = pos[order].reshape(-1)
-    return tensor.index_select(m.axis, index.to(tensor.device))
+    return tensor.index_select(layout.axis, index.to(tensor.device))
 
 
 class _Unverifiable(Exception):

@@ -4,7 +4,7 @@ import pytest
 from zoo import make
 
 from hf_otfusion import AlignmentPlan, build_plan
-from hf_otfusion.plan import AxisRef, Space
+from hf_otfusion.plan import AxisRef, Layout, Site, Space
 
 
 def test_json_round_trip_and_table():
@@ -39,3 +39,23 @@ def test_strided_members_round_trip_and_plans_without_them_read_as_before():
         Space(name="s", size=16, heads=4, members=(member.model_copy(update={"block": 3}),))
     with_block = plan.model_copy(update={"spaces": (*plan.spaces, space)})
     assert "qkv.weight:0@4b24" in str(with_block)
+
+
+def test_a_member_and_its_space_give_one_layout_object():
+    member = AxisRef(tensor="w", axis=1, offset=4, repeat=2, tile=3, block=20)
+    site = Site(node="x", dim=2, offset=1, repeat=2)
+    space = Space(name="s", size=8, heads=2, members=(member,), sites=(site,))
+    layout = space.layout(member)
+    assert layout == Layout.of(space, member) == Layout(axis=1, size=8, heads=2, offset=4, repeat=2, tile=3, block=20)
+    assert (layout.head_dim, layout.per_channel, layout.length, layout.contiguous) == (4, 6, 48, False)
+    assert space.layout(site) == Layout(axis=2, size=8, heads=2, offset=1, repeat=2)
+    assert layout.with_offset(4) is layout and layout.with_offset(7).offset == 7
+    with pytest.raises(AttributeError):  # frozen
+        layout.offset = 0  # type: ignore[misc]
+    # channel i of head h at offset + (h * tile + s) * block + i * repeat + r, channel-major
+    expected = [4 + (h * 3 + s) * 20 + i * 2 + r
+                for h in range(2) for i in range(4) for r in range(2) for s in range(3)]
+    assert layout.positions().tolist() == expected
+    # the plan's JSON holds the member fields as before (no layout object in it)
+    assert json.loads(space.model_dump_json())["members"][0] == {"tensor": "w", "axis": 1, "offset": 4, "repeat": 2,
+                                                                  "tile": 3, "block": 20}

@@ -2,14 +2,13 @@ import pytest
 import torch
 
 from hf_otfusion import FusionError
-from hf_otfusion.plan import AxisRef
+from hf_otfusion.plan import AxisRef, Layout, Space
 from hf_otfusion.transport import (
     ChannelMap,
     barycentric_map,
     carry,
     marginal,
     pairwise_distance,
-    positions,
     rows,
     solve,
     solve_heads,
@@ -59,28 +58,29 @@ def test_transport_axis_with_offset_and_repeat():
     # axis 1 = [3 fixed entries | 2 channels repeated 2x]
     x = torch.arange(2 * 7, dtype=torch.float32).reshape(2, 7)
     swap = ChannelMap(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
-    out = transport_axis(x, swap, axis=1, offset=3, repeat=2)
+    out = transport_axis(x, swap, Layout(axis=1, size=2, offset=3, repeat=2))
     assert out[0].tolist() == [0, 1, 2, 5, 6, 3, 4]
     merge = ChannelMap(torch.tensor([[0.5, 0.5]]))  # two channels onto one: their mean
-    assert transport_axis(x, merge, axis=1, offset=3, repeat=2)[0].tolist() == [0, 1, 2, 4, 5]
+    assert transport_axis(x, merge, Layout(axis=1, size=2, offset=3, repeat=2))[0].tolist() == [0, 1, 2, 4, 5]
 
 
 def test_strided_member_maps_only_its_positions():
     # axis 1 = 2 heads of 6 entries, [2 fixed | 3 channels of the member | 1 fixed] each: block 6, offset 2
     x = torch.arange(3 * 12, dtype=torch.float32).reshape(3, 12)
     where = [2, 3, 4, 8, 9, 10]  # channel c of the member, by hand
-    assert positions(6, heads=2, block=6, offset=2).tolist() == where
+    layout = Layout(axis=1, size=6, heads=2, block=6, offset=2)
+    assert layout.positions().tolist() == where
     order = torch.tensor([4, 3, 5, 1, 2, 0])  # heads swapped, channels moved inside them
-    out = transport_axis(x, ChannelMap(torch.eye(6)[order]), axis=1, offset=2, heads=2, block=6)
+    out = transport_axis(x, ChannelMap(torch.eye(6)[order]), layout)
     expected = x.clone()
     expected[:, where] = x[:, [where[i] for i in order]]
     assert torch.equal(out, expected)
-    assert torch.equal(rows(x, 1, 2, 6, 1, heads=2, block=6), x[:, where].T)
+    assert torch.equal(rows(x, layout), x[:, where].T)
     # tiled (each head block twice, as grouped-query attention reads it) and repeated, blocks 7 apart
     tiled = [1 + (h * 2 + s) * 7 + i * 2 + r for h in range(2) for i in range(2) for r in range(2) for s in range(2)]
-    assert positions(4, heads=2, repeat=2, tile=2, block=7, offset=1).tolist() == tiled
+    assert Layout(axis=1, size=4, heads=2, repeat=2, tile=2, block=7, offset=1).positions().tolist() == tiled
     with pytest.raises(FusionError, match="cannot change width"):
-        transport_axis(x, ChannelMap(torch.ones(4, 6) / 6), axis=1, offset=2, heads=2, block=6)
+        transport_axis(x, ChannelMap(torch.ones(4, 6) / 6), layout)
 
 
 def test_a_permutation_is_one_gather_with_the_general_paths_entries():
@@ -96,22 +96,24 @@ def test_a_permutation_is_one_gather_with_the_general_paths_entries():
         if layout.get("heads", 1) > 1 and layout.get("block") is not None:  # stays inside the member's head blocks
             d = n // layout["heads"]
             order = torch.cat([h * d + torch.randperm(d, generator=gen) for h in torch.randperm(layout["heads"])])
-        fast = transport_axis(x, ChannelMap.permutation(order), **layout)
+        fast = transport_axis(x, ChannelMap.permutation(order), Layout(size=n, **layout))
         scaled = ChannelMap.permutation(order)
         scaled.scale = torch.ones(n, 1)  # takes the general path, exactly
-        general = transport_axis(x, scaled, **layout)
+        general = transport_axis(x, scaled, Layout(size=n, **layout))
         assert torch.equal(fast, general) and fast.is_contiguous(), layout
 
 
 def test_carry_moves_strided_members_in_place():
     values = torch.arange(12, dtype=torch.float64)
     member = AxisRef(tensor="w", axis=0, offset=2, block=6)
+    layout = Space(name="s", size=6, heads=2, members=(member,)).layout(member)
+    assert layout == Layout(axis=0, size=6, heads=2, offset=2, block=6)
     swap_heads = torch.zeros(6, 6, dtype=torch.float64)
     swap_heads[[0, 1, 2, 3, 4, 5], [3, 4, 5, 0, 1, 2]] = 1 / 6  # parent head 0 -> fused head 1 and back
-    out = carry(values, [(member, 2, swap_heads)], 12, "mismatch")
+    out = carry(values, [(layout, swap_heads)], 12, "mismatch")
     assert out.tolist() == [0, 1, 8, 9, 10, 5, 6, 7, 2, 3, 4, 11]
     with pytest.raises(FusionError, match="mismatch"):
-        carry(values, [(member, 2, swap_heads[:, :4] * 1.5)], 10, "mismatch")
+        carry(values, [(layout, swap_heads[:, :4] * 1.5)], 10, "mismatch")
 
 
 def _assignment_costs():
@@ -198,6 +200,7 @@ def test_shared_heads_get_one_map_inside_every_head_and_block_zero_members_hold_
     assert not torch.equal(solve_heads(cost, uniform, uniform.clone(), heads, order).argmax(0), source)
     m = barycentric_map(t, uniform)
     one_head = torch.randn(d, 2, generator=gen, dtype=torch.float64)  # an axis every head reads (block 0)
-    moved = transport_axis(one_head, m, 0, heads=heads, block=0)
+    shared = Layout(axis=0, size=heads * d, heads=heads, block=0)
+    moved = transport_axis(one_head, m, shared)
     torch.testing.assert_close(moved, one_head[sigma])
-    assert positions(heads * d, heads, block=0).tolist() == list(range(d)) * heads
+    assert shared.positions().tolist() == list(range(d)) * heads

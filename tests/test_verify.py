@@ -208,6 +208,5 @@ def test_the_check_permutes_as_the_engine_transports(name):
         order = torch.randperm(space.size, generator=gen)
         for m in space.members:
             t = state[m.tensor]
-            expected = transport_axis(t, ChannelMap.permutation(order), m.axis, m.offset, m.repeat, m.tile,
-                                      space.heads, m.block)
-            assert torch.equal(permute_axis(t, order, m, space.heads), expected), (space.name, m)
+            expected = transport_axis(t, ChannelMap.permutation(order), space.layout(m))
+            assert torch.equal(permute_axis(t, order, space.layout(m), m.tensor), expected), (space.name, m)
