@@ -8,17 +8,19 @@ fixed. Each class of labels that holds a parameter axis and is not fixed becomes
 
 An op without a rule fixes every label it touches (a fixed space is never wrong, only less aligned) and is
 reported in ``plan.unhandled``; ``strict=True`` turns that into an error. New ops get a rule with
-:func:`register_rule`; the fusion engine never needs to know about them.
+:func:`register_rule` (every trace) or ``build_plan(..., rules={...})`` (one trace); the fusion engine never needs to
+know about them. :mod:`.api` is what a rule may use, with a worked example.
 
 Layout: :mod:`.labels` (label types, the union-find over atoms, shape helpers), :mod:`.export` (``torch.export``),
-:mod:`.core` (the rule registry, the graph walk, the plan) and :mod:`.rules` (one module per op family; rules
-depend on the core, never the reverse).
+:mod:`.ops` (the label operations of a rule, methods of the tracer), :mod:`.core` (the rule registry, the graph
+walk, the plan), :mod:`.api` (the names rules import) and :mod:`.rules` (one module per op family; rules import
+:mod:`.api` only, and the core never imports them).
 """
 
 from ..errors import PlanError
-from .core import RULES, STACK_RULES, Rule, Tracer, build_plan, register_rule, register_stack_rule, tied_tensors
+from .core import RULES, STACK_RULES, Rule, Tracer, build_plan, register_rule, register_stack_rule
 from .expand import expanded_plan
-from .export import as_args, export_model
+from .export import as_args, export_model, tied_tensors
 from .labels import Desc, Labels, Piece
 
 __all__ = [

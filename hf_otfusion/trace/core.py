@@ -6,7 +6,8 @@ reverse; the package ``__init__`` imports them, so every rule is registered when
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -14,26 +15,37 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
-from torch.utils import _pytree as pytree
 
 from ..errors import PlanError
 from ..plan import AlignmentPlan, AxisRef, FixedAxes, Site, Space
-from .export import export_model
-from .labels import Desc, Labels, _Atoms, _FakeNode, _shape, _Stack
+from ._atoms import Atoms
+from .export import export_model, hidden_outputs, tied_tensors
+from .labels import Desc, FakeNode, Labels, Stack, shape_of
+from .ops import RuleOps
 
 Rule = Callable[["Tracer", Node], Any]
 RULES: dict[str, Rule] = {}
 
 
 def register_rule(*names: str) -> Callable[[Rule], Rule]:
-    """Register a tracer rule for ATen ops by overload-packet name (e.g. ``"linear"``, ``"conv2d"``)."""
+    """Register a tracer rule for ATen ops by overload-packet name (e.g. ``"linear"``, ``"conv2d"``), for every
+    trace from now on. A name that already has another rule gets the new one, with a warning (to change the rule of
+    one trace only, pass ``rules=`` to :func:`build_plan`)."""
 
     def wrap(fn: Rule) -> Rule:
         for name in names:
+            old = RULES.get(name)
+            if old is not None and old is not fn:
+                warnings.warn(f"tracer rule for op {name!r} registered twice: {_qualname(fn)} replaces "
+                              f"{_qualname(old)}", stacklevel=3)
             RULES[name] = fn
         return fn
 
     return wrap
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 StackRule = Callable[["Tracer", Node, str, list[Node]], Any]
@@ -41,7 +53,7 @@ STACK_RULES: list[StackRule] = []
 
 
 def register_stack_rule(fn: StackRule) -> StackRule:
-    """Register a rule for ops that read a :class:`_Stack`: it returns the op's labels, or None when it does not
+    """Register a rule for ops that read a :class:`Stack`: it returns the op's labels, or None when it does not
     keep the stack (the stack is then resolved: its channels fixed, its first labelling standing for it)."""
     STACK_RULES.append(fn)
     return fn
@@ -69,17 +81,21 @@ def _filled_with_one_value(ep: ExportedProgram, spec: Any) -> bool:
 CONSTANT = "a constant of the graph (a non-persistent buffer or a computed table, e.g. rotary frequencies)"
 TABLE = ("combined channel by channel with a table computed in the graph (e.g. rotary embeddings' cos/sin): no "
          "permutation of these channels keeps the function")
-_IO = frozenset((INPUT, OUTPUT, VOCABULARY))
+IO_REASONS = frozenset((INPUT, OUTPUT, VOCABULARY))  # the reasons of a model's own inputs and outputs
 
 
-class Tracer:
-    """Walks an exported graph once, applying the rule of each op to the labels of its values."""
+class Tracer(RuleOps):
+    """Walks an exported graph once, applying the rule of each op to the labels of its values.
+
+    Rules receive it: the label operations are its methods (:class:`~hf_otfusion.trace.ops.RuleOps` and below;
+    :mod:`hf_otfusion.trace.api` lists them)."""
 
     def __init__(self, ep: ExportedProgram, state: dict[str, torch.Tensor], aliases: dict[str, str],
-                 strict: bool = False):
+                 strict: bool = False, rules: Mapping[str, Rule] | None = None):
         self.ep = ep
+        self.rules: Mapping[str, Rule] = RULES if not rules else {**RULES, **rules}  # this trace's rule table
         self.aliases = aliases
-        self.atoms = _Atoms()
+        self._atoms = Atoms()
         self.labels: dict[str, Any] = {}
         self.param_axes: dict[str, list[int]] = {}  # tensor name -> atom per axis
         self.param_of_node: dict[str, str] = {}
@@ -101,10 +117,10 @@ class Tracer:
 
     # -- labels -------------------------------------------------------------------------------------------
     def new(self, size: int | None, fixed: bool = True, why: str | None = None) -> Desc:
-        return ((self.atoms.new(size, fixed, why), 1),)
+        return ((self._atoms.new(size, fixed, why), 1),)
 
     def fresh(self, node: Any, fixed: bool = True, why: str | None = None) -> Labels | None:
-        shape = _shape(node)
+        shape = shape_of(node)
         return None if shape is None else [self.new(s, fixed, why) for s in shape]
 
     def of(self, arg: Any) -> Labels | None:
@@ -116,25 +132,25 @@ class Tracer:
     def fix_all(self, labels: Any, why: str | None = None) -> None:
         if isinstance(labels, list):
             for d in labels:
-                self.atoms.fix(d, why)
+                self._atoms.fix(d, why)
         elif isinstance(labels, tuple):
             for item in labels:
                 self.fix_all(item, why)
-        elif isinstance(labels, _Stack):
+        elif isinstance(labels, Stack):
             for item in labels.items:
                 self.fix_all(item, why)
 
     def is_free(self, labels: Any) -> bool:
         if isinstance(labels, list):
-            return any(not self.atoms.is_fixed(d) for d in labels)
+            return any(not self._atoms.is_fixed(d) for d in labels)
         if isinstance(labels, tuple):
             return any(self.is_free(item) for item in labels)
-        if isinstance(labels, _Stack):
+        if isinstance(labels, Stack):
             return any(self.is_free(item) for item in labels.items)
         return False
 
     def join(self, d1: Desc, d2: Desc) -> None:
-        self.atoms.unify(d1, d2)
+        self._atoms.unify(d1, d2)
 
     # -- walking ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -162,14 +178,14 @@ class Tracer:
                         # e.g. EVA's zero key bias, concatenated between the q and v biases: any order of its
                         # channels is the same tensor, so it takes on the channels it meets, as a zeros op does
                         for d in self.labels[node.name]:
-                            self.atoms.uniform.update(a for a, _ in d)
+                            self._atoms.uniform.update(a for a, _ in d)
             elif node.op == "call_function":
                 self.index += 1
                 self.node_name = node.name
                 target = node.target
                 self.op_name = (target._overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload)
                                 else getattr(target, "__name__", str(target)))
-                self.atoms.context = f"op '{self.op_name}' (node {node.name})"
+                self._atoms.context = f"op '{self.op_name}' (node {node.name})"
                 for arg in node.all_input_nodes:
                     if arg.name in self.param_of_node:
                         self.first_use.setdefault(self.param_of_node[arg.name], self.index)
@@ -201,11 +217,11 @@ class Tracer:
         for a in node.all_input_nodes:
             if a.name in self.values:
                 kind, desc = self.values[a.name]
-                self.atoms.fix(desc, f"{kind} of these channels read by op '{self.op_name}' (node {node.name}), "
+                self._atoms.fix(desc, f"{kind} of these channels read by op '{self.op_name}' (node {node.name}), "
                                      "which the tracer cannot follow")
 
     def _apply(self, node: Node, name: str) -> Any:
-        stacks = [a for a in node.all_input_nodes if isinstance(self.labels.get(a.name), _Stack)]
+        stacks = [a for a in node.all_input_nodes if isinstance(self.labels.get(a.name), Stack)]
         if stacks:
             for stack_rule in STACK_RULES:
                 out = stack_rule(self, node, name, stacks)
@@ -215,7 +231,7 @@ class Tracer:
                 value = self.labels[a.name]
                 self.fix_all(value)
                 self.labels[a.name] = value.items[0]
-        rule = RULES.get(name)
+        rule = self.rules.get(name)
         if rule is not None:
             return rule(self, node)
         return self.unknown(node, name)
@@ -229,8 +245,8 @@ class Tracer:
         if self.op_name not in self.unhandled:
             self.unhandled.append(self.op_name)
         self.notes.append(message)
-        self.atoms.context = message  # the reason of whatever the rule fixes next
-        self.atoms.failures.add(f"at {message}")
+        self._atoms.context = message  # the reason of whatever the rule fixes next
+        self._atoms.failures.add(f"at {message}")
 
     def unknown(self, node: Node, name: str) -> Any:
         inputs = [self.labels.get(a.name) for a in node.all_input_nodes]
@@ -241,19 +257,19 @@ class Tracer:
             if name not in self.unhandled:
                 self.unhandled.append(name)
             why = f"no tracer rule for op '{name}' (node {node.name})"
-            self.atoms.failures.add(why)
+            self._atoms.failures.add(why)
             for x in inputs:
                 self.fix_all(x, why)
         else:
             why = None
         val = node.meta.get("val")
         if isinstance(val, (tuple, list)):
-            return tuple(self.fresh(_FakeNode(v), why=why) for v in val)
+            return tuple(self.fresh(FakeNode(v), why=why) for v in val)
         return self.fresh(node, why=why)
 
     # -- result -------------------------------------------------------------------------------------------
     def plan(self, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> AlignmentPlan:
-        atoms = self.atoms
+        atoms = self._atoms
         atoms.close()
         members: dict[int, list[AxisRef]] = {}
         broken: dict[int, str] = {}  # spaces left out whole: a tensor holds their channels in a way not expressible
@@ -335,7 +351,7 @@ class Tracer:
     def _fixed_report(self) -> tuple[FixedAxes, ...]:
         """Hidden channels left fixed for a reason other than being a model input or output: the output channels
         of a layer (or the channels inside its heads) that the plan keeps in place, with the tensors that hold them."""
-        atoms = self.atoms
+        atoms = self._atoms
         found: dict[int, None] = {}
         for _, desc in self.producers:
             for atom, _ in atoms.expand(desc):
@@ -343,7 +359,8 @@ class Tracer:
                 src = atoms.tiles.get(root, (root, 1))[0]
                 for r in (root, atoms.find(src)):
                     for part in atoms.parts(r):
-                        if atoms.fixed[part] and atoms.why.get(part, "") not in _IO and (atoms.size[part] or 0) > 1:
+                        if (atoms.fixed[part] and atoms.why.get(part, "") not in IO_REASONS
+                                and (atoms.size[part] or 0) > 1):
                             found.setdefault(part)
         if not found:
             return ()
@@ -376,7 +393,7 @@ class Tracer:
         A headed atom whose head-dim channels are fixed is its heads, each repeated head_dim times. A tile of a
         headed atom (grouped-query attention) is that atom's space, each head block tiled.
         """
-        atoms = self.atoms
+        atoms = self._atoms
         if root in atoms.tiles:
             src, g = atoms.tiles[root]
             inner = self._resolve(atoms.find(src))
@@ -396,7 +413,7 @@ class Tracer:
 
     def _heads(self, key: int) -> tuple[int, int | None]:
         """(number of heads, head atom shared by its head group or None when heads stay in place) of a space."""
-        atoms = self.atoms
+        atoms = self._atoms
         if key in atoms.heads:
             size = atoms.size[key] or 1
             return (size, key) if size > 1 else (1, None)
@@ -410,7 +427,7 @@ class Tracer:
                  ) -> list[tuple[int, int, int, int, int | None]]:
         """The part of grouped- or multi-query attention's query heads (a tile of key/value heads, or its head
         atom) in their queries space: each query head one channel, keyed by the tile's head atom."""
-        atoms = self.atoms
+        atoms = self._atoms
         if root in atoms.split:  # query heads (their head atom a tile of the key/value heads'), each head whole
             head, per = atoms.find(atoms.split[root][0]), atoms.size[atoms.find(atoms.split[root][1])] or 0
         elif root in atoms.head_tiles:
@@ -423,7 +440,7 @@ class Tracer:
 
     def _query_heads(self, key: int) -> tuple[int, int | None]:
         """(number of key/value heads, their head atom when they move) of a queries space's key."""
-        atoms = self.atoms
+        atoms = self._atoms
         kv = atoms.find(atoms.head_tiles[key][0])
         n = atoms.size[kv] or 1
         return (n, None if atoms.fixed[kv] else kv) if n > 1 else (1, None)
@@ -433,15 +450,15 @@ class Tracer:
         dim (each expert's channels, the expert given by another axis or by the row) counts as its headed space's;
         else it carries no space (an activation there holds one channel of every head at once)."""
         out, offset = [], 0
-        for atom, repeat in self.atoms.expand(desc):
+        for atom, repeat in self._atoms.expand(desc):
             out += self._place(atom, offset, repeat, None, stacked)
-            offset += (self.atoms.size[atom] or 0) * repeat
+            offset += (self._atoms.size[atom] or 0) * repeat
         return out
 
     def _stacked_head(self, atom: int) -> int | None:
         """The head root of a dimension that holds channels inside heads whose heads lie elsewhere (stacked
         experts), or None for any other dimension."""
-        atoms = self.atoms
+        atoms = self._atoms
         heads = set()
         for root, _ in atoms.expand(((atom, 1),)):
             if root not in atoms.owner or atoms.fixed[root] or atoms.sharer_of(root) is not None:
@@ -457,7 +474,7 @@ class Tracer:
         inside the heads and with the heads' block stride; neighbouring parts of one space of whole heads (fixed
         segments side by side) are one part.
         """
-        atoms = self.atoms
+        atoms = self._atoms
         if root in atoms.owner and not atoms.fixed[root] and atoms.sharer_of(root) is None:
             if not stacked:
                 return []
@@ -509,24 +526,6 @@ def _queries_last(spaces: list[tuple[int, int | None, dict[str, Any]]]) -> list[
     return out
 
 
-def hidden_outputs(ep: ExportedProgram) -> set[int]:
-    """Indices of the flat outputs that are hidden states (``last_hidden_state``, ``encoder_last_hidden_state``,
-    ``hidden_states``, a tower's nested output) when the model also returns something else (logits, embeddings).
-
-    Those are not what such a model computes for its user but its internals: they are left in the fused model's
-    basis rather than fixing the residual stream they carry (T5's encoder, CLIP's towers). A model that returns
-    only hidden states (a base model) keeps them fixed: they are its output.
-    """
-    try:
-        spec = ep.call_spec.out_spec
-        leaves = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))[0]
-    except Exception:  # noqa: BLE001 - an output structure we cannot name: every output stays fixed
-        return set()
-    hidden = {index for path, index in leaves if "hidden_state" in pytree.keystr(path)
-              or "_model_output" in pytree.keystr(path)}
-    return hidden if len(hidden) < len(leaves) else set()
-
-
 def _getitem(t: Tracer, node: Node) -> Any:
     src, i = node.args
     if f"{src.name}#{i}" in t.values:
@@ -537,28 +536,13 @@ def _getitem(t: Tracer, node: Node) -> Any:
     return t.fresh(node)
 
 
-def tied_tensors(model: nn.Module) -> dict[str, str]:
-    """Tied tensors (two state_dict names, one storage) -> the first name that holds it."""
-    first: dict[tuple[int, tuple], str] = {}
-    out: dict[str, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.numel() == 0:
-            continue
-        # meta tensors have no storage (every data_ptr is 0): there, tied means one and the same tensor object
-        key = (id(tensor) if tensor.is_meta else tensor.data_ptr(), tuple(tensor.shape))
-        if key in first:
-            out[name] = first[key]
-        else:
-            first[key] = name
-    return out
-
-
 def build_plan(
     model: nn.Module,
     example_input: Any,
     *,
     strict: bool = False,
     exported: ExportedProgram | None = None,
+    rules: Mapping[str, Rule] | None = None,
 ) -> AlignmentPlan:
     """Trace ``model`` on ``example_input`` and derive its alignment plan.
 
@@ -567,6 +551,8 @@ def build_plan(
         example_input: a batch of inputs: a tensor, a tuple of tensors, or a dict of keyword tensors.
         strict: raise :class:`PlanError` on an op without a tracer rule instead of fixing its spaces.
         exported: an already exported program of ``model`` (skips the export).
+        rules: tracer rules by op name for this trace only, over the registered ones (:func:`register_rule`);
+            the next trace uses the registered rules again.
 
     Example:
         >>> import torch
@@ -580,6 +566,6 @@ def build_plan(
     ep = exported if exported is not None else export_model(model, example_input)
     state = model.state_dict()
     aliases = tied_tensors(model)
-    tracer = Tracer(ep, state, aliases, strict=strict)
+    tracer = Tracer(ep, state, aliases, strict=strict, rules=rules)
     tracer.run()
     return tracer.plan(state, aliases)

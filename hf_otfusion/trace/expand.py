@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 from ..plan import AlignmentPlan, AxisRef, FixedAxes, Space
 from . import core
+from .export import tied_tensors
 
 _TOKEN_LISTS = re.compile(r"(^architectures$|token_ids?$|_words_ids$|^tags$)")
 
@@ -311,7 +312,7 @@ def _expand(plan: AlignmentPlan, model: nn.Module, shallow: nn.Module, layout: _
             return None
         fixed.append(FixedAxes(size=f.size, members=tuple(held), reason=f.reason, necessary=f.necessary))
     # tied tensors: the shallow copy's, expanded, must be the model's
-    aliases = core.tied_tensors(model)
+    aliases = tied_tensors(model)
     expected: dict[str, str] = {}
     for alias, name in plan.aliases.items():
         a, b = layout.copies(alias), layout.copies(name)

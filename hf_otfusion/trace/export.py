@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export import ExportedProgram
+from torch.utils import _pytree as pytree
 
 from ..errors import PlanError
 
@@ -125,3 +126,37 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
     except Exception:  # noqa: BLE001 - a model that specialises its batch size still exports statically
         ep = torch.export.export(model, args, kwargs, strict=False)
         return ep.run_decompositions({})
+
+
+def hidden_outputs(ep: ExportedProgram) -> set[int]:
+    """Indices of the flat outputs that are hidden states (``last_hidden_state``, ``encoder_last_hidden_state``,
+    ``hidden_states``, a tower's nested output) when the model also returns something else (logits, embeddings).
+
+    Those are not what such a model computes for its user but its internals: they are left in the fused model's
+    basis rather than fixing the residual stream they carry (T5's encoder, CLIP's towers). A model that returns
+    only hidden states (a base model) keeps them fixed: they are its output.
+    """
+    try:
+        spec = ep.call_spec.out_spec
+        leaves = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))[0]
+    except Exception:  # noqa: BLE001 - an output structure we cannot name: every output stays fixed
+        return set()
+    hidden = {index for path, index in leaves if "hidden_state" in pytree.keystr(path)
+              or "_model_output" in pytree.keystr(path)}
+    return hidden if len(hidden) < len(leaves) else set()
+
+
+def tied_tensors(model: nn.Module) -> dict[str, str]:
+    """Tied tensors (two state_dict names, one storage) -> the first name that holds it."""
+    first: dict[tuple[int, tuple], str] = {}
+    out: dict[str, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel() == 0:
+            continue
+        # meta tensors have no storage (every data_ptr is 0): there, tied means one and the same tensor object
+        key = (id(tensor) if tensor.is_meta else tensor.data_ptr(), tuple(tensor.shape))
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out

@@ -11,8 +11,7 @@ from typing import Any
 
 from torch.fx import Node
 
-from ..core import Tracer, register_rule
-from ..labels import Desc, _shape
+from ..api import Desc, Tracer, register_rule, shape_of
 
 
 def _letters(term: str, ndim: int) -> list[str] | None:
@@ -27,7 +26,7 @@ def _letters(term: str, ndim: int) -> list[str] | None:
 @register_rule("einsum")
 def _einsum(t: Tracer, node: Node) -> Any:
     equation, operands = node.args[0], node.args[1]
-    dst = _shape(node)
+    dst = shape_of(node)
     out = t.fresh(node)
     if not isinstance(equation, str) or not isinstance(operands, (list, tuple)) or dst is None or out is None:
         return t.unknown(node, "einsum")
@@ -38,7 +37,7 @@ def _einsum(t: Tracer, node: Node) -> Any:
         return t.unknown(node, "einsum")  # implicit output (sorted letters): rare, left to the generic refusal
     labels: dict[str, Desc] = {}
     for term, x in zip(terms, operands, strict=True):
-        xl, shape = t.of(x), _shape(x)
+        xl, shape = t.of(x), shape_of(x)
         names = None if xl is None or shape is None else _letters(term, len(xl))
         if names is None:
             return t.unknown(node, "einsum")
@@ -47,7 +46,7 @@ def _einsum(t: Tracer, node: Node) -> Any:
                 continue
             if name in labels:
                 t.join(labels[name], d)
-                labels[name] = t.atoms.within_side(labels[name], d)
+                labels[name] = t.within_side(labels[name], d)
             else:
                 labels[name] = d
     names = _letters(result, len(dst))

@@ -14,8 +14,7 @@ from typing import Any
 
 from torch.fx import Node
 
-from ..core import READS_VALUES, Tracer, register_rule
-from ..labels import Desc, _arg, _FakeNode, _shape
+from ..api import READS_VALUES, Desc, FakeNode, Tracer, argument, register_rule, shape_of
 
 STACKED = ("an expert's hidden channels that the tracer cannot stack on its expert axis (a weight that is not "
            "one plain [experts, in, out] tensor)")
@@ -30,19 +29,19 @@ def _topk(t: Tracer, node: Node) -> Any:
     xl, val = t.of(x), node.meta.get("val")
     if xl is None or not isinstance(val, (tuple, list)) or len(val) != 2:
         return t.unknown(node, "topk")
-    if not _arg(node, 4, "sorted", True):
+    if not argument(node, 4, "sorted", True):
         t.structural("a top-k that does not sort its result (DeepSeek-V3's group-limited routing): the order of the "
                      "chosen channels follows their order, so they stay in place")
         return t.unknown(node, "topk")
-    dim = _arg(node, 2, "dim", -1) % len(xl)
+    dim = argument(node, 2, "dim", -1) % len(xl)
     outs = []
     for v in val:
-        out = t.fresh(_FakeNode(v))
+        out = t.fresh(FakeNode(v))
         for k in range(len(xl)):
             if k != dim:
                 out[k] = xl[k]
         outs.append(out)
-    if not t.atoms.is_fixed(xl[dim]):
+    if not t.is_fixed(xl[dim]):
         t.values[f"{node.name}#1"] = ("index", xl[dim])
     return tuple(outs)
 
@@ -57,7 +56,7 @@ def _sort(t: Tracer, node: Node) -> Any:
         t.drop_values(node)
         return t.unknown(node, "sort")
     t.values[f"{node.name}#0"] = value
-    return tuple(t.fresh(_FakeNode(v)) for v in val)
+    return tuple(t.fresh(FakeNode(v)) for v in val)
 
 
 @register_rule("histc")
@@ -69,8 +68,8 @@ def _histc(t: Tracer, node: Node) -> Any:
     value = t.values.get(x.name) if isinstance(x, Node) else None
     if value is None or out is None:
         return out
-    bins, low, high = _arg(node, 1, "bins", 100), _arg(node, 2, "min", 0), _arg(node, 3, "max", 0)
-    if value[0] != "index" or t.atoms.width(value[1]) != bins or low != 0 or high != bins - 1 or len(out) != 1:
+    bins, low, high = argument(node, 1, "bins", 100), argument(node, 2, "min", 0), argument(node, 3, "max", 0)
+    if value[0] != "index" or t.width(value[1]) != bins or low != 0 or high != bins - 1 or len(out) != 1:
         t.drop_values(node)
         return out
     return [value[1]]
@@ -85,8 +84,8 @@ def _cumsum(t: Tracer, node: Node) -> Any:
     if xl is None or out is None:
         return out
     t.drop_values(node)
-    dim = _arg(node, 1, "dim", 0) % len(xl)
-    if t.atoms.is_fixed(xl[dim]):
+    dim = argument(node, 1, "dim", 0) % len(xl)
+    if t.is_fixed(xl[dim]):
         return list(xl)
     for k in range(len(xl)):
         if k != dim:
@@ -94,20 +93,20 @@ def _cumsum(t: Tracer, node: Node) -> Any:
     if len(xl) == 1:
         t.values[node.name] = ("offsets", xl[dim])
     else:
-        t.atoms.fix(xl[dim], f"a running sum along hidden channels ({t.atoms.context})")
+        t.fix(xl[dim], f"a running sum along hidden channels ({t.context})")
     return out
 
 
 def _within(t: Tracer, desc: Desc) -> bool:
     """Whether a dim holds channels inside heads (each row's expert's own channels)."""
-    pieces = t.atoms.expand(desc)
-    return bool(pieces) and all(a in t.atoms.owner for a, _ in pieces)
+    inside = t.inside_heads(desc)
+    return bool(inside) and all(inside)
 
 
 def _stack(t: Tracer, head: Desc, within: Desc) -> None:
     """``within`` (an axis of a stacked expert weight) becomes each expert's own channels, or is fixed."""
-    if not t.atoms.is_fixed(within) and not t.atoms.stack(head, within):
-        t.atoms.fix(within, f"{STACKED} ({t.atoms.context})")
+    if not t.is_fixed(within) and not t.stack_heads(head, within):
+        t.fix(within, f"{STACKED} ({t.context})")
 
 
 @register_rule("grouped_mm_fallback", "_grouped_mm", "grouped_mm")
@@ -118,12 +117,12 @@ def _grouped_mm(t: Tracer, node: Node) -> Any:
     ``x`` holds each expert's channels (or channels the tracer lost), the input axis is those channels and the
     output is shared by every expert (it is summed over them: one map for all experts, which is always admissible).
     The rows are sorted by expert, so no activation is read here."""
-    x, w, offs = node.args[0], node.args[1], _arg(node, 2, "offs")
+    x, w, offs = node.args[0], node.args[1], argument(node, 2, "offs")
     xl, wl, out = t.of(x), t.of(w), t.fresh(node)
     value = t.values.get(offs.name) if isinstance(offs, Node) else None
-    extra = any(_arg(node, i, name) is not None for i, name in ((3, "bias"), (4, "out_dtype")))
+    extra = any(argument(node, i, name) is not None for i, name in ((3, "bias"), (4, "out_dtype")))
     if (xl is None or wl is None or out is None or len(xl) != 2 or len(wl) != 3 or value is None
-            or value[0] != "offsets" or extra or _shape(w) is None):
+            or value[0] != "offsets" or extra or shape_of(w) is None):
         t.drop_values(node)
         if value is None and xl is not None and wl is not None and t.is_free([*xl, *wl]):
             t.structural("a grouped matrix product whose groups are not the running counts of a router's top-k "
@@ -136,8 +135,8 @@ def _grouped_mm(t: Tracer, node: Node) -> Any:
         t.join(wl[1], xl[-1])
     else:
         t.join(wl[1], xl[-1])
-        if not t.atoms.is_fixed(xl[-1]):  # (an input the tracer lost: its output is taken as shared, a restriction)
+        if not t.is_fixed(xl[-1]):  # (an input the tracer lost: its output is taken as shared, a restriction)
             _stack(t, wl[0], wl[2])
     out[-1] = wl[2]
-    t.producers.append((t.index, out[-1]))
+    t.producer(node, out, len(out) - 1, site=False)
     return out

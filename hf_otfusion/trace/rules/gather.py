@@ -6,8 +6,7 @@ from typing import Any
 
 from torch.fx import Node
 
-from ..core import Tracer, register_rule
-from ..labels import _shape
+from ..api import Tracer, register_rule, shape_of
 
 PICKED = "entries picked by index along this dim (a gather reorders them, so its channels stay in place)"
 
@@ -21,7 +20,7 @@ def _select(t: Tracer, node: Node) -> Any:
         return out
     name = node.target._overloadpacket.__name__
     dim = node.args[1] % len(xl)
-    t.atoms.fix(xl[dim], f"{PICKED}: op '{name}' (node {node.name})")
+    t.fix(xl[dim], f"{PICKED}: op '{name}' (node {node.name})")
     kept = [xl[k] for k in range(len(xl)) if k != dim] if name == "select" else list(xl)
     if len(kept) == len(out):
         for k, d in enumerate(kept):
@@ -36,7 +35,7 @@ def _index(t: Tracer, node: Node) -> Any:
     other dims keep their labels. A relative-position bias table ``table[index]`` (Swin, LeViT) thereby keeps its
     per-head axis free, to join the heads of the attention that adds it."""
     x, indices = node.args[0], node.args[1]
-    xl, src, out, dst = t.of(x), _shape(x), t.fresh(node), _shape(node)
+    xl, src, out, dst = t.of(x), shape_of(x), t.fresh(node), shape_of(node)
     if xl is None or out is None or src is None or dst is None or not isinstance(indices, (list, tuple)):
         return t.unknown(node, "index")
     picked = [k for k, i in enumerate(indices) if i is not None]
@@ -47,7 +46,7 @@ def _index(t: Tracer, node: Node) -> Any:
         if value is not None and value[0] == "index":  # a per-expert table read at each row's expert
             t.join(xl[k], value[1])
         else:
-            t.atoms.fix(xl[k], f"{PICKED}: op 'index' (node {node.name})")
+            t.fix(xl[k], f"{PICKED}: op 'index' (node {node.name})")
     if not picked:
         return list(xl)
     kept = [k for k in range(len(xl)) if k not in picked]

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from ..core import Tracer, register_rule
-from ..labels import Desc, _FakeNode, _shape
+from ..api import Desc, FakeNode, Tracer, register_rule, shape_of
 
 
 def _norm_params(t: Tracer, channel: Desc, params: Sequence[Any]) -> None:
@@ -31,7 +30,7 @@ def _batch_norm(t: Tracer, node: Node) -> Any:
         rest = []
         for v in val[1:]:
             shape = list(v.shape) if isinstance(v, torch.Tensor) else None
-            rest.append([xl[1]] if shape == [_shape(x)[1]] else t.fresh(_FakeNode(v)))
+            rest.append([xl[1]] if shape == [shape_of(x)[1]] else t.fresh(FakeNode(v)))
         return (xl, *rest)
     return xl
 
@@ -49,7 +48,7 @@ def _layer_norm(t: Tracer, node: Node) -> Any:
                 t.join(pl[i], xl[len(xl) - k + i])
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
-        return (xl, *[t.fresh(_FakeNode(v)) for v in val[1:]])
+        return (xl, *[t.fresh(FakeNode(v)) for v in val[1:]])
     return xl
 
 
@@ -63,14 +62,14 @@ def _group_norm(t: Tracer, node: Node) -> Any:
         groups, params = int(node.args[1]), node.args[2:4]
     else:
         groups, params = int(node.args[6]), node.args[1:3]
-    channels = _shape(x)[1]
+    channels = shape_of(x)[1]
     # statistics over contiguous channel groups: the groups are heads (whole groups move, channels inside each)
     if groups not in (1, channels) and (not channels or channels % groups
-                                        or t.atoms.head_split(xl[1], groups, channels // groups) is None):
-        t.atoms.fix(xl[1], f"group norm: statistics over {groups} contiguous channel groups that the channels "
-                    f"cannot be split into ({t.atoms.context})")
+                                        or t.head_split(xl[1], groups, channels // groups) is None):
+        t.fix(xl[1], f"group norm: statistics over {groups} contiguous channel groups that the channels "
+                    f"cannot be split into ({t.context})")
     _norm_params(t, xl[1], params)
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
-        return (xl, *[t.fresh(_FakeNode(v)) for v in val[1:]])
+        return (xl, *[t.fresh(FakeNode(v)) for v in val[1:]])
     return xl

@@ -10,41 +10,40 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from ..core import _IO, TABLE, Tracer, register_rule
-from ..labels import Desc, Labels, _arg, _FakeNode, _shape
+from ..api import IO_REASONS, TABLE, Desc, FakeNode, Labels, Tracer, argument, register_rule, shape_of
 
 
 def _pointwise_out(t: Tracer, node: Node, tensors: Sequence[Any]) -> Labels | None:
     """Broadcasting: aligned dims of equal size are the same channels."""
-    out_shape = _shape(node)
+    out_shape = shape_of(node)
     if out_shape is None:
         return t.fresh(node)
     out: Labels = []
     for pos in range(len(out_shape)):
         chosen: Desc | None = None
         for arg in tensors:
-            labels, shape = t.of(arg), _shape(arg)
+            labels, shape = t.of(arg), shape_of(arg)
             if labels is None or shape is None:
                 continue
             k = pos - (len(out_shape) - len(shape))
             if k < 0 or (shape[k] == 1 and out_shape[pos] != 1):
                 continue
             if out_shape[pos] == 1:  # one entry: nothing to permute, so nothing to join (keep a single head's label)
-                if chosen is None or (t.atoms.is_fixed(chosen) and not t.atoms.is_fixed(labels[k])):
+                if chosen is None or (t.is_fixed(chosen) and not t.is_fixed(labels[k])):
                     chosen = labels[k]
                 continue
             if chosen is None:
                 chosen = labels[k]
             else:
-                if (t.atoms.is_fixed(labels[k]) and not t.is_free(labels)
-                        and (shape[k] or 0) > 1 and not t.atoms.is_uniform(labels[k])):
-                    if (lost := t.atoms.failure(labels[k])) is not None:  # not a table: channels the tracer lost
-                        t.atoms.fix(chosen, lost)
+                if (t.is_fixed(labels[k]) and not t.is_free(labels)
+                        and (shape[k] or 0) > 1 and not t.is_uniform(labels[k])):
+                    if (lost := t.failure(labels[k])) is not None:  # not a table: channels the tracer lost
+                        t.fix(chosen, lost)
                     else:  # channel by channel against a table computed in the graph: no permutation keeps the
                         # function, whatever fixed these channels before (a q/k norm shared by the heads, in Qwen3)
-                        t.atoms.fix(chosen, TABLE, keep=_IO)
+                        t.fix(chosen, TABLE, keep=IO_REASONS)
                 t.join(chosen, labels[k])
-                chosen = t.atoms.within_side(chosen, labels[k])
+                chosen = t.within_side(chosen, labels[k])
         out.append(chosen if chosen is not None else t.new(out_shape[pos]))
     return out
 
@@ -58,7 +57,7 @@ def _pointwise_out(t: Tracer, node: Node, tensors: Sequence[Any]) -> Labels | No
     "logical_not", "eq", "ne", "lt", "le", "gt", "ge", "sign", "floor", "ceil", "round", "sin", "cos",
 )
 def _pointwise(t: Tracer, node: Node) -> Any:
-    tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
+    tensors = [a for a in node.all_input_nodes if shape_of(a) is not None]
     return _pointwise_out(t, node, tensors)
 
 
@@ -84,7 +83,7 @@ def _along_dim(t: Tracer, node: Node) -> Any:
                "adaptive_max_pool2d", "adaptive_max_pool3d", "max_pool2d_with_indices",
                "max_pool3d_with_indices", "upsample_nearest2d", "upsample_bilinear2d", "_adaptive_avg_pool2d",
                "pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d")
-def _pool(t: Tracer, node: Node) -> Any:
+def pool(t: Tracer, node: Node) -> Any:
     """Channels pass through; spatial outputs are new (fixed) positions."""
     x = node.args[0]
     xl = t.of(x)
@@ -94,7 +93,7 @@ def _pool(t: Tracer, node: Node) -> Any:
     spatial = 3 if "3d" in name else 1 if "1d" in name else 2
     if xl is None or not isinstance(first, torch.Tensor):
         return t.unknown(node, name)
-    out = t.fresh(_FakeNode(first))
+    out = t.fresh(FakeNode(first))
     if name in ("pad", "constant_pad_nd") and isinstance(node.args[1], (list, tuple)):
         # pad=[last_lo, last_hi, second_last_lo, ...]: only the dims with a non-zero pad get new positions
         pads = list(node.args[1])
@@ -105,13 +104,13 @@ def _pool(t: Tracer, node: Node) -> Any:
                 out[k] = xl[k]
             else:
                 # padded channels would be new channels: fix them (positions are fixed anyway)
-                t.atoms.fix(xl[k], f"padded: the pad adds entries along this dim ({t.atoms.context})")
+                t.fix(xl[k], f"padded: the pad adds entries along this dim ({t.context})")
         return out
     out[: len(out) - spatial] = xl[: len(xl) - spatial]
     for d in xl[len(xl) - spatial :]:
         # the pooled dims must be positions; channels pooled here (channels-last) stay fixed
-        t.atoms.fix(d, f"pooled: a pool mixes neighbouring entries of this dim, so channels pooled here stay in place "
-                       f"({t.atoms.context})")
+        t.fix(d, f"pooled: a pool mixes neighbouring entries of this dim, so channels pooled here stay in place "
+                       f"({t.context})")
     if isinstance(val, (tuple, list)):
         return (out, out)
     return out
@@ -127,7 +126,7 @@ def _reduce(t: Tracer, node: Node) -> Any:
     first = val[0] if isinstance(val, (tuple, list)) else val
     if xl is None or not isinstance(first, torch.Tensor):
         return t.fresh(node)
-    dims = _arg(node, 1, "dim", None)
+    dims = argument(node, 1, "dim", None)
     if isinstance(dims, int):
         dims = [dims]
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0) or not isinstance(dims, (list, tuple)):
@@ -136,7 +135,7 @@ def _reduce(t: Tracer, node: Node) -> Any:
     keep = len(first.shape) == len(xl)
     out = [xl[i] if i not in dims else t.new(1) for i in range(len(xl)) if keep or i not in dims]
     if isinstance(val, (tuple, list)):
-        return tuple(out if isinstance(v, torch.Tensor) and len(v.shape) == len(out) else t.fresh(_FakeNode(v))
+        return tuple(out if isinstance(v, torch.Tensor) and len(v.shape) == len(out) else t.fresh(FakeNode(v))
                      for v in val)
     return out
 
@@ -154,5 +153,5 @@ def _filled(t: Tracer, node: Node) -> Any:
     """A tensor filled with one value: its dims are fixed, but uniform (they take the channels they meet)."""
     out = t.fresh(node, why="a constant filled with one value")
     for d in out or []:
-        t.atoms.uniform.update(a for a, _ in d)
+        t.make_uniform(d)
     return out

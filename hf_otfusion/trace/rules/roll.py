@@ -14,9 +14,7 @@ from typing import Any
 
 from torch.fx import Node
 
-from ..core import Tracer, register_rule
-from ..labels import _arg, _shape
-from .shape import _slice_desc
+from ..api import Tracer, argument, register_rule, shape_of
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -26,10 +24,10 @@ def _as_list(value: Any) -> list[Any]:
 @register_rule("roll")
 def _roll(t: Tracer, node: Node) -> Any:
     x = node.args[0]
-    xl, src = t.of(x), _shape(x)
+    xl, src = t.of(x), shape_of(x)
     if xl is None or src is None:
         return t.unknown(node, "roll")
-    shifts, dims = _as_list(_arg(node, 1, "shifts", [])), _as_list(_arg(node, 2, "dims", []))
+    shifts, dims = _as_list(argument(node, 1, "shifts", [])), _as_list(argument(node, 2, "dims", []))
     if not dims:
         if t.is_free(xl):
             t.structural("a roll of the flattened tensor moves entries across every dim")
@@ -42,15 +40,15 @@ def _roll(t: Tracer, node: Node) -> Any:
         if not isinstance(shift, int) or n is None:
             if t.is_free([out[dim]]):
                 t.structural("a roll by a shift not known when tracing")
-                t.atoms.fix(out[dim])
+                t.fix(out[dim])
             continue
         s = shift % n if n else 0
         if s == 0 or not t.is_free([out[dim]]):
             continue  # positions (or nothing moved): the labels pass
-        tail, head = _slice_desc(t, out[dim], n - s, n), _slice_desc(t, out[dim], 0, n - s)
+        tail, head = t.slice_desc(out[dim], n - s, n), t.slice_desc(out[dim], 0, n - s)
         if tail is None or head is None:
             t.structural(f"a roll by {s} of {n} channels cuts a repeated or per-head block of them")
-            t.atoms.fix(out[dim])
+            t.fix(out[dim])
             continue
         out[dim] = tail + head
     return out

@@ -15,9 +15,7 @@ from typing import Any
 
 from torch.fx import Node
 
-from ..core import Tracer, register_rule
-from ..labels import Desc, _arg, _shape
-from .shape import _slice_desc
+from ..api import Desc, Tracer, argument, register_rule, shape_of
 
 PER_CHANNEL = 1024  # zeros around a scatter up to this many channels get one atom each
 
@@ -30,19 +28,19 @@ def _filler(t: Tracer, size: int, uniform: bool) -> Desc:
         return ()
     if not uniform or size > PER_CHANNEL:
         return t.new(size)
-    atoms = [t.atoms.new(1, fixed=True, why="zeros around a scattered slice") for _ in range(size)]
-    t.atoms.uniform.update(atoms)
-    return tuple((a, 1) for a in atoms)
+    out = tuple(t.new(1, fixed=True, why="zeros around a scattered slice")[0] for _ in range(size))
+    t.make_uniform(out)
+    return out
 
 
 @register_rule("slice_scatter")
 def _slice_scatter(t: Tracer, node: Node) -> Any:
     base, src = node.args[0], node.args[1]
-    bl, sl, shape = t.of(base), t.of(src), _shape(base)
+    bl, sl, shape = t.of(base), t.of(src), shape_of(base)
     if bl is None or sl is None or shape is None or len(bl) != len(sl):
         return t.unknown(node, "slice_scatter")
-    dim = _arg(node, 2, "dim", 0) % len(bl)
-    start, end, step = _arg(node, 3, "start", None), _arg(node, 4, "end", None), _arg(node, 5, "step", 1)
+    dim = argument(node, 2, "dim", 0) % len(bl)
+    start, end, step = argument(node, 3, "start", None), argument(node, 4, "end", None), argument(node, 5, "step", 1)
     n = shape[dim]
     if n is None and start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step == 1:
         return list(sl)  # the whole of a symbolic dim (the batch) overwritten: src
@@ -60,17 +58,17 @@ def _slice_scatter(t: Tracer, node: Node) -> Any:
         return out  # positions (a cache, a token range): nothing to follow
     pieces = None
     if step == 1 and end > start and not t.is_free([bl[dim]]):  # into positions or a constant: new fixed channels
-        uniform = t.atoms.is_uniform(bl[dim])
+        uniform = t.is_uniform(bl[dim])
         before, after = _filler(t, start, uniform), _filler(t, n - end, uniform)
         pieces = before + sl[dim] + after
     elif step == 1 and end > start:
-        before, after = _slice_desc(t, bl[dim], 0, start), _slice_desc(t, bl[dim], end, n)
+        before, after = t.slice_desc(bl[dim], 0, start), t.slice_desc(bl[dim], end, n)
         if before is not None and after is not None:
             pieces = before + sl[dim] + after
     if pieces is None:
         t.structural(f"a slice_scatter of [{start}:{end}:{step}] into {n} channels the plan cannot cut there")
-        t.atoms.fix(bl[dim])
-        t.atoms.fix(sl[dim])
+        t.fix(bl[dim])
+        t.fix(sl[dim])
         return out
     out[dim] = pieces
     return out
@@ -82,13 +80,13 @@ def _select_scatter(t: Tracer, node: Node) -> Any:
     bl, sl = t.of(base), t.of(src)
     if bl is None or sl is None or len(bl) != len(sl) + 1:
         return t.unknown(node, "select_scatter")
-    dim = _arg(node, 2, "dim", 0) % len(bl)
+    dim = argument(node, 2, "dim", 0) % len(bl)
     rest = [k for k in range(len(bl)) if k != dim]
     for k, d in zip(rest, sl, strict=True):
         t.join(bl[k], d)
     if t.is_free([bl[dim]]):
         t.structural("a select_scatter writes one channel of a dim that holds channels")
-        t.atoms.fix(bl[dim])
+        t.fix(bl[dim])
     return list(bl)
 
 
@@ -98,7 +96,7 @@ def _copy(t: Tracer, node: Node) -> Any:
     from the right); dst's values are overwritten, so its channels join nothing. A dim src broadcasts is one value
     repeated: uniform."""
     dst, src = node.args[0], node.args[1]
-    dl, sl, dshape, sshape = t.of(dst), t.of(src), _shape(dst), _shape(src)
+    dl, sl, dshape, sshape = t.of(dst), t.of(src), shape_of(dst), shape_of(src)
     if dl is None or dshape is None:
         return t.unknown(node, "copy")
     if sl is None or sshape is None:  # a scalar or a value the tracer does not label: positions
@@ -111,6 +109,6 @@ def _copy(t: Tracer, node: Node) -> Any:
             out.append(sl[j])
         else:
             d = t.new(size, why="a value broadcast by copy")
-            t.atoms.uniform.update(a for a, _ in d)
+            t.make_uniform(d)
             out.append(d)
     return out

@@ -1,5 +1,5 @@
 """Ops that move, split or join dims: permutes, reshapes (head splits and merges, fused qkv stacks), expand,
-cat, slice/narrow and split, and the ops that keep a :class:`_Stack`.
+cat, slice/narrow and split, and the ops that keep a :class:`Stack`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from ..core import Tracer, register_rule, register_stack_rule
-from ..labels import Desc, Labels, _arg, _FakeNode, _shape, _Stack
+from ..api import Desc, FakeNode, Labels, Stack, Tracer, argument, register_rule, register_stack_rule, shape_of
 
 STACK_COPY_OPS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "lift_fresh_copy", "dropout"}
 
@@ -43,18 +42,18 @@ def _permute(t: Tracer, node: Node) -> Any:
 
 @register_stack_rule
 def _stack_rule(t: Tracer, node: Node, name: str, stacks: list[Node]) -> Any:
-    """The ops that keep a :class:`_Stack` (or resolve it); None for any other op."""
+    """The ops that keep a :class:`Stack` (or resolve it); None for any other op."""
     if len(stacks) != 1 or not node.args or node.args[0] is not stacks[0]:
         return None
-    st: _Stack = t.labels[stacks[0].name]
+    st: Stack = t.labels[stacks[0].name]
     n = len(st.items[0])
-    tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
+    tensors = [a for a in node.all_input_nodes if shape_of(a) is not None]
     if name in STACK_COPY_OPS and len(tensors) == 1:
         return st
     if name in ("permute", "transpose", "t", "swapaxes", "movedim"):
         order = _permute_order(node, n, name)
-        return _Stack(order.index(st.dim), [[item[i] for i in order] for item in st.items])
-    if name == "unbind" and _arg(node, 1, "dim", 0) % n == st.dim:
+        return Stack(order.index(st.dim), [[item[i] for i in order] for item in st.items])
+    if name == "unbind" and argument(node, 1, "dim", 0) % n == st.dim:
         return tuple([d for k, d in enumerate(item) if k != st.dim] for item in st.items)
     if name == "select" and node.args[1] % n == st.dim and isinstance(node.args[2], int):
         return [d for k, d in enumerate(st.items[node.args[2]]) if k != st.dim]
@@ -65,13 +64,13 @@ def _stack_rule(t: Tracer, node: Node, name: str, stacks: list[Node]) -> Any:
 def _squeeze(t: Tracer, node: Node) -> Any:
     """Adding or removing size-1 dims keeps every other dim's labels (a single head's dim among them)."""
     x = node.args[0]
-    xl, src, dst = t.of(x), _shape(x), _shape(node)
+    xl, src, dst = t.of(x), shape_of(x), shape_of(node)
     if xl is None or src is None or dst is None:
         return t.fresh(node)
     if node.target._overloadpacket.__name__ == "unsqueeze":
         dim = node.args[1] % (len(src) + 1)
         return [*xl[:dim], t.new(1), *xl[dim:]]
-    dims = _arg(node, 1, "dim", None)
+    dims = argument(node, 1, "dim", None)
     dims = range(len(src)) if dims is None else [dims] if isinstance(dims, int) else dims
     drop = {d % len(src) for d in dims if src[d % len(src)] == 1}
     out = [d for k, d in enumerate(xl) if k not in drop]
@@ -86,7 +85,7 @@ def _reshape(t: Tracer, node: Node) -> Any:
     headed dims (a fused qkv); the merge of a (heads, head_dim) pair is the headed dim again.
     """
     x = node.args[0]
-    xl, src, dst = t.of(x), _shape(x), _shape(node)
+    xl, src, dst = t.of(x), shape_of(x), shape_of(node)
     if xl is None or src is None or dst is None:
         return t.fresh(node)
     fx, fo = _batch_factor(x), _batch_factor(node)
@@ -95,8 +94,8 @@ def _reshape(t: Tracer, node: Node) -> Any:
     # the batch merged with other dims (MobileViT's unfolding into (B * C * nh, ph, nw, pw)): reshape with the
     # batch as a dim of its own; such a dim is labelled by what it holds for one batch item
     if fx[0] > 1:
-        width = t.atoms.width(xl[0])
-        if width != fx[0] and not t.atoms.is_fixed(xl[0]):
+        width = t.width(xl[0])
+        if width != fx[0] and not t.is_fixed(xl[0]):
             return _reshape_labels(t, node, xl, src, dst)
         xl = [t.new(None), xl[0] if width == fx[0] else t.new(fx[0]), *xl[1:]]
         src = [None, fx[0], *src[1:]]
@@ -105,9 +104,9 @@ def _reshape(t: Tracer, node: Node) -> Any:
     out = _reshape_labels(t, node, xl, src, dst)
     if fo[0] == 1:
         return out
-    if isinstance(out, _Stack):
+    if isinstance(out, Stack):
         if out.dim > 1:
-            return _Stack(out.dim - 1, [item[1:] for item in out.items])
+            return Stack(out.dim - 1, [item[1:] for item in out.items])
         t.fix_all(out)  # a stack along the batch's own dim: no labelling of the merged dim holds it
         return t.fresh(node)
     return out[1:]
@@ -128,7 +127,7 @@ def _reshape_labels(t: Tracer, node: Node, xl: Labels, src: list, dst: list) -> 
     stacks: list[tuple[int, list[dict[int, Desc]]]] = []
     swaps: dict[int, int] = {}
     # size-1 dims carry nothing, except the one head of a multi-query attention's keys and values
-    i_dims = [i for i, s in enumerate(src) if s != 1 or _one_head(t, xl[i])]
+    i_dims = [i for i, s in enumerate(src) if s != 1 or t.is_head_label(xl[i])]
     o_dims = [j for j, s in enumerate(dst) if s != 1]
     # equal static trailing dims are the same elements (the flat index modulo their size is kept): match them
     # first, so that symbolic leading dims (a batch times a number of windows) cannot misalign the channels
@@ -144,7 +143,7 @@ def _reshape_labels(t: Tracer, node: Node, xl: Labels, src: list, dst: list) -> 
                 i, j = i + 1, j + 1
                 continue
             for k in i_dims[i:]:
-                t.atoms.fix(xl[k])
+                t.fix(xl[k])
             return out
         ib, jb, pi, pj = [i_dims[i]], [o_dims[j]], si, sj
         i, j = i + 1, j + 1
@@ -163,18 +162,18 @@ def _reshape_labels(t: Tracer, node: Node, xl: Labels, src: list, dst: list) -> 
         if stack is not None:
             stacks.append(stack)
     for k in i_dims[i:]:
-        t.atoms.fix(xl[k])
+        t.fix(xl[k])
     name = node.target._overloadpacket.__name__
     one_head = name in ("view", "_unsafe_view", "reshape") and len(dst) == len(src) + 1 and dst[-2] == 1 \
         and len(src) >= 3
     # (.., T, d) -> (.., T, 1, d): one attention head (multi-query attention's single key/value head); (B, d) ->
     # (B, 1, d) is one token (LeViT's last stage at a small input), not a head
-    if one_head and dst[-1] == src[-1] and (headed := t.atoms.head_split(xl[-1], 1, dst[-1])) is not None:
+    if one_head and dst[-1] == src[-1] and (headed := t.head_split(xl[-1], 1, dst[-1])) is not None:
         out[-2], out[-1] = headed
     for k, d in enumerate(out):  # the within-head dim of repeated heads is the tile's own
-        e = t.atoms.expand(d)
+        e = t.expand(d)
         for within, tile_within in swaps.items():
-            if e == t.atoms.expand(((within, 1),)):
+            if e == t.expand(((within, 1),)):
                 out[k] = ((tile_within, 1),)
     if len(stacks) == 1:
         dim, per_item = stacks[0]
@@ -184,11 +183,11 @@ def _reshape_labels(t: Tracer, node: Node, xl: Labels, src: list, dst: list) -> 
             for k, d in labels.items():
                 item[k] = d
             items.append(item)
-        return _Stack(dim, items)
+        return Stack(dim, items)
     for _, per_item in stacks:  # two stacked dims in one value: not expressible
         for labels in per_item:
             for d in labels.values():
-                t.atoms.fix(d)
+                t.fix(d)
     return out
 
 
@@ -228,11 +227,11 @@ def _split_desc(t: Tracer, d: Desc, sizes: list[int]) -> list[Desc] | None:
     repeated over the inner ones, in the inner dims when ``d`` is the same channels again for each outer index."""
     if len(sizes) == 1:
         return [d]
-    if t.atoms.is_fixed(d):
+    if t.is_fixed(d):
         return [t.new(s) for s in sizes]
-    pieces = t.atoms.expand(d)
-    if any(t.atoms._structured(a) for a, _ in pieces):
+    if t.is_structured(d):
         return None
+    pieces = t.expand(d)
     outer, rest = sizes[0], math.prod(sizes[1:])
     if all(r % rest == 0 for _, r in pieces):
         return [tuple((a, r // rest) for a, r in pieces), *(t.new(s) for s in sizes[1:])]
@@ -248,55 +247,23 @@ def _merge_desc(t: Tracer, parts: list[Desc], sizes: list[int]) -> Desc | None:
     again for each index of the dims before it and each repeated over the dims after it."""
     if len(parts) == 1:
         return parts[0]
-    free = [k for k, p in enumerate(parts) if not t.atoms.is_fixed(p)]
+    free = [k for k, p in enumerate(parts) if not t.is_fixed(p)]
     if not free:
         return t.new(math.prod(sizes))
-    if len(free) > 1 or any(t.atoms._structured(a) for a, _ in t.atoms.expand(parts[free[0]])):
+    if len(free) > 1 or t.is_structured(parts[free[0]]):
         return None  # heads are merged by head_merge or not at all
     k = free[0]
     inner = math.prod(sizes[k + 1 :])
-    return tuple((a, r * inner) for a, r in t.atoms.expand(parts[k])) * math.prod(sizes[:k])
+    return tuple((a, r * inner) for a, r in t.expand(parts[k])) * math.prod(sizes[:k])
 
 
 def _channel_minor(t: Tracer, xl: Labels, src: list, ib: list[int]) -> Desc | None:
     """A flatten whose one channel dim is not the outermost (a patch merging's (2, 2, C) -> 4C): the channels
     again for every position of the dims before them, each repeated over the dims after them; None otherwise."""
-    free = [k for k in ib if not t.atoms.is_fixed(xl[k])]
+    free = [k for k in ib if not t.is_fixed(xl[k])]
     if len(free) != 1 or free[0] == ib[0]:
         return None
     return _merge_desc(t, [xl[k] for k in ib], [src[k] for k in ib])
-
-
-def _one_head(t: Tracer, d: Desc) -> bool:
-    e = t.atoms.expand(d)
-    return len(e) == 1 and e[0][0] in t.atoms.heads and not t.atoms.fixed[e[0][0]]
-
-
-def repeat_heads(t: Tracer, head: Desc, g: int, others: list[tuple[Desc, int | None]]) -> tuple[Desc, int, int] | None:
-    """Heads repeated ``g`` times each (grouped-query attention's ``repeat_kv``, or sdpa's ``enable_gqa``):
-    the tile's head label, and (the within atom of the repeated heads, the tile's own within atom); or None.
-
-    ``others``: (label, size) of the value's other dims, one of which must be the heads' within-head dim (its
-    own label, or any label when those channels are fixed anyway); else the merge is of the heads with their
-    own channels, a plain flatten."""
-    pieces = t.atoms.expand(head)
-    if g < 2 or len(pieces) != 1 or pieces[0][1] != 1 or pieces[0][0] not in t.atoms.heads:
-        return None
-    x = next((x for x in t.atoms.owners_of_heads(pieces[0][0]) if _reads_within(t, x, others)), None)
-    if x is None:
-        return None
-    tile = t.atoms.tile(x, g)
-    h_t, w_t = t.atoms.split[tile]
-    return ((h_t, 1),), t.atoms.find(t.atoms.split[x][1]), w_t
-
-
-def _reads_within(t: Tracer, x: int, others: list[tuple[Desc, int | None]]) -> bool:
-    """One of ``others`` is headed atom ``x``'s within dim (or its segments, where a slice cut it), or any dim of
-    its size when those channels are fixed."""
-    within = t.atoms.find(t.atoms.split[x][1])
-    whole = t.atoms.expand(((within, 1),))
-    return any(t.atoms.expand(d) == whole or (t.atoms.fixed[within] and size == t.atoms.size[within])
-               for d, size in others)
 
 
 def _reshape_block(
@@ -307,40 +274,40 @@ def _reshape_block(
         out[jb[0]] = xl[ib[0]]
         return None
     if len(jb) == 1:
-        if len(ib) == 2 and (merged := t.atoms.head_merge(xl[ib[0]], xl[ib[1]])) is not None:
+        if len(ib) == 2 and (merged := t.head_merge(xl[ib[0]], xl[ib[1]])) is not None:
             out[jb[0]] = merged  # (heads, head_dim) -> the headed channels
             return None
         # merge: channel-major, inner dims must be fixed positions
         inner = math.prod(src[k] for k in ib[1:])
         others = [(d, src[k]) for k, d in enumerate(xl) if k not in ib]
-        if all(t.atoms.is_fixed(xl[k]) for k in ib[1:]) and (rep := repeat_heads(t, xl[ib[0]], inner, others)):
+        if all(t.is_fixed(xl[k]) for k in ib[1:]) and (rep := t.repeat_heads(xl[ib[0]], inner, others)):
             out[jb[0]], within, swaps[within] = rep  # each head read by ``inner`` query heads
             return None
         if (minor := _channel_minor(t, xl, src, ib)) is not None:
             out[jb[0]] = minor
             return None
-        if any(not t.atoms.is_fixed(xl[k]) for k in ib[1:]):
+        if any(not t.is_fixed(xl[k]) for k in ib[1:]):
             t.structural(f"a flatten {[src[k] for k in ib]} -> {dst[jb[0]]} of hidden channels from more than one "
                          "dim (or of channels inside heads); a flatten is expressible when one dim holds channels")
         for k in ib[1:]:
-            t.atoms.fix(xl[k])
-        out[jb[0]] = tuple((a, r * inner) for a, r in t.atoms.expand(xl[ib[0]]))
+            t.fix(xl[k])
+        out[jb[0]] = tuple((a, r * inner) for a, r in t.expand(xl[ib[0]]))
         return None
     if len(ib) == 1:  # split: the outer dim keeps the channels when every segment repeats the inner block
         inner = math.prod(dst[k] for k in jb[1:])
-        pieces = t.atoms.expand(xl[ib[0]])
+        pieces = t.expand(xl[ib[0]])
         if all(r % inner == 0 for _, r in pieces):
             out[jb[0]] = tuple((a, r // inner) for a, r in pieces)
             return None
-        if len(jb) == 2 and (headed := t.atoms.head_split(xl[ib[0]], dst[jb[0]], dst[jb[1]])) is not None:
+        if len(jb) == 2 and (headed := t.head_split(xl[ib[0]], dst[jb[0]], dst[jb[1]])) is not None:
             out[jb[0]], out[jb[1]] = headed
             return None
-        if len(jb) in (2, 3) and (parts := t.atoms.chunks(xl[ib[0]], dst[jb[0]])) is not None:
+        if len(jb) in (2, 3) and (parts := t.chunks(xl[ib[0]], dst[jb[0]])) is not None:
             per_item: list[dict[int, Desc]] = []
             for part in parts:
                 if len(jb) == 2:
                     per_item.append({jb[1]: ((part, 1),)})
-                elif (headed := t.atoms.head_split(((part, 1),), dst[jb[1]], dst[jb[2]])) is not None:
+                elif (headed := t.head_split(((part, 1),), dst[jb[1]], dst[jb[2]])) is not None:
                     per_item.append({jb[1]: headed[0], jb[2]: headed[1]})
                 else:
                     break
@@ -350,17 +317,17 @@ def _reshape_block(
         for k, d in zip(jb, refined, strict=True):
             out[k] = d
         return None
-    if any(not t.atoms.is_fixed(xl[k]) for k in ib):
+    if any(not t.is_fixed(xl[k]) for k in ib):
         t.structural(f"a reshape {[src[k] for k in ib]} -> {[dst[k] for k in jb]} of hidden channels that is not "
                      "a head split, a head merge or a flatten")
     for k in ib:
-        t.atoms.fix(xl[k])
+        t.fix(xl[k])
     return None
 
 
 @register_rule("expand", "expand_as", "repeat", "broadcast_to")
 def _expand(t: Tracer, node: Node) -> Any:
-    xl, src, dst = t.of(node.args[0]), _shape(node.args[0]), _shape(node)
+    xl, src, dst = t.of(node.args[0]), shape_of(node.args[0]), shape_of(node)
     if xl is None or src is None or dst is None:
         return t.fresh(node)
     out = [t.new(s) for s in dst]
@@ -370,24 +337,25 @@ def _expand(t: Tracer, node: Node) -> Any:
         if src[k] == dst[lead + k] or (src[k] is None and dst[lead + k] is None):
             out[lead + k] = xl[k]
         elif name == "repeat" and src[k] != 1:
-            why = f"tiled by repeat (whole blocks in a row, not a channel-major repeat; {t.atoms.context})"
-            t.atoms.fix(xl[k], why)
+            why = f"tiled by repeat (whole blocks in a row, not a channel-major repeat; {t.context})"
+            t.fix(xl[k], why)
     return out
 
 
 @register_rule("cat", "concat", "concatenate")
 def _cat(t: Tracer, node: Node) -> Any:
-    tensors = [a for a in node.args[0] if isinstance(a, Node) and _shape(a) and 0 not in _shape(a)]  # (empty: nothing)
+    # (an empty tensor adds nothing)
+    tensors = [a for a in node.args[0] if isinstance(a, Node) and shape_of(a) and 0 not in shape_of(a)]
     out = t.fresh(node)
     if out is None or not tensors:
         return out
-    dim = _arg(node, 1, "dim", 0) % len(out)
+    dim = argument(node, 1, "dim", 0) % len(out)
     labels = [t.of(a) for a in tensors]
     if any(lab is None or len(lab) != len(out) for lab in labels):
         return t.unknown(node, "cat")
     for k in range(len(out)):
         if k == dim:
-            out[k] = tuple(p for lab in labels for p in t.atoms.expand(lab[k]))
+            out[k] = tuple(p for lab in labels for p in t.expand(lab[k]))
             continue
         out[k] = labels[0][k]
         for lab in labels[1:]:
@@ -403,7 +371,7 @@ def _stack(t: Tracer, node: Node) -> Any:
     out = t.fresh(node)
     if out is None or not tensors or len(tensors) != len(node.args[0]):
         return out
-    dim = _arg(node, 1, "dim", 0) % len(out)
+    dim = argument(node, 1, "dim", 0) % len(out)
     labels = [t.of(a) for a in tensors]
     if any(lab is None or len(lab) != len(out) - 1 for lab in labels):
         return t.unknown(node, "stack")
@@ -415,43 +383,25 @@ def _stack(t: Tracer, node: Node) -> Any:
 
 
 def _slice_reason(t: Tracer, desc: Desc) -> str | None:
-    if any(a in t.atoms.owner for a, _ in t.atoms.expand(desc)):
-        return (f"a slice inside attention heads at {t.atoms.context} (e.g. partial rotary embeddings, or a qkv "
+    if any(t.inside_heads(desc)):
+        return (f"a slice inside attention heads at {t.context} (e.g. partial rotary embeddings, or a qkv "
                 "projection laid out per head): a range of channels inside every head is not expressible in the plan")
     return None
-
-
-def _slice_desc(t: Tracer, desc: Desc, start: int, end: int) -> Desc | None:
-    """The segments covering [start, end) exactly, or None when the slice cuts a segment it cannot divide.
-
-    A free plain channel atom is divided where the slice cuts it (GPT-2's ``c_attn`` output split into q, k, v).
-    """
-    for cut in (start, end):
-        t.atoms.cut(desc, cut)
-    out, offset = [], 0
-    for atom, repeat in t.atoms.expand(desc):
-        size = (t.atoms.size[atom] or 0) * repeat
-        if offset >= start and offset + size <= end:
-            out.append((atom, repeat))
-        elif offset < end and offset + size > start:
-            return None
-        offset += size
-    return tuple(out)
 
 
 @register_rule("slice", "narrow")
 def _slice(t: Tracer, node: Node) -> Any:
     x = node.args[0]
-    xl, src, out = t.of(x), _shape(x), t.fresh(node)
+    xl, src, out = t.of(x), shape_of(x), t.fresh(node)
     if xl is None or src is None or out is None:
         return out
-    dim = _arg(node, 1, "dim", 0) % len(xl)
+    dim = argument(node, 1, "dim", 0) % len(xl)
     name = node.target._overloadpacket.__name__
     size = src[dim]
     if name == "narrow":
         start, end, step = node.args[2], node.args[2] + node.args[3], 1
     else:
-        start, end, step = _arg(node, 2, "start", 0), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+        start, end, step = argument(node, 2, "start", 0), argument(node, 3, "end", None), argument(node, 4, "step", 1)
     if not all(isinstance(v, (int, type(None))) for v in (start, end, step)) or size is None:
         for k in range(len(xl)):
             if k != dim:
@@ -464,40 +414,40 @@ def _slice(t: Tracer, node: Node) -> Any:
             out[k] = xl[k]
     if end <= start:
         pass  # an empty slice (the non-rotary part of fully rotary heads) reads no channel
-    elif step == 1 and (piece := _slice_desc(t, xl[dim], start, end)) is not None and piece:
+    elif step == 1 and (piece := t.slice_desc(xl[dim], start, end)) is not None and piece:
         out[dim] = piece
-    elif not t.atoms.is_fixed(xl[dim]):
-        strided = (f"a slice with step {step} ({t.atoms.context}): channels taken one in {step} (e.g. gpt-oss's "
+    elif not t.is_fixed(xl[dim]):
+        strided = (f"a slice with step {step} ({t.context}): channels taken one in {step} (e.g. gpt-oss's "
                    "interleaved gate and up projections) are not expressible in the plan")
-        t.atoms.fix(xl[dim], strided if step != 1 else _slice_reason(t, xl[dim]))
+        t.fix(xl[dim], strided if step != 1 else _slice_reason(t, xl[dim]))
     return out
 
 
 @register_rule("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
 def _split(t: Tracer, node: Node) -> Any:
     x = node.args[0]
-    xl, src = t.of(x), _shape(x)
+    xl, src = t.of(x), shape_of(x)
     val = node.meta.get("val")
     if xl is None or src is None or not isinstance(val, (tuple, list)):
         return t.unknown(node, str(node.target))
     name = node.target._overloadpacket.__name__
-    dim = (_arg(node, 1, "dim", 0) if name == "unbind" else _arg(node, 2, "dim", 0)) % len(xl)
+    dim = (argument(node, 1, "dim", 0) if name == "unbind" else argument(node, 2, "dim", 0)) % len(xl)
     outs, offset = [], 0
     for v in val:
-        o = t.fresh(_FakeNode(v))
+        o = t.fresh(FakeNode(v))
         if name == "unbind":
-            t.atoms.fix(xl[dim], f"unbound: each entry of this dim becomes its own value ({t.atoms.context})")
+            t.fix(xl[dim], f"unbound: each entry of this dim becomes its own value ({t.context})")
             o = [xl[k] for k in range(len(xl)) if k != dim]
         else:
             width = v.shape[dim]
-            piece = _slice_desc(t, xl[dim], offset, offset + width) if isinstance(width, int) else None
+            piece = t.slice_desc(xl[dim], offset, offset + width) if isinstance(width, int) else None
             for k in range(len(xl)):
                 if k != dim:
                     o[k] = xl[k]
             if piece:
                 o[dim] = piece
             else:
-                t.atoms.fix(xl[dim], _slice_reason(t, xl[dim]))
+                t.fix(xl[dim], _slice_reason(t, xl[dim]))
             offset += width if isinstance(width, int) else 0
         outs.append(o)
     return tuple(outs)
