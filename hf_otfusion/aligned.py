@@ -106,12 +106,9 @@ def run_align(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
             continue
         key = id(parent.model)
         if key not in done:
-            done[key] = fuse([target.model, parent.model], target=0, weights=[0.0, 1.0],
-                             alignment=params.alignment, calibration=calibration, example_input=example,
-                             solver=params.solver, reg=params.reg, marginals=params.marginals, plan=plan,
-                             device=dev, progress=progress, repair="none", match_heads=params.match_heads,
-                             residual=params.residual, standardize=params.standardize,
-                             sweeps=params.sweeps).cpu()
+            done[key] = fuse([target.model, parent.model], options=params, target=0, weights=[0.0, 1.0],
+                             calibration=calibration, example_input=example, plan=plan, device=dev,
+                             progress=progress, repair="none", repair_parameters=None).cpu()
         aligned.append(done[key])
     return AlignResult(config=config, parents=list(parents), models=aligned, names=aligned_names(parents),
                        plan=plan, notes=notes)

@@ -163,6 +163,29 @@ def test_fuse_checkpoints_equals_fuse(tmp_path, residual):
     assert all(torch.equal(streamed[k], fused[k]) for k in fused)
 
 
+def test_fuse_checkpoints_takes_the_options_object_and_overrides(tmp_path):
+    from hf_otfusion.config import FusionParameters
+    from hf_otfusion.errors import FusionError
+
+    models = [_mlp(16, 2), _mlp(16, 2, seed=1)]
+    x = torch.randn(2, 32)
+    plan = build_plan(models[0], x)
+    folders = [_save(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    options = FusionParameters(solver="sinkhorn", reg=0.1)
+    by_object = load_file(fuse_checkpoints(folders, tmp_path / "a", plan, options=options, progress=False)[0])
+    by_name = load_file(fuse_checkpoints(folders, tmp_path / "b", plan, solver="sinkhorn", reg=0.1,
+                                         progress=False)[0])
+    over = load_file(fuse_checkpoints(folders, tmp_path / "c", plan, options=options, reg=0.5, progress=False)[0])
+    fused = fuse(models, options, example_input=x, progress=False).state_dict()
+    assert all(torch.equal(by_object[k], fused[k]) and torch.equal(by_name[k], fused[k]) for k in fused)
+    assert not all(torch.equal(over[k], fused[k]) for k in fused)  # the override wins over the object's reg
+    with pytest.raises(FusionError, match="repair 'reset_bn' needs the fused model in memory"):
+        fuse_checkpoints(folders, tmp_path / "d", plan, repair="reset_bn", progress=False)
+    with pytest.raises(FusionError, match="unknown option 'solvr'"):
+        fuse_checkpoints(folders, tmp_path / "e", plan, solvr="emd", progress=False)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
 def test_fuse_checkpoints_fuses_other_widths(tmp_path):
     models = [_mlp(16, 2), _mlp(24, 2, seed=1)]  # the wider one is brought down to the target's widths
     x = torch.randn(2, 32)

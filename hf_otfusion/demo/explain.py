@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import FusionParameters
 from ..evaluate import accuracy, language_model_kind, loss
 from ..plan import AlignmentPlan
-from ..repair import reset_norm_stats
+from ..repairs import reset_norm_stats
 from ..sources import LoadedModel, example_input
 from .limits import Check, DemoError
 
@@ -28,29 +29,28 @@ def align_pair(
     target: LoadedModel,
     other: LoadedModel,
     plan: AlignmentPlan,
+    options: FusionParameters | None = None,
     *,
-    alignment: str = "weights",
-    solver: str = "emd",
-    reg: float = 0.05,
-    marginals: str = "uniform",
     calibration: Any = None,
     example: Any = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``other``'s state transported onto ``target``'s channels, and the transport map of each space.
 
     The same steps as ``fuse`` takes for one model (``hf_otfusion.engine.align``), kept apart so the demo can show
-    them: averaging ``(1 - w)·target + w·aligned`` is the fused model of the pair.
+    them: averaging ``(1 - w)·target + w·aligned`` is the fused model of the pair. ``options``: the fusion options
+    (default: every default), as for ``fuse``.
     """
     from ..activations import activation_costs
     from ..engine import align
-    from ..runner import Runner
+    from ..graph import Runner
     from ..trace import build_plan, export_model
 
     example = example_input(target) if example is None else example  # text: a calibration batch's length
     same_shapes = {k: tuple(v.shape) for k, v in other.model.state_dict().items()} == plan.tensors
     plan_o = plan if same_shapes else build_plan(other.model, example)
+    options = options if options is not None else FusionParameters()
     costs = None
-    if alignment == "activations":
+    if options.alignment == "activations":
         if calibration is None:
             raise DemoError("activations alignment needs calibration data")
         device = torch.device("cpu")
@@ -58,8 +58,7 @@ def align_pair(
         runners = [Runner(exported, target.model, device),
                    Runner(exported if same_shapes else export_model(other.model, example), other.model, device)]
         costs = activation_costs(runners, [plan, plan_o], 0, calibration, progress=False)[1]
-    state, couplings = align(_state(other.model), plan_o, _state(target.model), plan, costs=costs, solver=solver,
-                             reg=reg, marginals=marginals)
+    state, couplings = align(_state(other.model), plan_o, _state(target.model), plan, options, costs=costs)
     for alias, name in plan.aliases.items():
         state[alias] = state[name]
     return state, couplings

@@ -59,11 +59,8 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
             plan = cached_plan_of(target, example, enabled=plan_cache,  # weights alone: sites unused
                                   sites=params.alignment != "weights" or params.repair != "none")
         check_plan(plan, params.strict)
-        fused = fuse(models, target=config.target_index, weights=config.weights, alignment=params.alignment,
-                     calibration=calibration, example_input=example, solver=params.solver, reg=params.reg,
-                     marginals=params.marginals, plan=plan, device=dev, progress=progress, repair=params.repair,
-                     match_heads=params.match_heads, residual=params.residual, standardize=params.standardize,
-                     sweeps=params.sweeps)
+        fused = fuse(models, options=params, target=config.target_index, weights=config.weights,
+                     calibration=calibration, example_input=example, plan=plan, device=dev, progress=progress)
     untuned = None
     if config.finetune is not None and world()[1] > 1 and is_main():
         print(f"warning: finetune is not data-parallel: each of the {world()[1]} processes runs all of it",

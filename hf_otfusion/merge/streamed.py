@@ -19,10 +19,10 @@ from ..config import MergeConfig
 from ..distributed import world
 from ..engine import check_compatible, plans_for
 from ..errors import FusionError
+from ..graph import to_device
 from ..plan import AlignmentPlan
 from ..plan_cache import cached_plan_of
 from ..profile import timed
-from ..runner import to_device
 from ..sources import LoadedModel, ModelInfo, checkpoint_names, example_input, load_model, save_model_files
 from ..streaming import ParentSource, average_sources, disk_activation_costs, fuse_sources, spill_folder
 from ..trace import export_model
@@ -174,7 +174,6 @@ def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "
                                           job.calibration, standardize=params.standardize, residual=params.residual,
                                           device=device, progress=progress, spill=spill)
             job.builds, job.exported = [], []
-        fuse_sources(job.sources, job.plans, folder, target=config.target_index, weights=config.weights,
-                     solver=params.solver, reg=params.reg, marginals=params.marginals, match_heads=params.match_heads,
-                     residual=params.residual, dtype=getattr(torch, config.dtype), device=device,
-                     max_shard_size=max_shard_size, progress=progress, out_names=job.out_names, costs=costs)
+        fuse_sources(job.sources, job.plans, folder, params, target=config.target_index, weights=config.weights,
+                     dtype=getattr(torch, config.dtype), device=device, max_shard_size=max_shard_size,
+                     progress=progress, out_names=job.out_names, costs=costs)
