@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         module = importlib.import_module(f"{__package__}.{STANDALONE[argv[0]][0]}")
         module.main(argv[1:])
         return
+    if argv[0] not in (*DESCRIPTIONS, "all"):
+        sys.exit(f"python -m experiments: no experiment {argv[0]!r}\n\n{usage()}")
     from . import suite
 
     suite.main(argv)
