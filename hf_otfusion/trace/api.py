@@ -55,6 +55,15 @@ Example: a rule for a made-up elementwise op. Without a rule the op fixes the hi
     ...     return t.of(argument(node, 0, "x"))  # elementwise: the output's dims are the input's
     >>> [(s.name, s.size) for s in build_plan(net, x).spaces]
     [('a.weight:0', 8)]
+
+The same rule for one trace only leaves the registered table as it is (here emptied of the example's rule again):
+
+    >>> from hf_otfusion.trace import RULES
+    >>> del RULES["shift"]
+    >>> [(s.name, s.size) for s in build_plan(net, x, rules={"shift": _shift}).spaces]
+    [('a.weight:0', 8)]
+    >>> "shift" in RULES
+    False
 """
 
 from __future__ import annotations
