@@ -74,8 +74,8 @@ def _trace(info: ModelInfo, example: object | None = None,
         try:
             empty = load_model(info, empty=True)
             x = example if example is not None else example_input(empty)
-            return empty, x, cached_plan_of(empty, to_device(x, torch.device("meta")), enabled=plan_cache, sites=False,
-                                            verify_input=x)
+            meta = to_device(x, torch.device("meta"))
+            return empty, x, cached_plan_of(empty, meta, enabled=plan_cache, sites=False, verify_input=x)
         except FusionError:
             pass
     with timed("load"):
