@@ -22,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 DEVICES = ("cpu", "cuda", "auto")
+VERBOSE_HELP = "more on stderr: -v adds debugging records (information records show unless --quiet; warnings always)"
 NO_PLAN_CACHE_HELP = ("trace the plan even when the plan cache holds it, and store nothing there (the cache: "
                       "$HF_OTFUSION_PLAN_CACHE, else HF_HOME/hf_otfusion/plans; deleting it is always safe)")
 
@@ -46,20 +47,19 @@ def _quiet_libraries() -> None:
 
 
 def _join_processes() -> bool:
-    """Join a launcher's process group (``accelerate launch``, ``torchrun``), logging each process's share of the
-    data on stderr; whether this is the main process (always, when not launched as one of several)."""
+    """Join a launcher's process group (``accelerate launch``, ``torchrun``); whether this is the main process
+    (always, when not launched as one of several). Each process logs its share of the data (an information record)."""
     from .distributed import init
 
-    rank, size = init()
-    if size > 1:
-        import logging
-
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger = logging.getLogger("hf_otfusion.distributed")
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    rank, _ = init()
     return rank == 0
+
+
+def _set_verbosity(quiet: bool, verbose: int) -> None:
+    """The package's log level from ``--quiet`` / ``-v`` (see ``hf_otfusion.log``; warnings always show)."""
+    from .log import set_verbosity, verbosity_of
+
+    set_verbosity(verbosity_of(quiet, verbose))
 
 
 def _check_device(device: str) -> str:
@@ -107,6 +107,7 @@ def merge(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate, load the models, print the plan; write nothing")]
     = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summaries")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help=VERBOSE_HELP)] = 0,
     out_shard_size: Annotated[str | None, typer.Option("--out-shard-size", help="split the weights into shards of at "
                               "most this size, e.g. 5GB or 500MB (transformers outputs)")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="print where the time went (load, trace, activations, "
@@ -139,6 +140,7 @@ def merge(
     from .profile import profiling
     from .sources import example_input
 
+    _set_verbosity(quiet, verbose)
     main = _join_processes()
     if quiet or not main:
         _quiet_libraries()
@@ -211,11 +213,13 @@ def push(
     revision: Annotated[str | None, typer.Option(help="branch to push to")] = None,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="push as a pull request")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summaries")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help=VERBOSE_HELP)] = 0,
 ) -> None:
     """Push a folder written by ``merge`` to the Hub, without merging again (e.g. after a failed push).
 
     Example: hf-otfusion push fused-mnist you/mnist-fused
     """
+    _set_verbosity(quiet, verbose)
     if quiet:
         _quiet_libraries()
     with _user_errors():
@@ -232,6 +236,7 @@ def align(
     = "auto",
     overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summaries")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help=VERBOSE_HELP)] = 0,
     no_plan_cache: Annotated[bool, typer.Option("--no-plan-cache", help=NO_PLAN_CACHE_HELP)] = False,
 ) -> None:
     """Transport every parent into the target's basis and write each as its own model, plus mergekit configs.
@@ -245,6 +250,7 @@ def align(
     from .aligned import align_notes, align_parents
     from .config import load_config
 
+    _set_verbosity(quiet, verbose)
     main = _join_processes()
     if quiet or not main:
         _quiet_libraries()
@@ -288,6 +294,7 @@ def plan(
     model: Annotated[str, typer.Argument(help="a model reference: Hub id[@revision], hf-hub:name or local folder")],
     json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help=VERBOSE_HELP)] = 0,
     strict: Annotated[bool, typer.Option("--strict", help="exit with an error if the plan leaves movable hidden "
                       "channels fixed")] = False,
     no_plan_cache: Annotated[bool, typer.Option("--no-plan-cache", help=NO_PLAN_CACHE_HELP)] = False,
@@ -299,6 +306,7 @@ def plan(
     from .plan_cache import cached_plan_of
     from .sources import example_input, load_model
 
+    _set_verbosity(quiet, verbose)
     if quiet:
         _quiet_libraries()
     with _user_errors():

@@ -15,7 +15,6 @@ Example (two CPU processes; ``python -m accelerate.commands.launch`` avoids the 
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -23,8 +22,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from .log import get_logger
+
 T = TypeVar("T")
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def world() -> tuple[int, int]:

@@ -37,7 +37,11 @@ class _StderrHandler(logging.StreamHandler):
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
-        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        if record.exc_info:
+            text = f"{text}\n{self.formatException(record.exc_info)}"
+        return text
 
 
 def _root() -> logging.Logger:
@@ -70,3 +74,6 @@ def verbosity_of(quiet: bool, verbose: int) -> int:
     if quiet:
         return logging.WARNING
     return logging.DEBUG if verbose > 0 else logging.INFO
+
+
+_root()  # installed on import: a module using logging.getLogger(__name__) reports the same way

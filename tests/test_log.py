@@ -35,3 +35,14 @@ def test_quiet_never_hides_a_warning():
     assert verbosity_of(quiet=False, verbose=1) == logging.DEBUG
     set_verbosity(verbosity_of(quiet=True, verbose=0))
     assert get_logger("hf_otfusion.x").isEnabledFor(logging.WARNING)
+
+
+@pytest.mark.parametrize(("flags", "level"), [(["-q"], logging.WARNING), ([], logging.INFO), (["-v"], logging.DEBUG)])
+def test_the_commands_quiet_and_verbose_flags_set_the_level(tmp_path, flags, level):
+    from typer.testing import CliRunner
+
+    from hf_otfusion.cli import app
+
+    result = CliRunner().invoke(app, ["push", str(tmp_path / "missing"), "you/model", *flags])
+    assert result.exit_code == 1  # the folder is missing: refused before any upload
+    assert logging.getLogger("hf_otfusion").level == level

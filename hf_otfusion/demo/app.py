@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from ..errors import FusionError
+from ..log import get_logger
 from ..registry import REPAIRS, SOLVERS
 from .core import (
     ALIGNMENTS,
@@ -38,7 +38,7 @@ from .core import (
 )
 from .plots import interpolation_figure, transport_map_figure
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 TITLE = "hf-otfusion: model fusion via optimal transport"
 INTRO = """\

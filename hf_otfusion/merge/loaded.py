@@ -3,7 +3,6 @@ config says."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +13,7 @@ from ..distributed import is_main, world
 from ..errors import MergeError
 from ..evaluate import EvalRow, evaluate_fusion, language_model_kind
 from ..fuse import fuse, resolve_device, vanilla_average
+from ..log import get_logger
 from ..output import PLAN_FILE
 from ..plan import AlignmentPlan
 from ..plan_cache import cached_plan_of
@@ -22,6 +22,8 @@ from ..sources import LoadedModel, example_input
 from ..train import finetune
 from .inputs import calibration_inputs, dataset_loader
 from .result import MergeResult
+
+log = get_logger(__name__)
 
 
 def check_plan(plan: AlignmentPlan, strict: bool) -> None:
@@ -36,7 +38,7 @@ def check_plan(plan: AlignmentPlan, strict: bool) -> None:
     if plan.verification is not None and not plan.verified:  # never silent: the plan could not be checked
         summary = f"{summary}; plan {plan.verification}" if summary else f"plan {plan.verification}"
     if summary and is_main():
-        print(f"warning: {summary}; see {PLAN_FILE}", file=sys.stderr)
+        log.warning("%s; see %s", summary, PLAN_FILE)
 
 
 def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: str | None = None,
@@ -63,8 +65,7 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
                      calibration=calibration, example_input=example, plan=plan, device=dev, progress=progress)
     untuned = None
     if config.finetune is not None and world()[1] > 1 and is_main():
-        print(f"warning: finetune is not data-parallel: each of the {world()[1]} processes runs all of it",
-              file=sys.stderr)
+        log.warning("finetune is not data-parallel: each of the %d processes runs all of it", world()[1])
     if config.finetune is not None:
         with timed("finetune"):
             untuned, fused = fused, finetune_merged(fused, config.finetune, target, device=dev, progress=progress)
