@@ -4,7 +4,7 @@ from ._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 
-from .config import MergeConfig, load_config  # noqa: E402
+from .config import FusionParameters, MergeConfig, load_config  # noqa: E402
 from .engine import align  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
@@ -40,6 +40,7 @@ __all__ = [
     "DemoError",
     "DemoTimeout",
     "FusionError",
+    "FusionParameters",
     "MergeConfig",
     "MergeError",
     "OutputError",

@@ -156,7 +156,9 @@ class FusionParameters(_Frozen):
     @property
     def repair_params(self) -> BaseModel:
         """The repair's options: ``repair_parameters``, else its parameters model's defaults."""
-        return self.repair_parameters or REPAIRS.get(self.repair).parameters()
+        if self.repair_parameters is not None:
+            return self.repair_parameters
+        return REPAIRS.get(self.repair).parameters()
 
 
 class DatasetConfig(_Frozen):
