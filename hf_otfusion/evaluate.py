@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import shard, sum_numbers
+from .errors import DataError
 
 Data = tuple[torch.Tensor, torch.Tensor] | Iterable
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
@@ -149,7 +150,7 @@ def logits_of(output: Any) -> torch.Tensor:
     """The logits of a model's output: the tensor itself, or its ``.logits`` (a transformers ``ModelOutput``)."""
     logits = getattr(output, "logits", output)
     if not torch.is_tensor(logits):
-        raise TypeError(f"expected the model to return a tensor or an output with .logits, got {type(output).__name__}")
+        raise DataError(f"expected the model to return a tensor or an output with .logits, got {type(output).__name__}")
     return logits
 
 
@@ -166,13 +167,13 @@ def labelled_batches(data: Data) -> Iterator[tuple[Inputs, torch.Tensor]]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         x, y = data
         if len(x) != len(y):
-            raise ValueError(f"inputs and labels differ in length: {len(x)} != {len(y)}")
+            raise DataError(f"inputs and labels differ in length: {len(x)} != {len(y)}")
         for start in range(0, len(x), _TENSOR_BATCH):
             yield x[start : start + _TENSOR_BATCH], y[start : start + _TENSOR_BATCH]
         return
     for batch in data:
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise TypeError("data must be (inputs, labels) tensors or an iterable of (input, label) batches")
+            raise DataError("data must be (inputs, labels) tensors or an iterable of (input, label) batches")
         yield batch[0], batch[1]
 
 
@@ -222,7 +223,7 @@ def _lm_batch(
 ) -> tuple[Mapping[str, torch.Tensor], torch.Tensor]:
     """The inputs to run and the token labels to score (-100: not scored) of one language-model batch."""
     if not isinstance(x, Mapping) or "input_ids" not in x:
-        raise TypeError("a language model is evaluated on dict batches with 'input_ids' (and 'attention_mask')")
+        raise DataError("a language model is evaluated on dict batches with 'input_ids' (and 'attention_mask')")
     ids = x["input_ids"]
     attention = x.get("attention_mask")
     token_labels = torch.is_tensor(y) and y.shape == ids.shape
@@ -234,7 +235,7 @@ def _lm_batch(
     if token_labels:  # already masked (the loader does it for a masked LM)
         return x, y
     if mask_token_id is None:
-        raise ValueError("a masked language model needs masked inputs with token labels, or a mask_token_id")
+        raise DataError("a masked language model needs masked inputs with token labels, or a mask_token_id")
     masked, labels = mask_tokens(ids, attention, mask_token_id=mask_token_id, special_ids=special_ids, seed=seed,
                                  first_row=first_row)
     return {**x, "input_ids": masked}, labels
@@ -288,7 +289,7 @@ def _run(
     correct, total, loss_sum = sum_numbers(correct, total, loss_sum)  # every process's batches
     correct, total = int(correct), int(total)
     if total == 0:
-        raise ValueError("no samples to evaluate" if lm is None else "no tokens to evaluate (all padding?)")
+        raise DataError("no samples to evaluate" if lm is None else "no tokens to evaluate (all padding?)")
     return _Totals(None if lm is not None else correct, total, loss_sum, _joined(preds) if predictions else None)
 
 
@@ -299,7 +300,7 @@ def _joined(preds: list[torch.Tensor]) -> torch.Tensor:
 def accuracy(model: nn.Module, data: Data, device: str | torch.device | None = None) -> float:
     """Fraction (0-1) of samples whose argmax prediction equals the label (classifiers only)."""
     if language_model_kind(model) is not None:
-        raise ValueError("accuracy is measured for classifiers; for a language model use loss or perplexity")
+        raise DataError("accuracy is measured for classifiers; for a language model use loss or perplexity")
     return _run(model, data, device).accuracy
 
 
@@ -333,7 +334,7 @@ def agreement(model_a: nn.Module, model_b: nn.Module, data: Data, device: str | 
         pred_a = _run(model_a, data, None, predictions=True).preds
         pred_b = _run(model_b, data, None, predictions=True).preds
         if pred_a is None or pred_b is None or len(pred_a) != len(pred_b):
-            raise ValueError("the two models scored different tokens")
+            raise DataError("the two models scored different tokens")
         same, total = sum_numbers((pred_a == pred_b).sum().item(), len(pred_a))  # this process's tokens, summed
         return same / total
     dev_a, dev_b = model_device(model_a), model_device(model_b)
@@ -346,7 +347,7 @@ def agreement(model_a: nn.Module, model_b: nn.Module, data: Data, device: str | 
             total += len(pred_a)
     same, total = sum_numbers(same, total)
     if total == 0:
-        raise ValueError("no samples to evaluate")
+        raise DataError("no samples to evaluate")
     return same / total
 
 
@@ -389,18 +390,18 @@ def evaluate_fusion(
     from .fuse import ensemble, vanilla_average  # (fuse imports this module)
 
     if len(parents) < 1:
-        raise ValueError("evaluate_fusion needs at least one parent")
+        raise DataError("evaluate_fusion needs at least one parent")
     if names is None:
         names = [f"parent {i}" for i in range(len(parents))]
     elif len(names) != len(parents):
-        raise ValueError(f"got {len(names)} names for {len(parents)} parents")
+        raise DataError(f"got {len(names)} names for {len(parents)} parents")
     if vanilla is None:
         shapes = [{k: tuple(v.shape) for k, v in p.state_dict().items()} for p in parents]
         if all(s == shapes[0] for s in shapes[1:]):
             vanilla = vanilla_average(list(parents), weights=weights)
     kinds = {language_model_kind(p) for p in parents}
     if len(kinds) != 1:
-        raise ValueError("the parents mix language models and other models (or causal and masked LMs)")
+        raise DataError("the parents mix language models and other models (or causal and masked LMs)")
     lm = kinds.pop()
     task = "classification" if lm is None else f"{lm}-lm"
     ens = ensemble(list(parents), weights=weights)
@@ -425,7 +426,7 @@ def evaluate_fusion(
         agree = None
         if reference is not None and result.preds is not None:
             if len(result.preds) != len(reference) or result.total != ens_result.total:
-                raise ValueError("the data gave a different number of samples on a second pass")
+                raise DataError("the data gave a different number of samples on a second pass")
             same, count = sum_numbers((result.preds == reference).sum().item(), len(reference))  # every process's
             agree = same / count
         rows.append(EvalRow(name=name, kind=kind, accuracy=result.accuracy, loss=result.loss, agreement=agree,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import FusionError
 from .evaluate import batch_logits, labelled_batches, model_device
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
@@ -24,7 +25,7 @@ def _optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_d
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+    raise FusionError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, x: Any, y: torch.Tensor, dev: torch.device) -> float:
@@ -68,9 +69,9 @@ def train_classifier(
     machine. ``optimizer`` is ``"adam"`` or ``"sgd"`` (with ``momentum``).
     """
     if len(x) != len(y):
-        raise ValueError(f"x and y differ in length: {len(x)} != {len(y)}")
+        raise FusionError(f"x and y differ in length: {len(x)} != {len(y)}")
     if epochs < 0 or batch_size < 1 or lr <= 0:
-        raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+        raise FusionError("epochs must be >= 0, batch_size >= 1 and lr > 0")
     if device is not None:
         model.to(device)
     dev = next(model.parameters()).device
@@ -120,9 +121,9 @@ def finetune(
         >>> tuned = finetune(fused, (x_train, y_train), steps=200, lr=0.01)  # doctest: +SKIP
     """
     if steps < 0 or lr <= 0 or batch_size < 1:
-        raise ValueError(f"finetune needs steps >= 0, lr > 0 and batch_size >= 1 (got {steps}, {lr}, {batch_size})")
+        raise FusionError(f"finetune needs steps >= 0, lr > 0 and batch_size >= 1 (got {steps}, {lr}, {batch_size})")
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        raise FusionError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     tuned = copy.deepcopy(model)
     if device is not None:
         tuned.to(device)
@@ -133,9 +134,9 @@ def finetune(
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         x, y = data
         if len(x) != len(y):
-            raise ValueError(f"inputs and labels differ in length: {len(x)} != {len(y)}")
+            raise FusionError(f"inputs and labels differ in length: {len(x)} != {len(y)}")
         if len(x) == 0:
-            raise ValueError("no samples to fine-tune on")
+            raise FusionError("no samples to fine-tune on")
         batches: Iterator[tuple] = _shuffled(x, y, batch_size, generator)
     else:
         batches = _cycle(data)
@@ -155,4 +156,4 @@ def _cycle(data: Iterable) -> Iterator[tuple]:
             empty = False
             yield batch
         if empty:
-            raise ValueError("no samples to fine-tune on")
+            raise FusionError("no samples to fine-tune on")

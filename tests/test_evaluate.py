@@ -10,6 +10,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_otfusion.data import make_loader
+from hf_otfusion.errors import DataError
 from hf_otfusion.evaluate import EvalRow, accuracy, agreement, evaluate_fusion, format_table, logits_of, loss
 
 
@@ -84,7 +85,7 @@ def test_agreement():
 def test_bad_data():
     with pytest.raises(ValueError, match="differ in length"):
         accuracy(_constant(A), (X, Y[:2]))
-    with pytest.raises(TypeError, match="batches"):
+    with pytest.raises(DataError, match="batches"):
         accuracy(_constant(A), [X, X, X])
     with pytest.raises(ValueError, match="no samples"):
         accuracy(_constant(A), [])
@@ -164,7 +165,7 @@ def test_logits_of():
     t = torch.ones(2, 3)
     assert logits_of(t) is t
     assert logits_of(SequenceClassifierOutput(logits=t)) is t
-    with pytest.raises(TypeError, match="tuple"):
+    with pytest.raises(DataError, match="tuple"):
         logits_of((t,))
 
 

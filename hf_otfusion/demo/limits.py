@@ -30,10 +30,10 @@ class DemoLimits:
         for name in ("max_models", "max_params", "max_calibration_samples", "max_eval_samples",
                      "max_interpolation_points", "max_queue"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"DemoLimits.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise DemoError(f"DemoLimits.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_models < 2:
-            raise ValueError("DemoLimits.max_models must be at least 2 (a fusion needs two models)")
+            raise DemoError("DemoLimits.max_models must be at least 2 (a fusion needs two models)")
         if self.max_interpolation_points < 3:
-            raise ValueError("DemoLimits.max_interpolation_points must be at least 3")
+            raise DemoError("DemoLimits.max_interpolation_points must be at least 3")
         if not self.timeout_s > 0 or not self.max_dataset_mb > 0 or not self.max_download_mb > 0:
-            raise ValueError("DemoLimits.timeout_s, max_dataset_mb and max_download_mb must be positive")
+            raise DemoError("DemoLimits.timeout_s, max_dataset_mb and max_download_mb must be positive")
