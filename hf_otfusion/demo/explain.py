@@ -102,7 +102,7 @@ def interpolation_curve(
 
     ``data``: ``(x, y)`` tensors or a list of ``(input, label)`` batches (iterated once per point and path).
     ``norm_data``: inputs (or ``(input, label)`` batches) on which each interpolated model's BatchNorm running
-    statistics are recomputed before it is evaluated (``hf_otfusion.repair.reset_norm_stats``, the ``reset_bn``
+    statistics are recomputed before it is evaluated (``hf_otfusion.repairs.reset_norm_stats``, the ``reset_bn``
     repair), as interpolation studies do; None keeps the interpolated statistics.
     """
     if points < 2:
