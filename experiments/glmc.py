@@ -506,9 +506,9 @@ def main(argv: Sequence[str]) -> None:
         "which commutes with the rotary embedding; `V/O`: per group an orthogonal map of the value space (value rows "
         "and the output projection's columns); `MLP signs`: each matched neuron's up row and down column negated "
         "together where that is closer. Every carried parent keeps its function (checked on every seed: its loss "
-        "moves by under 1e-4). `+ refit`: `hf_otfusion.repairs.refit_model` of the average onto the two aligned parents "
-        "(`target=\"stream\"`: the layers writing the stream fitted onto the parents' mean stream). No labels, no "
-        "gradient step; only the rows with OT (activations) and the refits read the calibration text, the weights "
+        "moves by under 1e-4). `+ refit`: `hf_otfusion.repairs.refit_model` of the average onto the two aligned "
+        "parents (`target=\"stream\"`: the layers writing the stream fitted onto the parents' mean stream). No labels, "
+        "no gradient step; only the rows with OT (activations) and the refits read the calibration text, the weights "
         "alignment reads none. Loss gap closed = (vanilla loss - loss) / (vanilla loss - ensemble loss), per seed; "
         "barrier = loss - the two parents' mean loss.",
         "",
