@@ -166,6 +166,21 @@ def test_otfusion_wording_and_options() -> None:
     assert "calibration" not in options
 
 
+def test_solver_and_repair_are_described_from_the_registries() -> None:
+    from hf_otfusion.registry import REPAIRS, SOLVERS
+
+    card = render_card(_config(parameters={"repair": "refit", "repair_parameters": {"alpha": 0.01}}), library="timm",
+                       pipeline_tag=None)
+    options = _section(card, "Fusion options")
+    assert f"| solver | emd ({SOLVERS.get('emd').description}) |" in options
+    assert f"| repair | refit ({REPAIRS.get('refit').description}) |" in options
+    assert "| repair parameters | alpha=0.01, prior=fused, target=layer |" in options
+    assert "repair_parameters:\n    alpha: 0.01" in _section(card, "Merge config")  # as set, not the defaults
+    plain = _section(render_card(_config(parameters={"repair": "none"}, calibration=None), library="timm",
+                                 pipeline_tag=None), "Fusion options")
+    assert "| repair | none |" in plain and "repair parameters" not in plain
+
+
 def test_linear_is_called_a_vanilla_average() -> None:
     config = _config(merge_method="linear", parameters=None, calibration=None, evaluation=None)
     card = render_card(config, library="timm", pipeline_tag=None)
