@@ -20,6 +20,7 @@ from .output import CARD_FILE, CONFIG_FILE, PLAN_FILE, check_output, staged
 from .plan import AlignmentPlan
 from .plan_cache import cached_plan_of
 from .profile import timed
+from .registry import MERGE_METHODS
 from .sources import LoadedModel, ModelInfo, example_input, save_model
 
 ALIGN_README = "README.md"
@@ -64,7 +65,7 @@ def aligned_names(parents: Sequence[ModelInfo]) -> list[str]:
 def align_notes(config: MergeConfig) -> list[str]:
     """The config's fields that ``align`` does not use (they act on a merged model), one line each; a
     ``MergeError`` for a config that has no alignment (``merge_method: linear``)."""
-    if config.merge_method != "otfusion":
+    if not MERGE_METHODS.get(config.merge_method).aligns:
         raise MergeError(f"align transports the parents by optimal transport: merge_method "
                          f"{config.merge_method!r} aligns nothing (use merge_method: otfusion)")
     notes = []

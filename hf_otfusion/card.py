@@ -21,7 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 from .config import DatasetConfig, MergeConfig
 from .evaluate import EvalRow, format_table
 from .plan import AlignmentPlan
-from .registry import REPAIRS, SOLVERS, Registry
+from .registry import MERGE_METHODS, REPAIRS, SOLVERS, Registry
 from .sources import parse_ref
 
 
@@ -120,10 +120,8 @@ def _parents(config: MergeConfig, commits: Sequence[str | None] | None) -> tuple
                 repo_ids.append(ref.repo_id)
         if index == config.target_index:
             role = "target: its architecture and widths are kept"
-        elif config.merge_method == "linear":
-            role = "averaged"
         else:
-            role = "aligned to the target, then averaged"
+            role = MERGE_METHODS.get(config.merge_method).parent_role
         rows.append({"model": model, "revision": revision, "commit": resolved,
                      "weight": _percent(entry.parameters.weight / total), "role": role})
     return rows, repo_ids
@@ -241,8 +239,7 @@ def render_card(
 
     parents, base_models = _parents(config, commits)
     tags = ["hf-otfusion", "merge"]
-    if config.merge_method == "otfusion":
-        tags.append("optimal-transport")
+    tags += MERGE_METHODS.get(config.merge_method).tags
     tags.append(library)
     card_data = ModelCardData(
         base_model=base_models or None,
@@ -253,10 +250,7 @@ def render_card(
         datasets=_hub_dataset_ids(config) or None,
     )
 
-    if repo_id:
-        title = repo_id.split("/")[-1]
-    else:
-        title = "Weight-averaged model" if config.merge_method == "linear" else "OT-fused model"
+    title = repo_id.split("/")[-1] if repo_id else MERGE_METHODS.get(config.merge_method).card_title
     alignment = config.fusion_parameters.alignment
     variables = {
         "title": title,

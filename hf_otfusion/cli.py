@@ -138,6 +138,7 @@ def merge(
     from .merge import merge as run
     from .plan_cache import cached_plan_of
     from .profile import profiling
+    from .registry import MERGE_METHODS
     from .sources import example_input
 
     _set_verbosity(quiet, verbose)
@@ -154,7 +155,8 @@ def merge(
         cfg = load_config(config)
         if allow_crimes and cfg.tokenizer_source is None:
             cfg = cfg.model_copy(update={"tokenizer_source": "base"})
-        if strict and cfg.merge_method == "otfusion":
+        method = MERGE_METHODS.get(cfg.merge_method)
+        if strict and method.aligns:
             params = cfg.fusion_parameters.model_copy(update={"strict": True})
             cfg = cfg.model_copy(update={"parameters": params})
         if push_to_hub:
@@ -163,7 +165,7 @@ def merge(
             parents = load_parents(cfg, progress=not quiet)
             _describe(parents, cfg, say)
             target = parents[cfg.target_index]
-            if cfg.merge_method == "otfusion":
+            if method.aligns:
                 built = cached_plan_of(target, example_input(target), enabled=not no_plan_cache)
                 echo(str(built))
                 check_plan(built, cfg.fusion_parameters.strict)
@@ -177,7 +179,7 @@ def merge(
             return
         if result.streamed:
             calibrated = "; the calibration ran layer by layer on them" if \
-                cfg.merge_method == "otfusion" and cfg.fusion_parameters.alignment == "activations" else ""
+                method.aligns and cfg.fusion_parameters.alignment == "activations" else ""
             say(f"streamed: each parent's tensors were read from disk as needed{calibrated}, each fused tensor "
                 "written when final")
         if result.evaluation is not None:  # the result itself: printed even with --quiet

@@ -64,15 +64,30 @@ class Unit:
 
 @dataclass(frozen=True)
 class MergeMethod(Unit):
-    """A merge method: ``fn`` merges loaded models in memory (``fn(models, weights=..., ...)``), ``streamed`` merges
-    checkpoints on disk tensor by tensor (``None``: in memory only). ``parameters`` is the model of the config's
-    ``parameters:`` section (``NoParameters``: the method takes none, and no calibration data either)."""
+    """A merge method.
+
+    ``fn(models, options, *, target, weights, calibration, example_input, plan, device, progress) -> nn.Module``
+    merges loaded models in memory; ``streamed(sources, plans, out, options, *, target, weights, dtype, device,
+    max_shard_size, progress, out_names, costs) -> None`` merges checkpoints on disk tensor by tensor (``None``: in
+    memory only). ``options`` is the config's ``parameters:`` section as the ``parameters`` model (None for a method
+    that takes none, ``NoParameters``: then no calibration data either). A method whose ``needs`` hold ``"plan"``
+    aligns the parents: the merge traces the target's alignment plan (``plan``, ``plans``) for it; the others get
+    None and ``[]``. ``card_title`` and ``parent_role`` are the model card's words for its output and for a
+    parent other than the target; ``tags`` the card's extra Hub tags."""
 
     streamed: Callable[..., Any] | None = None
+    card_title: str = ""
+    parent_role: str = ""
+    tags: tuple[str, ...] = ()
 
     @property
     def takes_parameters(self) -> bool:
         return self.parameters is not NoParameters
+
+    @property
+    def aligns(self) -> bool:
+        """Whether it aligns the parents (and needs the target's alignment plan)."""
+        return "plan" in self.needs
 
 
 U = TypeVar("U", bound=Unit)

@@ -20,9 +20,10 @@ from hf_otfusion.card import render_card
 from hf_otfusion.cli import app
 from hf_otfusion.config import ConfigError, FusionParameters, parse_config
 from hf_otfusion.fuse import vanilla_average
+from hf_otfusion.methods import linear_merge, linear_streamed
 from hf_otfusion.registry import MERGE_METHODS, REPAIRS, SOLVERS, NoParameters, Registry, Unit
 from hf_otfusion.repairs import RefitParameters
-from hf_otfusion.streaming import average_sources, fuse_sources
+from hf_otfusion.streaming import fuse_sources
 from hf_otfusion.transport import emd_coupling, sinkhorn_coupling
 
 REGISTRIES = {"merge method": MERGE_METHODS, "solver": SOLVERS, "repair": REPAIRS}
@@ -43,8 +44,9 @@ def test_names_resolve_to_their_units():
     assert REPAIRS.names() == ("none", "reset_bn", "repair", "refit")
     otfusion, linear = MERGE_METHODS.get("otfusion"), MERGE_METHODS.get("linear")
     assert (otfusion.fn, otfusion.streamed, otfusion.parameters) == (fuse, fuse_sources, FusionParameters)
-    assert (linear.fn, linear.streamed, linear.parameters) == (vanilla_average, average_sources, NoParameters)
+    assert (linear.fn, linear.streamed, linear.parameters) == (linear_merge, linear_streamed, NoParameters)
     assert otfusion.takes_parameters and not linear.takes_parameters
+    assert otfusion.aligns and not linear.aligns
     assert "Singh & Jaggi" in otfusion.reference and "NeurIPS 2020" in otfusion.reference
     assert (SOLVERS.get("emd").fn, SOLVERS.get("sinkhorn").fn) == (emd_coupling, sinkhorn_coupling)
     assert REPAIRS.get("none").fn is None and REPAIRS.get("refit").parameters is RefitParameters
@@ -173,3 +175,13 @@ def test_a_registered_repair_is_described_in_the_card_the_demo_and_help(throwawa
                                  interpolation_points=3)
     demo_config, _, _ = core.build_config(request, examples, core.DemoLimits(), space_mode=True)
     assert demo_config.fusion_parameters.repair == THROWAWAY and demo_config.calibration is not None
+
+
+def test_the_linear_method_is_the_vanilla_average():
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
+    merged = MERGE_METHODS.get("linear").fn(models, None, target=0, weights=[0.25, 0.75], calibration=None,
+                                            example_input=None, plan=None, device="cpu", progress=False)
+    expected = vanilla_average(models, weights=[0.25, 0.75])
+    for name, value in expected.state_dict().items():
+        assert torch.equal(merged.state_dict()[name], value)

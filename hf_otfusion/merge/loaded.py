@@ -12,12 +12,13 @@ from ..config import FinetuneConfig, MergeConfig
 from ..distributed import is_main, world
 from ..errors import MergeError
 from ..evaluate import EvalRow, evaluate_fusion, language_model_kind
-from ..fuse import fuse, resolve_device, vanilla_average
+from ..fuse import resolve_device
 from ..log import get_logger
 from ..output import PLAN_FILE
 from ..plan import AlignmentPlan
 from ..plan_cache import cached_plan_of
 from ..profile import timed
+from ..registry import MERGE_METHODS
 from ..sources import LoadedModel, example_input
 from ..train import finetune
 from .inputs import calibration_inputs, dataset_loader
@@ -50,19 +51,18 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
     models = [p.model for p in parents]
     target = parents[config.target_index]
     dev = resolve_device(device, target.model)
-    plan = None
-    if config.merge_method == "linear":
-        fused = vanilla_average(models, weights=config.weights)
-    else:
-        params = config.fusion_parameters
+    method = MERGE_METHODS.get(config.merge_method)
+    params = config.fusion_parameters if method.takes_parameters else None
+    plan = calibration = example = None
+    if method.aligns:
         calibration, example = (calibration_inputs(config, target) if config.calibration is not None
                                 else (None, example_input(target)))
         with timed("trace"):
             plan = cached_plan_of(target, example, enabled=plan_cache,  # weights alone: sites unused
                                   sites=params.alignment != "weights" or params.repair != "none")
         check_plan(plan, params.strict)
-        fused = fuse(models, options=params, target=config.target_index, weights=config.weights,
-                     calibration=calibration, example_input=example, plan=plan, device=dev, progress=progress)
+    fused = method.fn(models, params, target=config.target_index, weights=config.weights, calibration=calibration,
+                      example_input=example, plan=plan, device=dev, progress=progress)
     untuned = None
     if config.finetune is not None and world()[1] > 1 and is_main():
         log.warning("finetune is not data-parallel: each of the %d processes runs all of it", world()[1])
@@ -83,7 +83,7 @@ def _evaluate(config: MergeConfig, parents: Sequence[LoadedModel], fused: nn.Mod
     target = parents[config.target_index]
     data = dataset_loader(config.evaluation, target, True)
     names = [p.ref.text for p in parents]
-    name = "OT fusion" if config.merge_method == "otfusion" else "linear merge"
+    name = MERGE_METHODS.get(config.merge_method).title
     if untuned is None:
         rows = evaluate_fusion(models, fused, data, weights=config.weights, device=dev, names=names,
                                fused_name=name, agreement=True)

@@ -23,8 +23,9 @@ from ..graph import to_device
 from ..plan import AlignmentPlan
 from ..plan_cache import cached_plan_of
 from ..profile import timed
+from ..registry import MERGE_METHODS
 from ..sources import LoadedModel, ModelInfo, checkpoint_names, example_input, load_model, save_model_files
-from ..streaming import ParentSource, average_sources, disk_activation_costs, fuse_sources, spill_folder
+from ..streaming import ParentSource, disk_activation_costs, spill_folder
 from ..trace import export_model
 from .inputs import calibration_inputs
 
@@ -36,7 +37,7 @@ def streamable(config: MergeConfig, parents: Sequence[ModelInfo]) -> str | None:
     params = config.fusion_parameters
     if config.evaluation is not None or config.finetune is not None:
         return "fine-tuning and evaluation run the merged model"
-    if config.merge_method == "otfusion" and params.repair != "none":
+    if MERGE_METHODS.get(config.merge_method).takes_parameters and params.repair != "none":
         return "a repair runs the fused model"
     if params.alignment == "activations" and world()[1] > 1:
         return "a distributed run splits the calibration over processes that each load the models"
@@ -55,7 +56,7 @@ class StreamJob:
 
     config: MergeConfig
     target: LoadedModel
-    plan: AlignmentPlan | None  # None: a linear merge
+    plan: AlignmentPlan | None  # None: a method that does not align (linear)
     plans: list[AlignmentPlan]
     sources: list[ParentSource]
     out_names: dict[str, str]  # state-dict name -> the name the library saves it under (the target's file names)
@@ -90,8 +91,8 @@ def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo], *, plan_cache
     the models' own state-dict names (a checkpoint the library renames while loading): then the merge must load
     the models. ``plan_cache``: as in :func:`~hf_otfusion.merge.merge`."""
     index = config.target_index
-    if config.merge_method == "linear":
-        return _linear_job(config, parents)
+    if not MERGE_METHODS.get(config.merge_method).aligns:
+        return _unaligned_job(config, parents)
     activations = config.fusion_parameters.alignment == "activations"
     job_exported: dict[int, ExportedProgram] = {}
     builds: dict[int, LoadedModel] = {}
@@ -138,9 +139,10 @@ def plan_stream(config: MergeConfig, parents: Sequence[ModelInfo], *, plan_cache
     return job
 
 
-def _linear_job(config: MergeConfig, parents: Sequence[ModelInfo]) -> StreamJob | None:
-    """A linear merge of the parents' checkpoints as they are stored (no plan, no trace: the target is built on the
-    meta device for its config files only); None when their tensor names differ (then the models are loaded)."""
+def _unaligned_job(config: MergeConfig, parents: Sequence[ModelInfo]) -> StreamJob | None:
+    """A merge without alignment (linear) of the parents' checkpoints as they are stored (no plan, no trace: the
+    target is built on the meta device for its config files only); None when their tensor names differ (then the
+    models are loaded)."""
     with timed("load"):
         target = load_model(parents[config.target_index], empty=True)
     sources = [SafetensorsSource(find_checkpoint(p.model_dir)) for p in parents]
@@ -161,19 +163,16 @@ def write_stream(job: StreamJob, folder: Path, *, device: torch.device | str = "
     with timed("write"):
         save_model_files(job.target.model, folder, like=job.target, dtype=config.dtype)
     job.target.model = None  # type: ignore[assignment]  # a loaded (not empty) target is let go before fusing
-    if config.merge_method == "linear":
-        average_sources(job.sources, folder, target=config.target_index, weights=config.weights,
-                        dtype=getattr(torch, config.dtype), max_shard_size=max_shard_size, progress=progress,
-                        out_names=job.out_names)
-        return
+    method = MERGE_METHODS.get(config.merge_method)
     costs = None
-    activations = params.alignment == "activations"
+    activations = job.plan is not None and params.alignment == "activations"
     with spill_folder(folder) if activations else contextlib.nullcontext() as spill:
         if activations:
             costs = disk_activation_costs(job.exported, job.builds, job.sources, job.plans, config.target_index,
                                           job.calibration, standardize=params.standardize, residual=params.residual,
                                           device=device, progress=progress, spill=spill)
             job.builds, job.exported = [], []
-        fuse_sources(job.sources, job.plans, folder, params, target=config.target_index, weights=config.weights,
-                     dtype=getattr(torch, config.dtype), device=device, max_shard_size=max_shard_size,
-                     progress=progress, out_names=job.out_names, costs=costs)
+        method.streamed(job.sources, job.plans, folder, params if method.takes_parameters else None,
+                        target=config.target_index, weights=config.weights, dtype=getattr(torch, config.dtype),
+                        device=device, max_shard_size=max_shard_size, progress=progress, out_names=job.out_names,
+                        costs=costs)
