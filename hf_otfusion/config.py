@@ -217,7 +217,9 @@ class MergeConfig(_Frozen):
         """With calibration data and no word on how to use it, the best measured combination: activations
         alignment and the closed-form refit (docs/results/refit.md). Written into the config, so the saved config
         and the card's fusion options show it."""
-        if not isinstance(data, dict) or data.get("calibration") is None or not _aligns(data.get("merge_method")):
+        if not isinstance(data, dict) or data.get("calibration") is None:
+            return data
+        if not _takes_parameters(data.get("merge_method")):
             return data
         params = data.get("parameters")
         if params is not None and not isinstance(params, dict):
@@ -279,7 +281,7 @@ class MergeConfig(_Frozen):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
 
 
-def _aligns(merge_method: Any) -> bool:
+def _takes_parameters(merge_method: Any) -> bool:
     """Whether a (raw) merge_method takes fusion parameters: the default does, an unknown name does not."""
     name = "otfusion" if merge_method is None else merge_method
     return isinstance(name, str) and name in MERGE_METHODS and MERGE_METHODS.get(name).takes_parameters
