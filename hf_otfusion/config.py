@@ -100,8 +100,10 @@ class FusionParameters(_Frozen):
         None, description="the repair's own options, validated by its parameters model (e.g. refit's alpha, prior, "
         "target); unset: its defaults")
     match_heads: bool = Field(True, description="match attention heads to heads before the channels inside them")
-    residual: Literal["shared", "mean"] = Field(
-        "shared", description="cost of a residual stream: solved once (shared), or the mean of its writers' costs"
+    residual: Literal["shared", "mean", "orthogonal"] = Field(
+        "shared", description="cost of a residual stream: solved once (shared), or the mean of its writers' costs; "
+        "orthogonal: any orthogonal map where the stream allows it (norm gains folded into their readers), found by "
+        "weight matching (needs sweeps >= 1, weights mode)"
     )
     standardize: bool = Field(False, description="activations mode: compare channels by correlation")
     sweeps: int = Field(0, ge=0, description="weight matching by coordinate descent (Git Re-Basin) after the single "
@@ -152,6 +154,15 @@ class FusionParameters(_Frozen):
                 msg = f"unknown field: repair {repair!r} takes {', '.join(model.model_fields)}"
             raise PydanticCustomError("nested_field", "{field}: {message}",
                                       {"field": _field_path(problem["loc"]), "message": msg}) from None
+
+    @model_validator(mode="after")
+    def _orthogonal(self) -> FusionParameters:
+        if self.residual == "orthogonal":
+            if self.alignment != "weights":
+                raise ValueError("residual='orthogonal' is found from the weights: it needs alignment='weights'")
+            if self.sweeps < 1:
+                raise ValueError("residual='orthogonal' is solved by weight matching: set sweeps >= 1 (e.g. 15)")
+        return self
 
     @property
     def repair_params(self) -> BaseModel:

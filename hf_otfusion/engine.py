@@ -46,7 +46,7 @@ from .transport import (
 )
 from .verify import conform
 
-Residual = Literal["shared", "mean"]
+Residual = Literal["shared", "mean", "orthogonal"]
 State = dict[str, torch.Tensor]
 
 
@@ -354,7 +354,7 @@ class Walker:
         space = plan.space(target_space.name)
         if space.name in self.given:
             t = self.given[space.name]
-            done = (t, barycentric_map(t, t.sum(0)))
+            done = (None, t) if isinstance(t, ChannelMap) else (t, barycentric_map(t, t.sum(0)))
             solved: Solved = lambda: done  # noqa: E731
         else:
             # a queries space reads weights only: its channels' entries are ordered by its group's other spaces,
@@ -510,6 +510,7 @@ def align_sources(
     progress: bool = False,
     couplings: bool = True,
     seed: int = 0,
+    dense: frozenset[str] = frozenset(),
 ) -> list[dict[str, torch.Tensor] | None]:
     """The engine on tensors: align every source to the target's, space by space, handing on finished tensors.
 
@@ -518,7 +519,9 @@ def align_sources(
     first needed and handed to ``finished(name, [value in each model])`` as soon as all of its spaces are
     solved, so only the tensors of the spaces in flight are held. ``options``: the fusion options (validated; the
     engine reads solver, reg, marginals, match_heads, residual and sweeps: see :func:`fuse`); ``sweeps > 0`` (weight
-    matching, order drawn from ``seed``) holds every model's moved tensors and the target's at once.
+    matching, order drawn from ``seed``) holds every model's moved tensors and the target's at once. ``dense``:
+    residual spaces that weight matching solves by orthogonal maps (``residual="orthogonal"``, their norm gains
+    folded and out of the plans: :mod:`hf_otfusion.folding`); they have no coupling.
 
     Returns:
         Each model's coupling per space (None for the target); empty dicts with ``couplings=False``, which keeps
@@ -544,7 +547,9 @@ def align_sources(
                                       f"{space.name!r} has {space.size} channels in model {k} but {space_t.size} "
                                       "in the target (fuse other widths with sweeps=0)")
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
-        given = matched_couplings(sources, plans, target, device, first, sweeps, seed, opts.match_heads)
+        given = matched_couplings(sources, plans, target, device, first, sweeps, seed, opts.match_heads, dense)
+    elif dense:
+        raise FusionError("orthogonal maps of residual streams are solved by weight matching: set sweeps >= 1")
     walkers = _walk(sources, plans, target, device, costs, given, opts, finished, progress,
                     {"couplings"} if couplings else set())
     return [None if w is None else w.couplings for w in walkers]

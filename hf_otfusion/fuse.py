@@ -18,6 +18,7 @@ from .distributed import is_main
 from .engine import State, align_sources, check_compatible, check_finite, check_sweeps, plans_for
 from .errors import FusionError, PlanError
 from .evaluate import logits_of
+from .folding import fold_state, report_rotatable, rotatable, without_gains
 from .graph import Runner
 from .plan import AlignmentPlan, Space
 from .profile import timed
@@ -332,6 +333,19 @@ def fuse(
         for i, plan_i in enumerate(plans):
             check_compatible(plan_t, plan_i, i)
 
+    states = [m.state_dict() for m in models]
+    dense: frozenset[str] = frozenset()
+    if opts.residual == "orthogonal":
+        if example_input is None:
+            raise FusionError("residual='orthogonal' finds the norms to fold on the model's graph: pass example_input")
+        with timed("trace"):
+            rot = rotatable(target_model, plan_t, ep_t or export_model(target_model, example_input), example_input)
+        report_rotatable(rot)
+        dense = rot.spaces
+        if dense:
+            states = [fold_state(s, rot.all_folds()) for s in states]
+            plan_t, plans = without_gains(plan_t, rot), [without_gains(p, rot) for p in plans]
+
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     if alignment == "activations":
         runners = [Runner(exported.get(i, ep_t), m, dev) for i, m in enumerate(models)]
@@ -342,18 +356,29 @@ def fuse(
         del runners
 
     fused: State = {}
+    # an orthogonal map has no coupling: a repair then gets the parents as aligned (folded, carried), not couplings
+    aligned: list[State] | None = [{} for _ in models] if dense and repair.fn is not None else None
 
     def average(name: str, values: list[torch.Tensor]) -> None:
         fused[name] = average_tensor(values, w, values[target])
+        if aligned is not None:
+            for k, v in enumerate(values):
+                aligned[k][name] = v
 
-    sources = [StateSource(m.state_dict()) for m in models]
+    sources = [StateSource(s) for s in states]
     couplings = align_sources(sources, plans, average, target=target, costs=costs, options=opts, device=dev,
-                              progress=progress, couplings="couplings" in repair.needs)
+                              progress=progress, couplings="couplings" in repair.needs and aligned is None,
+                              dense=dense)
     for alias, name in plan_t.aliases.items():
         fused[alias] = fused[name]
+        for state in aligned or []:
+            state[alias] = state[name]
     if repair.fn is None:
         return _with_state(target_model, fused)
+    parents: Sequence[nn.Module] = models
+    if aligned is not None:
+        parents, couplings = [_with_state(target_model, s) for s in aligned], [None] * len(models)
     with timed("repair"):
-        return repair.fn(_with_state(target_model, fused), models, calibration, weights=w, couplings=couplings,
+        return repair.fn(_with_state(target_model, fused), parents, calibration, weights=w, couplings=couplings,
                          device=dev, plan=plan_t, example_input=example_input, exported=ep_t,
                          params=opts.repair_params)

@@ -23,8 +23,11 @@ without a group, the head order is held and only channels inside each head move.
 repeated members are read with :func:`~hf_otfusion.transport.rows` and moved with
 :func:`~hf_otfusion.transport.transport_axis`, as everywhere in the engine.
 
-Only permutations: both models must have the target's widths and the maps of the single pass must be
-permutations (exact solver, uniform marginals). No data is used.
+Both models must have the target's widths and the maps of the single pass must be permutations (exact solver,
+uniform marginals). No data is used. A residual stream in ``dense`` (one that admits any orthogonal map once its norm
+gains are folded: :mod:`hf_otfusion.folding`) is solved by orthogonal Procrustes instead of an assignment: with the
+same inner products ``S`` (this state's channels against the target's), the orthogonal ``M`` maximising
+``trace(M S)`` is ``V U^T`` for ``S = U diag(s) V^T``, the exact optimum of that coordinate too.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class MatchingResult:
 
     perms: dict[str, torch.Tensor]
     objective: list[float] = field(default_factory=list)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # orthogonal spaces: target channels <- M @ channels
     changed: list[int] = field(default_factory=list)
 
     @property
@@ -143,10 +147,21 @@ def _similarity(state: State, target_state: State, space: Space,
     return s
 
 
-def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool) -> list[torch.Tensor]:
-    """Each space's relative assignment (target channel j <- channel q[j]) maximising the summed similarity."""
+def procrustes(similarity: torch.Tensor) -> torch.Tensor:
+    """The orthogonal ``M`` maximising ``trace(M S)`` for ``S = similarity`` (target channel ``j`` <- sum_i
+    ``M[j, i]`` channel ``i``)."""
+    u, _, vh = torch.linalg.svd(similarity.double())
+    return vh.T @ u.T
+
+
+def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool,
+                dense: AbstractSet[str] = frozenset()) -> list[torch.Tensor]:
+    """Each space's relative assignment (target channel j <- channel q[j]) maximising the summed similarity; for a
+    space in ``dense``, its orthogonal map (a matrix)."""
     space = spaces[0]
     n_heads = space.heads
+    if space.name in dense:
+        return [procrustes(sims[0])]
     if n_heads == 1:
         s = sims[0]
         t = solve(-s, marginal(space.size, device=s.device), marginal(space.size, device=s.device))
@@ -161,6 +176,14 @@ def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool) -> l
         a = marginal(sp.size, device=s.device)
         out.append(solve_heads(-s, a, a.clone(), n_heads, order, shared=sp.shared).argmax(0))
     return out
+
+
+def _identity(q: torch.Tensor) -> bool:
+    """Whether a solved map leaves every channel where it is (an orthogonal one: to 1e-12)."""
+    eye = torch.arange(q.shape[0])
+    if q.is_floating_point():
+        return bool((q - torch.eye(q.shape[0], dtype=q.dtype)).abs().max() < 1e-12)
+    return bool((q == eye).all())
 
 
 def _units(plan: AlignmentPlan, heads: bool) -> list[list[Space]]:
@@ -187,13 +210,15 @@ def weight_matching(
     sweeps: int,
     seed: int = 0,
     heads: bool = True,
+    dense: AbstractSet[str] = frozenset(),
 ) -> tuple[State, MatchingResult]:
     """Coordinate descent on the permutations of every space, starting from ``state`` as it is.
 
     ``state`` must already have the target's widths (typically the output of the engine's single pass, so that
     descent starts there); ``plan`` is the target's. Returns the permuted state (tensors not in any space are
     the input's) and the :class:`MatchingResult`. ``sweeps``: at most that many passes over every coordinate,
-    in an order drawn from ``seed`` for each pass; stops early after a pass that changes nothing.
+    in an order drawn from ``seed`` for each pass; stops early after a pass that changes nothing. ``dense``: residual
+    spaces solved by orthogonal Procrustes (their norm gains folded and out of the plan), in ``result.dense``.
     """
     if sweeps < 0:
         raise FusionError(f"sweeps must be >= 0, got {sweeps}")
@@ -215,8 +240,8 @@ def weight_matching(
         for u in torch.randperm(len(units), generator=gen).tolist():
             spaces = units[u]
             sims = [_similarity(cur, tgt, sp, frozenset() if sp.queries else query_axes) for sp in spaces]
-            qs = [q.cpu() for q in _solve_unit(sims, spaces, heads)]
-            if all(bool((q == torch.arange(q.numel())).all()) for q in qs):
+            qs = [q.cpu() for q in _solve_unit(sims, spaces, heads, dense)]
+            if all(_identity(q) for q in qs):
                 continue
             names = list(dict.fromkeys(m.tensor for sp in spaces for m in sp.members))
             old = sum(_dot(cur[t], tgt[t]) for t in names)
@@ -224,7 +249,7 @@ def weight_matching(
                         if cur[t].is_floating_point())
             new_state = {t: cur[t] for t in names}
             for sp, q in zip(spaces, qs, strict=True):
-                m_map = permutation_map(q)
+                m_map = ChannelMap(q) if q.is_floating_point() else permutation_map(q)
                 for m in sp.members:
                     new_state[m.tensor] = transport_axis(new_state[m.tensor], m_map, sp.layout(m))
             new = sum(_dot(new_state[t], tgt[t]) for t in names)
@@ -232,7 +257,11 @@ def weight_matching(
                 cur.update(new_state)
                 total += new - old
                 for sp, q in zip(spaces, qs, strict=True):
-                    result.perms[sp.name] = result.perms[sp.name][q]
+                    if q.is_floating_point():
+                        before = result.dense.get(sp.name, torch.eye(sp.size, dtype=torch.float64))
+                        result.dense[sp.name] = q @ before
+                    else:
+                        result.perms[sp.name] = result.perms[sp.name][q]
                 changed += 1
         result.objective.append(total)
         result.changed.append(changed)
@@ -260,16 +289,18 @@ def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", m
 
 def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
                       device: torch.device, walkers: Sequence[Walker | None], sweeps: int, seed: int,
-                      heads: bool) -> list[dict[str, torch.Tensor]]:
+                      heads: bool, dense: AbstractSet[str] = frozenset(),
+                      ) -> list[dict[str, torch.Tensor | ChannelMap]]:
     """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
-    target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk."""
+    target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk; the spaces in ``dense``
+    as their orthogonal maps (a :class:`ChannelMap`, no coupling)."""
     from .engine import Aligner
 
     target_plan = plans[target]
     names = [t for t in target_plan.members_by_tensor() if t not in target_plan.aliases]
     reference = Aligner(sources[target], target_plan, target_plan, device, target)
     target_state = {name: reference.release(name) for name in names}
-    given: list[dict[str, torch.Tensor]] = [{} for _ in sources]
+    given: list[dict[str, torch.Tensor | ChannelMap]] = [{} for _ in sources]
     for k, walker in enumerate(walkers):
         if walker is None:
             continue
@@ -281,10 +312,16 @@ def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[Alignment
             aligner.apply(space, m_map)
         state = {name: aligner.release(name) for name in names}
         with timed("matching"):
-            _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads)
+            _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads,
+                                        dense=dense)
         record(result)
         for space in target_plan.spaces:
             n = space.size
+            if space.name in dense:  # the single pass's permutation, then the descent's orthogonal map
+                first = walker.maps[space.name].index.cpu()
+                matrix = result.dense.get(space.name, torch.eye(n, dtype=torch.float64))
+                given[k][space.name] = ChannelMap(matrix[:, torch.argsort(first)].to(device))
+                continue
             index = walker.maps[space.name].index.cpu()[result.perms[space.name]]
             t = torch.zeros(n, n, dtype=torch.float64)
             t[index, torch.arange(n)] = 1.0 / n

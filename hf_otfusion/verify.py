@@ -187,8 +187,9 @@ def _has_meta(x: Any) -> bool:
     return False
 
 
-class _Checker:
-    """A randomised copy of the model and its reference outputs; ``change(orders)`` permutes and compares."""
+class RandomisedCopy:
+    """A randomised copy of the model and its reference outputs; ``change(orders)`` permutes and compares,
+    ``change_of(state)`` compares with any tensors swapped in (made by :func:`randomised_copy`)."""
 
     def __init__(self, model: nn.Module, plan: AlignmentPlan, x: Any, seed: int, dtype: torch.dtype):
         self.plan, self.dtype, self.passes = plan, dtype, 0
@@ -237,6 +238,10 @@ class _Checker:
         for alias, name in plan.aliases.items():
             if name in state:
                 state[alias] = state[name]
+        return self.change_of(state)
+
+    def change_of(self, state: Mapping[str, torch.Tensor]) -> float:
+        """The relative output change with the tensors in ``state`` in place of the copy's (:attr:`base`)."""
         self.work.train(True).train(False)  # modules that cache what they derive from weights drop it
         return _change(self.ref, self._outputs(state))
 
@@ -405,7 +410,7 @@ def _verify(model: nn.Module, plan: AlignmentPlan, x: Any, seed: int) -> Alignme
     checker = None
     for dtype in (torch.float64, torch.float32) if _float64_fits(model) else (torch.float32,):
         try:
-            checker = _Checker(model, plan, x, seed, dtype)
+            checker = RandomisedCopy(model, plan, x, seed, dtype)
             break
         except _Unverifiable as err:
             return _unverified(plan, str(err))
@@ -437,6 +442,23 @@ def _verify(model: nn.Module, plan: AlignmentPlan, x: Any, seed: int) -> Alignme
         note=checker.note if ok else f"a random permutation by the repaired plan still changes the outputs by "
                                      f"{final:.1e}")
     return current.model_copy(update={"verification": verification})
+
+
+def randomised_copy(model: nn.Module, plan: AlignmentPlan, example_input: Any, *, seed: int = 0,
+                    ) -> RandomisedCopy | str:
+    """The randomised copy the check runs on (float64 where it fits and runs, else float32), for checks of other maps
+    than permutations (:mod:`hf_otfusion.folding`); a string saying why the model cannot be checked otherwise."""
+    if _has_meta(example_input):
+        return "the example input is on the meta device"
+    failure = ""
+    for dtype in (torch.float64, torch.float32) if _float64_fits(model) else (torch.float32,):
+        try:
+            return RandomisedCopy(model, plan, example_input, seed, dtype)
+        except _Unverifiable as err:
+            return str(err)
+        except Exception as err:  # noqa: BLE001 - a model that does not run in float64 is checked in float32
+            failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return f"the randomised model does not run ({failure[:160]})"
 
 
 def _unverified(plan: AlignmentPlan, why: str) -> AlignmentPlan:

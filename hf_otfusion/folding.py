@@ -1,0 +1,293 @@
+"""Orthogonal maps of residual streams: norm gains folded into their readers, and which streams allow the map.
+
+A pre-norm transformer's residual stream is read only through norms and written only by linear layers (embeddings,
+attention and MLP output projections). RMSNorm without its gain commutes with any orthogonal map ``Q`` of the stream:
+``rms(x Q) = rms(x) Q``. So once each gain is folded into the layers that read the norm (``W <- W diag(g)``,
+``g <- 1``), the stream admits any orthogonal map, not only permutations (Theus et al., "Generalized Linear Mode
+Connectivity for Transformers", NeurIPS 2025, arXiv 2506.22712). ``fuse(..., residual="orthogonal")`` uses this.
+
+The folds are found on the exported graph, with no per-architecture rule: a 1-D tensor of a residual space is a
+*gain* when its every use multiplies a value that only linear layers read (``mul(g, x)``, or ``rms_norm``'s weight);
+those layers' input axes are its *readers*. A stream qualifies when every gain on it folds; it is then checked like
+a plan: on a randomised copy of the model, folded, a random orthogonal map of the stream (gains left at one) must
+keep the outputs. A stream that does not qualify keeps permutations, and the reason is reported. LayerNorm does not
+qualify (its centring commutes only with maps that keep the all-ones vector), nor does a gain whose readers are tied
+to another tensor (folding would untie them).
+
+The fused model keeps the target's architecture and state-dict keys: its folded gains are one, its readers hold the
+gains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.export import ExportedProgram
+
+from .graph import LAYER_OPS, op_name, tensor_names
+from .plan import AlignmentPlan, Space
+from .transport import ChannelMap, transport_axis
+from .verify import TOLERANCE, randomised_copy
+
+log = logging.getLogger(__name__)
+_PASS = frozenset({"_to_copy", "to", "type_as", "alias", "clone", "contiguous", "detach", "lift_fresh_copy"})
+_SHAPE = frozenset({"slice", "select", "view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten"})
+_READERS = ("linear", "addmm")
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A norm gain and the (tensor, input axis) of each linear layer reading the normalised stream."""
+
+    gain: str
+    readers: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Rotatable:
+    """Which residual streams admit an orthogonal map (with their folds), and why the others do not."""
+
+    folds: dict[str, tuple[Fold, ...]]
+    refused: dict[str, str]
+
+    @property
+    def spaces(self) -> frozenset[str]:
+        return frozenset(self.folds)
+
+    def all_folds(self) -> list[Fold]:
+        return [f for folds in self.folds.values() for f in folds]
+
+    def summary(self) -> list[str]:
+        """One line per residual stream: the map it takes, and why."""
+        lines = [f"{name}: orthogonal ({len(folds)} norm gains folded into their readers)"
+                 for name, folds in self.folds.items()]
+        return lines + [f"{name}: permutation only ({why})" for name, why in self.refused.items()]
+
+
+def _last_dim(node: Any) -> int | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() else None
+
+
+def _keeps_channels(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """A cast or copy of ``node``, or a slice, selection or reshape of it that keeps its last (channel) dim whole."""
+    name = op_name(user)
+    if not user.args or user.args[0] is not node:
+        return False
+    if name in _PASS:
+        return True
+    if name not in _SHAPE:
+        return False
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not val.dim() or _last_dim(user) != int(val.shape[-1]):
+        return False
+    if name in ("slice", "select"):
+        dim = user.args[1] if len(user.args) > 1 else 0
+        return int(dim) % val.dim() != val.dim() - 1
+    return True
+
+
+def _uses(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """A value's users past casts, copies and reshapes that keep its channel dim (assertions left out)."""
+    out: list[torch.fx.Node] = []
+    for user in node.users:
+        name = op_name(user)
+        if name.startswith("_assert"):
+            continue
+        if _keeps_channels(user, node):
+            out += _uses(user)
+        else:
+            out.append(user)
+    return out
+
+
+def _source(value: Any) -> Any:
+    """The value a chain of casts, copies and channel-keeping reshapes starts from."""
+    while (isinstance(value, torch.fx.Node) and value.args and isinstance(value.args[0], torch.fx.Node)
+           and _keeps_channels(value, value.args[0])):
+        value = value.args[0]
+    return value
+
+
+def _readers(value: torch.fx.Node, names: Mapping[str, str]) -> list[tuple[str, int]] | str:
+    """(weight, input axis) of every linear layer reading ``value``, or why something else reads it."""
+    out = []
+    for user in _uses(value):
+        op = op_name(user)
+        if op not in _READERS:
+            return f"the normalised stream is also read by {op!r}, not only by linear layers"
+        spec = LAYER_OPS[op]
+        weight = _source(user.args[spec.weight])
+        if _source(user.args[spec.x]) is not value or not isinstance(weight, torch.fx.Node) or weight.name not in names:
+            return f"a {op} reads the normalised stream other than as its input"
+        out.append((names[weight.name], 1 - spec.weight_out))
+    return out or "nothing reads the normalised stream"
+
+
+def _fold_of(gain: str, node: torch.fx.Node, names: Mapping[str, str]) -> Fold | str:
+    readers: list[tuple[str, int]] = []
+    for use in _uses(node):
+        op = op_name(use)
+        scales = op == "mul" and len(use.args) == 2 and any(_source(a) is node for a in use.args)
+        if scales or (op in ("rms_norm", "_fused_rms_norm") and len(use.args) > 2 and _source(use.args[2]) is node):
+            found = _readers(use, names)
+        elif op in ("layer_norm", "native_layer_norm"):
+            return f"{gain!r} is a LayerNorm's, whose centring an orthogonal map does not keep"
+        else:
+            return f"{gain!r} is used by {op!r}, not as a norm gain read by linear layers"
+        if isinstance(found, str):
+            return f"{gain!r}: {found}"
+        readers += found
+    return Fold(gain, tuple(dict.fromkeys(readers)))
+
+
+def find_folds(exported: ExportedProgram, plan: AlignmentPlan) -> Rotatable:
+    """The folds of every residual space of ``plan`` whose 1-D tensors are norm gains or additive vectors (biases);
+    not yet checked (see :func:`rotatable`)."""
+    names = tensor_names(exported)
+    nodes = {names[n.name]: n for n in exported.graph.nodes if n.op == "placeholder" and n.name in names}
+    tied = set(plan.aliases) | set(plan.aliases.values())
+    folds: dict[str, tuple[Fold, ...]] = {}
+    refused: dict[str, str] = {}
+    for space in plan.spaces:
+        if space.kind != "residual":
+            continue
+        found: list[Fold] = []
+        members = {(m.tensor, m.axis) for m in space.members}
+        if not any(len(plan.tensors[m.tensor]) == 1 for m in space.members):
+            continue  # no gain or bias: not a stream through norms (a gated MLP's hidden units)
+        why = None if space.heads == 1 else "a stream with heads"
+        for m in space.members:
+            if why is not None:
+                break
+            if len(plan.tensors[m.tensor]) != 1 or m.tensor not in nodes:
+                continue
+            uses = {op_name(u) for u in _uses(nodes[m.tensor])}
+            if uses <= {"add", "sub"}:  # an additive vector: moves with the stream like any writer
+                continue
+            fold = _fold_of(m.tensor, nodes[m.tensor], names)
+            if isinstance(fold, str):
+                why = fold
+            elif bad := [t for t, _ in fold.readers if t in tied]:
+                why = f"{m.tensor!r} is read by {bad[0]!r}, which is tied to another tensor (folding would untie it)"
+            elif outside := [f"{t}:{a}" for t, a in fold.readers if (t, a) not in members]:
+                why = f"{m.tensor!r} is read by {outside[0]}, which the plan does not put on this stream"
+            else:
+                found.append(fold)
+        if why is None and not found:
+            why = "no norm gain on it (nothing to fold; a permutation is as good)"
+        if why is None:
+            folds[space.name] = tuple(found)
+        else:
+            refused[space.name] = why
+    return Rotatable(folds, refused)
+
+
+def fold_state(state: Mapping[str, torch.Tensor], folds: Sequence[Fold]) -> dict[str, torch.Tensor]:
+    """``state`` with each gain multiplied into its readers' input axes (in float64, stored in their dtypes) and set
+    to one; the function is unchanged."""
+    out = dict(state)
+    for fold in folds:
+        gain = state[fold.gain].double()
+        for reader, axis in fold.readers:
+            w = out[reader]
+            shape = [1] * w.dim()
+            shape[axis] = -1
+            out[reader] = (w.double() * gain.to(w.device).view(shape)).to(w.dtype)
+        out[fold.gain] = torch.ones_like(state[fold.gain])
+    return out
+
+
+def without_gains(plan: AlignmentPlan, rotatable: Rotatable) -> AlignmentPlan:
+    """``plan`` with the folded gains out of their streams (fixed at one in every model, they are not moved)."""
+    gains = {f.gain for f in rotatable.all_folds()}
+    spaces = tuple(s.model_copy(update={"members": tuple(m for m in s.members if m.tensor not in gains)})
+                   if s.name in rotatable.folds else s for s in plan.spaces)
+    return plan.model_copy(update={"spaces": spaces})
+
+
+def random_orthogonal(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A random orthogonal (n, n) matrix (Haar: QR of a Gaussian with the signs of R's diagonal fixed)."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))[None, :]).to(dtype)
+
+
+def rotate(state: Mapping[str, torch.Tensor], space: Space, matrix: torch.Tensor,
+           aliases: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """``state`` with ``space``'s channels mapped by ``matrix`` (new channel ``j`` = sum_i ``matrix[j, i]`` old
+    channel ``i``) on every member axis; tied tensors follow the tensor they share."""
+    out = dict(state)
+    m_map = ChannelMap(matrix)
+    for m in space.members:
+        t = out[m.tensor]
+        out[m.tensor] = transport_axis(t, m_map, space.layout(m)).to(t.dtype)
+    for alias, name in (aliases or {}).items():
+        out[alias] = out[name]
+    return out
+
+
+def rotatable(model: nn.Module, plan: AlignmentPlan, exported: ExportedProgram, example_input: Any, *,
+              seed: int = 0) -> Rotatable:
+    """The residual streams of ``plan`` that admit an orthogonal map, checked: on a randomised copy of ``model``
+    (norm gains around one, every parameter random), folded, a random orthogonal map of each such stream must keep
+    the outputs on ``example_input``; one that does not keeps permutations, with the change it made as the reason."""
+    found = find_folds(exported, plan)
+    if not found.folds:
+        return found
+    copy_ = randomised_copy(model, plan, example_input, seed=seed)
+    if isinstance(copy_, str):
+        return Rotatable({}, {**found.refused, **{n: f"cannot be checked: {copy_}" for n in found.folds}})
+    tol = TOLERANCE[copy_.dtype]
+    folded = fold_state(copy_.base, found.all_folds())
+    reduced = without_gains(plan, found)
+    gen = torch.Generator().manual_seed(seed + 1)
+    folds, refused = {}, dict(found.refused)
+    base_change = copy_.change_of({**folded, **{a: folded[n] for a, n in plan.aliases.items()}})
+    if base_change > tol:
+        why = f"folding the norm gains changes the outputs by {base_change:.1e} (relative)"
+        return Rotatable({}, {**refused, **{n: why for n in found.folds}})
+    for name, space_folds in found.folds.items():
+        space = reduced.space(name)
+        moved = rotate(folded, space, random_orthogonal(space.size, gen), plan.aliases)
+        change = copy_.change_of(moved)
+        if change > tol:
+            refused[name] = f"a random orthogonal map of it (norm gains folded) changes the outputs by {change:.1e}"
+        else:
+            folds[name] = space_folds
+    return Rotatable(folds, refused)
+
+
+_record: ContextVar[list[Rotatable] | None] = ContextVar("hf_otfusion_rotatable", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Rotatable]]:
+    """Collect the :class:`Rotatable` verdict of every ``fuse(..., residual="orthogonal")`` inside the block (the
+    merge command's card states it)."""
+    found: list[Rotatable] = []
+    token = _record.set(found)
+    try:
+        yield found
+    finally:
+        _record.reset(token)
+
+
+def report_rotatable(rot: Rotatable) -> None:
+    """Tell the user which streams take orthogonal maps: a warning for each that keeps permutations (and why)."""
+    if (found := _record.get()) is not None:
+        found.append(rot)
+    for name, why in rot.refused.items():
+        log.warning("residual='orthogonal': stream %s keeps permutations: %s", name, why)
+    if not rot.folds:
+        log.warning("residual='orthogonal': no residual stream admits an orthogonal map; weight matching with "
+                    "permutations only")
+    for line in rot.summary()[: len(rot.folds)]:
+        log.info("residual='orthogonal': %s", line)

@@ -1,0 +1,142 @@
+"""Orthogonal maps of residual streams (``residual="orthogonal"``): norm gains folded, streams checked, maps found."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import hf_otfusion  # noqa: F401 - before transformers models are built
+from hf_otfusion import FusionError, build_plan, fuse, random_permutation
+from hf_otfusion.folding import (
+    find_folds,
+    fold_state,
+    random_orthogonal,
+    recording,
+    rotatable,
+    rotate,
+    without_gains,
+)
+from hf_otfusion.trace import export_model
+from hf_otfusion.verify import randomise_state
+
+X = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def llama(seed: int, tied: bool = False, layers: int = 2) -> LlamaForCausalLM:
+    """A float64 Llama with GQA and rotary positions, every parameter random (norm gains around one)."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).double().eval()
+    randomise_state(model, None, seed)
+    return model
+
+
+def logits(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    if state is not None:
+        model = copy.deepcopy(model)
+        model.load_state_dict(state)
+    with torch.no_grad():
+        return model(X).logits
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def traced(model: torch.nn.Module):
+    ep = export_model(model, X)
+    return ep, build_plan(model, X, exported=ep)
+
+
+def test_llama_norm_gains_fold_and_the_stream_takes_any_orthogonal_map():
+    model = llama(0)
+    ep, plan = traced(model)
+    found = find_folds(ep, plan)
+    (stream, folds), = found.folds.items()
+    assert found.refused == {}
+    assert {f.gain for f in folds} == {"model.norm.weight", *(f"model.layers.{i}.{n}.weight" for i in range(2)
+                                                              for n in ("input_layernorm", "post_attention_layernorm"))}
+    layer0 = next(f for f in folds if f.gain == "model.layers.0.input_layernorm.weight")
+    assert {t for t, _ in layer0.readers} == {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"}
+    final = next(f for f in folds if f.gain == "model.norm.weight")
+    assert final.readers == (("lm_head.weight", 1),)  # read through the slice of the positions to score
+
+    ref = logits(model)
+    folded = fold_state(model.state_dict(), list(folds))
+    assert relative(logits(model, folded), ref) < 1e-6
+    assert torch.equal(folded["model.norm.weight"], torch.ones(32, dtype=torch.float64))
+    q = random_orthogonal(32, torch.Generator().manual_seed(1))
+    rotated = rotate(folded, without_gains(plan, found).space(stream), q)
+    assert relative(logits(model, rotated), ref) < 1e-6
+    # the check can fail: the same map with the gains still on the stream (unfolded) changes the function
+    assert relative(logits(model, rotate(model.state_dict(), plan.space(stream), q)), ref) > 1e-2
+
+    checked = rotatable(model, plan, ep, X)
+    assert checked.spaces == {stream} and not checked.refused
+
+
+def test_orthogonal_residual_recovers_a_rotated_and_permuted_copy():
+    a = llama(0)
+    ep, plan = traced(a)
+    found = rotatable(a, plan, ep, X)
+    folded = fold_state(a.state_dict(), found.all_folds())
+    stream = without_gains(plan, found).space(next(iter(found.folds)))
+    b = copy.deepcopy(a)
+    b.load_state_dict(rotate(folded, stream, random_orthogonal(32, torch.Generator().manual_seed(3))))
+    b = random_permutation(b, plan, seed=4)  # heads and MLP neurons shuffled too
+    assert relative(logits(b), logits(a)) < 1e-6 and float((b.lm_head.weight - a.lm_head.weight).abs().max()) > 0.1
+
+    fused = fuse([a, b], residual="orthogonal", sweeps=5, example_input=X, progress=False)
+    assert relative(logits(fused), logits(a)) < 1e-8  # every map found exactly: the average is a's function
+    permutations = fuse([a, b], sweeps=5, example_input=X, progress=False)
+    assert relative(logits(permutations), logits(a)) > 1e-2  # a permutation cannot undo the rotation
+
+
+@pytest.mark.parametrize("repair", ["none", "refit"])
+def test_orthogonal_residual_with_weights_0_1_computes_the_other_model(repair):
+    a, b = llama(0), llama(1)
+    calibration = [torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    fused = fuse([a, b], residual="orthogonal", sweeps=3, weights=[0, 1], example_input=X, progress=False,
+                 repair=repair, calibration=calibration if repair != "none" else None)
+    assert relative(logits(fused), logits(b)) < (1e-6 if repair == "none" else 1e-3)
+    assert float(fused.model.norm.weight.sub(1).abs().max()) == 0  # the gains are folded into the readers
+    assert set(fused.state_dict()) == set(b.state_dict())
+
+
+def test_a_layernorm_stream_keeps_permutations_and_says_why(caplog):
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
+    a, b = GPT2LMHeadModel(cfg).eval(), GPT2LMHeadModel(cfg).eval()
+    with recording() as verdicts, caplog.at_level(logging.WARNING, logger="hf_otfusion"):
+        fused = fuse([a, b], residual="orthogonal", sweeps=2, weights=[0, 1], example_input=X, progress=False)
+    (verdict,) = verdicts
+    assert not verdict.folds
+    assert "LayerNorm" in next(iter(verdict.refused.values()))
+    assert "keeps permutations" in caplog.text and "LayerNorm" in caplog.text
+    assert relative(fused(X).logits, b(X).logits) < 1e-4
+
+
+def test_a_gain_read_by_a_tied_head_is_refused():
+    model = llama(0, tied=True)
+    ep, plan = traced(model)
+    found = find_folds(ep, plan)
+    assert not found.folds
+    assert "tied" in next(iter(found.refused.values()))
+
+
+def test_orthogonal_residual_options_are_checked():
+    a, b = llama(0, layers=1), llama(1, layers=1)
+    with pytest.raises(FusionError, match="sweeps >= 1"):
+        fuse([a, b], residual="orthogonal", example_input=X, progress=False)
+    with pytest.raises(FusionError, match="alignment='weights'"):
+        fuse([a, b], residual="orthogonal", sweeps=2, alignment="activations", calibration=X, progress=False)
+    from hf_otfusion.streaming import fuse_checkpoints
+
+    with pytest.raises(FusionError, match="in memory"):
+        fuse_checkpoints(["x", "y"], "out", residual="orthogonal", sweeps=2)
