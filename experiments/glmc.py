@@ -69,7 +69,7 @@ class LayerMaps:
     heads: np.ndarray  # query head h of the fused model is b's head heads[h] (within the matched group)
     neurons: np.ndarray  # MLP neuron i of the fused model is b's neuron neurons[i]
     signs: torch.Tensor  # per fused neuron, the factor of its up row (its down column divided by it): +-1, or a scale
-    vo: torch.Tensor  # [groups, d_head, d_head] orthogonal maps of the value spaces
+    vo: torch.Tensor  # [groups, d_head, d_head] invertible (here orthogonal) maps of the value spaces
     vo_scale: torch.Tensor  # [groups] the value rows multiplied by it, the output columns divided by it
     qk: torch.Tensor  # [groups, d_head / 2, 2, 2] rotation-and-scale per rotary frequency pair (the query's)
     qk_scale: torch.Tensor  # [groups, d_head / 2] the scale s (the query is multiplied by s, the key divided by it)
@@ -137,7 +137,8 @@ def carried_layer(w: dict[str, torch.Tensor], prefix: str, m: LayerMaps, shape: 
     wq = wq.transpose(1, 2).reshape(n_heads, d_head, hidden)[:, unpair]
     wk = wk.transpose(1, 2).reshape(n_groups, d_head, hidden)[:, unpair]
     wv = torch.einsum("gab,gbd->gad", m.vo, wv) * m.vo_scale[:, None, None]
-    wo = torch.einsum("dhb,hab->dha", wo, m.vo[group_of]) / m.vo_scale[group_of][None, :, None]  # W_O M^T / c
+    # W_O M^-1 / c (M^-1 = M^T for the weights alignment's orthogonal maps; experiments.glmc_learned's may be any)
+    wo = torch.einsum("dhb,hba->dha", wo, torch.linalg.inv(m.vo)[group_of]) / m.vo_scale[group_of][None, :, None]
     neurons = torch.as_tensor(m.neurons)
     return {
         "q_proj": wq.reshape(n_heads * d_head, hidden), "k_proj": wk.reshape(n_groups * d_head, hidden),
@@ -151,8 +152,16 @@ def carried_layer(w: dict[str, torch.Tensor], prefix: str, m: LayerMaps, shape: 
 def carry(model: nn.Module, maps: Maps) -> nn.Module:
     """A copy of a norm-folded Llama decoder ``b`` carried by ``maps`` (it computes the same function)."""
     m = copy.deepcopy(model)
-    w = weights_of(model)
-    shape = shape_of(model)
+    state = carried_weights(weights_of(model), maps, shape_of(model))
+    dtype = next(m.parameters()).dtype
+    m.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    return m.eval()
+
+
+def carried_weights(w: dict[str, torch.Tensor], maps: Maps, shape: tuple[int, int, int, int],
+                    ) -> dict[str, torch.Tensor]:
+    """Every matrix of a norm-folded decoder's weights ``w`` carried by ``maps``, by state-dict key (differentiable in
+    the maps' tensors)."""
     q = maps.q
     state = {}
     for i, lm in enumerate(maps.layers):
@@ -162,9 +171,7 @@ def carry(model: nn.Module, maps: Maps) -> nn.Module:
             state[where] = q.T @ mat if name in ("o_proj", "down_proj") else mat @ q
     state["model.embed_tokens.weight"] = w["model.embed_tokens.weight"] @ q
     state["lm_head.weight"] = w["lm_head.weight"] @ q
-    dtype = next(m.parameters()).dtype
-    m.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    return m.eval()
+    return state
 
 
 def procrustes(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
