@@ -23,6 +23,8 @@ STANDALONE = {
                                     "(docs/results/transformers.md)"),
     "stream": ("stream", "the causal LM's stream: an orthogonal stream map, twice the width (docs/results/stream.md)"),
     "glmc": ("glmc", "data-free orthogonal stream alignment with head and MLP matching (docs/results/glmc.md)"),
+    "glmc-learned": ("glmc_learned", "glmc's maps trained on calibration text against the ensemble, weights frozen "
+                                     "(docs/results/glmc_learned.md)"),
 }
 
 
