@@ -55,6 +55,16 @@ VIT = dict(image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidd
 LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=None,
              eos_token_id=None, pad_token_id=None)
+# the wider LMs of issue 28 item 6 (``--lm-model``): a width-256, 4-layer Llama (GQA 8 query heads on 2 key/value
+# groups, rotary) and a GPT-2-style LM (LayerNorm, learned positions, tied embeddings, GELU MLP, no dropout)
+LLAMA256 = {**LLAMA, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "num_key_value_heads": 2}
+GPT2 = dict(vocab_size=256, n_embd=128, n_layer=4, n_head=4, n_positions=128, tie_word_embeddings=True,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+LM_MODELS = {"llama64": LLAMA, "llama256": LLAMA256, "gpt2": GPT2}
+# each LM's default training (steps, learning rate), batch 32: the wider two sized to about 6 minutes on one CPU thread
+# (measured: llama256 1.16 s/step, gpt2 0.52 s/step at batch 32, torch 2.13 CPU, OMP_NUM_THREADS=1)
+LM_TRAINING = {"llama64": (1000, 3e-3), "llama256": (300, 2e-3), "gpt2": (600, 3e-3)}
 
 
 @dataclass
@@ -143,11 +153,30 @@ def text_ids(tiny: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[perm[n_test:]], ids[perm[:n_test]]
 
 
-def lm_setting(args: argparse.Namespace, steps: int, lr: float) -> Setting:
+def lm_builder(name: str, tiny: bool) -> tuple[Callable[[], nn.Module], dict, str]:
+    """The LM ``name``'s constructor (an eval-mode model), its config dict and its sentence of the report (``tiny``:
+    one layer)."""
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = {**GPT2, "n_layer": 1} if tiny else GPT2
+        cfg = ", ".join(f"{k} {config[k]}" for k in ("n_embd", "n_layer", "n_head", "n_positions"))
+        text = (f"`transformers.GPT2LMHeadModel` ({cfg}, MLP width {4 * config['n_embd']}, LayerNorm, learned "
+                "positions, tied input and output embeddings, GELU, no dropout)")
+        return lambda: GPT2LMHeadModel(GPT2Config(**config)).eval(), config, text
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    config = {**LM_MODELS[name], "num_hidden_layers": 1} if tiny else LM_MODELS[name]
+    cfg = ", ".join(f"{k} {config[k]}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "num_attention_heads", "num_key_value_heads"))
+    text = f"`transformers.LlamaForCausalLM` ({cfg}, untied embeddings, rotary positions)"
+    return lambda: LlamaForCausalLM(LlamaConfig(**config)).eval(), config, text
+
+
+def lm_setting(args: argparse.Namespace, steps: int, lr: float) -> Setting:
+    name = getattr(args, "lm_model", "llama64")
+    build, _, model_text = lm_builder(name, args.tiny)
     train_ids, test_ids = text_ids(args.tiny)
-    config = {**LLAMA, "num_hidden_layers": 1} if args.tiny else LLAMA
     batches = [({"input_ids": test_ids[i : i + 100]}, test_ids[i : i + 100]) for i in range(0, len(test_ids), 100)]
     pool = train_ids[torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(1234))]
     calib = {"input_ids": pool[: args.lm_calibration]}
@@ -163,11 +192,9 @@ def lm_setting(args: argparse.Namespace, steps: int, lr: float) -> Setting:
             _descend(opt, sched, model(input_ids=ids, labels=ids).loss)
         model.eval()
 
-    cfg = ", ".join(f"{k} {config[k]}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                "num_attention_heads", "num_key_value_heads"))
     modules = STDLIB_TEXT_MODULES if args.tiny else LM_MODULES
-    describe = (f"`transformers.LlamaForCausalLM` ({cfg}, untied embeddings, rotary positions) over a byte "
-                f"vocabulary (256 tokens, no tokenizer). Text: the Python source of the standard-library modules "
+    describe = (f"{model_text} over a byte vocabulary (256 tokens, no tokenizer). Text: the Python source of the "
+                f"standard-library modules "
                 f"{', '.join(f'`{m}`' for m in modules)} (`hf_otfusion.testing.stdlib_text`), cut into 128-character "
                 f"chunks, each the first 128 UTF-8 bytes of its chunk; a seeded random {len(test_ids)} chunks held out "
                 f"for the test ({len(test_ids) * 127:,} scored next-token predictions), {len(train_ids)} for training. "
@@ -175,8 +202,10 @@ def lm_setting(args: argparse.Namespace, steps: int, lr: float) -> Setting:
                 f"then cosine decay). Calibration: {len(calib['input_ids'])} random training sequences. Score: the "
                 f"token-weighted next-token cross-entropy (nats) on the held-out chunks and its perplexity; a uniform "
                 f"guess is ln 256 = {math.log(256):.2f} nats.")
-    return Setting("lm", "Causal LM (transformers Llama) on stdlib text",
-                   lambda: LlamaForCausalLM(LlamaConfig(**config)).eval(), fit,
+    family = "GPT-2" if name == "gpt2" else "Llama"
+    title = "Causal LM (transformers Llama) on stdlib text" if name == "llama64" else \
+        f"Causal LM {name} (transformers {family}) on stdlib text"
+    return Setting("lm", title, build, fit,
                    lambda m, seed: fit(m, seed, max(1, round(steps * TUNE_SHARE)), lr * TUNE_LR),
                    lambda m: token_loss(m, batches),
                    calib, {"input_ids": calib["input_ids"][:2]}, False, describe)
@@ -337,8 +366,10 @@ def summary(s: Setting, table: Results, seeds: int) -> str:
 
 def lm_options(own: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """The command line ``argv``: ``own``'s options, the causal LM's, then those of the MNIST suite."""
-    own.add_argument("--lm-steps", type=int, default=1000)
-    own.add_argument("--lm-lr", type=float, default=3e-3)
+    own.add_argument("--lm-model", choices=tuple(LM_MODELS), default="llama64",
+                     help="the causal LM: the width-64 Llama, a width-256 4-layer Llama, or a GPT-2-style LM")
+    own.add_argument("--lm-steps", type=int, default=None, help="training steps (default: the model's, LM_TRAINING)")
+    own.add_argument("--lm-lr", type=float, default=None, help="learning rate (default: the model's, LM_TRAINING)")
     own.add_argument("--lm-calibration", type=int, default=300, help="training sequences for calibration")
     known, rest = own.parse_known_args(argv)
     args = parse_args(["iid", *rest])
@@ -350,11 +381,16 @@ def lm_options(own: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Na
 
 
 def lm_of(args: argparse.Namespace) -> tuple[Setting, str]:
-    """The causal LM's setting and the tag of its cached parents."""
-    steps = max(10, round(args.lm_steps * args.epochs_scale))
+    """The causal LM's setting (``--lm-model``, its LM_TRAINING unless ``--lm-steps``/``--lm-lr`` are given) and the
+    tag of its cached parents."""
+    model = getattr(args, "lm_model", "llama64")
+    default_steps, default_lr = LM_TRAINING[model]
+    lr = default_lr if args.lm_lr is None else args.lm_lr
+    steps = max(10, round((default_steps if args.lm_steps is None else args.lm_steps) * args.epochs_scale))
     if args.tiny:
         steps = min(steps, 30)
-    return lm_setting(args, steps, args.lm_lr), f"{'tiny-' if args.tiny else ''}s{steps}-lr{args.lm_lr:g}"
+    prefix = "" if model == "llama64" else f"{model}-"  # the width-64 Llama keeps its cache tag
+    return lm_setting(args, steps, lr), f"{prefix}{'tiny-' if args.tiny else ''}s{steps}-lr{lr:g}"
 
 
 def main(argv: Sequence[str]) -> None:
