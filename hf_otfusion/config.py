@@ -105,6 +105,10 @@ class FusionParameters(_Frozen):
         "orthogonal: any orthogonal map where the stream allows it (norm gains folded into their readers), found by "
         "weight matching (needs sweeps >= 1, weights mode)"
     )
+    head_maps: Literal["permutation", "orthogonal"] = Field(
+        "permutation", description="inside attention heads: permutations, or any orthogonal map (a rotation per "
+        "channel pair where rotary embeddings allow only that) where a check on the model allows it, fitted to the "
+        "target after the alignment")
     standardize: bool = Field(False, description="activations mode: compare channels by correlation")
     sweeps: int = Field(0, ge=0, description="weight matching by coordinate descent (Git Re-Basin) after the single "
                         "pass: at most this many sweeps over every space (0: none); weights mode, emd, equal widths")

@@ -20,6 +20,7 @@ from .errors import FusionError, PlanError
 from .evaluate import logits_of
 from .folding import fold_state, report_rotatable, rotatable, without_gains
 from .graph import Runner
+from .head_maps import HeadMaps, find_head_maps, fit_head_maps, report_head_maps, tensors_of
 from .plan import AlignmentPlan, Space
 from .profile import timed
 from .registry import REPAIRS
@@ -346,6 +347,14 @@ def fuse(
             states = [fold_state(s, rot.all_folds()) for s in states]
             plan_t, plans = without_gains(plan_t, rot), [without_gains(p, rot) for p in plans]
 
+    inner: HeadMaps | None = None
+    if opts.head_maps == "orthogonal":
+        if example_input is None:
+            raise FusionError("head_maps='orthogonal' checks each attention space on the model: pass example_input")
+        with timed("trace"):
+            inner = find_head_maps(target_model, plan_t, example_input)
+        report_head_maps(inner)
+
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     if alignment == "activations":
         runners = [Runner(exported.get(i, ep_t), m, dev) for i, m in enumerate(models)]
@@ -357,9 +366,15 @@ def fuse(
 
     fused: State = {}
     # an orthogonal map has no coupling: a repair then gets the parents as aligned (folded, carried), not couplings
-    aligned: list[State] | None = [{} for _ in models] if dense and repair.fn is not None else None
+    dense_maps = bool(dense) or bool(inner and inner.maps)
+    aligned: list[State] | None = [{} for _ in models] if dense_maps and repair.fn is not None else None
+    held = tensors_of(inner) if inner is not None else set()
+    pending: dict[str, list[torch.Tensor]] = {}  # tensors that head maps move: fitted once every one is aligned
 
     def average(name: str, values: list[torch.Tensor]) -> None:
+        if name in held:
+            pending[name] = values
+            return
         fused[name] = average_tensor(values, w, values[target])
         if aligned is not None:
             for k, v in enumerate(values):
@@ -369,6 +384,14 @@ def fuse(
     couplings = align_sources(sources, plans, average, target=target, costs=costs, options=opts, device=dev,
                               progress=progress, couplings="couplings" in repair.needs and aligned is None,
                               dense=dense)
+    if pending and inner is not None:
+        per_model = [{name: values[k] for name, values in pending.items()} for k in range(len(models))]
+        with timed("head maps"):
+            per_model = [s if k == target else fit_head_maps(s, per_model[target], inner)
+                         for k, s in enumerate(per_model)]
+        held.clear()
+        for name in pending:
+            average(name, [s[name] for s in per_model])
     for alias, name in plan_t.aliases.items():
         fused[alias] = fused[name]
         for state in aligned or []:

@@ -129,7 +129,7 @@ def weight_similarity(state: Mapping[str, torch.Tensor], target_state: Mapping[s
     return sum(_dot(state[t], target_state[t]) for t in _moved(plan))
 
 
-def _similarity(state: State, target_state: State, space: Space,
+def channel_similarity(state: State, target_state: State, space: Space,
                 untiled: AbstractSet[tuple[str, int]] = frozenset()) -> torch.Tensor:
     """(n, n) float64: entry (i, j) the summed inner products of this state's channel i and the target's j over
     every member axis of the space (other axes as they are, i.e. already in the target's basis). ``untiled``: axes
@@ -239,7 +239,7 @@ def weight_matching(
         changed = 0
         for u in torch.randperm(len(units), generator=gen).tolist():
             spaces = units[u]
-            sims = [_similarity(cur, tgt, sp, frozenset() if sp.queries else query_axes) for sp in spaces]
+            sims = [channel_similarity(cur, tgt, sp, frozenset() if sp.queries else query_axes) for sp in spaces]
             qs = [q.cpu() for q in _solve_unit(sims, spaces, heads, dense)]
             if all(_identity(q) for q in qs):
                 continue

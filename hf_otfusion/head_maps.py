@@ -1,0 +1,204 @@
+"""Maps inside attention heads beyond permutations (``fuse(..., head_maps="orthogonal")``).
+
+Inside a head, attention is bilinear in its channels: ``q . k`` keeps its value when the query and key channels of
+a head take the same orthogonal map, and the values of a key/value head reach the output projection linearly, so they
+admit any orthogonal map too (shared by the query heads that read them). With rotary position embeddings the query
+and key channels are rotated pair by pair (channel ``j`` with ``j + d/2`` in HF Llama, ``2j`` with ``2j + 1`` in
+GPT-J), so there only a 2-D rotation of each pair commutes with them (Theus et al., "Generalized Linear Mode
+Connectivity for Transformers", NeurIPS 2025, arXiv 2506.22712). The plan holds those channels fixed (no permutation
+of them keeps the function); a rotation per pair does.
+
+Which spaces take which map is not assumed: each candidate (every headed space whose channels inside a head may
+move, and every headed space whose channels inside a head the plan left fixed, for each pairing) is checked like a
+plan, on a randomised copy of the model: a random map of that kind must keep the outputs. The first kind that
+passes is used; a space where none passes keeps permutations, with the reason.
+
+The maps are fitted after the alignment, head by head, on the aligned weights: for each head the orthogonal block
+(or each pair's rotation) that maximises the inner products of the model's member rows with the target's, over every
+member of the space (orthogonal Procrustes, in closed form).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .folding import random_orthogonal, rotate
+from .matching import channel_similarity, procrustes
+from .plan import AlignmentPlan, Space
+from .verify import TOLERANCE, randomised_copy
+
+log = logging.getLogger(__name__)
+PAIRINGS = ("half", "interleaved")
+
+
+@dataclass(frozen=True)
+class HeadMap:
+    """A space whose heads take a map inside them: ``pairing`` None: any orthogonal block per head; else a rotation
+    of each channel pair (``half``: ``j`` with ``j + d/2``; ``interleaved``: ``2j`` with ``2j + 1``) of a space that
+    :func:`unrolled` made from one whose channels are whole heads."""
+
+    space: Space
+    pairing: str | None = None
+
+    def pairs(self) -> torch.Tensor:
+        """[d/2, 2]: the channels of each pair inside a head."""
+        d = self.space.head_dim
+        if self.pairing == "half":
+            return torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], 1)
+        return torch.arange(d).view(-1, 2)
+
+
+@dataclass(frozen=True)
+class HeadMaps:
+    """The spaces that take maps inside their heads, and why the others keep permutations."""
+
+    maps: tuple[HeadMap, ...]
+    refused: dict[str, str]
+
+    def summary(self) -> list[str]:
+        kinds = [f"{m.space.name}: " + ("an orthogonal map per head" if m.pairing is None else
+                                         f"a rotation per rotary channel pair ({m.pairing})") for m in self.maps]
+        return kinds + [f"{name}: permutations only ({why})" for name, why in self.refused.items()]
+
+
+def unrolled(space: Space) -> Space | None:
+    """A space of whole heads (one channel per head, ``repeat`` = the head's width on every member) as a space of
+    the channels inside them; None when its members do not hold that layout."""
+    repeats = {m.repeat for m in space.members}
+    if space.head_dim != 1 or len(repeats) != 1 or (r := repeats.pop()) < 2 or r % 2:
+        return None
+    members = tuple(m.model_copy(update={"repeat": 1}) for m in space.members)
+    return space.model_copy(update={"size": space.size * r, "members": members})
+
+
+def _candidates(plan: AlignmentPlan) -> list[tuple[str, list[HeadMap]]]:
+    fixed = {m for f in plan.fixed for m in f.members}
+    out = []
+    for space in plan.spaces:
+        if space.heads < 2 or space.queries:
+            continue
+        if space.head_dim > 1:
+            out.append((space.name, [HeadMap(space)]))
+        elif (flat := unrolled(space)) is not None and all(f"{m.tensor}:{m.axis}" in fixed for m in space.members):
+            out.append((space.name, [HeadMap(flat, p) for p in PAIRINGS]))
+    return out
+
+
+def _random_map(head_map: HeadMap, gen: torch.Generator) -> torch.Tensor:
+    space = head_map.space
+    d = space.head_dim
+    blocks = [_block(head_map, gen, d)] * space.heads if space.shared else \
+        [_block(head_map, gen, d) for _ in range(space.heads)]
+    return torch.block_diag(*blocks)
+
+
+def _block(head_map: HeadMap, gen: torch.Generator, d: int) -> torch.Tensor:
+    if head_map.pairing is None:
+        return random_orthogonal(d, gen)
+    angles = 2 * math.pi * torch.rand(d // 2, generator=gen, dtype=torch.float64)
+    return _rotations(head_map.pairs(), angles.cos(), angles.sin(), d)
+
+
+def _rotations(pairs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
+    """The (d, d) map rotating each pair ``(i, j)`` by its angle: ``x_i <- c x_i - s x_j``, ``x_j <- s x_i + c x_j``."""
+    m = torch.zeros(d, d, dtype=torch.float64)
+    i, j = pairs[:, 0], pairs[:, 1]
+    m[i, i], m[i, j], m[j, i], m[j, j] = cos, -sin, sin, cos
+    return m
+
+
+def find_head_maps(model: nn.Module, plan: AlignmentPlan, example_input: Any, *, seed: int = 0) -> HeadMaps:
+    """The headed spaces of ``plan`` that take maps inside their heads, each kind checked on a randomised copy of
+    ``model`` (a random map of it must keep the outputs on ``example_input``)."""
+    candidates = _candidates(plan)
+    if not candidates:
+        return HeadMaps((), {})
+    copy_ = randomised_copy(model, plan, example_input, seed=seed)
+    if isinstance(copy_, str):
+        return HeadMaps((), {name: f"cannot be checked: {copy_}" for name, _ in candidates})
+    tol = TOLERANCE[copy_.dtype]
+    gen = torch.Generator().manual_seed(seed + 2)
+    maps, refused = [], {}
+    for name, kinds in candidates:
+        changes = []
+        for kind in kinds:
+            change = copy_.change_of(rotate(copy_.base, kind.space, _random_map(kind, gen), plan.aliases))
+            if change <= tol:
+                maps.append(kind)
+                break
+            changes.append(f"{kind.pairing or 'orthogonal'}: {change:.1e}")
+        else:
+            refused[name] = "a random map inside its heads changes the outputs (" + ", ".join(changes) + ")"
+    return HeadMaps(tuple(maps), refused)
+
+
+def fitted_map(head_map: HeadMap, similarity: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal map (target channel ``j`` <- sum_i ``M[j, i]`` channel ``i``) maximising ``trace(M S)``
+    for ``S = similarity`` (this model's channels against the target's), head by head (or one block for every head of
+    a shared space)."""
+    space = head_map.space
+    d = space.head_dim
+    blocks = [similarity[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(space.heads)]
+    if space.shared:
+        blocks = [sum(blocks)] * space.heads
+    if head_map.pairing is None:
+        return torch.block_diag(*[procrustes(b) for b in blocks])
+    pairs = head_map.pairs()
+    i, j = pairs[:, 0], pairs[:, 1]
+    out = []
+    for b in blocks:
+        b = b.double()
+        angle = torch.atan2(b[i, j] - b[j, i], b[i, i] + b[j, j])
+        out.append(_rotations(pairs, angle.cos(), angle.sin(), d))
+    return torch.block_diag(*out)
+
+
+def fit_head_maps(state: Mapping[str, torch.Tensor], target_state: Mapping[str, torch.Tensor], maps: HeadMaps,
+                  aliases: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """``state`` (aligned to the target) with each space's map inside its heads fitted to the target and applied;
+    the function is unchanged."""
+    out = dict(state)
+    for head_map in maps.maps:
+        s = channel_similarity(out, dict(target_state), head_map.space)
+        out = rotate(out, head_map.space, fitted_map(head_map, s), aliases)
+    return out
+
+
+def tensors_of(maps: HeadMaps) -> set[str]:
+    """Every tensor a head map moves."""
+    return {m.tensor for hm in maps.maps for m in hm.space.members}
+
+
+_record: ContextVar[list[HeadMaps] | None] = ContextVar("hf_otfusion_head_maps", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[HeadMaps]]:
+    """Collect the :class:`HeadMaps` verdict of every ``fuse(..., head_maps="orthogonal")`` inside the block."""
+    found: list[HeadMaps] = []
+    token = _record.set(found)
+    try:
+        yield found
+    finally:
+        _record.reset(token)
+
+
+def report_head_maps(maps: HeadMaps) -> None:
+    """Tell the user which spaces take maps inside their heads; a warning for each that keeps permutations."""
+    if (found := _record.get()) is not None:
+        found.append(maps)
+    for name, why in maps.refused.items():
+        log.warning("head_maps='orthogonal': space %s keeps permutations: %s", name, why)
+    if not maps.maps:
+        log.warning("head_maps='orthogonal': no attention space takes a map inside its heads")
+    for line in maps.summary()[: len(maps.maps)]:
+        log.info("head_maps='orthogonal': %s", line)
