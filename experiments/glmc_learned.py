@@ -53,8 +53,8 @@ from . import transformer as tx
 from .harness import ROOT, context
 from .stream import fold_norms
 
-STEPS = 300
-LR = 3e-3  # fixed by the sweep on seed 0 (the table in docs/results/glmc_learned.md)
+STEPS = 500
+LR = 1e-2  # fixed by the sweep on seed 0 (lowest calibration KL; the table in docs/results/glmc_learned.md)
 BATCH = 32
 LAM = (0.4, 0.6)
 SWEEP = (1e-3, 3e-3, 1e-2, 3e-2)
