@@ -151,7 +151,15 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
     if options.repair_parameters is not None:
         rows.append(("repair parameters", ", ".join(f"{k}={v}" for k, v in options.repair_params)))
     rows.append(("attention heads", "matched first" if options.match_heads else "kept in place"))
-    rows.append(("residual stream cost", options.residual))
+    if options.residual == "orthogonal":
+        rows.append(("residual stream", "any orthogonal map where the stream allows it (RMSNorm gains folded into the "
+                     "layers reading them, so the merged model's norm gains are one), found by weight matching "
+                     "(orthogonal Procrustes)"))
+    else:
+        rows.append(("residual stream cost", options.residual))
+    if options.head_maps == "orthogonal":
+        rows.append(("inside attention heads", "an orthogonal map per head, or a rotation per rotary channel pair, "
+                     "where a check on the model allows it, fitted to the target by Procrustes"))
     if options.sweeps:
         rows.append(("weight matching", f"coordinate descent after the single pass, up to {options.sweeps} sweeps "
                      "(every space re-solved from all its weights, kept if the total weight similarity rises)"))
@@ -198,6 +206,7 @@ def render_card(
     auto_class: str | None = None,
     commits: Sequence[str | None] | None = None,
     plan: AlignmentPlan | None = None,
+    maps: Sequence[str] = (),
 ) -> ModelCard:
     """Render the model card (README.md) of a model made from ``config``.
 
@@ -214,6 +223,8 @@ def render_card(
             folder; see ``hf_otfusion.sources.ModelInfo.commit``); without them the commit column says
             "not recorded".
         plan: the target's alignment plan; its hidden channels left fixed (``plan.fixed``) are listed.
+        maps: with ``residual`` or ``head_maps`` ``"orthogonal"``: one line per space, the map it took (or why it
+            kept permutations), as ``hf_otfusion.folding`` and ``hf_otfusion.head_maps`` report them.
 
     Returns:
         A ``huggingface_hub.ModelCard``; ``card.save(folder / "README.md")`` writes it, ``card.push_to_hub`` pushes it.
@@ -268,6 +279,7 @@ def render_card(
         "fixed": [(_cell(str(f.size)), _cell(", ".join(f.members)), _cell(f.reason)) for f in plan.fixed]
         if plan is not None else [],
         "plan_check": str(plan.verification) if plan is not None and plan.verification is not None else "",
+        "maps": [_cell(line) for line in maps],
     }
     if evaluation:
         variables.update(_evaluation(config, evaluation))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -383,7 +384,7 @@ def fuse(
     sources = [StateSource(s) for s in states]
     couplings = align_sources(sources, plans, average, target=target, costs=costs, options=opts, device=dev,
                               progress=progress, couplings="couplings" in repair.needs and aligned is None,
-                              dense=dense)
+                              dense=dense, refine=partial(fit_head_maps, maps=inner) if inner and inner.maps else None)
     if pending and inner is not None:
         per_model = [{name: values[k] for name, values in pending.items()} for k in range(len(models))]
         with timed("head maps"):

@@ -33,7 +33,7 @@ same inner products ``S`` (this state's channels against the target's), the orth
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .engine import Walker
 
 State = dict[str, torch.Tensor]
+Refine = Callable[[State, State], State]
 
 
 @dataclass
@@ -211,6 +212,7 @@ def weight_matching(
     seed: int = 0,
     heads: bool = True,
     dense: AbstractSet[str] = frozenset(),
+    refine: Refine | None = None,
 ) -> tuple[State, MatchingResult]:
     """Coordinate descent on the permutations of every space, starting from ``state`` as it is.
 
@@ -219,6 +221,9 @@ def weight_matching(
     the input's) and the :class:`MatchingResult`. ``sweeps``: at most that many passes over every coordinate,
     in an order drawn from ``seed`` for each pass; stops early after a pass that changes nothing. ``dense``: residual
     spaces solved by orthogonal Procrustes (their norm gains folded and out of the plan), in ``result.dense``.
+    ``refine(state, target_state)``: maps outside the plan's spaces that keep the function (inside attention heads:
+    :mod:`hf_otfusion.head_maps`), fitted again before each sweep so that the other coordinates are solved with them
+    in place; they are not in the result (whoever passed them fits them again on the final alignment).
     """
     if sweeps < 0:
         raise FusionError(f"sweeps must be >= 0, got {sweeps}")
@@ -236,6 +241,9 @@ def weight_matching(
     query_axes = plan.query_axes()
     gen = torch.Generator().manual_seed(seed)
     for _ in range(sweeps):
+        if refine is not None:
+            cur = refine(cur, tgt)
+            total = weight_similarity(cur, tgt, plan)
         changed = 0
         for u in torch.randperm(len(units), generator=gen).tolist():
             spaces = units[u]
@@ -289,7 +297,7 @@ def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", m
 
 def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
                       device: torch.device, walkers: Sequence[Walker | None], sweeps: int, seed: int,
-                      heads: bool, dense: AbstractSet[str] = frozenset(),
+                      heads: bool, dense: AbstractSet[str] = frozenset(), refine: Refine | None = None,
                       ) -> list[dict[str, torch.Tensor | ChannelMap]]:
     """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
     target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk; the spaces in ``dense``
@@ -313,7 +321,7 @@ def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[Alignment
         state = {name: aligner.release(name) for name in names}
         with timed("matching"):
             _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads,
-                                        dense=dense)
+                                        dense=dense, refine=refine)
         record(result)
         for space in target_plan.spaces:
             n = space.size

@@ -51,3 +51,30 @@ def test_repair_and_finetune_from_yaml(tmp_path):
     assert [p.shape for p in saved.parameters()] == [p.shape for p in timm.create_model(
         f"local-dir:{parents[0]}", pretrained=True).parameters()]
     assert torch.isfinite(saved(torch.randn(2, 1, 28, 28))).all()
+
+
+def test_orthogonal_maps_from_yaml_are_stated_in_the_card(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_otfusion.testing import tiny_llama
+
+    parents = [str(tiny_llama(tmp_path / f"llama{s}", seed=s, kv_heads=2)) for s in (0, 1)]
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"model": parents[0], "parameters": {"weight": 0.0}}, {"model": parents[1]}],
+        "parameters": {"residual": "orthogonal", "head_maps": "orthogonal", "sweeps": 2},
+    }))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["merge", str(config), str(out), "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert "Maps other than permutations" in card
+    assert "model.embed_tokens.weight:1: orthogonal (3 norm gains folded into their readers)" in card
+    assert "a rotation per rotary channel pair (half)" in card and "an orthogonal map per head" in card
+    assert "| residual stream | any orthogonal map" in card
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    other = AutoModelForCausalLM.from_pretrained(parents[1]).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # weight 0 on the target: the merge computes the other parent's function
+        assert torch.allclose(merged(ids).logits, other(ids).logits, atol=1e-4)
+    assert torch.equal(merged.model.norm.weight, torch.ones_like(merged.model.norm.weight))  # folded

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .. import folding, head_maps
 from ..config import FinetuneConfig, MergeConfig
 from ..distributed import is_main, world
 from ..errors import MergeError
@@ -61,8 +62,10 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
             plan = cached_plan_of(target, example, enabled=plan_cache,  # weights alone: sites unused
                                   sites=params.alignment != "weights" or params.repair != "none")
         check_plan(plan, params.strict)
-    fused = method.fn(models, params, target=config.target_index, weights=config.weights, calibration=calibration,
-                      example_input=example, plan=plan, device=dev, progress=progress)
+    with folding.recording() as streams, head_maps.recording() as heads:
+        fused = method.fn(models, params, target=config.target_index, weights=config.weights,
+                          calibration=calibration, example_input=example, plan=plan, device=dev, progress=progress)
+    maps = [line for verdict in [*streams, *heads] for line in verdict.summary()]
     untuned = None
     if config.finetune is not None and world()[1] > 1 and is_main():
         log.warning("finetune is not data-parallel: each of the %d processes runs all of it", world()[1])
@@ -73,7 +76,8 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
     if config.evaluation is not None:
         with timed("evaluate"):
             rows = _evaluate(config, parents, fused, untuned, dev)
-    return MergeResult(config=config, parents=list(parents), model=fused.cpu(), plan=plan, evaluation=rows, out=None)
+    return MergeResult(config=config, parents=list(parents), model=fused.cpu(), plan=plan, evaluation=rows, out=None,
+                       maps=maps)
 
 
 def _evaluate(config: MergeConfig, parents: Sequence[LoadedModel], fused: nn.Module, untuned: nn.Module | None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -25,6 +25,7 @@ class MergeResult:
     evaluation: list[EvalRow] | None
     out: Path | None
     streamed: bool = False
+    maps: list[str] = field(default_factory=list)  # the spaces that took maps other than permutations, and why not
 
     @property
     def target(self) -> ModelInfo:

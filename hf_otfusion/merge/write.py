@@ -36,7 +36,8 @@ def write_output(result: MergeResult, out: str | Path, *, overwrite: bool = Fals
             model_card = render_card(result.config, library=result.target.library,
                                      pipeline_tag=result.target.pipeline_tag, evaluation=result.evaluation,
                                      repo_id=repo_id, auto_class=result.target.auto_class,
-                                     commits=[parent.commit for parent in result.parents], plan=result.plan)
+                                     commits=[parent.commit for parent in result.parents], plan=result.plan,
+                                     maps=result.maps)
             model_card.save(staging / CARD_FILE)
         for name, text in eval_result_files(result.config, result.evaluation).items():
             (staging / name).parent.mkdir(exist_ok=True)
