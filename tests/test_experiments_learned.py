@@ -97,3 +97,27 @@ def test_a_few_training_steps_lower_the_kl_to_the_ensemble_and_leave_the_weights
         assert run.kl_before == pytest.approx(objective.full_kl(init))
         assert run.kl_after < 0.9 * run.kl_before, (invertible, run.kl_before, run.kl_after)
     assert all(torch.equal(v, frozen[k]) for k, v in fb.state_dict().items())
+
+
+def test_the_experiment_runs_tiny_and_writes_its_table(tmp_path):
+    """``python -m experiments glmc-learned --tiny``: one seed, a one-layer LM, a few steps; every row in the table."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "experiments", "glmc-learned", "--tiny", "--steps", "3", "--sweep",
+                           "--out", str(tmp_path), "--threads", "1"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "glmc_learned.md").read_text()
+    assert report.strip() == proc.stdout.strip()
+    number = r"-?[\d.]+ ± [\d.]+"
+    for base in ("data-free maps (glmc best)", *gl.LEARNED):
+        for suffix in ("", " + refit", " + refit, stream target"):
+            row = re.escape(base + suffix)
+            assert re.search(rf"^\| {row} \| {number} \| {number} \| {number} \| {number} \|$", report, re.M), row
+    assert "[seed 0, learned maps: step 3/3: KL" in proc.stderr
