@@ -300,6 +300,9 @@ def plan(
     strict: Annotated[bool, typer.Option("--strict", help="exit with an error if the plan leaves movable hidden "
                       "channels fixed")] = False,
     no_plan_cache: Annotated[bool, typer.Option("--no-plan-cache", help=NO_PLAN_CACHE_HELP)] = False,
+    maps: Annotated[bool, typer.Option("--maps", help="also check which spaces take maps other than permutations "
+                    "(parameters residual: orthogonal and head_maps: orthogonal) and say why the others do not")
+                    ] = False,
 ) -> None:
     """Print the alignment plan of a model: its spaces and the tensor axes that index each.
 
@@ -315,6 +318,17 @@ def plan(
         loaded = load_model(model)
         built = cached_plan_of(loaded, example_input(loaded), enabled=not no_plan_cache)
         typer.echo(built.to_json() if json else str(built))
+        if maps:
+            from .folding import rotatable
+            from .head_maps import find_head_maps
+            from .trace import export_model
+
+            x = example_input(loaded)
+            found = [*rotatable(loaded.model, built, export_model(loaded.model, x), x).summary(),
+                     *find_head_maps(loaded.model, built, x).summary()]
+            typer.echo("maps other than permutations (each kind checked on a randomised copy):")
+            typer.echo("\n".join(f"  - {line}" for line in found) if found else "  none: no residual stream through "
+                       "norms and no attention heads")
         if strict:
             built.check_strict()
 

@@ -105,6 +105,19 @@ def test_plan_command(tmp_path):
     assert table.exit_code == 0 and "AlignmentPlan: 12 spaces" in table.output
     as_json = _invoke("plan", f"local-dir:{folder}", "--json", "-q")
     assert AlignmentPlan.from_json(as_json.output).spaces[0].name == "conv1.0.weight:0"
+    maps = _invoke("plan", folder, "--maps", "-q")  # BatchNorm keeps the residual streams to permutations
+    assert maps.exit_code == 0 and "permutation only ('layer4.0.bn2.weight' is used by" in maps.output
+
+
+def test_plan_command_says_which_spaces_take_orthogonal_maps(tmp_path):
+    from hf_otfusion.testing import tiny_llama
+
+    result = _invoke("plan", tiny_llama(tmp_path / "llama", seed=0, kv_heads=2), "--maps", "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.output.split("maps other than permutations")[1].splitlines()[1:]
+    assert lines == ["  - model.embed_tokens.weight:1: orthogonal (3 norm gains folded into their readers)",
+                     "  - model.layers.0.self_attn.q_proj.weight:0: a rotation per rotary channel pair (half)",
+                     "  - model.layers.0.self_attn.v_proj.weight:0: an orthogonal map per head"]
 
 
 def _bad_config(tmp_path, pair):
