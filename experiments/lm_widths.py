@@ -39,6 +39,7 @@ FLOORS = {"llama256": 0.85}  # the issue's floor on the mean loss-gap closure, n
 FIXED = ("parents (mean)", "vanilla average", "ensemble")
 GLMC = f"GLMC weights alignment ({glmc.BEST.removeprefix('+ ')}) + refit, stream target"
 ORTHOGONAL = "OT (weights, residual orthogonal, 15 sweeps)"
+CHECK_SECONDS: list[float] = []  # seconds spent checking a carried parent, taken out of the fusion time
 
 
 def step_seconds(s: tx.Setting, batch: int = 32, steps: int = 4) -> float:
@@ -79,21 +80,25 @@ def folding_report(lines: list[str]) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def glmc_fusion(a: nn.Module, b: nn.Module, calib: object, notes: list[str]) -> nn.Module:
+def glmc_fusion(a: nn.Module, b: nn.Module, calib: object, notes: list[str],
+                score: Callable[[nn.Module], float]) -> nn.Module:
     """``experiments.glmc``'s best data-free alignment of ``b`` onto ``a`` (both norm-folded), averaged, then refitted
-    onto the stream; the alternation's log goes to ``notes``."""
+    onto the stream; the alternation's log and how far the carried ``b``'s ``score`` moved go to ``notes``."""
     fa, fb = fold_norms(a), fold_norms(b)
     maps, log = glmc.align(fa, fb, glmc.VARIANTS[glmc.BEST])
     carried = glmc.carry(fb, maps)
+    start = time.perf_counter()
+    moved = abs(score(carried) - score(b))
+    CHECK_SECONDS.append(time.perf_counter() - start)  # the check is not part of the fusion's time
     notes.append(f"{len(log)} round(s) ({log[-1]}), weight distance {glmc.weight_distance(fa, fb):.3f} -> "
-                 f"{glmc.weight_distance(fa, carried):.3f}")
+                 f"{glmc.weight_distance(fa, carried):.3f}, the carried parent's loss moved by {moved:.1e}")
     return refit_model(vanilla_average([fa, carried]), [fa, carried], calib, target="stream")
 
 
-def methods(key: str, calib: object, example: object, notes: list[str]
-            ) -> dict[str, Callable[[nn.Module, nn.Module], nn.Module]]:
-    """The fused rows of model ``key``: name -> the fusion of two parents."""
-    kw = dict(calibration=calib, example_input=example, progress=False)
+def methods(key: str, s: tx.Setting, notes: list[str]) -> dict[str, Callable[[nn.Module, nn.Module], nn.Module]]:
+    """The fused rows of model ``key`` (setting ``s``): name -> the fusion of two parents."""
+    calib = s.calib
+    kw = dict(calibration=calib, example_input=s.example, progress=False)
     rows: dict[str, Callable[[nn.Module, nn.Module], nn.Module]] = {
         "OT (activations)": lambda a, b: fuse([a, b], alignment="activations", **kw),
         "OT (activations) + refit": lambda a, b: fuse([a, b], alignment="activations", repair="refit", **kw),
@@ -102,7 +107,7 @@ def methods(key: str, calib: object, example: object, notes: list[str]
         f"{tx.SINKHORN} + refit": lambda a, b: fuse([a, b], **glmc.SINKHORN, **kw),
     }
     if key.startswith("llama"):
-        rows[GLMC] = lambda a, b: glmc_fusion(a, b, calib, notes)
+        rows[GLMC] = lambda a, b: glmc_fusion(a, b, calib, notes, s.score)
     orthogonal = dict(alignment="weights", residual="orthogonal", sweeps=15, **kw)
     rows[ORTHOGONAL] = lambda a, b: fuse([a, b], **orthogonal)
     rows[f"{ORTHOGONAL} + refit"] = lambda a, b: fuse([a, b], repair="refit", **orthogonal)
@@ -117,7 +122,7 @@ def run_model(ctx: Ctx, key: str, table: tx.Results, notes: list[str], skipped: 
     args.lm_model = key
     s, tag = tx.lm_of(args)
     log: list[str] = []
-    rows = methods(key, s.calib, s.example, log)
+    rows = methods(key, s, log)
     for seed in range(args.seeds):
         a, b = (tx.parent(ctx, s, 100 * seed + i, tag) for i in range(2))
         la, lb = s.score(a), s.score(b)
@@ -137,7 +142,9 @@ def run_model(ctx: Ctx, key: str, table: tx.Results, notes: list[str], skipped: 
                     skipped[f"{key}: {name}"] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
                     continue
                 raise
-            scores[name] = (s.score(fused), time.perf_counter() - start)
+            seconds = time.perf_counter() - start - sum(CHECK_SECONDS)
+            CHECK_SECONDS.clear()
+            scores[name] = (s.score(fused), seconds)
             if log:
                 notes.append(f"{key} seed {seed}, {name}: {log.pop()}")
         mean = (la + lb) / 2
@@ -218,11 +225,18 @@ def main(argv: Sequence[str]) -> None:
         f"{time.perf_counter() - started:.0f} s ({torch.get_num_threads()} CPU thread(s), torch {torch.__version__}); "
         f"mean ± std over {args.seeds} seed(s), each with two new parents (seeds 100·s and 100·s + 1, same data).",
         "",
+        "Training (`experiments.transformer.LM_TRAINING`, batch 32 sequences): "
+        + "; ".join(f"{k} {st} steps at lr {lr:g}" for k, (st, lr) in tx.LM_TRAINING.items() if k in MODELS)
+        + ", sized so that one parent trains in about 6 minutes on one otherwise idle CPU thread (one step measured "
+        "before choosing: 1.16 s for llama256, 0.52 s for gpt2; each table gives this run's own measurement). The "
+        "width-64 Llama of docs/results/transformers.md trains 1000 steps.",
+        "",
         "Rows: the vanilla average; the prediction ensemble (the mean of the parents' probabilities, twice the "
         "compute); the library's OT fusion (`hf_otfusion.fuse`) with activations alignment, without and with the "
         "closed-form layer refit (`repair=\"refit\"`); weights alignment, exact (`alignment=\"weights\"`) without "
         f"and with the refit, and Sinkhorn (`solver=\"sinkhorn\", reg={tx.SINKHORN_REG:g}`) with the refit; on the "
-        "Llama, the data-free weights alignment of `experiments.glmc` (docs/results/glmc.md: RMSNorm gains folded, "
+        "Llama only (it is written for RMSNorm, rotary and SwiGLU), the data-free weights alignment of "
+        "`experiments.glmc` (docs/results/glmc.md: RMSNorm gains folded, "
         "an orthogonal stream map by Procrustes over the weights alternated with exact head and MLP matching, V/O and "
         "rotary Q/K maps, MLP signs) averaged and refitted onto the stream (`refit_model(..., target=\"stream\")`); "
         "and `fuse(..., alignment=\"weights\", residual=\"orthogonal\", sweeps=15)` with and without the refit where "
