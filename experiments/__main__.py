@@ -25,6 +25,7 @@ STANDALONE = {
     "glmc": ("glmc", "data-free orthogonal stream alignment with head and MLP matching (docs/results/glmc.md)"),
     "glmc-learned": ("glmc_learned", "glmc's maps trained on calibration text against the ensemble, weights frozen "
                                      "(docs/results/glmc_learned.md)"),
+    "lm-maps": ("lm_maps", "the library's orthogonal stream and head maps on the causal LM (docs/results/lm_maps.md)"),
     "lm-widths": ("lm_widths", "every fusion method on a width-256 Llama and a GPT-2-style LM "
                                "(docs/results/lm_widths.md)"),
 }

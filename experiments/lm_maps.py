@@ -1,0 +1,127 @@
+"""The library's maps beyond permutations on the causal LMs (issue 28): ``residual="orthogonal"`` (the residual
+stream by any orthogonal map, norm gains folded) and ``head_maps="orthogonal"`` (an orthogonal map inside each
+value head, a rotation per rotary pair inside each query/key head), alone and together, with and without the
+closed-form refit, against the permutation-only fusions, on the LM of ``python -m experiments transformers`` (or a
+wider one with ``--lm-model``, where experiments.transformer offers it).
+
+Writes docs/results/lm_maps.md (or lm_maps-<model>.md):
+
+    python -m experiments lm-maps --cache /tmp/tx/cache --threads 1
+    python -m experiments lm-maps --tiny --seeds 1 --out /tmp/m   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_otfusion import ensemble, fuse, vanilla_average
+
+from . import transformer as tx
+from .harness import ROOT, context
+
+SWEEPS = 15
+STREAM = {"target": "stream"}
+ROWS: dict[str, dict[str, Any]] = {
+    "OT (weights) + refit": dict(repair="refit"),
+    f"weight matching ({SWEEPS} sweeps)": dict(sweeps=SWEEPS),
+    f"weight matching ({SWEEPS} sweeps) + refit": dict(sweeps=SWEEPS, repair="refit"),
+    "residual orthogonal": dict(residual="orthogonal", sweeps=SWEEPS),
+    "residual orthogonal + refit": dict(residual="orthogonal", sweeps=SWEEPS, repair="refit"),
+    "head maps": dict(head_maps="orthogonal", sweeps=SWEEPS),
+    "head maps + refit": dict(head_maps="orthogonal", sweeps=SWEEPS, repair="refit"),
+    "residual orthogonal, head maps": dict(residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS),
+    "residual orthogonal, head maps + refit": dict(residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS,
+                                                   repair="refit"),
+    "residual orthogonal, head maps + refit (stream target)": dict(
+        residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS, repair="refit", repair_parameters=STREAM),
+}
+FLOORS = {"llama64": 0.80, "llama256": 0.85}
+
+
+def main(argv: Sequence[str]) -> None:
+    """Run it with the options in ``argv`` (those of ``transformers``, plus ``--out``); writes lm_maps.md."""
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    args = tx.lm_options(own, argv)
+    ctx = context(args)
+    s, tag = tx.lm_of(args)
+    model_name = getattr(args, "lm_model", "llama64")
+    started = time.perf_counter()
+    rows: dict[str, dict[str, list[float]]] = {}
+
+    def add(name: str, loss: float, seconds: float, vanilla: float, ens: float, parents: float) -> None:
+        r = rows.setdefault(name, {"loss": [], "gap": [], "barrier": [], "seconds": []})
+        r["loss"].append(loss)
+        r["gap"].append((vanilla - loss) / (vanilla - ens))
+        r["barrier"].append(loss - parents)
+        r["seconds"].append(seconds)
+
+    for seed in range(args.seeds):
+        a, b = (tx.parent(ctx, s, 100 * seed + i, tag) for i in range(2))
+        parents = (s.score(a) + s.score(b)) / 2
+        vanilla, ens = s.score(vanilla_average([a, b])), s.score(ensemble([a, b]))
+        for name, value in (("parents (mean)", parents), ("vanilla average", vanilla), ("ensemble", ens)):
+            add(name, value, 0.0, vanilla, ens, parents)
+        for name, kw in ROWS.items():
+            t0 = time.perf_counter()
+            fused = fuse([a, b], calibration=s.calib, example_input=s.example, progress=False, **kw)
+            seconds = time.perf_counter() - t0
+            add(name, s.score(fused), seconds, vanilla, ens, parents)
+            print(f"[seed {seed}, {name}: {rows[name]['loss'][-1]:.3f} nats, {100 * rows[name]['gap'][-1]:.1f}% "
+                  f"of the gap, {seconds:.1f} s]", file=sys.stderr, flush=True)
+
+    def cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * std:.{digits}f}"
+
+    table = ["| model | test loss (nats/token) | perplexity | loss gap closed (%) | barrier (nats) | fusion time (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    table += [f"| {name} | {cell(r['loss'])} | {math.exp(statistics.fmean(r['loss'])):.2f} | "
+              f"{cell(r['gap'], 100, 1)} | {cell(r['barrier'])} | {cell(r['seconds'], 1, 1)} |"
+              for name, r in rows.items()]
+    fused_rows = [n for n in rows if n not in ("parents (mean)", "vanilla average", "ensemble")]
+    best = max(fused_rows, key=lambda n: statistics.fmean(rows[n]["gap"]))
+    gap = statistics.fmean(rows[best]["gap"])
+    floor = FLOORS.get(model_name)
+    verdict = "" if floor is None else (
+        f" Floor for this model (>= {floor:.0%} of the loss gap, no gradient step on any weight): "
+        + ("met." if gap >= floor else f"**not met**, {100 * (floor - gap):.1f} points short."))
+    command = " ".join(argv)
+    lines = [
+        "# Maps beyond permutations: the residual stream and the inside of attention heads",
+        "",
+        f"Produced by `python -m experiments lm-maps{' ' + command if command else ''}` in "
+        f"{time.perf_counter() - started:.0f} s ({torch.get_num_threads()} CPU thread(s), torch {torch.__version__}, "
+        f"on a 2-core machine shared with other jobs: read the times as rough); mean ± std over {args.seeds} "
+        "seed(s), the parents of `python -m experiments transformers` (same seeds and cache).",
+        "",
+        s.describe,
+        "",
+        "Every row is one call of `hf_otfusion.fuse([a, b], ...)` with the options named (weights alignment, exact "
+        f"solver; `weight matching`: `sweeps={SWEEPS}`). `residual orthogonal`: `residual=\"orthogonal\"`, the "
+        "RMSNorm gains folded into the layers reading them and the stream solved by orthogonal Procrustes inside "
+        "weight matching. `head maps`: `head_maps=\"orthogonal\"`, inside each key/value head an orthogonal map of "
+        "the values (and the output projection's columns), inside each query/key head a rotation per rotary channel "
+        "pair, fitted before every sweep and on the final alignment. `+ refit`: `repair=\"refit\"` (the closed-form "
+        "refit on 300 calibration sequences; `stream target`: `repair_parameters={\"target\": \"stream\"}`). No "
+        "labels and no gradient step. Loss gap closed = (vanilla loss - loss) / (vanilla loss - ensemble loss), per "
+        "seed; barrier = loss - the parents' mean loss; perplexity = exp(mean loss).",
+        "",
+        *table,
+        "",
+        f"Best: **{best}**, {cell(rows[best]['loss'])} nats, {100 * gap:.1f}% of the loss gap, barrier "
+        f"{cell(rows[best]['barrier'])} nats.{verdict}",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "lm_maps.md" if model_name == "llama64" else f"lm_maps-{model_name}.md"
+    (args.out / name).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    print("\n".join(lines))
