@@ -141,3 +141,5 @@ def test_orthogonal_residual_options_are_checked():
 
     with pytest.raises(FusionError, match="in memory"):
         fuse_checkpoints(["x", "y"], "out", residual="orthogonal", sweeps=2)
+    with pytest.raises(FusionError, match="in memory"):
+        fuse_checkpoints(["x", "y"], "out", head_maps="orthogonal")

@@ -43,6 +43,8 @@ def streamable(config: MergeConfig, parents: Sequence[ModelInfo]) -> str | None:
         return "a distributed run splits the calibration over processes that each load the models"
     if config.fusion_parameters.sweeps:
         return "weight matching (sweeps) holds every moved tensor of every model"
+    if params.head_maps != "permutation":
+        return "maps inside attention heads are checked on the model and fitted on every aligned tensor"
     missing = next((p for p in parents if find_checkpoint(p.model_dir) is None), None)
     if missing is not None:
         return f"{missing.ref.text} has no safetensors checkpoint"
