@@ -23,7 +23,7 @@ from .checkpoint import StateSource, TensorSource
 from .config import FusionParameters, resolve_options
 from .distributed import broadcast, broadcast_object, is_main, world
 from .errors import FusionError
-from .matching import Refine, check_sweeps, matched_couplings
+from .matching import InnerMaps, check_sweeps, matched_couplings
 from .plan import AlignmentPlan, AxisRef, Layout, Space
 from .profile import record_space, timed
 from .transport import (
@@ -511,7 +511,7 @@ def align_sources(
     couplings: bool = True,
     seed: int = 0,
     dense: frozenset[str] = frozenset(),
-    refine: Refine | None = None,
+    inner: InnerMaps | None = None,
 ) -> list[dict[str, torch.Tensor] | None]:
     """The engine on tensors: align every source to the target's, space by space, handing on finished tensors.
 
@@ -522,7 +522,7 @@ def align_sources(
     engine reads solver, reg, marginals, match_heads, residual and sweeps: see :func:`fuse`); ``sweeps > 0`` (weight
     matching, order drawn from ``seed``) holds every model's moved tensors and the target's at once. ``dense``:
     residual spaces that weight matching solves by orthogonal maps (``residual="orthogonal"``, their norm gains
-    folded and out of the plans: :mod:`hf_otfusion.folding`); they have no coupling. ``refine``: maps inside
+    folded and out of the plans: :mod:`hf_otfusion.folding`); they have no coupling. ``inner``: maps inside
     attention heads that weight matching fits before each sweep (:func:`hf_otfusion.matching.weight_matching`).
 
     Returns:
@@ -550,7 +550,7 @@ def align_sources(
                                       "in the target (fuse other widths with sweeps=0)")
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
         given = matched_couplings(sources, plans, target, device, first, sweeps, seed, opts.match_heads, dense,
-                                  refine)
+                                  inner)
     elif dense:
         raise FusionError("orthogonal maps of residual streams are solved by weight matching: set sweeps >= 1")
     walkers = _walk(sources, plans, target, device, costs, given, opts, finished, progress,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from .errors import FusionError, PlanError
 from .evaluate import logits_of
 from .folding import fold_state, report_rotatable, rotatable, without_gains
 from .graph import Runner
-from .head_maps import HeadMaps, find_head_maps, fit_head_maps, report_head_maps, tensors_of
+from .head_maps import HeadMaps, find_head_maps, report_head_maps, tensors_of
 from .plan import AlignmentPlan, Space
 from .profile import timed
 from .registry import REPAIRS
@@ -384,12 +383,11 @@ def fuse(
     sources = [StateSource(s) for s in states]
     couplings = align_sources(sources, plans, average, target=target, costs=costs, options=opts, device=dev,
                               progress=progress, couplings="couplings" in repair.needs and aligned is None,
-                              dense=dense, refine=partial(fit_head_maps, maps=inner) if inner and inner.maps else None)
+                              dense=dense, inner=inner if inner and inner.maps else None)
     if pending and inner is not None:
         per_model = [{name: values[k] for name, values in pending.items()} for k in range(len(models))]
         with timed("head maps"):
-            per_model = [s if k == target else fit_head_maps(s, per_model[target], inner)
-                         for k, s in enumerate(per_model)]
+            per_model = [s if k == target else inner.fit(s, per_model[target]) for k, s in enumerate(per_model)]
         held.clear()
         for name in pending:
             average(name, [s[name] for s in per_model])

@@ -64,6 +64,29 @@ class HeadMaps:
     maps: tuple[HeadMap, ...]
     refused: dict[str, str]
 
+    def fit(self, state: Mapping[str, torch.Tensor], target_state: Mapping[str, torch.Tensor]
+            ) -> dict[str, torch.Tensor]:
+        """``state`` with every space's map fitted to ``target_state`` (:func:`fit_head_maps`)."""
+        return fit_head_maps(state, target_state, self)
+
+    def head_values(self, state: Mapping[str, torch.Tensor], target_state: Mapping[str, torch.Tensor],
+                    space: Space) -> torch.Tensor | None:
+        """(heads, heads): for a space that takes maps inside its heads, the largest inner product between each of
+        this state's heads and each of the target's under those maps (a rotary pair's: the norm of its 2-D
+        rotation-invariant part; an orthogonal block's: its nuclear norm); None for any other space."""
+        head_map = next((m for m in self.maps if m.space.name == space.name), None)
+        if head_map is None:
+            return None
+        s = channel_similarity(dict(state), dict(target_state), head_map.space)
+        n, d = head_map.space.heads, head_map.space.head_dim
+        blocks = s.reshape(n, d, n, d).permute(0, 2, 1, 3)  # [this head, target head, d, d]
+        if head_map.pairing is None:
+            return torch.linalg.matrix_norm(blocks, ord="nuc")
+        i, j = head_map.pairs().T
+        rot = blocks[..., i, i] + blocks[..., j, j]
+        skew = blocks[..., i, j] - blocks[..., j, i]
+        return (rot.square() + skew.square()).sqrt().sum(-1)
+
     def summary(self) -> list[str]:
         kinds = [f"{m.space.name}: " + ("an orthogonal map per head" if m.pairing is None else
                                          f"a rotation per rotary channel pair ({m.pairing})") for m in self.maps]

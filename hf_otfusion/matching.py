@@ -33,11 +33,11 @@ same inner products ``S`` (this state's channels against the target's), the orth
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -51,7 +51,18 @@ if TYPE_CHECKING:
     from .engine import Walker
 
 State = dict[str, torch.Tensor]
-Refine = Callable[[State, State], State]
+
+
+class InnerMaps(Protocol):
+    """Maps outside the plan's spaces that keep the function (inside attention heads: :mod:`hf_otfusion.head_maps`),
+    refitted during weight matching."""
+
+    def fit(self, state: State, target_state: State) -> State:
+        """``state`` with the maps fitted to ``target_state`` and applied."""
+
+    def head_values(self, state: State, target_state: State, space: Space) -> torch.Tensor | None:
+        """(heads, heads): the best inner product each pair of heads (this state's, the target's) reaches under the
+        maps, for a space that takes them; None for another space."""
 
 
 @dataclass
@@ -156,9 +167,12 @@ def procrustes(similarity: torch.Tensor) -> torch.Tensor:
 
 
 def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool,
-                dense: AbstractSet[str] = frozenset()) -> list[torch.Tensor]:
+                dense: AbstractSet[str] = frozenset(),
+                values: Sequence[torch.Tensor | None] = ()) -> list[torch.Tensor]:
     """Each space's relative assignment (target channel j <- channel q[j]) maximising the summed similarity; for a
-    space in ``dense``, its orthogonal map (a matrix)."""
+    space in ``dense``, its orthogonal map (a matrix). ``values``: per space, None or its own (heads, heads) matrix of
+    head-to-head values (this state's head, the target's) to match heads by, in place of the best permutation
+    inside each pair of heads."""
     space = spaces[0]
     n_heads = space.heads
     if space.name in dense:
@@ -168,7 +182,9 @@ def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool,
         t = solve(-s, marginal(space.size, device=s.device), marginal(space.size, device=s.device))
         return [t.argmax(0)]
     if heads and space.head_group is not None and not space.queries:  # a queries space's heads: its group's
-        total = sum(head_costs(-s, n_heads) for s in sims)
+        values = list(values) or [None] * len(sims)
+        total = sum(head_costs(-s, n_heads) if v is None else -v.double().cpu()
+                    for s, v in zip(sims, values, strict=True))
         order = match_heads(total)
     else:
         order = list(range(n_heads))
@@ -212,7 +228,7 @@ def weight_matching(
     seed: int = 0,
     heads: bool = True,
     dense: AbstractSet[str] = frozenset(),
-    refine: Refine | None = None,
+    inner: InnerMaps | None = None,
 ) -> tuple[State, MatchingResult]:
     """Coordinate descent on the permutations of every space, starting from ``state`` as it is.
 
@@ -221,9 +237,10 @@ def weight_matching(
     the input's) and the :class:`MatchingResult`. ``sweeps``: at most that many passes over every coordinate,
     in an order drawn from ``seed`` for each pass; stops early after a pass that changes nothing. ``dense``: residual
     spaces solved by orthogonal Procrustes (their norm gains folded and out of the plan), in ``result.dense``.
-    ``refine(state, target_state)``: maps outside the plan's spaces that keep the function (inside attention heads:
+    ``inner``: maps outside the plan's spaces that keep the function (inside attention heads:
     :mod:`hf_otfusion.head_maps`), fitted again before each sweep so that the other coordinates are solved with them
-    in place; they are not in the result (whoever passed them fits them again on the final alignment).
+    in place, and whose head-to-head values match the heads of the spaces that take them; they are not in the result
+    (whoever passed them fits them again on the final alignment).
     """
     if sweeps < 0:
         raise FusionError(f"sweeps must be >= 0, got {sweeps}")
@@ -241,14 +258,15 @@ def weight_matching(
     query_axes = plan.query_axes()
     gen = torch.Generator().manual_seed(seed)
     for _ in range(sweeps):
-        if refine is not None:
-            cur = refine(cur, tgt)
+        if inner is not None:
+            cur = inner.fit(cur, tgt)
             total = weight_similarity(cur, tgt, plan)
         changed = 0
         for u in torch.randperm(len(units), generator=gen).tolist():
             spaces = units[u]
             sims = [channel_similarity(cur, tgt, sp, frozenset() if sp.queries else query_axes) for sp in spaces]
-            qs = [q.cpu() for q in _solve_unit(sims, spaces, heads, dense)]
+            values = [inner.head_values(cur, tgt, sp) for sp in spaces] if inner is not None else []
+            qs = [q.cpu() for q in _solve_unit(sims, spaces, heads, dense, values)]
             if all(_identity(q) for q in qs):
                 continue
             names = list(dict.fromkeys(m.tensor for sp in spaces for m in sp.members))
@@ -297,7 +315,7 @@ def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", m
 
 def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
                       device: torch.device, walkers: Sequence[Walker | None], sweeps: int, seed: int,
-                      heads: bool, dense: AbstractSet[str] = frozenset(), refine: Refine | None = None,
+                      heads: bool, dense: AbstractSet[str] = frozenset(), inner: InnerMaps | None = None,
                       ) -> list[dict[str, torch.Tensor | ChannelMap]]:
     """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
     target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk; the spaces in ``dense``
@@ -321,7 +339,7 @@ def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[Alignment
         state = {name: aligner.release(name) for name in names}
         with timed("matching"):
             _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads,
-                                        dense=dense, refine=refine)
+                                        dense=dense, inner=inner)
         record(result)
         for space in target_plan.spaces:
             n = space.size
