@@ -148,6 +148,7 @@ def run_model(ctx: Ctx, key: str, table: tx.Results, notes: list[str], skipped: 
             if log:
                 notes.append(f"{key} seed {seed}, {name}: {log.pop()}")
         mean = (la + lb) / 2
+        notes.append(f"{key} seed {seed}: the parents' test losses {la:.3f} and {lb:.3f} nats")
         vanilla, ens = scores["vanilla average"][0], scores["ensemble"][0]
         table.add("parents (mean)", "score", mean)
         table.add("parents (mean)", "barrier", 0.0)
@@ -249,9 +250,11 @@ def main(argv: Sequence[str]) -> None:
         "",
         *[p + "\n" for p in shows],
         *([orth, ""] if orth else []),
-        *(["The GLMC alignment per seed (rounds of the alternation, the relative weight distance "
-           "||W_a - W_b|| / sqrt(||W_a|| ||W_b||) before and after carrying b):", "", *[f"- {n}" for n in notes]]
-          if notes else []),
+        "Per seed: the parents' losses, and the GLMC alignment (rounds of the alternation, the relative weight "
+        "distance ||W_a - W_b|| / sqrt(||W_a|| ||W_b||) before and after carrying b, and how far the carried parent's "
+        "loss moved: it should not move):",
+        "",
+        *[f"- {n}" for n in notes],
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lm_widths.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
