@@ -277,8 +277,18 @@ def write(args: argparse.Namespace, argv: Sequence[str], rows: dict[str, dict[st
     summary = (f"Best learned row: **{best}**, {cell(rows[best]['loss'])} nats, "
                f"{100 * statistics.fmean(rows[best]['gap']):.1f}% of the loss gap, barrier "
                f"{cell(rows[best]['barrier'])} nats. The issue's floor for learned alignment (barrier <= 0.1 nats) is "
-               f"stated for a width-256 Llama; on this width-64 one it is "
+               f"stated for a width-256 Llama; on this LM it is "
                + ("met." if barrier <= 0.1 else f"**not met** ({barrier - 0.1:.3f} nats above it)."))
+    free = min((n for n in rows if n.startswith("data-free")), key=lambda n: statistics.fmean(rows[n]["loss"]))
+    gain = [f - v for f, v in zip(rows[free]["loss"], rows[best]["loss"], strict=True)]
+    refit = [[r - v for r, v in zip(rows[f"{n} + refit{t}"]["loss"], rows[n]["loss"], strict=True)]
+             for n in LEARNED for t in ("", ", stream target")]
+    summary += (f" Against the best data-free row ({free}) the best learned row gains {cell(gain)} nats (per "
+                f"seed). The refit on top of a learned row changes its loss by "
+                f"{min(map(statistics.fmean, refit)):+.3f} to {max(map(statistics.fmean, refit)):+.3f} nats (mean per "
+                "seed)"
+                + (": worse, since it fits each layer to the two aligned parents' mean output, not to the ensemble's "
+                   "predictions that the maps were trained on." if min(map(statistics.fmean, refit)) > 0 else "."))
     command = " ".join(argv)
     lines = [
         "# Learned alignment of the causal LM: the data-free maps trained on the calibration text, weights frozen",
