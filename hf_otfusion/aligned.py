@@ -70,6 +70,10 @@ def align_notes(config: MergeConfig) -> list[str]:
                          f"{config.merge_method!r} aligns nothing (use merge_method: otfusion)")
     notes = []
     params = config.fusion_parameters
+    if params.residual == "orthogonal" or params.alignment == "learned":
+        raise MergeError("align writes the parents in the target's basis for other merge tools: residual: orthogonal "
+                         "folds the norms of every model (the target's too) and alignment: learned fits its maps to "
+                         "the merged model, so neither has a basis to write (use hf-otfusion merge)")
     if params.repair != "none":
         notes.append(f"parameters.repair {params.repair!r} is not applied: it corrects a merged model, and the "
                      "aligned parents are the parents themselves in a new basis")

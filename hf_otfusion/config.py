@@ -89,7 +89,10 @@ class ModelEntry(_Frozen):
 class FusionParameters(_Frozen):
     """Options of the OT fusion (see ``hf_otfusion.fuse``)."""
 
-    alignment: Literal["weights", "activations"] = "weights"
+    alignment: Literal["weights", "activations", "learned"] = Field(
+        "weights", description="how the maps are found: from the weights, from activations on calibration data, or "
+        "learned (weights alignment, then the maps beyond permutations trained on calibration data against the "
+        "parents' ensemble, every weight frozen)")
     solver: str = Field("emd", description="the optimal transport solver (hf_otfusion.registry.SOLVERS)",
                         json_schema_extra=_choices(SOLVERS))
     reg: float = Field(0.05, gt=0.0, description="Sinkhorn regularisation, relative to the largest cost")
@@ -110,6 +113,8 @@ class FusionParameters(_Frozen):
         "channel pair where rotary embeddings allow only that) where a check on the model allows it, fitted to the "
         "target after the alignment")
     standardize: bool = Field(False, description="activations mode: compare channels by correlation")
+    learn_steps: int = Field(200, ge=1, description="alignment 'learned': Adam steps on the maps")
+    learn_lr: float = Field(0.01, gt=0.0, description="alignment 'learned': Adam's learning rate")
     sweeps: int = Field(0, ge=0, description="weight matching by coordinate descent (Git Re-Basin) after the single "
                         "pass: at most this many sweeps over every space (0: none); weights mode, emd, equal widths")
     strict: bool = Field(False, description="refuse a plan that leaves hidden channels fixed that a permutation "
@@ -161,9 +166,15 @@ class FusionParameters(_Frozen):
 
     @model_validator(mode="after")
     def _orthogonal(self) -> FusionParameters:
+        if self.alignment != "learned" and (unused := {"learn_steps", "learn_lr"} & self.model_fields_set):
+            raise ValueError(f"{sorted(unused)[0]}: only alignment='learned' trains maps")
+        if self.alignment == "learned" and self.residual != "orthogonal" and self.head_maps != "orthogonal":
+            raise ValueError("alignment='learned' trains the maps beyond permutations: set residual='orthogonal' "
+                             "and/or head_maps='orthogonal'")
         if self.residual == "orthogonal":
-            if self.alignment != "weights":
-                raise ValueError("residual='orthogonal' is found from the weights: it needs alignment='weights'")
+            if self.alignment == "activations":
+                raise ValueError("residual='orthogonal' is found from the weights: it needs alignment='weights' (or "
+                                 "'learned')")
             if self.sweeps < 1:
                 raise ValueError("residual='orthogonal' is solved by weight matching: set sweeps >= 1 (e.g. 15)")
         return self
@@ -265,13 +276,14 @@ class MergeConfig(_Frozen):
                 raise ValueError(f"calibration: merge_method {method.name!r} uses no calibration data")
             return self
         params = self.fusion_parameters
-        needs_data = params.alignment == "activations" or REPAIRS.get(params.repair).needs_data
+        needs_data = params.alignment != "weights" or REPAIRS.get(params.repair).needs_data
         if needs_data and self.calibration is None:
-            what = "parameters.alignment 'activations'" if params.alignment == "activations" else \
+            what = f"parameters.alignment '{params.alignment}'" if params.alignment != "weights" else \
                 f"parameters.repair '{params.repair}'"
             raise ValueError(f"calibration: {what} needs a calibration dataset")
         if not needs_data and self.calibration is not None:
-            raise ValueError("calibration: is only used with parameters.alignment 'activations' or a repair")
+            raise ValueError("calibration: is only used with parameters.alignment 'activations' or 'learned', or a "
+                             "repair")
         if "reg" in params.model_fields_set and params.solver != "sinkhorn":
             raise ValueError("parameters.reg: only the 'sinkhorn' solver is regularised")
         return self

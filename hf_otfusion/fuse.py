@@ -21,6 +21,7 @@ from .evaluate import logits_of
 from .folding import fold_state, report_rotatable, rotatable, without_gains
 from .graph import Runner
 from .head_maps import HeadMaps, find_head_maps, report_head_maps, tensors_of
+from .learned import learn_maps
 from .plan import AlignmentPlan, Space
 from .profile import timed
 from .registry import REPAIRS
@@ -298,9 +299,9 @@ def fuse(
     target %= len(models)
     opts = resolve_options(options, overrides)
     alignment, repair = opts.alignment, REPAIRS.get(opts.repair)
-    if alignment == "activations" and calibration is None:
-        raise FusionError("alignment='activations' needs calibration data (calibration=...)")
-    check_sweeps(opts.sweeps, alignment, opts.solver, opts.marginals)
+    if alignment != "weights" and calibration is None:
+        raise FusionError(f"alignment={alignment!r} needs calibration data (calibration=...)")
+    check_sweeps(opts.sweeps, "weights" if alignment == "learned" else alignment, opts.solver, opts.marginals)
     if repair.needs_data and calibration is None:
         raise FusionError(f"repair={repair.name!r} needs calibration data (calibration=...)")
     if example_input is None and calibration is not None:
@@ -367,7 +368,9 @@ def fuse(
     fused: State = {}
     # an orthogonal map has no coupling: a repair then gets the parents as aligned (folded, carried), not couplings
     dense_maps = bool(dense) or bool(inner and inner.maps)
-    aligned: list[State] | None = [{} for _ in models] if dense_maps and repair.fn is not None else None
+    learned = alignment == "learned"
+    keep = learned or (dense_maps and repair.fn is not None)
+    aligned: list[State] | None = [{} for _ in models] if keep else None
     held = tensors_of(inner) if inner is not None else set()
     pending: dict[str, list[torch.Tensor]] = {}  # tensors that head maps move: fitted once every one is aligned
 
@@ -392,9 +395,16 @@ def fuse(
         for name in pending:
             average(name, [s[name] for s in per_model])
     for alias, name in plan_t.aliases.items():
-        fused[alias] = fused[name]
         for state in aligned or []:
             state[alias] = state[name]
+    if learned and aligned is not None:
+        with timed("learn"):
+            aligned, _ = learn_maps(target_model, models, aligned, target, plan_t, dense, inner, calibration,
+                                    weights=w, steps=opts.learn_steps, lr=opts.learn_lr, device=dev, progress=progress)
+        for name in list(fused):
+            fused[name] = average_tensor([s[name] for s in aligned], w, aligned[target][name])
+    for alias, name in plan_t.aliases.items():
+        fused[alias] = fused[name]
     if repair.fn is None:
         return _with_state(target_model, fused)
     parents: Sequence[nn.Module] = models

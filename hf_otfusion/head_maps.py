@@ -128,12 +128,13 @@ def _block(head_map: HeadMap, gen: torch.Generator, d: int) -> torch.Tensor:
     if head_map.pairing is None:
         return random_orthogonal(d, gen)
     angles = 2 * math.pi * torch.rand(d // 2, generator=gen, dtype=torch.float64)
-    return _rotations(head_map.pairs(), angles.cos(), angles.sin(), d)
+    return rotations(head_map.pairs(), angles.cos(), angles.sin(), d)
 
 
-def _rotations(pairs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
-    """The (d, d) map rotating each pair ``(i, j)`` by its angle: ``x_i <- c x_i - s x_j``, ``x_j <- s x_i + c x_j``."""
-    m = torch.zeros(d, d, dtype=torch.float64)
+def rotations(pairs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
+    """The (d, d) map rotating each pair ``(i, j)`` by its angle: ``x_i <- c x_i - s x_j``, ``x_j <- s x_i + c x_j``
+    (differentiable in ``cos`` and ``sin``)."""
+    m = torch.zeros(d, d, dtype=cos.dtype, device=cos.device)
     i, j = pairs[:, 0], pairs[:, 1]
     m[i, i], m[i, j], m[j, i], m[j, j] = cos, -sin, sin, cos
     return m
@@ -181,7 +182,7 @@ def fitted_map(head_map: HeadMap, similarity: torch.Tensor) -> torch.Tensor:
     for b in blocks:
         b = b.double()
         angle = torch.atan2(b[i, j] - b[j, i], b[i, i] + b[j, j])
-        out.append(_rotations(pairs, angle.cos(), angle.sin(), d))
+        out.append(rotations(pairs, angle.cos(), angle.sin(), d))
     return torch.block_diag(*out)
 
 

@@ -252,6 +252,14 @@ class ChannelMap:
         out.index, out.scale, out.matrix = order, None, None
         return out
 
+    @classmethod
+    def dense(cls, matrix: torch.Tensor) -> ChannelMap:
+        """The map of ``matrix`` as it is, never turned into a gather (gradients flow through it)."""
+        out = cls.__new__(cls)
+        out.n_out, out.n_in = matrix.shape
+        out.index, out.scale, out.matrix = None, None, matrix
+        return out
+
     def __call__(self, seg: torch.Tensor) -> torch.Tensor:
         """Map the rows of ``seg`` (n_in, features) to (n_out, features)."""
         if self.index is not None:

@@ -1,0 +1,46 @@
+"""Learned alignment (``alignment="learned"``): maps trained against the ensemble, every weight frozen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_folding import X, llama, logits, relative, traced
+
+from hf_otfusion import FusionError, fuse
+from hf_otfusion.folding import fold_state, rotatable, without_gains
+from hf_otfusion.head_maps import find_head_maps
+from hf_otfusion.learned import learn_maps
+
+CALIBRATION = [torch.randint(0, 64, (8, 10), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+
+
+def test_learned_maps_lower_the_kl_and_keep_every_carried_function():
+    a, b = llama(0, layers=1), llama(1, layers=1)
+    ep, plan = traced(a)
+    rot = rotatable(a, plan, ep, X)
+    inner = find_head_maps(a, plan, X)
+    states = [fold_state(m.state_dict(), rot.all_folds()) for m in (a, b)]
+    out, losses = learn_maps(a, [a, b], states, 0, without_gains(plan, rot), rot.spaces, inner, CALIBRATION,
+                             weights=[0.5, 0.5], steps=25, lr=0.02, device=torch.device("cpu"), progress=False)
+    assert losses[-1] < 0.8 * losses[0]
+    moved = max(float((out[1][k] - states[1][k]).abs().max()) for k in states[1])
+    assert moved > 1e-3  # the maps did move b's weights
+    assert relative(logits(b, {**b.state_dict(), **out[1]}), logits(b)) < 1e-5  # and b still computes b
+    assert all(torch.equal(out[0][k], states[0][k]) for k in states[0])  # the target is never moved
+
+
+def test_learned_with_weights_0_1_computes_the_other_model():
+    a, b = llama(0, layers=1), llama(1, layers=1)
+    fused = fuse([a, b], alignment="learned", residual="orthogonal", head_maps="orthogonal", sweeps=2, learn_steps=5,
+                 weights=[0, 1], calibration=CALIBRATION, example_input=X, progress=False)
+    assert relative(logits(fused), logits(b)) < 1e-5
+
+
+def test_learned_options_are_checked():
+    a, b = llama(0, layers=1), llama(1, layers=1)
+    with pytest.raises(FusionError, match="residual='orthogonal' and/or head_maps='orthogonal'"):
+        fuse([a, b], alignment="learned", calibration=CALIBRATION, progress=False)
+    with pytest.raises(FusionError, match="needs calibration"):
+        fuse([a, b], alignment="learned", head_maps="orthogonal", example_input=X, progress=False)
+    with pytest.raises(FusionError, match="learn_steps: only alignment='learned'"):
+        fuse([a, b], learn_steps=3, example_input=X, progress=False)
