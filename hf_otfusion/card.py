@@ -160,6 +160,10 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
     if options.head_maps == "orthogonal":
         rows.append(("inside attention heads", "an orthogonal map per head, or a rotation per rotary channel pair, "
                      "where a check on the model allows it, fitted to the target by Procrustes"))
+    if options.alignment == "learned":
+        rows.append(("learned maps", f"the maps beyond permutations trained for {options.learn_steps} Adam steps "
+                     f"(lr {options.learn_lr:g}) on the calibration data against the parents' ensemble (KL of the "
+                     "output distributions), every model weight frozen"))
     if options.sweeps:
         rows.append(("weight matching", f"coordinate descent after the single pass, up to {options.sweeps} sweeps "
                      "(every space re-solved from all its weights, kept if the total weight similarity rises)"))
@@ -268,7 +272,8 @@ def render_card(
         "merge_method": config.merge_method,
         "paper_url": PAPER_URL,
         "version": __version__,
-        "cost_source": "activations on calibration data" if alignment == "activations" else "weights",
+        "cost_source": {"activations": "activations on calibration data",
+                        "learned": "weights, then maps learned on calibration data"}.get(alignment, "weights"),
         "fusion_options": _fusion_options(config),
         "parents": parents,
         "config_yaml": config.to_yaml(),

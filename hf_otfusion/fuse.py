@@ -246,13 +246,22 @@ def fuse(
         **overrides: fields of ``FusionParameters`` by name (below), applied over ``options``.
 
     Options (fields of ``FusionParameters``; an unknown name is a ``FusionError``):
-        alignment: ``"weights"`` (data-free) or ``"activations"`` (needs ``calibration``).
+        alignment: ``"weights"`` (data-free), ``"activations"`` (needs ``calibration``) or ``"learned"``: weights
+            alignment, then the maps beyond permutations (below) trained for ``learn_steps`` Adam steps
+            (``learn_lr``) on ``calibration`` against the parents' ensemble, every weight frozen
+            (:mod:`hf_otfusion.learned`).
         solver: a registered solver (``hf_otfusion.registry.SOLVERS``): ``"emd"`` (exact; a linear assignment when
             the optimum is a permutation) or ``"sinkhorn"``.
         reg: entropic regularisation for Sinkhorn, relative to the cost's largest entry.
         marginals: ``"uniform"`` or ``"importance"`` (channel mass proportional to its weights' norm).
         match_heads: match attention heads to heads before the channels inside them (default True).
-        residual: ``"shared"`` or ``"mean"``: how the cost of a residual stream is made (see above).
+        residual: ``"shared"`` or ``"mean"``: how the cost of a residual stream is made (see above);
+            ``"orthogonal"``: any orthogonal map where the stream allows it, norm gains folded into the layers that
+            read them, solved by weight matching (``sweeps >= 1``; :mod:`hf_otfusion.folding`).
+        head_maps: ``"permutation"`` (default) or ``"orthogonal"``: inside each attention head an orthogonal map (a
+            rotation per channel pair where rotary embeddings allow only that), fitted to the target
+            (:mod:`hf_otfusion.head_maps`). Every such map is checked on a randomised copy of the model first; a
+            space that fails keeps permutations, with a warning saying why.
         standardize: activations mode: compare activations centred and scaled to unit variance per channel
             (a correlation distance) instead of raw values.
         repair: after averaging, a registered repair run on ``calibration`` (``hf_otfusion.registry.REPAIRS``;

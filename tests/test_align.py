@@ -177,3 +177,16 @@ def test_mergekit_round_trip_on_aligned_llamas(tmp_path):
     assert state.keys() <= linear.keys()
     for name, value in state.items():
         torch.testing.assert_close(linear[name], value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("parameters", [{"residual": "orthogonal", "sweeps": 2},
+                                        {"alignment": "learned", "head_maps": "orthogonal"}],
+                         ids=["residual-orthogonal", "learned"])
+def test_align_refuses_maps_that_have_no_basis_to_write(parameters):
+    from hf_otfusion.aligned import align_notes
+
+    fields = {"models": [{"model": "a"}, {"model": "b"}], "parameters": parameters}
+    if parameters.get("alignment") == "learned":
+        fields["calibration"] = {"dataset": "d"}
+    with pytest.raises(MergeError, match="use hf-otfusion merge"):
+        align_notes(parse_config(fields))
