@@ -70,13 +70,16 @@ class _Maps(nn.Module):
         return out
 
 
-def _carried(state: Mapping[str, torch.Tensor], maps: _Maps) -> dict[str, torch.Tensor]:
+def _carried(state: Mapping[str, torch.Tensor], maps: _Maps, aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
     out = dict(state)
     for space, matrix in maps.matrices():
         m = ChannelMap.dense(matrix)
         for member in space.members:
             t = out[member.tensor]
             out[member.tensor] = transport_axis(t, m, space.layout(member))
+    for alias, name in aliases.items():  # tied tensors stay tied
+        if alias in out:
+            out[alias] = out[name]
     return out
 
 
@@ -129,7 +132,7 @@ def learn_maps(target_model: nn.Module, parents: Sequence[nn.Module], states: Se
             probs = sum(w * _call(p, batch).float().softmax(-1) for w, p in zip(weights, parents, strict=True))
         jitter = torch.tensor(weights, dtype=torch.float64) * (1 + 0.4 * (torch.rand(len(weights), generator=gen) - .5))
         w = (jitter / jitter.sum()).tolist()
-        carried = [frozen[k] if k == target else _carried(frozen[k], maps[k]) for k in range(len(states))]
+        carried = [frozen[k] if k == target else _carried(frozen[k], maps[k], plan.aliases) for k in range(len(states))]
         fused = {name: sum(w[k] * carried[k][name] for k in range(len(states))) if value.is_floating_point()
                  else value for name, value in frozen[target].items()}
         loss = _kl(probs, _call(work, batch, fused), batch)
@@ -141,8 +144,7 @@ def learn_maps(target_model: nn.Module, parents: Sequence[nn.Module], states: Se
     log.info("alignment='learned': KL(ensemble || fused) %.4f at the first step, %.4f at the last (%d steps)",
              losses[0], losses[-1], len(losses))
     with torch.no_grad():
-        out = [frozen[k] if k == target else {n: v.detach() for n, v in _carried(frozen[k], maps[k]).items()}
-               for k in range(len(states))]
+        out = [frozen[k] if k == target else _carried(frozen[k], maps[k], plan.aliases) for k in range(len(states))]
     return out, losses
 
 
