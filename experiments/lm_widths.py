@@ -123,7 +123,7 @@ def run_model(ctx: Ctx, key: str, table: tx.Results, notes: list[str], skipped: 
     s, tag = tx.lm_of(args)
     log: list[str] = []
     rows = methods(key, s, log)
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         a, b = (tx.parent(ctx, s, 100 * seed + i, tag) for i in range(2))
         la, lb = s.score(a), s.score(b)
         start = time.perf_counter()
@@ -189,6 +189,7 @@ def main(argv: Sequence[str]) -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     own.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    own.add_argument("--first-seed", type=int, default=0, help="seeds s = first, first + 1, ... (--seeds of them)")
     args = tx.lm_options(own, argv)
     ctx = context(args)
     started = time.perf_counter()
@@ -224,7 +225,8 @@ def main(argv: Sequence[str]) -> None:
         "",
         f"Produced by `python -m experiments lm-widths{' ' + command if command else ''}` in "
         f"{time.perf_counter() - started:.0f} s ({torch.get_num_threads()} CPU thread(s), torch {torch.__version__}); "
-        f"mean ± std over {args.seeds} seed(s), each with two new parents (seeds 100·s and 100·s + 1, same data).",
+        f"mean ± std over {args.seeds} seed(s) (s = {args.first_seed}..{args.first_seed + args.seeds - 1}), each with "
+        "two new parents (seeds 100·s and 100·s + 1, same data).",
         "",
         "Training (`experiments.transformer.LM_TRAINING`, batch 32 sequences): "
         + "; ".join(f"{k} {st} steps at lr {lr:g}" for k, (st, lr) in tx.LM_TRAINING.items() if k in MODELS)
