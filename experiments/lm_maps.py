@@ -120,7 +120,8 @@ def main(argv: Sequence[str]) -> None:
         "pair, fitted before every sweep and on the final alignment. `+ refit`: `repair=\"refit\"` (the closed-form "
         "refit on 300 calibration sequences; `stream target`: `repair_parameters={\"target\": \"stream\"}`). "
         f"`learned`: `alignment=\"learned\"`, `learn_steps={LEARN_STEPS}` (Adam, lr 0.01, the default): the same "
-        "maps, then trained on the calibration sequences against the parents' ensemble (KL of the next-token "
+        "maps, plus a scale per MLP unit (up row times it, down column divided), then trained on the calibration "
+        "sequences against the parents' ensemble (KL of the next-token "
         "distributions), every model weight frozen: gradients reach only the stream's and the heads' maps. No "
         "labels, and no gradient step on any weight. Loss gap closed = (vanilla loss - loss) / (vanilla loss - "
         "ensemble loss), per seed; barrier = loss - the parents' mean loss; perplexity = exp(mean loss).",

@@ -161,7 +161,8 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
         rows.append(("inside attention heads", "an orthogonal map per head, or a rotation per rotary channel pair, "
                      "where a check on the model allows it, fitted to the target by Procrustes"))
     if options.alignment == "learned":
-        rows.append(("learned maps", f"the maps beyond permutations trained for {options.learn_steps} Adam steps "
+        rows.append(("learned maps", f"the maps beyond permutations (and a scale per MLP unit where its activation "
+                     f"allows it) trained for {options.learn_steps} Adam steps "
                      f"(lr {options.learn_lr:g}) on the calibration data against the parents' ensemble (KL of the "
                      "output distributions), every model weight frozen"))
     if options.sweeps:

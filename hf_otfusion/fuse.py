@@ -25,6 +25,7 @@ from .learned import learn_maps
 from .plan import AlignmentPlan, Space
 from .profile import timed
 from .registry import REPAIRS
+from .scales import find_scales
 from .trace import build_plan, export_model
 from .transport import ChannelMap, transport_axis
 
@@ -408,8 +409,10 @@ def fuse(
             state[alias] = state[name]
     if learned and aligned is not None:
         with timed("learn"):
+            scales = find_scales(target_model, plan_t, example_input, skip=dense)
             aligned, _ = learn_maps(target_model, models, aligned, target, plan_t, dense, inner, calibration,
-                                    weights=w, steps=opts.learn_steps, lr=opts.learn_lr, device=dev, progress=progress)
+                                    weights=w, steps=opts.learn_steps, lr=opts.learn_lr, device=dev, progress=progress,
+                                    scales=scales)
         for name in list(fused):
             fused[name] = average_tensor([s[name] for s in aligned], w, aligned[target][name])
     for alias, name in plan_t.aliases.items():

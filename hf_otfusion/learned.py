@@ -8,7 +8,8 @@ symmetry class, so that every carried model keeps its function at every step:
 - a stream that takes orthogonal maps: ``exp(A - A^T)`` (an orthogonal ``n x n`` map, identity at the start);
 - a head space that takes an orthogonal map per head: ``exp(B_h - B_h^T)`` per head (one for every head of a shared
   space);
-- a rotary head space: an angle per head and channel pair.
+- a rotary head space: an angle per head and channel pair;
+- a hidden space whose channels take a scale (an MLP's units: :mod:`hf_otfusion.scales`): ``exp(s)`` per channel.
 
 The fused model is the weighted average of the target and the carried models, with the weights jittered by up to
 ±20% at each step (so the maps suit the average and its neighbourhood, as the interpolation weight drawn from
@@ -33,6 +34,7 @@ from .errors import FusionError
 from .evaluate import logits_of
 from .head_maps import HeadMap, HeadMaps, rotations
 from .plan import AlignmentPlan, Space
+from .scales import ChannelScale, scaled
 from .transport import ChannelMap, transport_axis
 
 State = dict[str, torch.Tensor]
@@ -46,9 +48,10 @@ def _skew_exp(a: torch.Tensor) -> torch.Tensor:
 class _Maps(nn.Module):
     """One model's trainable corrections: a matrix per space, identity at the start."""
 
-    def __init__(self, streams: Sequence[Space], heads: Sequence[HeadMap]):
+    def __init__(self, streams: Sequence[Space], heads: Sequence[HeadMap], scales: Sequence[ChannelScale] = ()):
         super().__init__()
-        self.streams, self.heads = list(streams), list(heads)
+        self.streams, self.heads, self.scales = list(streams), list(heads), list(scales)
+        self.scale_params = nn.ParameterList([nn.Parameter(torch.zeros(c.space.size)) for c in scales])
         self.stream_params = nn.ParameterList([nn.Parameter(torch.zeros(s.size, s.size)) for s in streams])
         self.head_params = nn.ParameterList()
         for hm in heads:
@@ -77,6 +80,8 @@ def _carried(state: Mapping[str, torch.Tensor], maps: _Maps, aliases: Mapping[st
         for member in space.members:
             t = out[member.tensor]
             out[member.tensor] = transport_axis(t, m, space.layout(member))
+    for scale, logs in zip(maps.scales, maps.scale_params, strict=True):
+        out = scaled(out, scale, logs)
     for alias, name in aliases.items():  # tied tensors stay tied
         if alias in out:
             out[alias] = out[name]
@@ -103,10 +108,11 @@ def _call(model: nn.Module, batch: Any, state: Mapping[str, torch.Tensor] | None
 def learn_maps(target_model: nn.Module, parents: Sequence[nn.Module], states: Sequence[State], target: int,
                plan: AlignmentPlan, dense: frozenset[str], inner: HeadMaps | None, calibration: Any, *,
                weights: Sequence[float], steps: int, lr: float, device: torch.device, progress: bool = True,
-               seed: int = 0) -> tuple[list[State], list[float]]:
+               seed: int = 0, scales: Sequence[ChannelScale] = ()) -> tuple[list[State], list[float]]:
     """Each model's aligned ``states`` carried further by corrections of its maps trained on ``calibration``
     (see the module docstring); returns the carried states and the loss at each step. ``parents``: the models as
-    given (their ensemble is the target of the training); ``plan``: the target's plan without folded gains."""
+    given (their ensemble is the target of the training); ``plan``: the target's plan without folded gains;
+    ``scales``: hidden spaces whose channels also take a learned scale (:mod:`hf_otfusion.scales`)."""
     streams = [plan.space(name) for name in sorted(dense)]
     heads = list(inner.maps) if inner is not None else []
     if not streams and not heads:
@@ -116,7 +122,7 @@ def learn_maps(target_model: nn.Module, parents: Sequence[nn.Module], states: Se
     if not batches:
         raise FusionError("alignment='learned' needs calibration data")
     frozen = [{k: v.detach().to(device) for k, v in s.items()} for s in states]
-    maps = {k: _Maps(streams, heads).to(device) for k in range(len(states)) if k != target}
+    maps = {k: _Maps(streams, heads, scales).to(device) for k in range(len(states)) if k != target}
     params = [p for m in maps.values() for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)

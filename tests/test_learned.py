@@ -44,3 +44,17 @@ def test_learned_options_are_checked():
         fuse([a, b], alignment="learned", head_maps="orthogonal", example_input=X, progress=False)
     with pytest.raises(FusionError, match="learn_steps: only alignment='learned'"):
         fuse([a, b], learn_steps=3, example_input=X, progress=False)
+
+
+def test_mlp_units_take_a_scale_in_up_and_its_inverse_in_down():
+    from hf_otfusion.scales import ChannelScale, find_scales, scaled
+
+    model = llama(0)
+    _, plan = traced(model)
+    found = find_scales(model, plan, X)
+    assert [(sorted(m.tensor for m in c.up), sorted(m.tensor for m in c.down)) for c in found] == [
+        ([f"model.layers.{i}.mlp.up_proj.weight"], [f"model.layers.{i}.mlp.down_proj.weight"]) for i in range(2)]
+    logs = torch.randn(found[0].space.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert relative(logits(model, scaled(model.state_dict(), found[0], logs)), logits(model)) < 1e-6
+    gate = ChannelScale(found[0].space, tuple(m for m in found[0].space.members if "gate" in m.tensor), found[0].down)
+    assert relative(logits(model, scaled(model.state_dict(), gate, logs)), logits(model)) > 1e-2  # silu is not linear
