@@ -57,7 +57,12 @@ def main(argv: Sequence[str]) -> None:
     """Run it with the options in ``argv`` (those of ``transformers``, plus ``--out``); writes lm_maps.md."""
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    own.add_argument("--rows", nargs="+", metavar="TEXT", help="only the fused rows whose names contain one of these")
+    own.add_argument("--learn-steps", type=int, default=LEARN_STEPS, help="steps of the learned rows")
     args = tx.lm_options(own, argv)
+    rows_run = {name.replace(str(LEARN_STEPS), str(args.learn_steps)): {**kw, **({"learn_steps": args.learn_steps}
+                                                                             if "learn_steps" in kw else {})}
+                for name, kw in ROWS.items() if not args.rows or any(t in name for t in args.rows)}
     ctx = context(args)
     s, tag = tx.lm_of(args)
     model_name = getattr(args, "lm_model", "llama64")
@@ -77,7 +82,7 @@ def main(argv: Sequence[str]) -> None:
         vanilla, ens = s.score(vanilla_average([a, b])), s.score(ensemble([a, b]))
         for name, value in (("parents (mean)", parents), ("vanilla average", vanilla), ("ensemble", ens)):
             add(name, value, 0.0, vanilla, ens, parents)
-        for name, kw in ROWS.items():
+        for name, kw in rows_run.items():
             t0 = time.perf_counter()
             fused = fuse([a, b], calibration=s.calib, example_input=s.example, progress=False, **kw)
             seconds = time.perf_counter() - t0
@@ -119,7 +124,7 @@ def main(argv: Sequence[str]) -> None:
         "the values (and the output projection's columns), inside each query/key head a rotation per rotary channel "
         "pair, fitted before every sweep and on the final alignment. `+ refit`: `repair=\"refit\"` (the closed-form "
         "refit on 300 calibration sequences; `stream target`: `repair_parameters={\"target\": \"stream\"}`). "
-        f"`learned`: `alignment=\"learned\"`, `learn_steps={LEARN_STEPS}` (Adam, lr 0.01, the default): the same "
+        f"`learned`: `alignment=\"learned\"`, `learn_steps={args.learn_steps}` (Adam, lr 0.01, the default): the same "
         "maps, plus a scale per MLP unit (up row times it, down column divided), then trained on the calibration "
         "sequences against the parents' ensemble (KL of the next-token "
         "distributions), every model weight frozen: gradients reach only the stream's and the heads' maps. No "
