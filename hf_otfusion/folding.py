@@ -21,9 +21,7 @@ gains.
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +31,12 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from .graph import LAYER_OPS, op_name, tensor_names
+from .log import Recorder, get_logger
 from .plan import AlignmentPlan, Space
 from .transport import ChannelMap, transport_axis
 from .verify import TOLERANCE, randomised_copy
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 _PASS = frozenset({"_to_copy", "to", "type_as", "alias", "clone", "contiguous", "detach", "lift_fresh_copy"})
 _SHAPE = frozenset({"slice", "select", "view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten"})
 _READERS = ("linear", "addmm")
@@ -265,25 +264,18 @@ def rotatable(model: nn.Module, plan: AlignmentPlan, exported: ExportedProgram, 
     return Rotatable(folds, refused)
 
 
-_record: ContextVar[list[Rotatable] | None] = ContextVar("hf_otfusion_rotatable", default=None)
+_recorder: Recorder[Rotatable] = Recorder("hf_otfusion_rotatable")
 
 
-@contextlib.contextmanager
-def recording() -> Iterator[list[Rotatable]]:
+def recording() -> contextlib.AbstractContextManager[list[Rotatable]]:
     """Collect the :class:`Rotatable` verdict of every ``fuse(..., residual="orthogonal")`` inside the block (the
     merge command's card states it)."""
-    found: list[Rotatable] = []
-    token = _record.set(found)
-    try:
-        yield found
-    finally:
-        _record.reset(token)
+    return _recorder.recording()
 
 
 def report_rotatable(rot: Rotatable) -> None:
     """Tell the user which streams take orthogonal maps: a warning for each that keeps permutations (and why)."""
-    if (found := _record.get()) is not None:
-        found.append(rot)
+    _recorder.record(rot)
     for name, why in rot.refused.items():
         log.warning("residual='orthogonal': stream %s keeps permutations: %s", name, why)
     if not rot.folds:

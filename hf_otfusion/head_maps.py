@@ -21,10 +21,8 @@ member of the space (orthogonal Procrustes, in closed form).
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +30,12 @@ import torch
 from torch import nn
 
 from .folding import random_orthogonal, rotate
+from .log import Recorder, get_logger
 from .matching import channel_similarity, procrustes
 from .plan import AlignmentPlan, Space
 from .verify import TOLERANCE, randomised_copy
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 PAIRINGS = ("half", "interleaved")
 
 
@@ -202,24 +201,17 @@ def tensors_of(maps: HeadMaps) -> set[str]:
     return {m.tensor for hm in maps.maps for m in hm.space.members}
 
 
-_record: ContextVar[list[HeadMaps] | None] = ContextVar("hf_otfusion_head_maps", default=None)
+_recorder: Recorder[HeadMaps] = Recorder("hf_otfusion_head_maps")
 
 
-@contextlib.contextmanager
-def recording() -> Iterator[list[HeadMaps]]:
+def recording() -> contextlib.AbstractContextManager[list[HeadMaps]]:
     """Collect the :class:`HeadMaps` verdict of every ``fuse(..., head_maps="orthogonal")`` inside the block."""
-    found: list[HeadMaps] = []
-    token = _record.set(found)
-    try:
-        yield found
-    finally:
-        _record.reset(token)
+    return _recorder.recording()
 
 
 def report_head_maps(maps: HeadMaps) -> None:
     """Tell the user which spaces take maps inside their heads; a warning for each that keeps permutations."""
-    if (found := _record.get()) is not None:
-        found.append(maps)
+    _recorder.record(maps)
     for name, why in maps.refused.items():
         log.warning("head_maps='orthogonal': space %s keeps permutations: %s", name, why)
     if not maps.maps:

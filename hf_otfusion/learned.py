@@ -21,7 +21,6 @@ the corrections only. Memory: the models, one fused copy and its activations for
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,12 +32,13 @@ from .activations import iter_batches
 from .errors import FusionError
 from .evaluate import logits_of
 from .head_maps import HeadMap, HeadMaps, rotations
+from .log import get_logger
 from .plan import AlignmentPlan, Space
 from .scales import ChannelScale, scaled
 from .transport import ChannelMap, transport_axis
 
 State = dict[str, torch.Tensor]
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _skew_exp(a: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 ROOT = "hf_otfusion"
 
@@ -77,3 +83,25 @@ def verbosity_of(quiet: bool, verbose: int) -> int:
 
 
 _root()  # installed on import: a module using logging.getLogger(__name__) reports the same way
+
+
+class Recorder(Generic[T]):
+    """What a step of a fusion found (a verdict, a descent's objective), collected inside ``with recorder.recording()``
+    for a caller that reports it (the merge command's card); outside a block, :meth:`record` keeps nothing."""
+
+    def __init__(self, name: str) -> None:
+        self._found: ContextVar[list[T] | None] = ContextVar(name, default=None)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[T]]:
+        found: list[T] = []
+        token = self._found.set(found)
+        try:
+            yield found
+        finally:
+            self._found.reset(token)
+
+    def record(self, item: T) -> None:
+        found = self._found.get()
+        if found is not None:
+            found.append(item)

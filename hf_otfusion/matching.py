@@ -33,9 +33,8 @@ same inner products ``S`` (this state's channels against the target's), the orth
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,6 +42,7 @@ import torch
 
 from .checkpoint import TensorSource
 from .errors import FusionError
+from .log import Recorder
 from .plan import AlignmentPlan, AxisRef, Space
 from .profile import timed
 from .transport import ChannelMap, head_costs, marginal, match_heads, rows, solve, solve_heads, transport_axis
@@ -85,11 +85,10 @@ class MatchingResult:
         return bool(self.changed) and self.changed[-1] == 0
 
 
-_log: ContextVar[list[MatchingResult] | None] = ContextVar("hf_otfusion_matching", default=None)
+_recorder: Recorder[MatchingResult] = Recorder("hf_otfusion_matching")
 
 
-@contextlib.contextmanager
-def recording() -> Iterator[list[MatchingResult]]:
+def recording() -> contextlib.AbstractContextManager[list[MatchingResult]]:
     """Collect the :class:`MatchingResult` of every model matched inside the block (``fuse(..., sweeps=N)``).
 
     Example:
@@ -103,18 +102,10 @@ def recording() -> Iterator[list[MatchingResult]]:
         >>> results[0].objective[-1] >= results[0].objective[0]
         True
     """
-    results: list[MatchingResult] = []
-    token = _log.set(results)
-    try:
-        yield results
-    finally:
-        _log.reset(token)
+    return _recorder.recording()
 
 
-def record(result: MatchingResult) -> None:
-    log = _log.get()
-    if log is not None:
-        log.append(result)
+record = _recorder.record
 
 
 def permutation_map(index: torch.Tensor) -> ChannelMap:
