@@ -34,7 +34,7 @@ from .graph import LAYER_OPS, op_name, tensor_names
 from .log import Recorder, get_logger
 from .plan import AlignmentPlan, Space
 from .transport import ChannelMap, transport_axis
-from .verify import TOLERANCE, randomised_copy
+from .verify import TOLERANCE, RandomisedCopy, randomised_copy
 
 log = get_logger(__name__)
 _PASS = frozenset({"_to_copy", "to", "type_as", "alias", "clone", "contiguous", "detach", "lift_fresh_copy"})
@@ -234,14 +234,17 @@ def rotate(state: Mapping[str, torch.Tensor], space: Space, matrix: torch.Tensor
 
 
 def rotatable(model: nn.Module, plan: AlignmentPlan, exported: ExportedProgram, example_input: Any, *,
-              seed: int = 0) -> Rotatable:
+              seed: int = 0,
+        checker: RandomisedCopy | str | None = None) -> Rotatable:
     """The residual streams of ``plan`` that admit an orthogonal map, checked: on a randomised copy of ``model``
     (norm gains around one, every parameter random), folded, a random orthogonal map of each such stream must keep
-    the outputs on ``example_input``; one that does not keeps permutations, with the change it made as the reason."""
+    the outputs on ``example_input``; one that does not keeps permutations, with the change it made as the reason.
+    ``checker``: the randomised copy to check on (:func:`~hf_otfusion.verify.randomised_copy`; made when
+    omitted)."""
     found = find_folds(exported, plan)
     if not found.folds:
         return found
-    copy_ = randomised_copy(model, plan, example_input, seed=seed)
+    copy_ = checker if checker is not None else randomised_copy(model, plan, example_input, seed=seed)
     if isinstance(copy_, str):
         return Rotatable({}, {**found.refused, **{n: f"cannot be checked: {copy_}" for n in found.folds}})
     tol = TOLERANCE[copy_.dtype]

@@ -28,6 +28,7 @@ from .registry import REPAIRS
 from .scales import find_scales
 from .trace import build_plan, export_model
 from .transport import ChannelMap, transport_axis
+from .verify import randomised_copy
 
 # ----------------------------------------------------------------------------------------------------------
 # Public API
@@ -347,11 +348,16 @@ def fuse(
 
     states = [m.state_dict() for m in models]
     dense: frozenset[str] = frozenset()
-    if opts.residual == "orthogonal":
+    checker = None  # one randomised copy of the target checks every kind of map beyond permutations
+    if opts.residual == "orthogonal" or opts.head_maps == "orthogonal":
         if example_input is None:
-            raise FusionError("residual='orthogonal' finds the norms to fold on the model's graph: pass example_input")
+            raise FusionError("residual/head_maps 'orthogonal' check each kind of map on the model: pass example_input")
         with timed("trace"):
-            rot = rotatable(target_model, plan_t, ep_t or export_model(target_model, example_input), example_input)
+            checker = randomised_copy(target_model, plan_t, example_input)
+    if opts.residual == "orthogonal":
+        with timed("trace"):
+            rot = rotatable(target_model, plan_t, ep_t or export_model(target_model, example_input), example_input,
+                            checker=checker)
         report_rotatable(rot)
         dense = rot.spaces
         if dense:
@@ -360,10 +366,8 @@ def fuse(
 
     inner: HeadMaps | None = None
     if opts.head_maps == "orthogonal":
-        if example_input is None:
-            raise FusionError("head_maps='orthogonal' checks each attention space on the model: pass example_input")
         with timed("trace"):
-            inner = find_head_maps(target_model, plan_t, example_input)
+            inner = find_head_maps(target_model, plan_t, example_input, checker=checker)
         report_head_maps(inner)
 
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
@@ -409,7 +413,7 @@ def fuse(
             state[alias] = state[name]
     if learned and aligned is not None:
         with timed("learn"):
-            scales = find_scales(target_model, plan_t, example_input, skip=dense)
+            scales = find_scales(target_model, plan_t, example_input, skip=dense, checker=checker)
             aligned, _ = learn_maps(target_model, models, aligned, target, plan_t, dense, inner, calibration,
                                     weights=w, steps=opts.learn_steps, lr=opts.learn_lr, device=dev, progress=progress,
                                     scales=scales)

@@ -33,7 +33,7 @@ from .folding import random_orthogonal, rotate
 from .log import Recorder, get_logger
 from .matching import channel_similarity, procrustes
 from .plan import AlignmentPlan, Space
-from .verify import TOLERANCE, randomised_copy
+from .verify import TOLERANCE, RandomisedCopy, randomised_copy
 
 log = get_logger(__name__)
 PAIRINGS = ("half", "interleaved")
@@ -139,13 +139,16 @@ def rotations(pairs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int)
     return m
 
 
-def find_head_maps(model: nn.Module, plan: AlignmentPlan, example_input: Any, *, seed: int = 0) -> HeadMaps:
+def find_head_maps(model: nn.Module, plan: AlignmentPlan, example_input: Any, *, seed: int = 0,
+        checker: RandomisedCopy | str | None = None) -> HeadMaps:
     """The headed spaces of ``plan`` that take maps inside their heads, each kind checked on a randomised copy of
-    ``model`` (a random map of it must keep the outputs on ``example_input``)."""
+    ``model`` (a random map of it must keep the outputs on ``example_input``).
+    ``checker``: the randomised copy to check on (:func:`~hf_otfusion.verify.randomised_copy`; made when
+    omitted)."""
     candidates = _candidates(plan)
     if not candidates:
         return HeadMaps((), {})
-    copy_ = randomised_copy(model, plan, example_input, seed=seed)
+    copy_ = checker if checker is not None else randomised_copy(model, plan, example_input, seed=seed)
     if isinstance(copy_, str):
         return HeadMaps((), {name: f"cannot be checked: {copy_}" for name, _ in candidates})
     tol = TOLERANCE[copy_.dtype]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .plan import AlignmentPlan, AxisRef, Space
-from .verify import TOLERANCE, randomised_copy
+from .verify import TOLERANCE, RandomisedCopy, randomised_copy
 
 MAX_UNITS = 4
 
@@ -66,8 +66,11 @@ def scaled(state: Mapping[str, torch.Tensor], scale: ChannelScale, log_factors: 
 
 
 def find_scales(model: nn.Module, plan: AlignmentPlan, example_input: Any, *, skip: frozenset[str] = frozenset(),
-                seed: int = 0) -> list[ChannelScale]:
-    """The hidden spaces of ``plan`` (not in ``skip``, without heads) whose channels take a scale, each checked."""
+                seed: int = 0,
+        checker: RandomisedCopy | str | None = None) -> list[ChannelScale]:
+    """The hidden spaces of ``plan`` (not in ``skip``, without heads) whose channels take a scale, each checked.
+    ``checker``: the randomised copy to check on (:func:`~hf_otfusion.verify.randomised_copy`; made when
+    omitted)."""
     candidates: list[list[ChannelScale]] = []
     for space in plan.spaces:
         if space.name in skip or space.heads > 1 or space.queries or any(m.head_axis is not None
@@ -82,7 +85,7 @@ def find_scales(model: nn.Module, plan: AlignmentPlan, example_input: Any, *, sk
                            if u != d])
     if not candidates:
         return []
-    copy_ = randomised_copy(model, plan, example_input, seed=seed)
+    copy_ = checker if checker is not None else randomised_copy(model, plan, example_input, seed=seed)
     if isinstance(copy_, str):
         return []
     tol = TOLERANCE[copy_.dtype]
