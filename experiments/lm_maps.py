@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -106,7 +107,7 @@ def main(argv: Sequence[str]) -> None:
     verdict = "" if floor is None else (
         f" Floor for this model (>= {floor:.0%} of the loss gap, no gradient step on any weight): "
         + ("met." if gap >= floor else f"**not met**, {100 * (floor - gap):.1f} points short."))
-    command = " ".join(argv)
+    command = shlex.join(argv)
     lines = [
         "# Maps beyond permutations: the residual stream and the inside of attention heads",
         "",
