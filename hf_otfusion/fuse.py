@@ -392,10 +392,11 @@ def fuse(
         if name in held:
             pending[name] = values
             return
-        fused[name] = average_tensor(values, w, values[target])
         if aligned is not None:
             for k, v in enumerate(values):
                 aligned[k][name] = v
+        if not learned:  # learned alignment averages once its maps are trained
+            fused[name] = average_tensor(values, w, values[target])
 
     sources = [StateSource(s) for s in states]
     couplings = align_sources(sources, plans, average, target=target, costs=costs, options=opts, device=dev,
@@ -417,8 +418,8 @@ def fuse(
             aligned, _ = learn_maps(target_model, models, aligned, target, plan_t, dense, inner, calibration,
                                     weights=w, steps=opts.learn_steps, lr=opts.learn_lr, device=dev, progress=progress,
                                     scales=scales)
-        for name in list(fused):
-            fused[name] = average_tensor([s[name] for s in aligned], w, aligned[target][name])
+        fused = {name: average_tensor([s[name] for s in aligned], w, value)
+                 for name, value in aligned[target].items() if name not in plan_t.aliases}
     for alias, name in plan_t.aliases.items():
         fused[alias] = fused[name]
     if repair.fn is None:
