@@ -61,7 +61,7 @@ def test_iid_rows(mlp_results):
 def test_noniid_columns(mlp_results):
     report = (mlp_results / "noniid.md").read_text()
     assert "every training image of the special digit 9" in report
-    assert len(_cells(report, "model A")) == 6  # all digits, digit 9, other digits, weight, agreement, beats
+    assert len(_cells(report, "model A")) == 7  # all digits, digit 9, others, weight, agreement, margin, beats
     assert "held out of both parties as a validation set" in report
 
 
@@ -75,5 +75,20 @@ def test_resnet_with_batchnorm_rows(tmp_path):
 
 def test_dirichlet_split(tmp_path):
     _run("noniid", "--tiny", "--archs", "mlp", "--split", "dirichlet", "--parties", "3", "--out", str(tmp_path))
-    report = (tmp_path / "noniid.md").read_text()
+    report = (tmp_path / "noniid-dirichlet.md").read_text()
     assert "Dirichlet split over 3 models" in report and _cells(report, "model 2")
+    assert not (tmp_path / "noniid.md").exists()  # the special split's report is left alone
+
+
+@pytest.mark.parametrize(("split", "words", "columns"), [
+    ("labels", "every training image of digits 0-4", ["digits 0-4 (%)", "digits 5-9 (%)"]),
+    ("fraction", "a random 10% of the training images", []),
+])
+def test_two_model_splits(tmp_path, split, words, columns):
+    _run("noniid", "--tiny", "--archs", "mlp", "--split", split, "--out", str(tmp_path))
+    report = (tmp_path / f"noniid-{split}.md").read_text()
+    assert words in report and f"python -m experiments noniid --tiny --archs mlp --split {split}" in report
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    assert all(c in header for c in columns) and "weight of model A" in header
+    assert len(_cells(report, "model A")) == 5 + len(columns)  # all digits, groups, weight, agreement, margin, beats
+    assert f"noniid-{split}_weights.png" in report and not (tmp_path / "noniid.md").exists()

@@ -112,7 +112,8 @@ class Scorer:
         return acc
 
 
-def write_report(ctx: Ctx, name: str, title: str, body: list[str], seconds: float) -> Path:
+def write_report(ctx: Ctx, name: str, title: str, body: list[str], seconds: float, stem: str | None = None) -> Path:
+    """Write ``<out>/<stem or name>.md`` (the command line shown is ``python -m experiments <name> ...``)."""
     args = ctx.args
     argv = " ".join(a for a in args.argv if a not in EXPERIMENTS and a != "all")
     cmd = f"python -m experiments {name}" + (f" {argv}" if argv else "")
@@ -127,7 +128,7 @@ def write_report(ctx: Ctx, name: str, title: str, body: list[str], seconds: floa
         *body,
         "",
     ]
-    path = args.out / f"{name}.md"
+    path = args.out / f"{stem or name}.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
     return path
@@ -196,9 +197,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration", type=int, default=1000, help="calibration images (default 1000)")
     p.add_argument("--finetune-steps", type=int, default=200, help="fine-tune steps (default 200)")
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every training epoch count")
-    p.add_argument("--split", choices=["special", "dirichlet"], default="special", help="noniid: how to split")
+    p.add_argument("--split", choices=["special", "labels", "fraction", "dirichlet"], default="special",
+                   help="noniid: how to split (special digit, digits 0-4 / 5-9, a 10%% / 90%% share of the images, "
+                   "Dirichlet)")
     p.add_argument("--special", type=int, default=9, help="noniid: the special digit (default 9)")
-    p.add_argument("--special-frac", type=float, default=0.1, help="noniid: share of other digits model A sees")
+    p.add_argument("--special-frac", type=float, default=0.1,
+                   help="noniid: share of other digits model A sees (--split fraction: of all images)")
     p.add_argument("--sweep", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                    help="noniid: model A weights for the sweep plot")
     p.add_argument("--alpha", type=float, default=0.5, help="noniid --split dirichlet: concentration")
