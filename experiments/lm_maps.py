@@ -45,11 +45,20 @@ ROWS: dict[str, dict[str, Any]] = {
                                                    repair="refit"),
     "residual orthogonal, head maps + refit (stream target)": dict(
         residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS, repair="refit", repair_parameters=STREAM),
+    f"weight matching ({SWEEPS} sweeps), signed units": dict(sweeps=SWEEPS, hidden_maps="signed"),
+    f"weight matching ({SWEEPS} sweeps), signed units + refit": dict(sweeps=SWEEPS, hidden_maps="signed",
+                                                                      repair="refit"),
+    "residual orthogonal, head maps, signed units + refit (stream target)": dict(
+        residual="orthogonal", head_maps="orthogonal", hidden_maps="signed", sweeps=SWEEPS, repair="refit",
+        repair_parameters=STREAM),
     f"learned ({LEARN_STEPS} steps), residual orthogonal, head maps": dict(
         alignment="learned", residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS, learn_steps=LEARN_STEPS),
     f"learned ({LEARN_STEPS} steps), residual orthogonal, head maps + refit (stream target)": dict(
         alignment="learned", residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS, learn_steps=LEARN_STEPS,
         repair="refit", repair_parameters=STREAM),
+    f"learned ({LEARN_STEPS} steps), residual orthogonal, head maps, signed units": dict(
+        alignment="learned", residual="orthogonal", head_maps="orthogonal", hidden_maps="signed", sweeps=SWEEPS,
+        learn_steps=LEARN_STEPS),
 }
 FLOORS = {"llama64": 0.80, "llama256": 0.85}
 

@@ -160,6 +160,9 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
     if options.head_maps == "orthogonal":
         rows.append(("inside attention heads", "an orthogonal map per head, or a rotation per rotary channel pair, "
                      "where a check on the model allows it, fitted to the target by Procrustes"))
+    if options.hidden_maps == "signed":
+        rows.append(("hidden units", "a permutation and a sign per unit where a check on the model allows it (a gated "
+                     "MLP's up row and down column), found by weight matching"))
     if options.alignment == "learned":
         rows.append(("learned maps", f"the maps beyond permutations (and a scale per MLP unit where its activation "
                      f"allows it) trained for {options.learn_steps} Adam steps "

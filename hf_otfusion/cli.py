@@ -301,7 +301,8 @@ def plan(
                       "channels fixed")] = False,
     no_plan_cache: Annotated[bool, typer.Option("--no-plan-cache", help=NO_PLAN_CACHE_HELP)] = False,
     maps: Annotated[bool, typer.Option("--maps", help="also check which spaces take maps other than permutations "
-                    "(parameters residual: orthogonal and head_maps: orthogonal) and say why the others do not")
+                    "(parameters residual: orthogonal, head_maps: orthogonal, hidden_maps: signed) and say why the "
+                    "others do not")
                     ] = False,
 ) -> None:
     """Print the alignment plan of a model: its spaces and the tensor axes that index each.
@@ -321,11 +322,15 @@ def plan(
         if maps:
             from .folding import rotatable
             from .head_maps import find_head_maps
+            from .signs import find_signs
             from .trace import export_model
+            from .verify import randomised_copy
 
             x = example_input(loaded)
-            found = [*rotatable(loaded.model, built, export_model(loaded.model, x), x).summary(),
-                     *find_head_maps(loaded.model, built, x).summary()]
+            checker = randomised_copy(loaded.model, built, x)
+            found = [*rotatable(loaded.model, built, export_model(loaded.model, x), x, checker=checker).summary(),
+                     *find_head_maps(loaded.model, built, x, checker=checker).summary(),
+                     *find_signs(loaded.model, built, x, checker=checker).summary()]
             typer.echo("maps other than permutations (each kind checked on a randomised copy):")
             typer.echo("\n".join(f"  - {line}" for line in found) if found else "  none: no residual stream through "
                        "norms and no attention heads")

@@ -112,6 +112,10 @@ class FusionParameters(_Frozen):
         "permutation", description="inside attention heads: permutations, or any orthogonal map (a rotation per "
         "channel pair where rotary embeddings allow only that) where a check on the model allows it, fitted to the "
         "target after the alignment")
+    hidden_maps: Literal["permutation", "signed"] = Field(
+        "permutation", description="hidden units: permutations, or a permutation and a sign per unit where a check "
+        "on the model allows it (a gated MLP's up row and down column), found by weight matching (needs sweeps >= 1, "
+        "weights mode)")
     standardize: bool = Field(False, description="activations mode: compare channels by correlation")
     learn_steps: int = Field(200, ge=1, description="alignment 'learned': Adam steps on the maps")
     learn_lr: float = Field(0.01, gt=0.0, description="alignment 'learned': Adam's learning rate")
@@ -171,12 +175,14 @@ class FusionParameters(_Frozen):
         if self.alignment == "learned" and self.residual != "orthogonal" and self.head_maps != "orthogonal":
             raise ValueError("alignment='learned' trains the maps beyond permutations: set residual='orthogonal' "
                              "and/or head_maps='orthogonal'")
-        if self.residual == "orthogonal":
+        for name, value in (("residual", self.residual), ("hidden_maps", self.hidden_maps)):
+            if value not in ("orthogonal", "signed"):
+                continue
             if self.alignment == "activations":
-                raise ValueError("residual='orthogonal' is found from the weights: it needs alignment='weights' (or "
+                raise ValueError(f"{name}={value!r} is found from the weights: it needs alignment='weights' (or "
                                  "'learned')")
             if self.sweeps < 1:
-                raise ValueError("residual='orthogonal' is solved by weight matching: set sweeps >= 1 (e.g. 15)")
+                raise ValueError(f"{name}={value!r} is solved by weight matching: set sweeps >= 1 (e.g. 15)")
         return self
 
     @property

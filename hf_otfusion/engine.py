@@ -522,8 +522,9 @@ def align_sources(
     engine reads solver, reg, marginals, match_heads, residual and sweeps: see :func:`fuse`); ``sweeps > 0`` (weight
     matching, order drawn from ``seed``) holds every model's moved tensors and the target's at once. ``dense``:
     residual spaces that weight matching solves by orthogonal maps (``residual="orthogonal"``, their norm gains
-    folded and out of the plans: :mod:`hf_otfusion.folding`); they have no coupling. ``inner``: maps inside
-    attention heads that weight matching fits before each sweep (:func:`hf_otfusion.matching.weight_matching`).
+    folded and out of the plans: :mod:`hf_otfusion.folding`); they have no coupling. ``inner``: maps beyond
+    permutations (inside attention heads, a sign per hidden unit) that weight matching fits as it goes
+    (:func:`hf_otfusion.matching.weight_matching`).
 
     Returns:
         Each model's coupling per space (None for the target); empty dicts with ``couplings=False``, which keeps

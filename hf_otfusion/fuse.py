@@ -22,10 +22,12 @@ from .folding import fold_state, report_rotatable, rotatable, without_gains
 from .graph import Runner
 from .head_maps import HeadMaps, find_head_maps, report_head_maps, tensors_of
 from .learned import learn_maps
+from .matching import AllMaps, InnerMaps
 from .plan import AlignmentPlan, Space
 from .profile import timed
 from .registry import REPAIRS
 from .scales import find_scales
+from .signs import UnitSigns, find_signs, report_signs
 from .trace import build_plan, export_model
 from .transport import ChannelMap, transport_axis
 from .verify import randomised_copy
@@ -264,6 +266,9 @@ def fuse(
             rotation per channel pair where rotary embeddings allow only that), fitted to the target
             (:mod:`hf_otfusion.head_maps`). Every such map is checked on a randomised copy of the model first; a
             space that fails keeps permutations, with a warning saying why.
+        hidden_maps: ``"permutation"`` (default) or ``"signed"``: a hidden unit may also change the sign of the layers
+            that take one (a gated MLP's ``up`` row and ``down`` column: SwiGLU, GeGLU), so weight matching pairs
+            units up to that sign (``sweeps >= 1``; :mod:`hf_otfusion.signs`), checked like the maps above.
         standardize: activations mode: compare activations centred and scaled to unit variance per channel
             (a correlation distance) instead of raw values.
         repair: after averaging, a registered repair run on ``calibration`` (``hf_otfusion.registry.REPAIRS``;
@@ -349,9 +354,10 @@ def fuse(
     states = [m.state_dict() for m in models]
     dense: frozenset[str] = frozenset()
     checker = None  # one randomised copy of the target checks every kind of map beyond permutations
-    if opts.residual == "orthogonal" or opts.head_maps == "orthogonal":
+    if opts.residual == "orthogonal" or opts.head_maps == "orthogonal" or opts.hidden_maps == "signed":
         if example_input is None:
-            raise FusionError("residual/head_maps 'orthogonal' check each kind of map on the model: pass example_input")
+            raise FusionError("residual/head_maps 'orthogonal' and hidden_maps 'signed' check each kind of map on the "
+                              "model: pass example_input")
         with timed("trace"):
             checker = randomised_copy(target_model, plan_t, example_input)
     if opts.residual == "orthogonal":
@@ -369,6 +375,14 @@ def fuse(
         with timed("trace"):
             inner = find_head_maps(target_model, plan_t, example_input, checker=checker)
         report_head_maps(inner)
+    signs: UnitSigns | None = None
+    if opts.hidden_maps == "signed":
+        with timed("trace"):
+            signs = find_signs(target_model, plan_t, example_input, skip=dense, checker=checker)
+        report_signs(signs)
+    beyond: list[InnerMaps] = [inner] if inner is not None and inner.maps else []
+    beyond += [signs] if signs is not None and signs.spaces else []
+    fitted = AllMaps(tuple(beyond)) if beyond else None  # fitted during weight matching and after the alignment
 
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     if alignment == "activations":
@@ -381,12 +395,12 @@ def fuse(
 
     fused: State = {}
     # an orthogonal map has no coupling: a repair then gets the parents as aligned (folded, carried), not couplings
-    dense_maps = bool(dense) or bool(inner and inner.maps)
+    dense_maps = bool(dense) or fitted is not None
     learned = alignment == "learned"
     keep = learned or (dense_maps and repair.fn is not None)
     aligned: list[State] | None = [{} for _ in models] if keep else None
-    held = tensors_of(inner) if inner is not None else set()
-    pending: dict[str, list[torch.Tensor]] = {}  # tensors that head maps move: fitted once every one is aligned
+    held = (tensors_of(inner) if inner is not None else set()) | (signs.tensors() if signs is not None else set())
+    pending: dict[str, list[torch.Tensor]] = {}  # tensors that inner maps move: fitted once every one is aligned
 
     def average(name: str, values: list[torch.Tensor]) -> None:
         if name in held:
@@ -401,11 +415,11 @@ def fuse(
     sources = [StateSource(s) for s in states]
     couplings = align_sources(sources, plans, average, target=target, costs=costs, options=opts, device=dev,
                               progress=progress, couplings="couplings" in repair.needs and aligned is None,
-                              dense=dense, inner=inner if inner and inner.maps else None)
-    if pending and inner is not None:
+                              dense=dense, inner=fitted)
+    if pending and fitted is not None:
         per_model = [{name: values[k] for name, values in pending.items()} for k in range(len(models))]
-        with timed("head maps"):
-            per_model = [s if k == target else inner.fit(s, per_model[target]) for k, s in enumerate(per_model)]
+        with timed("inner maps"):
+            per_model = [s if k == target else fitted.fit(s, per_model[target]) for k, s in enumerate(per_model)]
         held.clear()
         for name in pending:
             average(name, [s[name] for s in per_model])

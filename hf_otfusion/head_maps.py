@@ -68,6 +68,16 @@ class HeadMaps:
         """``state`` with every space's map fitted to ``target_state`` (:func:`fit_head_maps`)."""
         return fit_head_maps(state, target_state, self)
 
+    def fit_space(self, state: Mapping[str, torch.Tensor], target_state: Mapping[str, torch.Tensor],
+                  space: Space) -> dict[str, torch.Tensor]:
+        """``state`` with the map inside the heads of ``space`` alone fitted (if it takes one)."""
+        return fit_head_maps(state, target_state, HeadMaps(tuple(m for m in self.maps if m.space.name == space.name),
+                                                           {}))
+
+    def channel_values(self, state: Mapping[str, torch.Tensor], target_state: Mapping[str, torch.Tensor],
+                       space: Space) -> torch.Tensor | None:
+        return None
+
     def head_values(self, state: Mapping[str, torch.Tensor], target_state: Mapping[str, torch.Tensor],
                     space: Space) -> torch.Tensor | None:
         """(heads, heads): for a space that takes maps inside its heads, the largest inner product between each of

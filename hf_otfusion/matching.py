@@ -54,15 +54,45 @@ State = dict[str, torch.Tensor]
 
 
 class InnerMaps(Protocol):
-    """Maps outside the plan's spaces that keep the function (inside attention heads: :mod:`hf_otfusion.head_maps`),
-    refitted during weight matching."""
+    """Maps beyond the plan's permutations that keep the function (inside attention heads:
+    :mod:`hf_otfusion.head_maps`; a sign per hidden unit: :mod:`hf_otfusion.signs`), refitted during weight matching."""
 
     def fit(self, state: State, target_state: State) -> State:
         """``state`` with the maps fitted to ``target_state`` and applied."""
 
+    def fit_space(self, state: State, target_state: State, space: Space) -> State:
+        """``state`` with the maps of one space fitted (after its permutation changed); the others as they are."""
+
     def head_values(self, state: State, target_state: State, space: Space) -> torch.Tensor | None:
         """(heads, heads): the best inner product each pair of heads (this state's, the target's) reaches under the
         maps, for a space that takes them; None for another space."""
+
+    def channel_values(self, state: State, target_state: State, space: Space) -> torch.Tensor | None:
+        """(n, n): the best inner product each pair of channels reaches under the maps, for a space without heads
+        that takes them (in place of :func:`channel_similarity`); None for another space."""
+
+
+@dataclass(frozen=True)
+class AllMaps:
+    """Several :class:`InnerMaps` as one (each space takes at most one kind)."""
+
+    parts: tuple[InnerMaps, ...]
+
+    def fit(self, state: State, target_state: State) -> State:
+        for part in self.parts:
+            state = part.fit(state, target_state)
+        return state
+
+    def fit_space(self, state: State, target_state: State, space: Space) -> State:
+        for part in self.parts:
+            state = part.fit_space(state, target_state, space)
+        return state
+
+    def head_values(self, state: State, target_state: State, space: Space) -> torch.Tensor | None:
+        return next((v for p in self.parts if (v := p.head_values(state, target_state, space)) is not None), None)
+
+    def channel_values(self, state: State, target_state: State, space: Space) -> torch.Tensor | None:
+        return next((v for p in self.parts if (v := p.channel_values(state, target_state, space)) is not None), None)
 
 
 @dataclass
@@ -148,6 +178,12 @@ def channel_similarity(state: State, target_state: State, space: Space,
         ra, rb = rows(a, layout).to(dtype), rows(b, layout).to(dtype)
         s += (ra @ rb.T).double()
     return s
+
+
+def _similarity(state: State, target_state: State, space: Space, untiled: AbstractSet[tuple[str, int]],
+                inner: InnerMaps | None) -> torch.Tensor:
+    values = inner.channel_values(state, target_state, space) if inner is not None else None
+    return values if values is not None else channel_similarity(state, target_state, space, untiled)
 
 
 def procrustes(similarity: torch.Tensor) -> torch.Tensor:
@@ -255,7 +291,7 @@ def weight_matching(
         changed = 0
         for u in torch.randperm(len(units), generator=gen).tolist():
             spaces = units[u]
-            sims = [channel_similarity(cur, tgt, sp, frozenset() if sp.queries else query_axes) for sp in spaces]
+            sims = [_similarity(cur, tgt, sp, frozenset() if sp.queries else query_axes, inner) for sp in spaces]
             values = [inner.head_values(cur, tgt, sp) for sp in spaces] if inner is not None else []
             qs = [q.cpu() for q in _solve_unit(sims, spaces, heads, dense, values)]
             if all(_identity(q) for q in qs):
@@ -269,6 +305,8 @@ def weight_matching(
                 m_map = ChannelMap(q) if q.is_floating_point() else permutation_map(q)
                 for m in sp.members:
                     new_state[m.tensor] = transport_axis(new_state[m.tensor], m_map, sp.layout(m))
+                if inner is not None:
+                    new_state = inner.fit_space(new_state, tgt, sp)
             new = sum(_dot(new_state[t], tgt[t]) for t in names)
             if new > old + 1e-10 * scale:  # ties keep the current map, so the descent cannot cycle
                 cur.update(new_state)

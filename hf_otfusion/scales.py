@@ -32,11 +32,11 @@ class ChannelScale:
     down: tuple[AxisRef, ...]
 
     def summary(self) -> str:
-        names = sorted({_unit(m.tensor) for m in self.up}), sorted({_unit(m.tensor) for m in self.down})
+        names = sorted({unit_of(m.tensor) for m in self.up}), sorted({unit_of(m.tensor) for m in self.down})
         return f"{self.space.name}: a scale per channel ({', '.join(names[0])} times it, {', '.join(names[1])} divided)"
 
 
-def _unit(tensor: str) -> str:
+def unit_of(tensor: str) -> str:
     return tensor.rsplit(".", 1)[0]
 
 
@@ -55,34 +55,46 @@ def scale_axis(tensor: torch.Tensor, space: Space, member: AxisRef, factors: tor
     return tensor * mult.view(shape).to(tensor.dtype)
 
 
-def scaled(state: Mapping[str, torch.Tensor], scale: ChannelScale, log_factors: torch.Tensor,
-           ) -> dict[str, torch.Tensor]:
-    """``state`` with ``exp(log_factors)`` on the ``up`` members and its inverse on the ``down`` members."""
+def multiplied(state: Mapping[str, torch.Tensor], scale: ChannelScale, factors: torch.Tensor,
+               ) -> dict[str, torch.Tensor]:
+    """``state`` with ``factors`` on the ``up`` members and their inverses on the ``down`` members."""
     out = dict(state)
-    for members, sign in ((scale.up, 1.0), (scale.down, -1.0)):
+    for members, f in ((scale.up, factors), (scale.down, factors.reciprocal())):
         for m in members:
-            out[m.tensor] = scale_axis(out[m.tensor], scale.space, m, (sign * log_factors).exp())
+            out[m.tensor] = scale_axis(out[m.tensor], scale.space, m, f)
     return out
 
 
-def find_scales(model: nn.Module, plan: AlignmentPlan, example_input: Any, *, skip: frozenset[str] = frozenset(),
-                seed: int = 0,
-        checker: RandomisedCopy | str | None = None) -> list[ChannelScale]:
-    """The hidden spaces of ``plan`` (not in ``skip``, without heads) whose channels take a scale, each checked.
-    ``checker``: the randomised copy to check on (:func:`~hf_otfusion.verify.randomised_copy`; made when
-    omitted)."""
-    candidates: list[list[ChannelScale]] = []
+def scaled(state: Mapping[str, torch.Tensor], scale: ChannelScale, log_factors: torch.Tensor,
+           ) -> dict[str, torch.Tensor]:
+    """``state`` with ``exp(log_factors)`` on the ``up`` members and its inverse on the ``down`` members."""
+    return multiplied(state, scale, log_factors.exp())
+
+
+def scale_candidates(plan: AlignmentPlan, skip: frozenset[str] = frozenset()) -> list[list[ChannelScale]]:
+    """Per hidden space of a few layers (not in ``skip``, without heads), every choice of one layer to scale and
+    another to divide, unchecked."""
+    out: list[list[ChannelScale]] = []
     for space in plan.spaces:
         if space.name in skip or space.heads > 1 or space.queries or any(m.head_axis is not None
                                                                          for m in space.members):
             continue
         units: dict[str, list[AxisRef]] = {}
         for m in space.members:
-            units.setdefault(_unit(m.tensor), []).append(m)
-        if not 2 <= len(units) <= MAX_UNITS:
-            continue
-        candidates.append([ChannelScale(space, tuple(units[u]), tuple(units[d])) for u in units for d in units
-                           if u != d])
+            units.setdefault(unit_of(m.tensor), []).append(m)
+        if 2 <= len(units) <= MAX_UNITS:
+            out.append([ChannelScale(space, tuple(units[u]), tuple(units[d])) for u in units for d in units if u != d])
+    return out
+
+
+def find_scales(model: nn.Module, plan: AlignmentPlan, example_input: Any, *, skip: frozenset[str] = frozenset(),
+                seed: int = 0, checker: RandomisedCopy | str | None = None, signs: bool = False,
+                ) -> list[ChannelScale]:
+    """The hidden spaces of ``plan`` (not in ``skip``, without heads) whose channels take a scale, each checked.
+    ``checker``: the randomised copy to check on (:func:`~hf_otfusion.verify.randomised_copy`; made when
+    omitted). ``signs``: factors of -1 or 1 instead of positive ones (a gated MLP's ``up`` and ``down`` take them, a
+    ReLU's input row does not)."""
+    candidates = scale_candidates(plan, skip)
     if not candidates:
         return []
     copy_ = checker if checker is not None else randomised_copy(model, plan, example_input, seed=seed)
@@ -93,8 +105,12 @@ def find_scales(model: nn.Module, plan: AlignmentPlan, example_input: Any, *, sk
     found = []
     for kinds in candidates:
         for kind in kinds:
-            logs = (torch.rand(kind.space.size, generator=gen, dtype=torch.float64) * 2 - 1) * 0.7
-            if copy_.change_of(scaled(copy_.base, kind, logs)) <= tol:
+            if signs:
+                factors = torch.randint(0, 2, (kind.space.size,), generator=gen).double() * 2 - 1
+                factors[0] = -1.0
+            else:
+                factors = ((torch.rand(kind.space.size, generator=gen, dtype=torch.float64) * 2 - 1) * 0.7).exp()
+            if copy_.change_of(multiplied(copy_.base, kind, factors)) <= tol:
                 found.append(kind)
                 break
     return found

@@ -161,9 +161,10 @@ def _disk_options(options: FusionParameters | None, overrides: Mapping[str, Any]
     if opts.repair != "none":
         raise FusionError(f"{caller} writes the aligned average tensor by tensor: repair {opts.repair!r} needs the "
                           "fused model in memory (use fuse)")
-    if opts.residual == "orthogonal" or opts.head_maps != "permutation":
-        raise FusionError(f"{caller} reads tensors from disk as the plan needs them: residual='orthogonal' and "
-                          "head_maps='orthogonal' are checked on the model and need the models in memory (use fuse)")
+    if opts.residual == "orthogonal" or opts.head_maps != "permutation" or opts.hidden_maps != "permutation":
+        raise FusionError(f"{caller} reads tensors from disk as the plan needs them: residual='orthogonal', "
+                          "head_maps='orthogonal' and hidden_maps='signed' are checked on the model and need the "
+                          "models in memory (use fuse)")
     return opts
 
 

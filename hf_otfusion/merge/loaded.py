@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import folding, head_maps
+from .. import folding, head_maps, signs
 from ..config import FinetuneConfig, MergeConfig
 from ..distributed import is_main, world
 from ..errors import MergeError
@@ -62,10 +62,10 @@ def run_merge(config: MergeConfig, parents: Sequence[LoadedModel], *, device: st
             plan = cached_plan_of(target, example, enabled=plan_cache,  # weights alone: sites unused
                                   sites=params.alignment != "weights" or params.repair != "none")
         check_plan(plan, params.strict)
-    with folding.recording() as streams, head_maps.recording() as heads:
+    with folding.recording() as streams, head_maps.recording() as heads, signs.recording() as units:
         fused = method.fn(models, params, target=config.target_index, weights=config.weights,
                           calibration=calibration, example_input=example, plan=plan, device=dev, progress=progress)
-    maps = [line for verdict in [*streams, *heads] for line in verdict.summary()]
+    maps = [line for verdict in [*streams, *heads, *units] for line in verdict.summary()]
     untuned = None
     if config.finetune is not None and world()[1] > 1 and is_main():
         log.warning("finetune is not data-parallel: each of the %d processes runs all of it", world()[1])
