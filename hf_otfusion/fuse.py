@@ -20,7 +20,7 @@ from .errors import FusionError, PlanError
 from .evaluate import logits_of
 from .folding import fold_state, report_rotatable, rotatable, without_gains
 from .graph import Runner
-from .head_maps import HeadMaps, find_head_maps, report_head_maps, tensors_of
+from .head_maps import HeadMaps, find_head_maps, find_invertible, report_head_maps, tensors_of
 from .learned import learn_maps
 from .matching import AllMaps, InnerMaps
 from .plan import AlignmentPlan, Space
@@ -429,9 +429,10 @@ def fuse(
     if learned and aligned is not None:
         with timed("learn"):
             scales = find_scales(target_model, plan_t, example_input, skip=dense, checker=checker)
+            invertible = find_invertible(inner, checker) if inner is not None and checker is not None else {}
             aligned, _ = learn_maps(target_model, models, aligned, target, plan_t, dense, inner, calibration,
                                     weights=w, steps=opts.learn_steps, lr=opts.learn_lr, device=dev, progress=progress,
-                                    scales=scales)
+                                    scales=scales, invertible=invertible)
         fused = {name: average_tensor([s[name] for s in aligned], w, value)
                  for name, value in aligned[target].items() if name not in plan_t.aliases}
     for alias, name in plan_t.aliases.items():

@@ -33,6 +33,8 @@ from .folding import random_orthogonal, rotate
 from .log import Recorder, get_logger
 from .matching import channel_similarity, procrustes
 from .plan import AlignmentPlan, Space
+from .scales import unit_of
+from .transport import ChannelMap, transport_axis
 from .verify import TOLERANCE, RandomisedCopy, randomised_copy
 
 log = get_logger(__name__)
@@ -175,6 +177,50 @@ def find_head_maps(model: nn.Module, plan: AlignmentPlan, example_input: Any, *,
         else:
             refused[name] = "a random map inside its heads changes the outputs (" + ", ".join(changes) + ")"
     return HeadMaps(tuple(maps), refused)
+
+
+def mapped(state: Mapping[str, torch.Tensor], space: Space, matrix: torch.Tensor,
+           transposed: frozenset[str] = frozenset(), inverse_t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``state`` with ``space``'s channels mapped by ``matrix`` on every member, except the members whose tensors are
+    in ``transposed``, which take ``inverse_t`` (the inverse transpose of ``matrix``: for an invertible map, one of
+    the two layers around the channels undoes what the other does); differentiable."""
+    out = dict(state)
+    m_map = ChannelMap.dense(matrix)
+    r_map = ChannelMap.dense(inverse_t) if inverse_t is not None else m_map
+    for m in space.members:
+        out[m.tensor] = transport_axis(out[m.tensor], r_map if m.tensor in transposed else m_map, space.layout(m))
+    return out
+
+
+def find_invertible(maps: HeadMaps, checker: RandomisedCopy | str, seed: int = 0) -> dict[str, frozenset[str]]:
+    """The head spaces of ``maps`` (orthogonal blocks, no rotary pairing) whose heads take any invertible map, each
+    with the tensors that take its inverse transpose (one layer of the pair), checked on ``checker``: for some layer
+    of the space, a random well-conditioned invertible block per head on the others and its inverse transpose on it
+    must keep the outputs (values and the output projection do; queries and keys in one tensor do not)."""
+    if isinstance(checker, str):
+        return {}
+    tol = TOLERANCE[checker.dtype]
+    gen = torch.Generator().manual_seed(seed + 5)
+    found = {}
+    for head_map in maps.maps:
+        space = head_map.space
+        if head_map.pairing is not None:
+            continue
+        d = space.head_dim
+        blocks = [torch.eye(d, dtype=torch.float64) + 0.5 * torch.randn(d, d, generator=gen, dtype=torch.float64)
+                  / d ** .5 for _ in range(1 if space.shared else space.heads)]
+        matrix = torch.block_diag(*(blocks * space.heads if space.shared else blocks))
+        inverse_t = torch.linalg.inv(matrix).T
+        units: dict[str, set[str]] = {}
+        for m in space.members:
+            units.setdefault(unit_of(m.tensor), set()).add(m.tensor)
+        for tensors in units.values():
+            transposed = frozenset(tensors)
+            state = mapped(checker.base, space, matrix.to(checker.dtype), transposed, inverse_t.to(checker.dtype))
+            if len(units) > 1 and checker.change_of(state) <= tol:
+                found[space.name] = transposed
+                break
+    return found
 
 
 def fitted_map(head_map: HeadMap, similarity: torch.Tensor) -> torch.Tensor:

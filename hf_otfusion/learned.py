@@ -7,7 +7,8 @@ symmetry class, so that every carried model keeps its function at every step:
 
 - a stream that takes orthogonal maps: ``exp(A - A^T)`` (an orthogonal ``n x n`` map, identity at the start);
 - a head space that takes an orthogonal map per head: ``exp(B_h - B_h^T)`` per head (one for every head of a shared
-  space);
+  space); where the heads take any invertible map (values and the output projection), ``exp(B_h)`` on the values and
+  its inverse transpose ``exp(-B_h^T)`` on the layer reading them;
 - a rotary head space: an angle per head and channel pair;
 - a hidden space whose channels take a scale (an MLP's units: :mod:`hf_otfusion.scales`): ``exp(s)`` per channel.
 
@@ -31,11 +32,10 @@ from tqdm.auto import tqdm
 from .activations import iter_batches
 from .errors import FusionError
 from .evaluate import logits_of
-from .head_maps import HeadMap, HeadMaps, rotations
+from .head_maps import HeadMap, HeadMaps, mapped, rotations
 from .log import get_logger
 from .plan import AlignmentPlan, Space
 from .scales import ChannelScale, scaled
-from .transport import ChannelMap, transport_axis
 
 State = dict[str, torch.Tensor]
 log = get_logger(__name__)
@@ -48,9 +48,11 @@ def _skew_exp(a: torch.Tensor) -> torch.Tensor:
 class _Maps(nn.Module):
     """One model's trainable corrections: a matrix per space, identity at the start."""
 
-    def __init__(self, streams: Sequence[Space], heads: Sequence[HeadMap], scales: Sequence[ChannelScale] = ()):
+    def __init__(self, streams: Sequence[Space], heads: Sequence[HeadMap], scales: Sequence[ChannelScale] = (),
+                 invertible: Mapping[str, frozenset[str]] | None = None):
         super().__init__()
         self.streams, self.heads, self.scales = list(streams), list(heads), list(scales)
+        self.invertible = dict(invertible or {})
         self.scale_params = nn.ParameterList([nn.Parameter(torch.zeros(c.space.size)) for c in scales])
         self.stream_params = nn.ParameterList([nn.Parameter(torch.zeros(s.size, s.size)) for s in streams])
         self.head_params = nn.ParameterList()
@@ -60,26 +62,31 @@ class _Maps(nn.Module):
             shape = (n, d, d) if hm.pairing is None else (n, d // 2)
             self.head_params.append(nn.Parameter(torch.zeros(shape)))
 
-    def matrices(self) -> list[tuple[Space, torch.Tensor]]:
-        out = [(s, _skew_exp(a)) for s, a in zip(self.streams, self.stream_params, strict=True)]
+    def matrices(self) -> list[tuple[Space, torch.Tensor, torch.Tensor | None]]:
+        """Each space's map, and the inverse transpose its reading layers take (None: orthogonal, the same map)."""
+        out: list[tuple[Space, torch.Tensor, torch.Tensor | None]] = [
+            (s, _skew_exp(a), None) for s, a in zip(self.streams, self.stream_params, strict=True)]
         for hm, p in zip(self.heads, self.head_params, strict=True):
-            if hm.pairing is None:
+            inverse_t = None
+            if hm.space.name in self.invertible:  # exp(B), whose inverse transpose is exp(-B^T)
+                blocks = list(torch.linalg.matrix_exp(p))
+                inverse_t = list(torch.linalg.matrix_exp(-p.transpose(-1, -2)))
+            elif hm.pairing is None:
                 blocks = list(_skew_exp(p))
             else:
                 blocks = [rotations(hm.pairs(), angle.cos(), angle.sin(), hm.space.head_dim) for angle in p]
             if hm.space.shared:
                 blocks = blocks * hm.space.heads
-            out.append((hm.space, torch.block_diag(*blocks)))
+                inverse_t = inverse_t * hm.space.heads if inverse_t is not None else None
+            out.append((hm.space, torch.block_diag(*blocks),
+                        torch.block_diag(*inverse_t) if inverse_t is not None else None))
         return out
 
 
 def _carried(state: Mapping[str, torch.Tensor], maps: _Maps, aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
     out = dict(state)
-    for space, matrix in maps.matrices():
-        m = ChannelMap.dense(matrix)
-        for member in space.members:
-            t = out[member.tensor]
-            out[member.tensor] = transport_axis(t, m, space.layout(member))
+    for space, matrix, inverse_t in maps.matrices():
+        out = mapped(out, space, matrix, maps.invertible.get(space.name, frozenset()), inverse_t)
     for scale, logs in zip(maps.scales, maps.scale_params, strict=True):
         out = scaled(out, scale, logs)
     for alias, name in aliases.items():  # tied tensors stay tied
@@ -108,11 +115,14 @@ def _call(model: nn.Module, batch: Any, state: Mapping[str, torch.Tensor] | None
 def learn_maps(target_model: nn.Module, parents: Sequence[nn.Module], states: Sequence[State], target: int,
                plan: AlignmentPlan, dense: frozenset[str], inner: HeadMaps | None, calibration: Any, *,
                weights: Sequence[float], steps: int, lr: float, device: torch.device, progress: bool = True,
-               seed: int = 0, scales: Sequence[ChannelScale] = ()) -> tuple[list[State], list[float]]:
+               seed: int = 0, scales: Sequence[ChannelScale] = (),
+               invertible: Mapping[str, frozenset[str]] | None = None) -> tuple[list[State], list[float]]:
     """Each model's aligned ``states`` carried further by corrections of its maps trained on ``calibration``
     (see the module docstring); returns the carried states and the loss at each step. ``parents``: the models as
     given (their ensemble is the target of the training); ``plan``: the target's plan without folded gains;
-    ``scales``: hidden spaces whose channels also take a learned scale (:mod:`hf_otfusion.scales`)."""
+    ``scales``: hidden spaces whose channels also take a learned scale (:mod:`hf_otfusion.scales`); ``invertible``:
+    head spaces whose heads take any invertible map (:func:`~hf_otfusion.head_maps.find_invertible`), learned as
+    ``exp(B)`` per head instead of an orthogonal block."""
     streams = [plan.space(name) for name in sorted(dense)]
     heads = list(inner.maps) if inner is not None else []
     if not streams and not heads:
@@ -122,7 +132,7 @@ def learn_maps(target_model: nn.Module, parents: Sequence[nn.Module], states: Se
     if not batches:
         raise FusionError("alignment='learned' needs calibration data")
     frozen = [{k: v.detach().to(device) for k, v in s.items()} for s in states]
-    maps = {k: _Maps(streams, heads, scales).to(device) for k in range(len(states)) if k != target}
+    maps = {k: _Maps(streams, heads, scales, invertible).to(device) for k in range(len(states)) if k != target}
     params = [p for m in maps.values() for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)

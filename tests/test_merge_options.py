@@ -62,7 +62,7 @@ def test_orthogonal_maps_from_yaml_are_stated_in_the_card(tmp_path):
     config = tmp_path / "c.yml"
     config.write_text(yaml.safe_dump({
         "models": [{"model": parents[0], "parameters": {"weight": 0.0}}, {"model": parents[1]}],
-        "parameters": {"residual": "orthogonal", "head_maps": "orthogonal", "sweeps": 2},
+        "parameters": {"residual": "orthogonal", "head_maps": "orthogonal", "hidden_maps": "signed", "sweeps": 2},
     }))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["merge", str(config), str(out), "-q"], catch_exceptions=False)
@@ -72,6 +72,8 @@ def test_orthogonal_maps_from_yaml_are_stated_in_the_card(tmp_path):
     assert "model.embed_tokens.weight:1: orthogonal (3 norm gains folded into their readers)" in card
     assert "a rotation per rotary channel pair (half)" in card and "an orthogonal map per head" in card
     assert "| residual stream | any orthogonal map" in card
+    assert "a sign per unit (model.layers.0.mlp.up_proj and model.layers.0.mlp.down_proj)" in card
+    assert "| hidden units | a permutation and a sign per unit" in card
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     other = AutoModelForCausalLM.from_pretrained(parents[1]).eval()
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
