@@ -134,11 +134,12 @@ def main(argv: Sequence[str]) -> None:
         "the values (and the output projection's columns), inside each query/key head a rotation per rotary channel "
         "pair, fitted before every sweep and on the final alignment. `+ refit`: `repair=\"refit\"` (the closed-form "
         "refit on 300 calibration sequences; `stream target`: `repair_parameters={\"target\": \"stream\"}`). "
-        f"`learned`: `alignment=\"learned\"`, `learn_steps={args.learn_steps}` (Adam, lr 0.01, the default): the same "
-        "maps, plus a scale per MLP unit (up row times it, down column divided), then trained on the calibration "
-        "sequences against the parents' ensemble (KL of the next-token "
-        "distributions), every model weight frozen: gradients reach only the stream's and the heads' maps. No "
-        "labels, and no gradient step on any weight. Loss gap closed = (vanilla loss - loss) / (vanilla loss - "
+        "`signed units`: `hidden_maps=\"signed\"`, each MLP unit matched up to the sign of its up row and down column "
+        f"inside weight matching. `learned`: `alignment=\"learned\"`, `learn_steps={args.learn_steps}` (Adam, lr 0.01, "
+        "the default): the same maps (the value heads' maps any invertible map, not only orthogonal), plus a scale per "
+        "MLP unit (up row times it, down column divided), then trained on the calibration sequences against the "
+        "parents' ensemble (KL of the next-token distributions), every model weight frozen: gradients reach only the "
+        "maps. No labels, and no gradient step on any weight. Loss gap closed = (vanilla loss - loss) / (vanilla loss - "
         "ensemble loss), per seed; barrier = loss - the parents' mean loss; perplexity = exp(mean loss).",
         "",
         *table,

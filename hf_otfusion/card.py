@@ -164,8 +164,8 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
         rows.append(("hidden units", "a permutation and a sign per unit where a check on the model allows it (a gated "
                      "MLP's up row and down column), found by weight matching"))
     if options.alignment == "learned":
-        rows.append(("learned maps", f"the maps beyond permutations (and a scale per MLP unit where its activation "
-                     f"allows it) trained for {options.learn_steps} Adam steps "
+        rows.append(("learned maps", f"the maps beyond permutations (any invertible map per value head, and a scale "
+                     f"per MLP unit, where a check on the model allows it) trained for {options.learn_steps} Adam steps "
                      f"(lr {options.learn_lr:g}) on the calibration data against the parents' ensemble (KL of the "
                      "output distributions), every model weight frozen"))
     if options.sweeps:
