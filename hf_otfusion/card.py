@@ -165,9 +165,9 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
                      "MLP's up row and down column), found by weight matching"))
     if options.alignment == "learned":
         rows.append(("learned maps", f"the maps beyond permutations (any invertible map per value head, and a scale "
-                     f"per MLP unit, where a check on the model allows it) trained for {options.learn_steps} Adam steps "
-                     f"(lr {options.learn_lr:g}) on the calibration data against the parents' ensemble (KL of the "
-                     "output distributions), every model weight frozen"))
+                     f"per MLP unit, where a check on the model allows it) trained for {options.learn_steps} Adam "
+                     f"steps (lr {options.learn_lr:g}) on the calibration data against the parents' ensemble (KL of "
+                     "the output distributions), every model weight frozen"))
     if options.sweeps:
         rows.append(("weight matching", f"coordinate descent after the single pass, up to {options.sweeps} sweeps "
                      "(every space re-solved from all its weights, kept if the total weight similarity rises)"))

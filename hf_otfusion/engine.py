@@ -512,6 +512,7 @@ def align_sources(
     seed: int = 0,
     dense: frozenset[str] = frozenset(),
     inner: InnerMaps | None = None,
+    centred: frozenset[str] = frozenset(),
 ) -> list[dict[str, torch.Tensor] | None]:
     """The engine on tensors: align every source to the target's, space by space, handing on finished tensors.
 
@@ -522,7 +523,8 @@ def align_sources(
     engine reads solver, reg, marginals, match_heads, residual and sweeps: see :func:`fuse`); ``sweeps > 0`` (weight
     matching, order drawn from ``seed``) holds every model's moved tensors and the target's at once. ``dense``:
     residual spaces that weight matching solves by orthogonal maps (``residual="orthogonal"``, their norm gains
-    folded and out of the plans: :mod:`hf_otfusion.folding`); they have no coupling. ``inner``: maps beyond
+    folded and out of the plans: :mod:`hf_otfusion.folding`); they have no coupling; those in ``centred`` keep the
+    all-ones vector (read through LayerNorm). ``inner``: maps beyond
     permutations (inside attention heads, a sign per hidden unit) that weight matching fits as it goes
     (:func:`hf_otfusion.matching.weight_matching`).
 
@@ -551,7 +553,7 @@ def align_sources(
                                       "in the target (fuse other widths with sweeps=0)")
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
         given = matched_couplings(sources, plans, target, device, first, sweeps, seed, opts.match_heads, dense,
-                                  inner)
+                                  inner, centred)
     elif dense:
         raise FusionError("orthogonal maps of residual streams are solved by weight matching: set sweeps >= 1")
     walkers = _walk(sources, plans, target, device, costs, given, opts, finished, progress,

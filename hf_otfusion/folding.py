@@ -10,9 +10,10 @@ The folds are found on the exported graph, with no per-architecture rule: a 1-D 
 *gain* when its every use multiplies a value that only linear layers read (``mul(g, x)``, or ``rms_norm``'s weight);
 those layers' input axes are its *readers*. A stream qualifies when every gain on it folds; it is then checked like
 a plan: on a randomised copy of the model, folded, a random orthogonal map of the stream (gains left at one) must
-keep the outputs. A stream that does not qualify keeps permutations, and the reason is reported. LayerNorm does not
-qualify (its centring commutes only with maps that keep the all-ones vector), nor does a gain whose readers are tied
-to another tensor (folding would untie them).
+keep the outputs. A stream that does not qualify keeps permutations, and the reason is reported. Through LayerNorm,
+the stream takes only the orthogonal maps that keep the all-ones vector (its centring commutes with exactly those:
+``mean(Q x) = mean(x)`` when ``Q^T 1 = 1``), its gain folded like RMSNorm's and its bias moving with the stream. A
+gain whose readers are tied to another tensor (folding would untie them) does not fold.
 
 The fused model keeps the target's architecture and state-dict keys: its folded gains are one, its readers hold the
 gains.
@@ -30,8 +31,10 @@ import torch.fx
 from torch import nn
 from torch.export import ExportedProgram
 
+from .errors import FusionError
 from .graph import LAYER_OPS, op_name, tensor_names
 from .log import Recorder, get_logger
+from .matching import keeping_ones
 from .plan import AlignmentPlan, Space
 from .transport import ChannelMap, transport_axis
 from .verify import TOLERANCE, RandomisedCopy, randomised_copy
@@ -44,10 +47,13 @@ _READERS = ("linear", "addmm")
 
 @dataclass(frozen=True)
 class Fold:
-    """A norm gain and the (tensor, input axis) of each linear layer reading the normalised stream."""
+    """A norm gain and the (tensor, input axis) of each linear layer reading the normalised stream; ``centred``: a
+    LayerNorm's, whose stream then takes only the orthogonal maps that keep the all-ones vector."""
 
     gain: str
     readers: tuple[tuple[str, int], ...]
+    centred: bool = False
+    bias: str | None = None  # a LayerNorm's bias, added after the gain: divided by it when the gain is folded
 
 
 @dataclass(frozen=True)
@@ -61,13 +67,19 @@ class Rotatable:
     def spaces(self) -> frozenset[str]:
         return frozenset(self.folds)
 
+    @property
+    def centred(self) -> frozenset[str]:
+        """The streams read through a LayerNorm: their maps keep the all-ones vector (``Q 1 = 1``)."""
+        return frozenset(name for name, folds in self.folds.items() if any(f.centred for f in folds))
+
     def all_folds(self) -> list[Fold]:
         return [f for folds in self.folds.values() for f in folds]
 
     def summary(self) -> list[str]:
         """One line per residual stream: the map it takes, and why."""
-        lines = [f"{name}: orthogonal ({len(folds)} norm gains folded into their readers)"
-                 for name, folds in self.folds.items()]
+        kept = " keeping the all-ones vector (LayerNorm centring)"
+        lines = [f"{name}: orthogonal{kept if name in self.centred else ''} ({len(folds)} norm gains folded into "
+                 "their readers)" for name, folds in self.folds.items()]
         return lines + [f"{name}: permutation only ({why})" for name, why in self.refused.items()]
 
 
@@ -133,19 +145,41 @@ def _readers(value: torch.fx.Node, names: Mapping[str, str]) -> list[tuple[str, 
 
 def _fold_of(gain: str, node: torch.fx.Node, names: Mapping[str, str]) -> Fold | str:
     readers: list[tuple[str, int]] = []
+    centred, bias = False, None
     for use in _uses(node):
         op = op_name(use)
         scales = op == "mul" and len(use.args) == 2 and any(_source(a) is node for a in use.args)
         if scales or (op in ("rms_norm", "_fused_rms_norm") and len(use.args) > 2 and _source(use.args[2]) is node):
             found = _readers(use, names)
-        elif op in ("layer_norm", "native_layer_norm"):
-            return f"{gain!r} is a LayerNorm's, whose centring an orthogonal map does not keep"
+        elif op == "layer_norm" and len(use.args) > 2 and _source(use.args[2]) is node:
+            found, centred = _readers(use, names), True
+            b = _source(use.args[3]) if len(use.args) > 3 else None
+            if isinstance(b, torch.fx.Node):
+                if b.name not in names or (bias is not None and names[b.name] != bias):
+                    return f"{gain!r}: its LayerNorm's bias is not a model tensor"
+                bias = names[b.name]
+        elif op == "native_layer_norm":
+            return f"{gain!r} is a LayerNorm's whose output is read through its statistics too"
         else:
             return f"{gain!r} is used by {op!r}, not as a norm gain read by linear layers"
         if isinstance(found, str):
             return f"{gain!r}: {found}"
         readers += found
-    return Fold(gain, tuple(dict.fromkeys(readers)))
+    return Fold(gain, tuple(dict.fromkeys(readers)), centred, bias)
+
+
+def _only_added(node: torch.fx.Node) -> bool:
+    """Every use of ``node`` adds it to the stream: ``add``/``sub``, a linear layer's bias (a writer's), or a
+    LayerNorm's bias; it moves with the stream like any writer (``Q (z + b) = Q z + Q b``)."""
+    def added(use: torch.fx.Node) -> bool:
+        op = op_name(use)
+        if op in ("add", "sub"):
+            return True
+        at = LAYER_OPS[op].bias if op in _READERS else 3 if op == "layer_norm" else None
+        return (at is not None and len(use.args) > at and _source(use.args[at]) is node
+                and not any(_source(a) is node for i, a in enumerate(use.args) if i != at))
+    uses = _uses(node)
+    return bool(uses) and all(added(u) for u in uses)
 
 
 def find_folds(exported: ExportedProgram, plan: AlignmentPlan) -> Rotatable:
@@ -169,8 +203,7 @@ def find_folds(exported: ExportedProgram, plan: AlignmentPlan) -> Rotatable:
                 break
             if len(plan.tensors[m.tensor]) != 1 or m.tensor not in nodes:
                 continue
-            uses = {op_name(u) for u in _uses(nodes[m.tensor])}
-            if uses <= {"add", "sub"}:  # an additive vector: moves with the stream like any writer
+            if _only_added(nodes[m.tensor]):  # moves with the stream like a writer
                 continue
             fold = _fold_of(m.tensor, nodes[m.tensor], names)
             if isinstance(fold, str):
@@ -192,10 +225,17 @@ def find_folds(exported: ExportedProgram, plan: AlignmentPlan) -> Rotatable:
 
 def fold_state(state: Mapping[str, torch.Tensor], folds: Sequence[Fold]) -> dict[str, torch.Tensor]:
     """``state`` with each gain multiplied into its readers' input axes (in float64, stored in their dtypes) and set
-    to one; the function is unchanged."""
+    to one (a LayerNorm's bias divided by it); the function is unchanged. A gain with a zero entry next to a bias
+    does not fold (:class:`FusionError`)."""
     out = dict(state)
     for fold in folds:
         gain = state[fold.gain].double()
+        if fold.bias is not None:
+            if bool((gain == 0).any()):
+                raise FusionError(f"residual='orthogonal': the LayerNorm gain {fold.gain!r} has a zero entry, so its "
+                                  "bias cannot be divided by it (use residual='shared')")
+            b = state[fold.bias]
+            out[fold.bias] = (b.double() / gain.to(b.device)).to(b.dtype)
         for reader, axis in fold.readers:
             w = out[reader]
             shape = [1] * w.dim()
@@ -213,8 +253,12 @@ def without_gains(plan: AlignmentPlan, rotatable: Rotatable) -> AlignmentPlan:
     return plan.model_copy(update={"spaces": spaces})
 
 
-def random_orthogonal(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A random orthogonal (n, n) matrix (Haar: QR of a Gaussian with the signs of R's diagonal fixed)."""
+def random_orthogonal(n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64,
+                      centred: bool = False) -> torch.Tensor:
+    """A random orthogonal (n, n) matrix (Haar: QR of a Gaussian with the signs of R's diagonal fixed); ``centred``:
+    one that keeps the all-ones vector (Haar on its orthogonal complement)."""
+    if centred:
+        return keeping_ones(random_orthogonal(n - 1, gen)).to(dtype)
     q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))[None, :]).to(dtype)
 
@@ -258,7 +302,8 @@ def rotatable(model: nn.Module, plan: AlignmentPlan, exported: ExportedProgram, 
         return Rotatable({}, {**refused, **{n: why for n in found.folds}})
     for name, space_folds in found.folds.items():
         space = reduced.space(name)
-        moved = rotate(folded, space, random_orthogonal(space.size, gen), plan.aliases)
+        moved = rotate(folded, space, random_orthogonal(space.size, gen, centred=name in found.centred),
+                       plan.aliases)
         change = copy_.change_of(moved)
         if change > tol:
             refused[name] = f"a random orthogonal map of it (norm gains folded) changes the outputs by {change:.1e}"

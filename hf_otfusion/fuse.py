@@ -353,6 +353,7 @@ def fuse(
 
     states = [m.state_dict() for m in models]
     dense: frozenset[str] = frozenset()
+    centred: frozenset[str] = frozenset()  # streams read through LayerNorm: maps keep the all-ones vector
     checker = None  # one randomised copy of the target checks every kind of map beyond permutations
     if opts.residual == "orthogonal" or opts.head_maps == "orthogonal" or opts.hidden_maps == "signed":
         if example_input is None:
@@ -365,7 +366,7 @@ def fuse(
             rot = rotatable(target_model, plan_t, ep_t or export_model(target_model, example_input), example_input,
                             checker=checker)
         report_rotatable(rot)
-        dense = rot.spaces
+        dense, centred = rot.spaces, rot.centred
         if dense:
             states = [fold_state(s, rot.all_folds()) for s in states]
             plan_t, plans = without_gains(plan_t, rot), [without_gains(p, rot) for p in plans]
@@ -415,7 +416,7 @@ def fuse(
     sources = [StateSource(s) for s in states]
     couplings = align_sources(sources, plans, average, target=target, costs=costs, options=opts, device=dev,
                               progress=progress, couplings="couplings" in repair.needs and aligned is None,
-                              dense=dense, inner=fitted)
+                              dense=dense, inner=fitted, centred=centred)
     if pending and fitted is not None:
         per_model = [{name: values[k] for name, values in pending.items()} for k in range(len(models))]
         with timed("inner maps"):
@@ -432,7 +433,7 @@ def fuse(
             invertible = find_invertible(inner, checker) if inner is not None and checker is not None else {}
             aligned, _ = learn_maps(target_model, models, aligned, target, plan_t, dense, inner, calibration,
                                     weights=w, steps=opts.learn_steps, lr=opts.learn_lr, device=dev, progress=progress,
-                                    scales=scales, invertible=invertible)
+                                    scales=scales, invertible=invertible, centred=centred)
         fused = {name: average_tensor([s[name] for s in aligned], w, value)
                  for name, value in aligned[target].items() if name not in plan_t.aliases}
     for alias, name in plan_t.aliases.items():

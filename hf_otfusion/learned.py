@@ -5,7 +5,8 @@ After the weights alignment (permutations, the orthogonal stream maps of ``resid
 heads of ``head_maps="orthogonal"``), each other model's continuous maps get a trainable correction in their own
 symmetry class, so that every carried model keeps its function at every step:
 
-- a stream that takes orthogonal maps: ``exp(A - A^T)`` (an orthogonal ``n x n`` map, identity at the start);
+- a stream that takes orthogonal maps: ``exp(A - A^T)`` (an orthogonal ``n x n`` map, identity at the start; through
+  LayerNorm, ``A`` projected on the complement of the all-ones vector first, so that the map keeps it);
 - a head space that takes an orthogonal map per head: ``exp(B_h - B_h^T)`` per head (one for every head of a shared
   space); where the heads take any invertible map (values and the output projection), ``exp(B_h)`` on the values and
   its inverse transpose ``exp(-B_h^T)`` on the layer reading them;
@@ -49,10 +50,11 @@ class _Maps(nn.Module):
     """One model's trainable corrections: a matrix per space, identity at the start."""
 
     def __init__(self, streams: Sequence[Space], heads: Sequence[HeadMap], scales: Sequence[ChannelScale] = (),
-                 invertible: Mapping[str, frozenset[str]] | None = None):
+                 invertible: Mapping[str, frozenset[str]] | None = None, centred: frozenset[str] = frozenset()):
         super().__init__()
         self.streams, self.heads, self.scales = list(streams), list(heads), list(scales)
         self.invertible = dict(invertible or {})
+        self.centring = {s.name: torch.eye(s.size) - 1.0 / s.size for s in self.streams if s.name in centred}
         self.scale_params = nn.ParameterList([nn.Parameter(torch.zeros(c.space.size)) for c in scales])
         self.stream_params = nn.ParameterList([nn.Parameter(torch.zeros(s.size, s.size)) for s in streams])
         self.head_params = nn.ParameterList()
@@ -64,8 +66,12 @@ class _Maps(nn.Module):
 
     def matrices(self) -> list[tuple[Space, torch.Tensor, torch.Tensor | None]]:
         """Each space's map, and the inverse transpose its reading layers take (None: orthogonal, the same map)."""
-        out: list[tuple[Space, torch.Tensor, torch.Tensor | None]] = [
-            (s, _skew_exp(a), None) for s, a in zip(self.streams, self.stream_params, strict=True)]
+        out: list[tuple[Space, torch.Tensor, torch.Tensor | None]] = []
+        for s, a in zip(self.streams, self.stream_params, strict=True):
+            if s.name in self.centring:  # a stream read through LayerNorm: exp(P K P) keeps the all-ones vector
+                p = self.centring[s.name].to(a)
+                a = p @ a @ p
+            out.append((s, _skew_exp(a), None))
         for hm, p in zip(self.heads, self.head_params, strict=True):
             inverse_t = None
             if hm.space.name in self.invertible:  # exp(B), whose inverse transpose is exp(-B^T)
@@ -116,7 +122,8 @@ def learn_maps(target_model: nn.Module, parents: Sequence[nn.Module], states: Se
                plan: AlignmentPlan, dense: frozenset[str], inner: HeadMaps | None, calibration: Any, *,
                weights: Sequence[float], steps: int, lr: float, device: torch.device, progress: bool = True,
                seed: int = 0, scales: Sequence[ChannelScale] = (),
-               invertible: Mapping[str, frozenset[str]] | None = None) -> tuple[list[State], list[float]]:
+               invertible: Mapping[str, frozenset[str]] | None = None, centred: frozenset[str] = frozenset(),
+               ) -> tuple[list[State], list[float]]:
     """Each model's aligned ``states`` carried further by corrections of its maps trained on ``calibration``
     (see the module docstring); returns the carried states and the loss at each step. ``parents``: the models as
     given (their ensemble is the target of the training); ``plan``: the target's plan without folded gains;
@@ -132,7 +139,7 @@ def learn_maps(target_model: nn.Module, parents: Sequence[nn.Module], states: Se
     if not batches:
         raise FusionError("alignment='learned' needs calibration data")
     frozen = [{k: v.detach().to(device) for k, v in s.items()} for s in states]
-    maps = {k: _Maps(streams, heads, scales, invertible).to(device) for k in range(len(states)) if k != target}
+    maps = {k: _Maps(streams, heads, scales, invertible, centred).to(device) for k in range(len(states)) if k != target}
     params = [p for m in maps.values() for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)

@@ -186,16 +186,35 @@ def _similarity(state: State, target_state: State, space: Space, untiled: Abstra
     return values if values is not None else channel_similarity(state, target_state, space, untiled)
 
 
-def procrustes(similarity: torch.Tensor) -> torch.Tensor:
+def procrustes(similarity: torch.Tensor, keep_ones: bool = False) -> torch.Tensor:
     """The orthogonal ``M`` maximising ``trace(M S)`` for ``S = similarity`` (target channel ``j`` <- sum_i
-    ``M[j, i]`` channel ``i``)."""
+    ``M[j, i]`` channel ``i``); ``keep_ones``: among the maps with ``M 1 = 1`` (a stream read through LayerNorm),
+    ``M = 11^T / n + H R H^T`` with ``R`` the Procrustes map of ``H^T S H`` on the complement ``H`` of the ones."""
+    if keep_ones:
+        h = complement_of_ones(similarity.shape[0]).to(similarity.device)
+        return keeping_ones(procrustes(h.T @ similarity.double() @ h))
     u, _, vh = torch.linalg.svd(similarity.double())
     return vh.T @ u.T
 
 
+def complement_of_ones(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(n, n - 1): an orthonormal basis of the vectors whose entries sum to zero."""
+    basis = torch.cat([torch.ones(n, 1, dtype=torch.float64), torch.eye(n, dtype=torch.float64)[:, : n - 1]], 1)
+    return torch.linalg.qr(basis)[0][:, 1:].to(dtype)
+
+
+def keeping_ones(inner: torch.Tensor) -> torch.Tensor:
+    """The (n, n) orthogonal map that keeps the all-ones vector and acts as the (n - 1, n - 1) ``inner`` on the
+    complement (:func:`complement_of_ones`)."""
+    n = inner.shape[0] + 1
+    h = complement_of_ones(n, inner.dtype).to(inner.device)
+    return torch.full((n, n), 1.0 / n, dtype=inner.dtype, device=inner.device) + h @ inner @ h.T
+
+
 def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool,
                 dense: AbstractSet[str] = frozenset(),
-                values: Sequence[torch.Tensor | None] = ()) -> list[torch.Tensor]:
+                values: Sequence[torch.Tensor | None] = (), centred: AbstractSet[str] = frozenset(),
+                ) -> list[torch.Tensor]:
     """Each space's relative assignment (target channel j <- channel q[j]) maximising the summed similarity; for a
     space in ``dense``, its orthogonal map (a matrix). ``values``: per space, None or its own (heads, heads) matrix of
     head-to-head values (this state's head, the target's) to match heads by, in place of the best permutation
@@ -203,7 +222,7 @@ def _solve_unit(sims: list[torch.Tensor], spaces: list[Space], heads: bool,
     space = spaces[0]
     n_heads = space.heads
     if space.name in dense:
-        return [procrustes(sims[0])]
+        return [procrustes(sims[0], keep_ones=space.name in centred)]
     if n_heads == 1:
         s = sims[0]
         t = solve(-s, marginal(space.size, device=s.device), marginal(space.size, device=s.device))
@@ -256,6 +275,7 @@ def weight_matching(
     heads: bool = True,
     dense: AbstractSet[str] = frozenset(),
     inner: InnerMaps | None = None,
+    centred: AbstractSet[str] = frozenset(),
 ) -> tuple[State, MatchingResult]:
     """Coordinate descent on the permutations of every space, starting from ``state`` as it is.
 
@@ -263,7 +283,8 @@ def weight_matching(
     descent starts there); ``plan`` is the target's. Returns the permuted state (tensors not in any space are
     the input's) and the :class:`MatchingResult`. ``sweeps``: at most that many passes over every coordinate,
     in an order drawn from ``seed`` for each pass; stops early after a pass that changes nothing. ``dense``: residual
-    spaces solved by orthogonal Procrustes (their norm gains folded and out of the plan), in ``result.dense``.
+    spaces solved by orthogonal Procrustes (their norm gains folded and out of the plan), in ``result.dense``;
+    those in ``centred`` (read through LayerNorm) by the maps that keep the all-ones vector.
     ``inner``: maps outside the plan's spaces that keep the function (inside attention heads:
     :mod:`hf_otfusion.head_maps`), fitted again before each sweep so that the other coordinates are solved with them
     in place, and whose head-to-head values match the heads of the spaces that take them; they are not in the result
@@ -293,7 +314,7 @@ def weight_matching(
             spaces = units[u]
             sims = [_similarity(cur, tgt, sp, frozenset() if sp.queries else query_axes, inner) for sp in spaces]
             values = [inner.head_values(cur, tgt, sp) for sp in spaces] if inner is not None else []
-            qs = [q.cpu() for q in _solve_unit(sims, spaces, heads, dense, values)]
+            qs = [q.cpu() for q in _solve_unit(sims, spaces, heads, dense, values, centred)]
             if all(_identity(q) for q in qs):
                 continue
             names = list(dict.fromkeys(m.tensor for sp in spaces for m in sp.members))
@@ -345,7 +366,7 @@ def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", m
 def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
                       device: torch.device, walkers: Sequence[Walker | None], sweeps: int, seed: int,
                       heads: bool, dense: AbstractSet[str] = frozenset(), inner: InnerMaps | None = None,
-                      ) -> list[dict[str, torch.Tensor | ChannelMap]]:
+                      centred: AbstractSet[str] = frozenset()) -> list[dict[str, torch.Tensor | ChannelMap]]:
     """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
     target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk; the spaces in ``dense``
     as their orthogonal maps (a :class:`ChannelMap`, no coupling)."""
@@ -368,7 +389,7 @@ def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[Alignment
         state = {name: aligner.release(name) for name in names}
         with timed("matching"):
             _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads,
-                                        dense=dense, inner=inner)
+                                        dense=dense, inner=inner, centred=centred)
         record(result)
         for space in target_plan.spaces:
             n = space.size

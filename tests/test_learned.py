@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_folding import X, llama, logits, relative, traced
+from test_folding import X, gpt2, llama, logits, relative, traced
 
 from hf_otfusion import FusionError, fuse
 from hf_otfusion.folding import fold_state, rotatable, without_gains
-from hf_otfusion.head_maps import find_head_maps
+from hf_otfusion.head_maps import find_head_maps, find_invertible
 from hf_otfusion.learned import learn_maps
+from hf_otfusion.verify import randomised_copy
 
 CALIBRATION = [torch.randint(0, 64, (8, 10), generator=torch.Generator().manual_seed(s)) for s in range(3)]
 
 
-def test_learned_maps_lower_the_kl_and_keep_every_carried_function():
-    a, b = llama(0, layers=1), llama(1, layers=1)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_learned_maps_lower_the_kl_and_keep_every_carried_function(family):
+    a, b = (llama(0, layers=1), llama(1, layers=1)) if family == "llama" else (gpt2(0, False), gpt2(1, False))
     ep, plan = traced(a)
     rot = rotatable(a, plan, ep, X)
     inner = find_head_maps(a, plan, X)
+    invertible = find_invertible(inner, randomised_copy(a, plan, X))
+    assert len(invertible) == (1 if family == "llama" else 2)  # per layer: values (queries and keys do not)
+    assert rot.centred == (rot.spaces if family == "gpt2" else frozenset())
     states = [fold_state(m.state_dict(), rot.all_folds()) for m in (a, b)]
     out, losses = learn_maps(a, [a, b], states, 0, without_gains(plan, rot), rot.spaces, inner, CALIBRATION,
-                             weights=[0.5, 0.5], steps=25, lr=0.02, device=torch.device("cpu"), progress=False)
+                             weights=[0.5, 0.5], steps=25, lr=0.02, device=torch.device("cpu"), progress=False,
+                             invertible=invertible, centred=rot.centred)
     assert losses[-1] < 0.8 * losses[0]
     moved = max(float((out[1][k] - states[1][k]).abs().max()) for k in states[1])
     assert moved > 1e-3  # the maps did move b's weights
