@@ -139,8 +139,8 @@ def main(argv: Sequence[str]) -> None:
         "the default): the same maps (the value heads' maps any invertible map, not only orthogonal), plus a scale per "
         "MLP unit (up row times it, down column divided), then trained on the calibration sequences against the "
         "parents' ensemble (KL of the next-token distributions), every model weight frozen: gradients reach only the "
-        "maps. No labels, and no gradient step on any weight. Loss gap closed = (vanilla loss - loss) / (vanilla loss - "
-        "ensemble loss), per seed; barrier = loss - the parents' mean loss; perplexity = exp(mean loss).",
+        "maps. No labels, and no gradient step on any weight. Loss gap closed = (vanilla loss - loss) / (vanilla "
+        "loss - ensemble loss), per seed; barrier = loss - the parents' mean loss; perplexity = exp(mean loss).",
         "",
         *table,
         "",
