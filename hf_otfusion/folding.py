@@ -175,7 +175,7 @@ def _only_added(node: torch.fx.Node) -> bool:
         op = op_name(use)
         if op in ("add", "sub"):
             return True
-        at = LAYER_OPS[op].bias if op in _READERS else 3 if op == "layer_norm" else None
+        at = LAYER_OPS[op].bias if op in LAYER_OPS else 3 if op == "layer_norm" else None
         return (at is not None and len(use.args) > at and _source(use.args[at]) is node
                 and not any(_source(a) is node for i, a in enumerate(use.args) if i != at))
     uses = _uses(node)
