@@ -184,3 +184,23 @@ def test_orthogonal_residual_options_are_checked():
         fuse_checkpoints(["x", "y"], "out", residual="orthogonal", sweeps=2)
     with pytest.raises(FusionError, match="in memory"):
         fuse_checkpoints(["x", "y"], "out", head_maps="orthogonal")
+
+
+def test_a_timm_vit_stream_through_layernorm_takes_maps_that_keep_the_ones():
+    import timm
+
+    def vit(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                  embed_dim=32, num_heads=2, num_classes=5).double().eval()
+        randomise_state(model, None, seed)
+        return model
+
+    a, b = vit(0), vit(1)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ep = export_model(a, x)
+    found = rotatable(a, build_plan(a, x, exported=ep), ep, x)
+    assert found.centred == found.spaces == {"patch_embed.proj.weight:0"}  # the conv's bias moves with the stream
+    fused = fuse([a, b], residual="orthogonal", head_maps="orthogonal", sweeps=2, weights=[0, 1], example_input=x,
+                 progress=False)
+    assert relative(fused(x), b(x)) < 1e-8
