@@ -231,8 +231,9 @@ def render_card(
             folder; see ``hf_otfusion.sources.ModelInfo.commit``); without them the commit column says
             "not recorded".
         plan: the target's alignment plan; its hidden channels left fixed (``plan.fixed``) are listed.
-        maps: with ``residual`` or ``head_maps`` ``"orthogonal"``: one line per space, the map it took (or why it
-            kept permutations), as ``hf_otfusion.folding`` and ``hf_otfusion.head_maps`` report them.
+        maps: with ``residual`` or ``head_maps`` ``"orthogonal"`` or ``hidden_maps="signed"``: one line per space,
+            the map it took (or why it kept permutations), as ``hf_otfusion.folding``, ``hf_otfusion.head_maps`` and
+            ``hf_otfusion.signs`` report them.
 
     Returns:
         A ``huggingface_hub.ModelCard``; ``card.save(folder / "README.md")`` writes it, ``card.push_to_hub`` pushes it.
