@@ -285,9 +285,10 @@ def weight_matching(
     in an order drawn from ``seed`` for each pass; stops early after a pass that changes nothing. ``dense``: residual
     spaces solved by orthogonal Procrustes (their norm gains folded and out of the plan), in ``result.dense``;
     those in ``centred`` (read through LayerNorm) by the maps that keep the all-ones vector.
-    ``inner``: maps outside the plan's spaces that keep the function (inside attention heads:
-    :mod:`hf_otfusion.head_maps`), fitted again before each sweep so that the other coordinates are solved with them
-    in place, and whose head-to-head values match the heads of the spaces that take them; they are not in the result
+    ``inner``: maps beyond the plan's permutations that keep the function (inside attention heads:
+    :mod:`hf_otfusion.head_maps`; signs of hidden units: :mod:`hf_otfusion.signs`), fitted again before each sweep
+    and after each new permutation of a space that takes them (so that every step is judged with them in place),
+    whose head-to-head (or channel-to-channel) values match the heads (channels) of the spaces that take them; they are not in the result
     (whoever passed them fits them again on the final alignment).
     """
     if sweeps < 0:
