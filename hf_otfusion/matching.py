@@ -288,8 +288,8 @@ def weight_matching(
     ``inner``: maps beyond the plan's permutations that keep the function (inside attention heads:
     :mod:`hf_otfusion.head_maps`; signs of hidden units: :mod:`hf_otfusion.signs`), fitted again before each sweep
     and after each new permutation of a space that takes them (so that every step is judged with them in place),
-    whose head-to-head (or channel-to-channel) values match the heads (channels) of the spaces that take them; they are not in the result
-    (whoever passed them fits them again on the final alignment).
+    whose head-to-head (or channel-to-channel) values match the heads (channels) of the spaces that take them;
+    they are not in the result (whoever passed them fits them again on the final alignment).
     """
     if sweeps < 0:
         raise FusionError(f"sweeps must be >= 0, got {sweeps}")
