@@ -117,7 +117,9 @@ def test_plan_command_says_which_spaces_take_orthogonal_maps(tmp_path):
     lines = result.output.split("maps other than permutations")[1].splitlines()[1:]
     assert lines == ["  - model.embed_tokens.weight:1: orthogonal (3 norm gains folded into their readers)",
                      "  - model.layers.0.self_attn.q_proj.weight:0: a rotation per rotary channel pair (half)",
-                     "  - model.layers.0.self_attn.v_proj.weight:0: an orthogonal map per head"]
+                     "  - model.layers.0.self_attn.v_proj.weight:0: an orthogonal map per head",
+                     "  - model.layers.0.mlp.gate_proj.weight:0: a sign per unit (model.layers.0.mlp.up_proj and "
+                     "model.layers.0.mlp.down_proj)"]
 
 
 def _bad_config(tmp_path, pair):
