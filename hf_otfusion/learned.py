@@ -8,8 +8,8 @@ symmetry class, so that every carried model keeps its function at every step:
 - a stream that takes orthogonal maps: ``exp(A - A^T)`` (an orthogonal ``n x n`` map, identity at the start; through
   LayerNorm, ``A`` projected on the complement of the all-ones vector first, so that the map keeps it);
 - a head space that takes an orthogonal map per head: ``exp(B_h - B_h^T)`` per head (one for every head of a shared
-  space); where the heads take any invertible map (values and the output projection), ``exp(B_h)`` on the values and
-  its inverse transpose ``exp(-B_h^T)`` on the layer reading them;
+  space); where a check shows that the heads take any invertible map (values and the output projection),
+  ``exp(B_h)`` on one of the two layers and its inverse transpose ``exp(-B_h^T)`` on the other;
 - a rotary head space: an angle per head and channel pair;
 - a hidden space whose channels take a scale (an MLP's units: :mod:`hf_otfusion.scales`): ``exp(s)`` per channel.
 
@@ -65,7 +65,7 @@ class _Maps(nn.Module):
             self.head_params.append(nn.Parameter(torch.zeros(shape)))
 
     def matrices(self) -> list[tuple[Space, torch.Tensor, torch.Tensor | None]]:
-        """Each space's map, and the inverse transpose its reading layers take (None: orthogonal, the same map)."""
+        """Each space's map, and the inverse transpose that its layers in ``invertible`` take (None: the same map)."""
         out: list[tuple[Space, torch.Tensor, torch.Tensor | None]] = []
         for s, a in zip(self.streams, self.stream_params, strict=True):
             if s.name in self.centring:  # a stream read through LayerNorm: exp(P K P) keeps the all-ones vector
