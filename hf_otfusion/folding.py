@@ -263,15 +263,28 @@ def random_orthogonal(n: int, gen: torch.Generator, dtype: torch.dtype = torch.f
     return (q * torch.sign(torch.diagonal(r))[None, :]).to(dtype)
 
 
+def mapped(state: Mapping[str, torch.Tensor], space: Space, matrix: torch.Tensor,
+           transposed: frozenset[str] = frozenset(), inverse_t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``state`` with ``space``'s channels mapped by ``matrix`` on every member, except the members whose tensors are
+    in ``transposed``, which take ``inverse_t`` (the inverse transpose of ``matrix``: for an invertible map, one of
+    the two layers around the channels undoes what the other does); differentiable."""
+    out = dict(state)
+    make = ChannelMap.dense if matrix.requires_grad else ChannelMap  # a gather or sparse product where one is exact
+    m_map = make(matrix)
+    r_map = make(inverse_t) if inverse_t is not None else m_map
+    for m in space.members:
+        out[m.tensor] = transport_axis(out[m.tensor], r_map if m.tensor in transposed else m_map, space.layout(m))
+    return out
+
+
 def rotate(state: Mapping[str, torch.Tensor], space: Space, matrix: torch.Tensor,
            aliases: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
     """``state`` with ``space``'s channels mapped by ``matrix`` (new channel ``j`` = sum_i ``matrix[j, i]`` old
-    channel ``i``) on every member axis; tied tensors follow the tensor they share."""
-    out = dict(state)
-    m_map = ChannelMap(matrix)
+    channel ``i``) on every member axis (:func:`mapped`), in each tensor's dtype; tied tensors follow the tensor they
+    share."""
+    out = mapped(state, space, matrix)
     for m in space.members:
-        t = out[m.tensor]
-        out[m.tensor] = transport_axis(t, m_map, space.layout(m)).to(t.dtype)
+        out[m.tensor] = out[m.tensor].to(state[m.tensor].dtype)
     for alias, name in (aliases or {}).items():
         out[alias] = out[name]
     return out

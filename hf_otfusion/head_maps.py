@@ -29,12 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .folding import random_orthogonal, rotate
+from .folding import mapped, random_orthogonal, rotate
 from .log import Recorder, get_logger
 from .matching import channel_similarity, procrustes
 from .plan import AlignmentPlan, Space
 from .scales import unit_of
-from .transport import ChannelMap, transport_axis
 from .verify import TOLERANCE, RandomisedCopy, randomised_copy
 
 log = get_logger(__name__)
@@ -177,19 +176,6 @@ def find_head_maps(model: nn.Module, plan: AlignmentPlan, example_input: Any, *,
         else:
             refused[name] = "a random map inside its heads changes the outputs (" + ", ".join(changes) + ")"
     return HeadMaps(tuple(maps), refused)
-
-
-def mapped(state: Mapping[str, torch.Tensor], space: Space, matrix: torch.Tensor,
-           transposed: frozenset[str] = frozenset(), inverse_t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """``state`` with ``space``'s channels mapped by ``matrix`` on every member, except the members whose tensors are
-    in ``transposed``, which take ``inverse_t`` (the inverse transpose of ``matrix``: for an invertible map, one of
-    the two layers around the channels undoes what the other does); differentiable."""
-    out = dict(state)
-    m_map = ChannelMap.dense(matrix)
-    r_map = ChannelMap.dense(inverse_t) if inverse_t is not None else m_map
-    for m in space.members:
-        out[m.tensor] = transport_axis(out[m.tensor], r_map if m.tensor in transposed else m_map, space.layout(m))
-    return out
 
 
 def find_invertible(maps: HeadMaps, checker: RandomisedCopy | str, seed: int = 0) -> dict[str, frozenset[str]]:

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from .activations import iter_batches
 from .errors import FusionError
 from .evaluate import logits_of
-from .head_maps import HeadMap, HeadMaps, mapped, rotations
+from .folding import mapped
+from .head_maps import HeadMap, HeadMaps, rotations
 from .log import get_logger
 from .plan import AlignmentPlan, Space
 from .scales import ChannelScale, scaled

@@ -78,7 +78,8 @@ def test_gpt2_heads_take_any_orthogonal_map_inside_queries_keys_and_values():
 
 
 def test_value_heads_take_any_invertible_map_with_its_inverse_transpose_on_the_output_projection():
-    from hf_otfusion.head_maps import find_invertible, mapped
+    from hf_otfusion.folding import mapped
+    from hf_otfusion.head_maps import find_invertible
     from hf_otfusion.verify import randomised_copy
 
     model = llama(0)
