@@ -12,8 +12,9 @@ those layers' input axes are its *readers*. A stream qualifies when every gain o
 a plan: on a randomised copy of the model, folded, a random orthogonal map of the stream (gains left at one) must
 keep the outputs. A stream that does not qualify keeps permutations, and the reason is reported. Through LayerNorm,
 the stream takes only the orthogonal maps that keep the all-ones vector (its centring commutes with exactly those:
-``mean(Q x) = mean(x)`` when ``Q^T 1 = 1``), its gain folded like RMSNorm's and its bias moving with the stream. A
-gain whose readers are tied to another tensor (folding would untie them) does not fold.
+``mean(Q x) = mean(x)`` when ``Q^T 1 = 1``), its gain folded like RMSNorm's (its bias divided by the gain) and its
+bias moving with the stream. A gain whose readers are tied to another tensor (folding would untie them) does not
+fold.
 
 The fused model keeps the target's architecture and state-dict keys: its folded gains are one, its readers hold the
 gains.
