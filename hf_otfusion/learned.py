@@ -158,7 +158,7 @@ def learn_maps(target_model: nn.Module, parents: Sequence[nn.Module], states: Se
         w = (jitter / jitter.sum()).tolist()
         carried = [frozen[k] if k == target else _carried(frozen[k], maps[k], plan.aliases) for k in range(len(states))]
         fused = {name: sum(w[k] * carried[k][name] for k in range(len(states))) if value.is_floating_point()
-                 else value for name, value in frozen[target].items()}
+                 else value for name, value in frozen[target].items() if name not in plan.aliases}  # tied: one key
         loss = _kl(probs, _call(work, batch, fused), batch)
         opt.zero_grad()
         loss.backward()

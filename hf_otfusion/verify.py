@@ -241,7 +241,12 @@ class RandomisedCopy:
         return self.change_of(state)
 
     def change_of(self, state: Mapping[str, torch.Tensor]) -> float:
-        """The relative output change with the tensors in ``state`` in place of the copy's (:attr:`base`)."""
+        """The relative output change with the tensors in ``state`` in place of the copy's (:attr:`base`); a tied
+        tensor follows the one it shares."""
+        state = dict(state)
+        for alias, name in self.plan.aliases.items():
+            if name in state:
+                state[alias] = state[name]
         self.work.train(True).train(False)  # modules that cache what they derive from weights drop it
         return _change(self.ref, self._outputs(state))
 

@@ -64,3 +64,12 @@ def test_mlp_units_take_a_scale_in_up_and_its_inverse_in_down():
     assert relative(logits(model, scaled(model.state_dict(), found[0], logs)), logits(model)) < 1e-6
     gate = ChannelScale(found[0].space, tuple(m for m in found[0].space.members if "gate" in m.tensor), found[0].down)
     assert relative(logits(model, scaled(model.state_dict(), gate, logs)), logits(model)) > 1e-2  # silu is not linear
+
+
+def test_learned_on_a_tied_lm_head_computes_the_other_model():
+    from test_folding import gpt2
+
+    a, b = gpt2(0, tied=True), gpt2(1, tied=True)  # the LM head is the token embedding: one key to call with
+    fused = fuse([a, b], alignment="learned", residual="orthogonal", head_maps="orthogonal", sweeps=2, learn_steps=3,
+                 weights=[0, 1], calibration=CALIBRATION, example_input=X, progress=False)
+    assert relative(logits(fused), logits(b)) < 1e-5
