@@ -200,10 +200,12 @@ def find_invertible(maps: HeadMaps, checker: RandomisedCopy | str, seed: int = 0
         units: dict[str, set[str]] = {}
         for m in space.members:
             units.setdefault(unit_of(m.tensor), set()).add(m.tensor)
+        if len(units) < 2:  # one layer holds every member: nothing to undo the map
+            continue
         for tensors in units.values():
             transposed = frozenset(tensors)
             state = mapped(checker.base, space, matrix.to(checker.dtype), transposed, inverse_t.to(checker.dtype))
-            if len(units) > 1 and checker.change_of(state) <= tol:
+            if checker.change_of(state) <= tol:
                 found[space.name] = transposed
                 break
     return found
