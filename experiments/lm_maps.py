@@ -8,11 +8,17 @@ Writes docs/results/lm_maps.md (or lm_maps-<model>.md):
 
     python -m experiments lm-maps --cache /tmp/tx/cache --threads 1
     python -m experiments lm-maps --tiny --seeds 1 --out /tmp/m   # a smoke run
+
+Every run also writes its per-seed values to lm_maps[-<model>].json beside the table (after every row, so an
+interrupted run keeps what it measured). ``--seed-from K`` starts at the K-th seed (parents 100 K and 100 K + 1), and
+``--merge FILE`` adds the per-seed values of an earlier run's JSON to this run's table: a third seed can be run alone
+and reported with the first two.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import statistics
@@ -68,25 +74,47 @@ def main(argv: Sequence[str]) -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     own.add_argument("--rows", nargs="+", metavar="TEXT", help="only the fused rows whose names contain one of these")
+    own.add_argument("--skip", nargs="+", default=[], metavar="TEXT", help="leave out the rows whose names contain one")
     own.add_argument("--learn-steps", type=int, default=LEARN_STEPS, help="steps of the learned rows")
+    own.add_argument("--seed-from", type=int, default=0, help="the first seed (parents 100 K and 100 K + 1)")
+    own.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
+                     help="earlier runs' per-seed values (their lm_maps*.json) to report with this run's")
     args = tx.lm_options(own, argv)
     rows_run = {name.replace(str(LEARN_STEPS), str(args.learn_steps)): {**kw, **({"learn_steps": args.learn_steps}
                                                                              if "learn_steps" in kw else {})}
-                for name, kw in ROWS.items() if not args.rows or any(t in name for t in args.rows)}
+                for name, kw in ROWS.items() if (not args.rows or any(t in name for t in args.rows))
+                and not any(t in name for t in args.skip)}
     ctx = context(args)
     s, tag = tx.lm_of(args)
     model_name = getattr(args, "lm_model", "llama64")
     started = time.perf_counter()
     rows: dict[str, dict[str, list[float]]] = {}
+    seeds_run: list[int] = []
+    for earlier in args.merge:
+        record = json.loads(earlier.read_text(encoding="utf-8"))
+        if record["model"] != model_name:
+            raise SystemExit(f"--merge {earlier}: its model is {record['model']}, this run's is {model_name}")
+        seeds_run += record["seeds"]
+        for name, values in record["rows"].items():
+            for key, v in values.items():
+                rows.setdefault(name, {"loss": [], "gap": [], "barrier": [], "seconds": []})[key] += v
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "lm_maps" if model_name == "llama64" else f"lm_maps-{model_name}"
+    own_rows: dict[str, dict[str, list[float]]] = {}
 
     def add(name: str, loss: float, seconds: float, vanilla: float, ens: float, parents: float) -> None:
-        r = rows.setdefault(name, {"loss": [], "gap": [], "barrier": [], "seconds": []})
-        r["loss"].append(loss)
-        r["gap"].append((vanilla - loss) / (vanilla - ens))
-        r["barrier"].append(loss - parents)
-        r["seconds"].append(seconds)
+        for table in (rows, own_rows):
+            r = table.setdefault(name, {"loss": [], "gap": [], "barrier": [], "seconds": []})
+            r["loss"].append(loss)
+            r["gap"].append((vanilla - loss) / (vanilla - ens))
+            r["barrier"].append(loss - parents)
+            r["seconds"].append(seconds)
+        raw = {"model": model_name, "argv": list(argv), "seeds": own_seeds, "rows": own_rows}
+        (args.out / f"{stem}.json").write_text(json.dumps(raw, indent=1) + "\n", encoding="utf-8")
 
-    for seed in range(args.seeds):
+    own_seeds: list[int] = []
+    for seed in range(args.seed_from, args.seed_from + args.seeds):
+        own_seeds.append(seed)
         a, b = (tx.parent(ctx, s, 100 * seed + i, tag) for i in range(2))
         parents = (s.score(a) + s.score(b)) / 2
         vanilla, ens = s.score(vanilla_average([a, b])), s.score(ensemble([a, b]))
@@ -117,13 +145,16 @@ def main(argv: Sequence[str]) -> None:
         f" Floor for this model (>= {floor:.0%} of the loss gap, no gradient step on any weight): "
         + ("met." if gap >= floor else f"**not met**, {100 * (floor - gap):.1f} points short."))
     command = shlex.join(argv)
+    merged = (f"; {', '.join(map(str, seeds_run))} from {', '.join(f'`{m}`' for m in args.merge)}"
+              if args.merge else "")
     lines = [
         "# Maps beyond permutations: the residual stream and the inside of attention heads",
         "",
         f"Produced by `python -m experiments lm-maps{' ' + command if command else ''}` in "
         f"{time.perf_counter() - started:.0f} s ({torch.get_num_threads()} CPU thread(s), torch {torch.__version__}, "
-        f"on a 2-core machine shared with other jobs: read the times as rough); mean ± std over {args.seeds} "
-        "seed(s), the parents of `python -m experiments transformers` (same seeds and cache).",
+        f"on a 2-core machine shared with other jobs: read the times as rough); mean ± std over "
+        f"{len(seeds_run + own_seeds)} seed(s) (seed indices {', '.join(map(str, seeds_run + own_seeds))}{merged}"
+        "), the parents of `python -m experiments transformers` (same seeds and cache).",
         "",
         s.describe,
         "",
@@ -147,7 +178,5 @@ def main(argv: Sequence[str]) -> None:
         f"Best: **{best}**, {cell(rows[best]['loss'])} nats, {100 * gap:.1f}% of the loss gap, barrier "
         f"{cell(rows[best]['barrier'])} nats.{verdict}",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "lm_maps.md" if model_name == "llama64" else f"lm_maps-{model_name}.md"
-    (args.out / name).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    (args.out / f"{stem}.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print("\n".join(lines))
