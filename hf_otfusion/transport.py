@@ -479,5 +479,8 @@ def solve_heads(
     for ra, rb in pairs:
         a_h, b_h = a[ra].double(), b[rb].double()
         block = solve(cost[ra, rb], a_h / a_h.sum(), b_h / b_h.sum(), solver=solver, reg=reg, uniform=uniform)
-        t[ra, rb] = block.to(t.device, t.dtype) * b_h.sum().to(t.device)
+        block = block.to(t.device, t.dtype)
+        # columns summing to b exactly, as in the shared case: a permutation block's map then has entries of exactly
+        # one (scaling by b_h.sum() left them one ulp off, which weight matching took for "not a permutation")
+        t[ra, rb] = block / block.sum(0, keepdim=True).clamp_min(1e-300) * b_h.to(t.device, t.dtype)[None, :]
     return t

@@ -204,3 +204,28 @@ def test_a_timm_vit_stream_through_layernorm_takes_maps_that_keep_the_ones():
     fused = fuse([a, b], residual="orthogonal", head_maps="orthogonal", sweeps=2, weights=[0, 1], example_input=x,
                  progress=False)
     assert relative(fused(x), b(x)) < 1e-8
+
+
+def pythia(seed: int) -> torch.nn.Module:
+    """A float64 GPT-NeoX with Pythia's layout (rotary on a quarter of each head, parallel residual, fused per-head
+    qkv, untied head), every parameter random."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=32, use_parallel_residual=True)
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(cfg).double().eval()
+    randomise_state(model, None, seed)
+    return model
+
+
+def test_a_pythia_stream_takes_maps_that_keep_the_ones_and_weight_matching_runs_on_its_partial_rotary_heads():
+    a, b = pythia(0), pythia(1)
+    ep = export_model(a, X)
+    found = rotatable(a, build_plan(a, X, exported=ep), ep, X)
+    assert found.centred == found.spaces and len(found.spaces) == 1  # the LayerNorm stream, every gain folded
+    # weight matching on the fused per-head qkv (its head-coupled solve must give exact permutations)
+    fused = fuse([a, b], residual="orthogonal", head_maps="orthogonal", sweeps=2, weights=[0, 1], example_input=X,
+                 progress=False)
+    assert relative(logits(fused), logits(b)) < 1e-8
+    assert relative(logits(fuse([a, b], sweeps=2, example_input=X, progress=False)), logits(b)) > 1e-2

@@ -204,3 +204,20 @@ def test_shared_heads_get_one_map_inside_every_head_and_block_zero_members_hold_
     moved = transport_axis(one_head, m, shared)
     torch.testing.assert_close(moved, one_head[sigma])
     assert shared.positions().tolist() == list(range(d)) * heads
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("n, heads", [(24, 4), (48, 8), (72, 12)])
+def test_head_blocks_of_a_permutation_map_channels_with_weights_of_exactly_one(n, heads, shared):
+    # uniform marginals 1/n: the blocks' columns must sum to b exactly, so that the map is the permutation itself
+    # (weight matching starts from it); scaling a block by its head's mass left these sizes one ulp off
+    gen = torch.Generator().manual_seed(0)
+    d = n // heads
+    inner = torch.randperm(d, generator=gen)
+    cost = torch.ones(n, n)
+    for h in range(heads):
+        cost[h * d + inner, h * d + torch.arange(d)] = 0.0
+    b = marginal(n)
+    m = barycentric_map(solve_heads(cost, b, b.clone(), heads, list(range(heads)), shared=shared), b)
+    assert m.scale is None and m.index is not None
+    assert torch.equal(m.index, torch.cat([h * d + inner for h in range(heads)]))
