@@ -132,3 +132,33 @@ def test_fusing_a_wider_mlp_into_a_narrow_one(mnist):
     assert [p.shape for p in fused.parameters()] == [p.shape for p in narrow.parameters()]
     assert moved_from(fused, narrow)
     assert accuracy(fused, test) >= accuracy(vanilla_average([narrow, narrow2]), test) + 0.05
+
+
+def test_weights_0_1_carry_the_other_llamas_values_exactly():
+    """In float64, ``fuse([A, B], weights=[0, 1])`` holds B's values, each one exactly (a permutation of B's state);
+    the logits then agree to about 4e-7, not 1e-15, because transformers' LlamaRMSNorm computes in float32 (a
+    permuted copy of B agrees with B to the same degree)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_otfusion.verify as verify
+
+    def llama(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        model = LlamaForCausalLM(cfg).double().eval()
+        verify.randomise_state(model, None, seed)
+        return model
+
+    a, b = llama(0), llama(1)
+    x = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    fused = fuse([a, b], weights=[0, 1], example_input=x, progress=False)
+    state, ref = fused.state_dict(), b.state_dict()
+    moved = 0
+    for key, value in ref.items():
+        assert value.dtype == state[key].dtype
+        assert torch.equal(state[key].flatten().sort().values, value.flatten().sort().values), key
+        moved += not torch.equal(state[key], value)
+    assert moved >= 10  # B arrived permuted into A's basis, not as it was
+    with torch.no_grad():
+        _close(fused(x).logits, b(x).logits, tol=1e-6)
