@@ -166,6 +166,12 @@ class _PairStats:
         corr = torch.where(denom > 1e-12, cov / denom.clamp_min(1e-12), torch.zeros_like(cov))  # dead channels: 0
         return (2 * (1 - corr)).clamp_min(0).sqrt()
 
+    def similarity(self) -> torch.Tensor:
+        """The mean product of the channels' activations, ``E[a_i b_j]``: how weight matching scores a map by the
+        activations (:func:`hf_otfusion.matching.weight_matching`'s ``evidence``)."""
+        self._zeros()
+        return self.sums["cross"] / max(self.count, 1)
+
 
 @dataclass(frozen=True)
 class _Pair:
@@ -186,8 +192,11 @@ class _Costs:
     """
 
     def __init__(self, runners: Sequence[Runner], plans: Sequence[AlignmentPlan], target: int,
-                 per_site: set[str] | frozenset[str], standardize: bool, spill: str | Path | None = None):
+                 per_site: set[str] | frozenset[str], standardize: bool, spill: str | Path | None = None,
+                 similarity: bool = False):
         self.target, self.standardize, self.per_site = target, standardize, per_site
+        self.similar: list[dict[str, torch.Tensor] | None] = [
+            None if k == target or not similarity else {} for k in range(len(plans))]
         plan_t = plans[target]
         self.stats: dict[tuple[int, str, int], _PairStats] = {}
         self.pairs: list[_Pair] = []
@@ -251,7 +260,10 @@ class _Costs:
     def finish(self, key: tuple[int, str, int]) -> None:
         k, name, _ = key
         parts = self.parts.setdefault((k, name), [])
-        parts.append(self.stats.pop(key).distance(self.standardize))
+        stats = self.stats.pop(key)
+        parts.append(stats.distance(self.standardize))
+        if (similar := self.similar[k]) is not None:  # a space's sites summed
+            similar[name] = similar[name] + stats.similarity() if name in similar else stats.similarity()
         if len(parts) == self.n_keys[(k, name)]:
             del self.parts[(k, name)]
             self.costs[k][name] = _mean_of_scaled(parts) if name in self.per_site else parts[0]
@@ -284,7 +296,29 @@ def activation_costs(
     layerwise: bool = False,
     spill: str | Path | None = None,
 ) -> list[MutableMapping[str, torch.Tensor] | None]:
-    """Per model (None for the target): space name -> (n_model, n_target) Euclidean activation distances.
+    """Per model (None for the target): space name -> (n_model, n_target) Euclidean activation distances
+    (:func:`activation_statistics` without the similarities).
+    """
+    return activation_statistics(runners, plans, target, calibration, per_site=per_site, standardize=standardize,
+                                 progress=progress, layerwise=layerwise, spill=spill)[0]
+
+
+def activation_statistics(
+    runners: list[Runner],
+    plans: list[AlignmentPlan],
+    target: int,
+    calibration: Any,
+    *,
+    per_site: set[str] | frozenset[str] = frozenset(),
+    standardize: bool = False,
+    progress: bool = True,
+    layerwise: bool = False,
+    spill: str | Path | None = None,
+    similarity: bool = False,
+) -> tuple[list[MutableMapping[str, torch.Tensor] | None], list[dict[str, torch.Tensor] | None]]:
+    """Per model (None for the target): space name -> (n_model, n_target) Euclidean activation distances; and,
+    with ``similarity``, per model the space's (n_model, n_target) mean activation products ``E[a_i b_j]`` summed
+    over its sites (weight matching's activation evidence), else Nones. One run of the calibration gives both.
 
     A space's statistics are summed over all its sites; for the spaces named in ``per_site`` each site gets its
     own distance matrix instead, scaled to a mean of one, and the space's cost is their mean (every site counts
@@ -299,7 +333,7 @@ def activation_costs(
     spaces, such as an LLM read from disk. ``spill``: a folder where each finished cost matrix is written, and read
     back from when asked for (:class:`SpilledCosts`), instead of all being held in memory.
     """
-    acc = _Costs(runners, plans, target, per_site, standardize, spill)
+    acc = _Costs(runners, plans, target, per_site, standardize, spill, similarity)
     single = world()[1] == 1  # a distributed run sums every process's statistics at the end, in one order
     splittable = all(r.static_batch is None for r in runners)
     n_chunks = 0
@@ -315,7 +349,7 @@ def activation_costs(
         acc.stats[key].reduce()
     for key in list(acc.stats):
         acc.finish(key)
-    return acc.costs
+    return acc.costs, acc.similar
 
 
 def _mean_of_scaled(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -170,7 +170,10 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
                      "the output distributions), every model weight frozen"))
     if options.sweeps:
         rows.append(("weight matching", f"coordinate descent after the single pass, up to {options.sweeps} sweeps "
-                     "(every space re-solved from all its weights, kept if the total weight similarity rises)"))
+                     "(every space re-solved from all its weights, kept if the total weight similarity rises)"
+                     + ("; every space without heads also scores a map by its activations' similarity on the "
+                        "calibration data, scaled to count as much as its weights'"
+                        if options.alignment == "activations" else "")))
     if options.alignment == "activations":
         rows.append(("activations compared by", "correlation" if options.standardize else "Euclidean distance"))
     if config.calibration is not None:

@@ -106,7 +106,7 @@ class FusionParameters(_Frozen):
     residual: Literal["shared", "mean", "orthogonal"] = Field(
         "shared", description="cost of a residual stream: solved once (shared), or the mean of its writers' costs; "
         "orthogonal: any orthogonal map where the stream allows it (norm gains folded into their readers), found by "
-        "weight matching (needs sweeps >= 1, weights mode)"
+        "weight matching (needs sweeps >= 1; in activations mode the stream's activations count too)"
     )
     head_maps: Literal["permutation", "orthogonal"] = Field(
         "permutation", description="inside attention heads: permutations, or any orthogonal map (a rotation per "
@@ -114,13 +114,13 @@ class FusionParameters(_Frozen):
         "target after the alignment")
     hidden_maps: Literal["permutation", "signed"] = Field(
         "permutation", description="hidden units: permutations, or a permutation and a sign per unit where a check "
-        "on the model allows it (a gated MLP's up row and down column), found by weight matching (needs sweeps >= 1, "
-        "weights mode)")
+        "on the model allows it (a gated MLP's up row and down column), found by weight matching (needs sweeps >= 1)")
     standardize: bool = Field(False, description="activations mode: compare channels by correlation")
     learn_steps: int = Field(200, ge=1, description="alignment 'learned': Adam steps on the maps")
     learn_lr: float = Field(0.01, gt=0.0, description="alignment 'learned': Adam's learning rate")
     sweeps: int = Field(0, ge=0, description="weight matching by coordinate descent (Git Re-Basin) after the single "
-                        "pass: at most this many sweeps over every space (0: none); weights mode, emd, equal widths")
+                        "pass: at most this many sweeps over every space (0: none); emd, equal widths; in activations "
+                        "mode each space without heads scores a map by its activations' similarity too")
     strict: bool = Field(False, description="refuse a plan that leaves hidden channels fixed that a permutation "
                          "could move (an op without a tracer rule, a structure the plan cannot express)")
 
@@ -178,9 +178,6 @@ class FusionParameters(_Frozen):
         for name, value in (("residual", self.residual), ("hidden_maps", self.hidden_maps)):
             if value not in ("orthogonal", "signed"):
                 continue
-            if self.alignment == "activations":
-                raise ValueError(f"{name}={value!r} is found from the weights: it needs alignment='weights' (or "
-                                 "'learned')")
             if self.sweeps < 1:
                 raise ValueError(f"{name}={value!r} is solved by weight matching: set sweeps >= 1 (e.g. 15)")
         return self

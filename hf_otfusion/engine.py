@@ -513,6 +513,7 @@ def align_sources(
     dense: frozenset[str] = frozenset(),
     inner: InnerMaps | None = None,
     centred: frozenset[str] = frozenset(),
+    evidence: Sequence[Mapping[str, torch.Tensor] | None] | None = None,
 ) -> list[dict[str, torch.Tensor] | None]:
     """The engine on tensors: align every source to the target's, space by space, handing on finished tensors.
 
@@ -526,7 +527,9 @@ def align_sources(
     folded and out of the plans: :mod:`hf_otfusion.folding`); they have no coupling; those in ``centred`` keep the
     all-ones vector (read through LayerNorm). ``inner``: maps beyond
     permutations (inside attention heads, a sign per hidden unit) that weight matching fits as it goes
-    (:func:`hf_otfusion.matching.weight_matching`).
+    (:func:`hf_otfusion.matching.weight_matching`). ``evidence``: with ``costs`` (activations) and ``sweeps``, per
+    model its activation similarities per space (``activations.activation_statistics``), which weight matching adds
+    to the weights' (required there: weight matching on activations scores maps by both).
 
     Returns:
         Each model's coupling per space (None for the target); empty dicts with ``couplings=False``, which keeps
@@ -543,8 +546,12 @@ def align_sources(
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
         given = _stream_couplings(sources, plans, target, device, first, opts)
     if sweeps:
-        check_sweeps(sweeps, "weights" if all(c is None for c in costs) else "activations", opts.solver,
-                     opts.marginals)
+        activations = any(c is not None for c in costs)
+        check_sweeps(sweeps, "activations" if activations else "weights", opts.solver, opts.marginals)
+        if activations and evidence is None:
+            raise FusionError(f"sweeps={sweeps} with alignment='activations' scores maps by the activations' "
+                              "similarities too: they were not given (fuse computes them; a fusion from disk "
+                              "cannot)")
         for k, plan_k in enumerate(plans):
             for space, space_t in zip(plan_k.spaces, plans[target].spaces, strict=True):
                 if space.size != space_t.size:
@@ -553,7 +560,7 @@ def align_sources(
                                       "in the target (fuse other widths with sweeps=0)")
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
         given = matched_couplings(sources, plans, target, device, first, sweeps, seed, opts.match_heads, dense,
-                                  inner, centred)
+                                  inner, centred, evidence)
     elif dense:
         raise FusionError("orthogonal maps of residual streams are solved by weight matching: set sweeps >= 1")
     walkers = _walk(sources, plans, target, device, costs, given, opts, finished, progress,

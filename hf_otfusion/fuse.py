@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import activation_costs, first_batch
+from .activations import activation_statistics, first_batch
 from .checkpoint import StateSource
 from .config import FusionParameters, resolve_options
 from .distributed import is_main
@@ -261,7 +261,8 @@ def fuse(
         match_heads: match attention heads to heads before the channels inside them (default True).
         residual: ``"shared"`` or ``"mean"``: how the cost of a residual stream is made (see above);
             ``"orthogonal"``: any orthogonal map where the stream allows it, norm gains folded into the layers that
-            read them, solved by weight matching (``sweeps >= 1``; :mod:`hf_otfusion.folding`).
+            read them, solved by weight matching (``sweeps >= 1``, with the stream's activations in activations
+            mode; :mod:`hf_otfusion.folding`).
         head_maps: ``"permutation"`` (default) or ``"orthogonal"``: inside each attention head an orthogonal map (a
             rotation per channel pair where rotary embeddings allow only that), fitted to the target
             (:mod:`hf_otfusion.head_maps`). Every such map is checked on a randomised copy of the model first; a
@@ -282,8 +283,11 @@ def fuse(
             inner products between the target's and the model's tensors along every member axis (incoming and
             outgoing weights, norms, biases, heads); a step is kept only if the total weight similarity rises.
             At most ``sweeps`` passes, fewer when one changes nothing; 0 (default): the single pass alone. Needs
-            weights mode, ``solver="emd"``, uniform marginals and the target's widths; each model is matched to
-            the target. ``hf_otfusion.matching.recording`` collects the objective per sweep.
+            ``solver="emd"``, uniform marginals and the target's widths; each model is matched to the target.
+            In activations mode, the single pass is the activations' and every space without heads (MLP units,
+            residual streams, including an orthogonal stream) scores a map by the sum of its weights' similarity
+            and its activations' (``E[a_i b_j]`` on ``calibration``, scaled to the same Frobenius norm).
+            ``hf_otfusion.matching.recording`` collects the objective per sweep.
         strict: the merge command's check of the plan (``hf_otfusion.merge``); ``fuse`` uses the plan it is given.
 
     Returns:
@@ -386,12 +390,15 @@ def fuse(
     fitted = AllMaps(tuple(beyond)) if beyond else None  # fitted during weight matching and after the alignment
 
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
+    evidence = None  # weight matching in activations mode: the activations' similarities count too
     if alignment == "activations":
         runners = [Runner(exported.get(i, ep_t), m, dev) for i, m in enumerate(models)]
         streams = {s.name for s in plan_t.spaces if s.kind == "residual"} if opts.residual == "mean" else set()
         with timed("activations"):
-            costs = activation_costs(runners, plans, target, calibration, per_site=streams,
-                                     standardize=opts.standardize, progress=progress)
+            costs, similar = activation_statistics(runners, plans, target, calibration, per_site=streams,
+                                                   standardize=opts.standardize, progress=progress,
+                                                   similarity=opts.sweeps > 0)
+        evidence = similar if opts.sweeps else None
         del runners
 
     fused: State = {}
@@ -416,7 +423,7 @@ def fuse(
     sources = [StateSource(s) for s in states]
     couplings = align_sources(sources, plans, average, target=target, costs=costs, options=opts, device=dev,
                               progress=progress, couplings="couplings" in repair.needs and aligned is None,
-                              dense=dense, inner=fitted, centred=centred)
+                              dense=dense, inner=fitted, centred=centred, evidence=evidence)
     if pending and fitted is not None:
         per_model = [{name: values[k] for name, values in pending.items()} for k in range(len(models))]
         with timed("inner maps"):

@@ -186,6 +186,29 @@ def _similarity(state: State, target_state: State, space: Space, untiled: Abstra
     return values if values is not None else channel_similarity(state, target_state, space, untiled)
 
 
+def _scaled_evidence(state: State, target_state: State, plan: AlignmentPlan, evidence: Mapping[str, torch.Tensor],
+                     inner: InnerMaps | None) -> dict[str, torch.Tensor]:
+    """``evidence`` of the spaces that take it (no heads, no inner map of their channels), float64, each scaled to
+    the Frobenius norm of its space's weight similarity in ``state``."""
+    out = {}
+    for name, e in evidence.items():
+        space = plan.space(name)
+        if space.heads > 1 or (inner is not None and inner.channel_values(state, target_state, space) is not None):
+            continue
+        if tuple(e.shape) != (space.size, space.size):
+            raise FusionError(f"evidence for space {name!r} has shape {tuple(e.shape)}, not ({space.size}, "
+                              f"{space.size})")
+        weights, own = channel_similarity(state, target_state, space).norm(), e.double().norm()
+        if float(own) > 0:
+            out[name] = e.double().cpu() * float(weights / own)
+    return out
+
+
+def _moved_rows(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The evidence of a space after its map ``q`` (an assignment: row j takes row q[j]; or an orthogonal matrix)."""
+    return q.double() @ e if q.is_floating_point() else e[q]
+
+
 def procrustes(similarity: torch.Tensor, keep_ones: bool = False) -> torch.Tensor:
     """The orthogonal ``M`` maximising ``trace(M S)`` for ``S = similarity`` (target channel ``j`` <- sum_i
     ``M[j, i]`` channel ``i``); ``keep_ones``: among the maps with ``M 1 = 1`` (a stream read through LayerNorm),
@@ -276,6 +299,7 @@ def weight_matching(
     dense: AbstractSet[str] = frozenset(),
     inner: InnerMaps | None = None,
     centred: AbstractSet[str] = frozenset(),
+    evidence: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[State, MatchingResult]:
     """Coordinate descent on the permutations of every space, starting from ``state`` as it is.
 
@@ -290,6 +314,12 @@ def weight_matching(
     and after each new permutation of a space that takes them (so that every step is judged with them in place),
     whose head-to-head (or channel-to-channel) values match the heads (channels) of the spaces that take them;
     they are not in the result (whoever passed them fits them again on the final alignment).
+    ``evidence``: per space, an (n, n) similarity of its channels by another measure (the activations' ``E[a_i b_j]``
+    on calibration data), rows in ``state``'s order and columns in the target's. It is scaled to the Frobenius norm
+    of the space's weight similarity at the start and added to it, and the objective gains ``trace(M E)`` for the
+    space's map ``M``: a space's own activations move with its own map only, so the sum stays exact as the other
+    spaces move. Spaces with heads or with inner maps of their own channels take none (their channels change
+    basis with maps the evidence does not follow).
     """
     if sweeps < 0:
         raise FusionError(f"sweeps must be >= 0, got {sweeps}")
@@ -301,7 +331,8 @@ def weight_matching(
     cur: State = dict(state)
     tgt: State = dict(target_state)
     result = MatchingResult(perms={s.name: torch.arange(s.size) for s in plan.spaces})
-    total = weight_similarity(cur, tgt, plan)
+    ev = _scaled_evidence(cur, tgt, plan, evidence or {}, inner)
+    total = weight_similarity(cur, tgt, plan) + sum(float(e.trace()) for e in ev.values())
     result.objective.append(total)
     units = _units(plan, heads)
     query_axes = plan.query_axes()
@@ -309,17 +340,20 @@ def weight_matching(
     for _ in range(sweeps):
         if inner is not None:
             cur = inner.fit(cur, tgt)
-            total = weight_similarity(cur, tgt, plan)
+            total = weight_similarity(cur, tgt, plan) + sum(float(e.trace()) for e in ev.values())
         changed = 0
         for u in torch.randperm(len(units), generator=gen).tolist():
             spaces = units[u]
             sims = [_similarity(cur, tgt, sp, frozenset() if sp.queries else query_axes, inner) for sp in spaces]
+            sims = [s + ev[sp.name].to(s.device) if sp.name in ev else s for s, sp in zip(sims, spaces, strict=True)]
             values = [inner.head_values(cur, tgt, sp) for sp in spaces] if inner is not None else []
             qs = [q.cpu() for q in _solve_unit(sims, spaces, heads, dense, values, centred)]
             if all(_identity(q) for q in qs):
                 continue
             names = list(dict.fromkeys(m.tensor for sp in spaces for m in sp.members))
-            old = sum(_dot(cur[t], tgt[t]) for t in names)
+            old = sum(_dot(cur[t], tgt[t]) for t in names) + sum(float(ev[sp.name].trace()) for sp in spaces
+                                                                  if sp.name in ev)
+            new_ev = {sp.name: _moved_rows(ev[sp.name], q) for sp, q in zip(spaces, qs, strict=True) if sp.name in ev}
             scale = sum(float(cur[t].double().norm() * tgt[t].double().norm()) for t in names
                         if cur[t].is_floating_point())
             new_state = {t: cur[t] for t in names}
@@ -329,9 +363,10 @@ def weight_matching(
                     new_state[m.tensor] = transport_axis(new_state[m.tensor], m_map, sp.layout(m))
                 if inner is not None:
                     new_state = inner.fit_space(new_state, tgt, sp)
-            new = sum(_dot(new_state[t], tgt[t]) for t in names)
+            new = sum(_dot(new_state[t], tgt[t]) for t in names) + sum(float(e.trace()) for e in new_ev.values())
             if new > old + 1e-10 * scale:  # ties keep the current map, so the descent cannot cycle
                 cur.update(new_state)
+                ev.update(new_ev)
                 total += new - old
                 for sp, q in zip(spaces, qs, strict=True):
                     if q.is_floating_point():
@@ -357,20 +392,25 @@ def check_sweeps(sweeps: int, alignment: str = "weights", solver: str = "emd", m
         raise FusionError(f"sweeps must be an integer >= 0, got {sweeps!r}")
     if not sweeps:
         return
-    for name, value, needed in (("alignment", alignment, "weights"), ("solver", solver, "emd"),
-                                ("marginals", marginals, "uniform")):
+    if alignment not in ("weights", "activations"):
+        raise FusionError(f"sweeps={sweeps} (weight matching by coordinate descent) needs alignment='weights' (or "
+                          f"'activations', whose similarities it adds to the weights'), got {alignment!r}")
+    for name, value, needed in (("solver", solver, "emd"), ("marginals", marginals, "uniform")):
         if value != needed:
             raise FusionError(f"sweeps={sweeps} (weight matching by coordinate descent) needs {name}={needed!r}, "
-                              f"got {value!r}: it improves permutations, found from the weights alone")
+                              f"got {value!r}: it improves permutations by exact assignments")
 
 
 def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[AlignmentPlan], target: int,
                       device: torch.device, walkers: Sequence[Walker | None], sweeps: int, seed: int,
                       heads: bool, dense: AbstractSet[str] = frozenset(), inner: InnerMaps | None = None,
-                      centred: AbstractSet[str] = frozenset()) -> list[dict[str, torch.Tensor | ChannelMap]]:
+                      centred: AbstractSet[str] = frozenset(),
+                      evidence: Sequence[Mapping[str, torch.Tensor] | None] | None = None,
+                      ) -> list[dict[str, torch.Tensor | ChannelMap]]:
     """``sweeps > 0``: each model's permutations of the single pass improved by coordinate descent against the
     target (:func:`hf_otfusion.matching.weight_matching`), as couplings for the final walk; the spaces in ``dense``
-    as their orthogonal maps (a :class:`ChannelMap`, no coupling)."""
+    as their orthogonal maps (a :class:`ChannelMap`, no coupling). ``evidence``: per model, its activation
+    similarities to the target's per space (rows in the model's own channel order), added to weight matching's."""
     from .engine import Aligner
 
     target_plan = plans[target]
@@ -388,9 +428,11 @@ def matched_couplings(sources: Sequence[TensorSource], plans: Sequence[Alignment
                 raise FusionError(f"sweeps: the map of space {space.name!r} for model {k} is not a permutation")
             aligner.apply(space, m_map)
         state = {name: aligner.release(name) for name in names}
+        own = (evidence[k] if evidence is not None else None) or {}
+        aligned = {name: e[walker.maps[name].index.to(e.device)] for name, e in own.items()}  # the single pass's order
         with timed("matching"):
             _, result = weight_matching(state, target_state, target_plan, sweeps=sweeps, seed=seed, heads=heads,
-                                        dense=dense, inner=inner, centred=centred)
+                                        dense=dense, inner=inner, centred=centred, evidence=aligned)
         record(result)
         for space in target_plan.spaces:
             n = space.size

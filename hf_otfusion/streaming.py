@@ -154,7 +154,8 @@ def average_sources(
             return writer.close()
 
 
-def _disk_options(options: FusionParameters | None, overrides: Mapping[str, Any], caller: str) -> FusionParameters:
+def _disk_options(options: FusionParameters | None, overrides: Mapping[str, Any], caller: str,
+                  calibrated: bool = False) -> FusionParameters:
     """The fusion options of a fusion from disk, validated once; a ``FusionError`` for a repair (it runs the fused
     model, which a fusion from disk never holds)."""
     opts = resolve_options(options, overrides, caller=caller)
@@ -165,6 +166,9 @@ def _disk_options(options: FusionParameters | None, overrides: Mapping[str, Any]
         raise FusionError(f"{caller} reads tensors from disk as the plan needs them: residual='orthogonal', "
                           "head_maps='orthogonal' and hidden_maps='signed' are checked on the model and need the "
                           "models in memory (use fuse)")
+    if opts.sweeps and (opts.alignment == "activations" or calibrated):
+        raise FusionError(f"{caller}: weight matching (sweeps) on activations adds their similarities to the "
+                          "weights', which needs the models in memory (use fuse)")
     return opts
 
 
@@ -233,7 +237,7 @@ def fuse_checkpoints(
         >>> plan = build_plan(mlp, torch.empty(2, 4096, device="meta"))
         >>> files = fuse_checkpoints(["run-a", "run-b"], "fused", plan)  # doctest: +SKIP
     """
-    opts = _disk_options(options, overrides, "fuse_checkpoints")
+    opts = _disk_options(options, overrides, "fuse_checkpoints", calibration is not None)
     if calibration is None and opts.alignment == "activations":
         raise FusionError("fuse_checkpoints: alignment 'activations' needs calibration= (and model=)")
     sources = [SafetensorsSource(path) for path in checkpoints]

@@ -20,6 +20,7 @@ from hf_otfusion.folding import (
     rotate,
     without_gains,
 )
+from hf_otfusion.matching import recording as matching_recording
 from hf_otfusion.trace import export_model
 from hf_otfusion.verify import randomise_state
 
@@ -176,14 +177,28 @@ def test_orthogonal_residual_options_are_checked():
     a, b = llama(0, layers=1), llama(1, layers=1)
     with pytest.raises(FusionError, match="sweeps >= 1"):
         fuse([a, b], residual="orthogonal", example_input=X, progress=False)
-    with pytest.raises(FusionError, match="alignment='weights'"):
-        fuse([a, b], residual="orthogonal", sweeps=2, alignment="activations", calibration=X, progress=False)
     from hf_otfusion.streaming import fuse_checkpoints
 
     with pytest.raises(FusionError, match="in memory"):
         fuse_checkpoints(["x", "y"], "out", residual="orthogonal", sweeps=2)
     with pytest.raises(FusionError, match="in memory"):
         fuse_checkpoints(["x", "y"], "out", head_maps="orthogonal")
+    with pytest.raises(FusionError, match="in memory"):  # weight matching on activations, from disk
+        fuse_checkpoints(["x", "y"], "out", sweeps=2, model=a, calibration=X)
+
+
+def test_orthogonal_residual_in_activations_mode_counts_the_streams_activations():
+    a, b = llama(0), llama(1)
+    calibration = [torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    options = dict(residual="orthogonal", sweeps=3, example_input=X, progress=False, calibration=calibration)
+    fused = fuse([a, b], alignment="activations", weights=[0, 1], **options)
+    assert relative(logits(fused), logits(b)) < 1e-6
+    with matching_recording() as by_activations:
+        fuse([a, b], alignment="activations", **options)
+    with matching_recording() as by_weights:
+        fuse([a, b], alignment="weights", **options)
+    # the stream's activations enter the objective (trace(M E) > 0 for the activations' own single pass)
+    assert by_activations[0].objective[0] != pytest.approx(by_weights[0].objective[0])
 
 
 def test_a_timm_vit_stream_through_layernorm_takes_maps_that_keep_the_ones():

@@ -90,8 +90,7 @@ def test_sweeps_refuse_what_is_not_a_permutation(family):
     for kwargs, match in [({"sweeps": -1}, "sweeps must be an integer >= 0"),
                           ({"sweeps": 1.5}, "sweeps must be an integer"),
                           ({"sweeps": 2, "solver": "sinkhorn"}, "needs solver='emd'"),
-                          ({"sweeps": 2, "marginals": "importance"}, "needs marginals='uniform'"),
-                          ({"sweeps": 2, "alignment": "activations", "calibration": x}, "needs alignment='weights'")]:
+                          ({"sweeps": 2, "marginals": "importance"}, "needs marginals='uniform'")]:
         with pytest.raises(FusionError, match=match):
             fuse([model, permuted], example_input=x, progress=False, **kwargs)
     narrow = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
@@ -114,5 +113,36 @@ def test_card_names_the_sweeps():
 
     two = [{"model": "a"}, {"model": "b"}]
     rows = dict(_fusion_options(parse_config({"models": two, "parameters": {"sweeps": 4}})))
-    assert "up to 4 sweeps" in rows["weight matching"]
+    assert "up to 4 sweeps" in rows["weight matching"] and "activations" not in rows["weight matching"]
+    on_activations = parse_config({"models": two, "parameters": {"sweeps": 2, "alignment": "activations"},
+                                   "calibration": {"dataset": "org/digits"}})
+    assert "activations' similarity" in dict(_fusion_options(on_activations))["weight matching"]
     assert "weight matching" not in dict(_fusion_options(parse_config({"models": two})))
+
+
+def test_evidence_of_a_space_enters_its_solve_and_the_objective():
+    """Two unrelated MLPs; ``evidence`` that prefers one assignment of the hidden units: weight matching follows
+    it (it is scaled to the weights' similarity, and a permutation's trace beats the weights' noise), and the
+    objective is the weights' similarity plus the evidence's trace after the map."""
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)) for _ in range(2))
+    x = torch.randn(2, 6)
+    plan = build_plan(b, x)
+    (space,) = plan.spaces
+    state, target = a.state_dict(), b.state_dict()
+    wanted = torch.randperm(12, generator=torch.Generator().manual_seed(1))  # target unit j <- unit wanted[j]
+    evidence = torch.zeros(12, 12, dtype=torch.float64)
+    evidence[wanted, torch.arange(12)] = 1.0
+    plain, plain_result = weight_matching(state, target, plan, sweeps=3)
+    moved, result = weight_matching(state, target, plan, sweeps=3, evidence={space.name: evidence})
+    assert torch.equal(result.perms[space.name], wanted)
+    assert not torch.equal(plain_result.perms[space.name], wanted)  # the weights alone choose otherwise
+    assert torch.equal(moved["0.weight"], state["0.weight"][wanted])
+    weights = sum(state[t].double().reshape(12, -1) @ target[t].double().reshape(12, -1).T
+                  for t in ("0.weight", "0.bias")) + state["2.weight"].double().T @ target["2.weight"].double()
+    scale = float(weights.norm() / evidence.norm())  # the evidence counts as much as the weights
+    start = weight_similarity(state, target, plan) + scale * float(evidence.trace())
+    assert result.objective[0] == pytest.approx(start, rel=1e-6)
+    assert result.objective[-1] == pytest.approx(weight_similarity(moved, target, plan) + scale * 12, rel=1e-6)
+    with pytest.raises(FusionError, match="evidence for space"):
+        weight_matching(state, target, plan, sweeps=1, evidence={space.name: torch.zeros(3, 3)})
