@@ -57,6 +57,13 @@ ROWS: dict[str, dict[str, Any]] = {
     "residual orthogonal, head maps, signed units + refit (stream target)": dict(
         residual="orthogonal", head_maps="orthogonal", hidden_maps="signed", sweeps=SWEEPS, repair="refit",
         repair_parameters=STREAM),
+    f"activations + weight matching ({SWEEPS} sweeps) + refit": dict(alignment="activations", sweeps=SWEEPS,
+                                                                      repair="refit"),
+    "activations, residual orthogonal, head maps": dict(alignment="activations", residual="orthogonal",
+                                                        head_maps="orthogonal", sweeps=SWEEPS),
+    "activations, residual orthogonal, head maps + refit (stream target)": dict(
+        alignment="activations", residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS, repair="refit",
+        repair_parameters=STREAM),
     f"learned ({LEARN_STEPS} steps), residual orthogonal, head maps": dict(
         alignment="learned", residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS, learn_steps=LEARN_STEPS),
     f"learned ({LEARN_STEPS} steps), residual orthogonal, head maps + refit (stream target)": dict(
@@ -166,7 +173,10 @@ def main(argv: Sequence[str]) -> None:
         "pair, fitted before every sweep and on the final alignment. `+ refit`: `repair=\"refit\"` (the closed-form "
         "refit on 300 calibration sequences; `stream target`: `repair_parameters={\"target\": \"stream\"}`). "
         "`signed units`: `hidden_maps=\"signed\"`, each MLP unit matched up to the sign of its up row and down column "
-        f"inside weight matching. `learned`: `alignment=\"learned\"`, `learn_steps={args.learn_steps}` (Adam, lr 0.01, "
+        "inside weight matching. `activations`: `alignment=\"activations\"` (the single pass on the calibration "
+        "sequences' activations), and weight matching then scores each space without heads (MLP units, the stream) "
+        "by its weights' similarity plus its activations' (`E[a_i b_j]`, scaled to the same Frobenius norm). "
+        f"`learned`: `alignment=\"learned\"`, `learn_steps={args.learn_steps}` (Adam, lr 0.01, "
         "the default): the same maps (the value heads' maps any invertible map, not only orthogonal), plus a scale per "
         "MLP unit (up row times it, down column divided), then trained on the calibration sequences against the "
         "parents' ensemble (KL of the next-token distributions), every model weight frozen: gradients reach only the "
