@@ -21,6 +21,7 @@ STEMS = {"special": "noniid", "labels": "noniid-labels", "fraction": "noniid-fra
 TITLES = {"special": "one special digit", "labels": "digits 0-4 / 5-9", "fraction": "10% / 90% of the images",
           "dirichlet": "a Dirichlet split"}
 STREAM_REFIT = "OT (activations) + refit (stream target)"
+MATCHED_REFIT = "OT (activations) + weight matching + refit"  # sweeps=15: the activations' similarity counts too
 SWEPT = ("vanilla average", "ensemble", "OT (activations)", "OT (activations) + REPAIR", "OT (activations) + refit",
          STREAM_REFIT)
 
@@ -92,6 +93,8 @@ def candidates_at(parents: list[nn.Module], ctx: Ctx, weights: list[float] | Non
     """Every method at one weighting of the parents (``streamed``: also the refit with its stream target)."""
     found = {"vanilla average": vanilla_average(parents, weights), "ensemble": ensemble(parents, weights),
              **fusions(parents, ctx, weights=weights, refit=True)}
+    found[MATCHED_REFIT] = fuse(parents, weights=weights, alignment="activations", calibration=ctx.calib,
+                                example_input=ctx.calib[:2], progress=False, repair="refit", sweeps=15)
     if streamed:
         found[STREAM_REFIT] = fuse(parents, weights=weights, alignment="activations", calibration=ctx.calib,
                                    example_input=ctx.calib[:2], progress=False, repair="refit",
@@ -153,14 +156,16 @@ def run(ctx: Ctx) -> Path:
                  "training step after fusion. The refit (`repair=\"refit\"`) fits each layer onto the weighted mean "
                  "of the parents' outputs of that layer at the same weights, so its last layer is fitted onto the "
                  "weighted mean of the parents' logits; the stream-target row (ResNet) adds "
-                 "`repair_parameters={\"target\": \"stream\"}`.", ""]
+                 "`repair_parameters={\"target\": \"stream\"}`. The weight-matching row adds `sweeps=15`: after the "
+                 "activations' single pass, weight matching scores each space's map by its weights' similarity plus "
+                 "its activations' (`E[a_i b_j]` on the calibration images).", ""]
     for name, table in groups.items():
         body += [f"## {name}", "", *table.markdown(columns, scales={"weight": 1.0, "margin": 100.0, "beats": None}),
                  ""]
     rows = [*(["model A", "model B"] if two else [f"model {i}" for i in range(a.parties)]),
             "vanilla average", "ensemble", "OT (weights)", "OT (weights) + BN reset", "OT (weights) + REPAIR",
             "OT (activations)", "OT (activations) + BN reset", "OT (activations) + REPAIR", "OT (weights) + refit",
-            "OT (activations) + refit", STREAM_REFIT]
+            "OT (activations) + refit", MATCHED_REFIT, STREAM_REFIT]
     plot_bars(a.out / f"{stem}.png", groups, rows, "acc", f"non-i.i.d. fusion ({TITLES[a.split]}): accuracy on all "
               "test digits", xlim=(0, 104))
     body += [f"![non-i.i.d. fusion]({stem}.png)", ""]
