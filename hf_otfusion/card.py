@@ -167,13 +167,16 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
         rows.append(("learned maps", f"the maps beyond permutations (any invertible map per value head, and a scale "
                      f"per MLP unit, where a check on the model allows it) trained for {options.learn_steps} Adam "
                      f"steps (lr {options.learn_lr:g}) on the calibration data against the parents' ensemble (KL of "
-                     "the output distributions), every model weight frozen"))
+                     "the output distributions), every model weight frozen"
+                     + (", starting from the alignment on the weights and the calibration data's activations"
+                        if options.learn_from == "activations" else "")))
     if options.sweeps:
         rows.append(("weight matching", f"coordinate descent after the single pass, up to {options.sweeps} sweeps "
                      "(every space re-solved from all its weights, kept if the total weight similarity rises)"
                      + ("; every space without heads also scores a map by its activations' similarity on the "
                         "calibration data, scaled to count as much as its weights'"
-                        if options.alignment == "activations" else "")))
+                        if options.alignment == "activations" or options.alignment == "learned"
+                        and options.learn_from == "activations" else "")))
     if options.alignment == "activations":
         rows.append(("activations compared by", "correlation" if options.standardize else "Euclidean distance"))
     if config.calibration is not None:

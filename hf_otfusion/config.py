@@ -118,6 +118,9 @@ class FusionParameters(_Frozen):
     standardize: bool = Field(False, description="activations mode: compare channels by correlation")
     learn_steps: int = Field(200, ge=1, description="alignment 'learned': Adam steps on the maps")
     learn_lr: float = Field(0.01, gt=0.0, description="alignment 'learned': Adam's learning rate")
+    learn_from: Literal["weights", "activations"] = Field(
+        "weights", description="alignment 'learned': the matching its maps start from (weight matching on the weights, "
+        "or on the weights and the calibration data's activations, as alignment 'activations' with sweeps)")
     sweeps: int = Field(0, ge=0, description="weight matching by coordinate descent (Git Re-Basin) after the single "
                         "pass: at most this many sweeps over every space (0: none); emd, equal widths; in activations "
                         "mode each space without heads scores a map by its activations' similarity too")
@@ -170,7 +173,8 @@ class FusionParameters(_Frozen):
 
     @model_validator(mode="after")
     def _orthogonal(self) -> FusionParameters:
-        if self.alignment != "learned" and (unused := {"learn_steps", "learn_lr"} & self.model_fields_set):
+        unused = {"learn_steps", "learn_lr", "learn_from"} & self.model_fields_set
+        if self.alignment != "learned" and unused:
             raise ValueError(f"{sorted(unused)[0]}: only alignment='learned' trains maps")
         if self.alignment == "learned" and self.residual != "orthogonal" and self.head_maps != "orthogonal":
             raise ValueError("alignment='learned' trains the maps beyond permutations: set residual='orthogonal' "

@@ -253,7 +253,8 @@ def fuse(
         alignment: ``"weights"`` (data-free), ``"activations"`` (needs ``calibration``) or ``"learned"``: weights
             alignment, then the maps beyond permutations (below) trained for ``learn_steps`` Adam steps
             (``learn_lr``) on ``calibration`` against the parents' ensemble, every weight frozen
-            (:mod:`hf_otfusion.learned`).
+            (:mod:`hf_otfusion.learned`); ``learn_from="activations"`` starts them from the activations' single
+            pass and weight matching with the activations' similarity (as ``alignment="activations"``).
         solver: a registered solver (``hf_otfusion.registry.SOLVERS``): ``"emd"`` (exact; a linear assignment when
             the optimum is a permutation) or ``"sinkhorn"``.
         reg: entropic regularisation for Sinkhorn, relative to the cost's largest entry.
@@ -319,9 +320,10 @@ def fuse(
     target %= len(models)
     opts = resolve_options(options, overrides)
     alignment, repair = opts.alignment, REPAIRS.get(opts.repair)
+    learned = alignment == "learned"
     if alignment != "weights" and calibration is None:
         raise FusionError(f"alignment={alignment!r} needs calibration data (calibration=...)")
-    check_sweeps(opts.sweeps, "weights" if alignment == "learned" else alignment, opts.solver, opts.marginals)
+    check_sweeps(opts.sweeps, opts.learn_from if learned else alignment, opts.solver, opts.marginals)
     if repair.needs_data and calibration is None:
         raise FusionError(f"repair={repair.name!r} needs calibration data (calibration=...)")
     if example_input is None and calibration is not None:
@@ -336,9 +338,10 @@ def fuse(
 
     with timed("trace"):
         target_model = models[target]
-        if plan is not None and plan.expanded and (alignment == "activations" or repair.fn is not None):
+        on_activations = alignment == "activations" or learned and opts.learn_from == "activations"
+        if plan is not None and plan.expanded and (on_activations or repair.fn is not None):
             plan = None  # an expanded plan has no activation sites: trace the target's graph
-        ep_t = export_model(target_model, example_input) if plan is None or alignment == "activations" else None
+        ep_t = export_model(target_model, example_input) if plan is None or on_activations else None
         plan_t = plan if plan is not None else build_plan(target_model, example_input, exported=ep_t)
         if plan_t.verification is None and example_input is not None:  # every plan is checked before it is used
             from .verify import verify_plan
@@ -391,7 +394,7 @@ def fuse(
 
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     evidence = None  # weight matching in activations mode: the activations' similarities count too
-    if alignment == "activations":
+    if on_activations:
         runners = [Runner(exported.get(i, ep_t), m, dev) for i, m in enumerate(models)]
         streams = {s.name for s in plan_t.spaces if s.kind == "residual"} if opts.residual == "mean" else set()
         with timed("activations"):
@@ -404,7 +407,6 @@ def fuse(
     fused: State = {}
     # an orthogonal map has no coupling: a repair then gets the parents as aligned (folded, carried), not couplings
     dense_maps = bool(dense) or fitted is not None
-    learned = alignment == "learned"
     keep = learned or (dense_maps and repair.fn is not None)
     aligned: list[State] | None = [{} for _ in models] if keep else None
     held = (tensors_of(inner) if inner is not None else set()) | (signs.tensors() if signs is not None else set())

@@ -35,11 +35,29 @@ def test_learned_maps_lower_the_kl_and_keep_every_carried_function(family):
     assert all(torch.equal(out[0][k], states[0][k]) for k in states[0])  # the target is never moved
 
 
-def test_learned_with_weights_0_1_computes_the_other_model():
+@pytest.mark.parametrize("learn_from", ["weights", "activations"])
+def test_learned_with_weights_0_1_computes_the_other_model(learn_from):
     a, b = llama(0, layers=1), llama(1, layers=1)
     fused = fuse([a, b], alignment="learned", residual="orthogonal", head_maps="orthogonal", sweeps=2, learn_steps=5,
-                 weights=[0, 1], calibration=CALIBRATION, example_input=X, progress=False)
+                 weights=[0, 1], calibration=CALIBRATION, example_input=X, progress=False, learn_from=learn_from)
     assert relative(logits(fused), logits(b)) < 1e-5
+
+
+def test_learned_from_activations_starts_from_the_activations_matching():
+    from hf_otfusion.matching import recording
+
+    a, b = llama(0), llama(1)
+    options = dict(residual="orthogonal", sweeps=3, calibration=CALIBRATION, example_input=X, progress=False)
+    objectives = {}
+    for name, extra in (("activations", dict(alignment="activations")),
+                        ("learned from activations", dict(alignment="learned", learn_from="activations",
+                                                          learn_steps=1)),
+                        ("learned", dict(alignment="learned", learn_steps=1))):
+        with recording() as results:
+            fuse([a, b], **options, **extra)
+        objectives[name] = results[0].objective
+    assert objectives["learned from activations"] == pytest.approx(objectives["activations"], rel=1e-12)
+    assert objectives["learned"][-1] != pytest.approx(objectives["activations"][-1], rel=1e-6)
 
 
 def test_learned_options_are_checked():
@@ -50,6 +68,11 @@ def test_learned_options_are_checked():
         fuse([a, b], alignment="learned", head_maps="orthogonal", example_input=X, progress=False)
     with pytest.raises(FusionError, match="learn_steps: only alignment='learned'"):
         fuse([a, b], learn_steps=3, example_input=X, progress=False)
+    with pytest.raises(FusionError, match="learn_from: only alignment='learned'"):
+        fuse([a, b], learn_from="activations", alignment="activations", calibration=CALIBRATION, progress=False)
+    with pytest.raises(FusionError, match="learn_from"):
+        fuse([a, b], alignment="learned", head_maps="orthogonal", learn_from="data", calibration=CALIBRATION,
+             progress=False)
 
 
 def test_mlp_units_take_a_scale_in_up_and_its_inverse_in_down():
