@@ -66,6 +66,9 @@ ROWS: dict[str, dict[str, Any]] = {
         repair_parameters=STREAM),
     f"learned ({LEARN_STEPS} steps), residual orthogonal, head maps": dict(
         alignment="learned", residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS, learn_steps=LEARN_STEPS),
+    f"learned ({LEARN_STEPS} steps) from activations, residual orthogonal, head maps": dict(
+        alignment="learned", learn_from="activations", residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS,
+        learn_steps=LEARN_STEPS),
     f"learned ({LEARN_STEPS} steps), residual orthogonal, head maps + refit (stream target)": dict(
         alignment="learned", residual="orthogonal", head_maps="orthogonal", sweeps=SWEEPS, learn_steps=LEARN_STEPS,
         repair="refit", repair_parameters=STREAM),
@@ -176,7 +179,8 @@ def main(argv: Sequence[str]) -> None:
         "inside weight matching. `activations`: `alignment=\"activations\"` (the single pass on the calibration "
         "sequences' activations), and weight matching then scores each space without heads (MLP units, the stream) "
         "by its weights' similarity plus its activations' (`E[a_i b_j]`, scaled to the same Frobenius norm). "
-        f"`learned`: `alignment=\"learned\"`, `learn_steps={args.learn_steps}` (Adam, lr 0.01, "
+        f"`learned`: `alignment=\"learned\"` (`from activations`: `learn_from=\"activations\"`, started from the "
+        f"`activations` alignment above), `learn_steps={args.learn_steps}` (Adam, lr 0.01, "
         "the default): the same maps (the value heads' maps any invertible map, not only orthogonal), plus a scale per "
         "MLP unit (up row times it, down column divided), then trained on the calibration sequences against the "
         "parents' ensemble (KL of the next-token distributions), every model weight frozen: gradients reach only the "
