@@ -80,3 +80,25 @@ def test_orthogonal_maps_from_yaml_are_stated_in_the_card(tmp_path):
     with torch.no_grad():  # weight 0 on the target: the merge computes the other parent's function
         assert torch.allclose(merged(ids).logits, other(ids).logits, atol=1e-4)
     assert torch.equal(merged.model.norm.weight, torch.ones_like(merged.model.norm.weight))  # folded
+
+
+def test_weight_matching_on_activations_from_yaml(tmp_path):
+    """``alignment: activations`` with ``sweeps``: the merge runs weight matching that counts the activations too,
+    says so in the card, and the result is a good fusion of the bundled MNIST ResNets."""
+    data = str(EXAMPLES / "data" / "mnist")
+    parents = [str(EXAMPLES / "models" / "mnist-resnet-seed0"), str(EXAMPLES / "models" / "mnist-resnet-seed1")]
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"model": m} for m in parents],
+        "parameters": {"alignment": "activations", "sweeps": 2},
+        "calibration": {"dataset": data, "split": "train", "num_samples": 200, "batch_size": 100},
+        "evaluation": {"dataset": data, "split": "test", "num_samples": 200, "batch_size": 100},
+    }))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["merge", str(config), str(out), "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.output.splitlines()
+            if line.startswith("| ") and not line.startswith("| model")}
+    assert float(rows["OT fusion"][0]) > float(rows["vanilla average"][0]) + 40
+    card = (out / "README.md").read_text()
+    assert "up to 2 sweeps" in card and "activations' similarity on the calibration data" in card
