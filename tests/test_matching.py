@@ -21,6 +21,24 @@ def _non_decreasing(values: list[float]) -> bool:
     return all(b >= a - 1e-9 * abs(a) for a, b in zip(values, values[1:], strict=False))
 
 
+@pytest.mark.parametrize("name", ["resnet_basic", "timm_vit", "hf_bert_sdpa", "llama_gqa", "qwen3_moe"])
+def test_sweeps_on_activations_carry_the_other_model_and_match_a_permuted_copy(family, other, one_thread, name):
+    """Weight matching that counts the activations: ``weights=[0, 1]`` computes B (a copy of the target could not),
+    and a permuted copy of A fuses back into A; the objective never falls."""
+    model, x, plan, permuted = family(name)
+    b, shuffled = other(name)
+    calibration = [x]
+    with recording() as results:
+        carried = fuse([model, shuffled], weights=[0, 1], alignment="activations", calibration=calibration,
+                       example_input=x, plan=plan, sweeps=2, progress=False)
+        back = fuse([model, permuted], alignment="activations", calibration=calibration, example_input=x, plan=plan,
+                    sweeps=2, progress=False)
+    with torch.no_grad():
+        _assert_same(run(carried, x), run(b, x))
+        _assert_same(run(back, x), run(model, x))
+    assert all(_non_decreasing(r.objective) for r in results)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_sweeps_recover_a_permuted_copy_and_keep_the_target_function(family, one_thread, name):
     model, x, plan, permuted = family(name)
