@@ -527,9 +527,8 @@ def align_sources(
     folded and out of the plans: :mod:`hf_otfusion.folding`); they have no coupling; those in ``centred`` keep the
     all-ones vector (read through LayerNorm). ``inner``: maps beyond
     permutations (inside attention heads, a sign per hidden unit) that weight matching fits as it goes
-    (:func:`hf_otfusion.matching.weight_matching`). ``evidence``: with ``costs`` (activations) and ``sweeps``, per
-    model its activation similarities per space (``activations.activation_statistics``), which weight matching adds
-    to the weights' (required there: weight matching on activations scores maps by both).
+    (:func:`hf_otfusion.matching.weight_matching`); ``evidence``: with activation ``costs`` and ``sweeps``, their
+    similarities per model and space (``activations.activation_statistics``), added to the weights' in matching.
 
     Returns:
         Each model's coupling per space (None for the target); empty dicts with ``couplings=False``, which keeps
@@ -546,12 +545,9 @@ def align_sources(
         first = _walk(sources, plans, target, device, costs, given, opts, None, progress, {"maps"})
         given = _stream_couplings(sources, plans, target, device, first, opts)
     if sweeps:
-        activations = any(c is not None for c in costs)
-        check_sweeps(sweeps, "activations" if activations else "weights", opts.solver, opts.marginals)
-        if activations and evidence is None:
-            raise FusionError(f"sweeps={sweeps} with alignment='activations' scores maps by the activations' "
-                              "similarities too: they were not given (fuse computes them; a fusion from disk "
-                              "cannot)")
+        if any(c is not None for c in costs) and evidence is None:
+            raise FusionError("weight matching on activations needs their similarities (fuse computes them)")
+        check_sweeps(sweeps, "weights", opts.solver, opts.marginals)
         for k, plan_k in enumerate(plans):
             for space, space_t in zip(plan_k.spaces, plans[target].spaces, strict=True):
                 if space.size != space_t.size:
