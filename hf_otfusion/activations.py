@@ -284,25 +284,6 @@ def _groups(calibration: Any, splittable: bool, layerwise: bool) -> Iterator[tup
         yield [chunk], ahead is None
 
 
-def activation_costs(
-    runners: list[Runner],
-    plans: list[AlignmentPlan],
-    target: int,
-    calibration: Any,
-    *,
-    per_site: set[str] | frozenset[str] = frozenset(),
-    standardize: bool = False,
-    progress: bool = True,
-    layerwise: bool = False,
-    spill: str | Path | None = None,
-) -> list[MutableMapping[str, torch.Tensor] | None]:
-    """Per model (None for the target): space name -> (n_model, n_target) Euclidean activation distances
-    (:func:`activation_statistics` without the similarities).
-    """
-    return activation_statistics(runners, plans, target, calibration, per_site=per_site, standardize=standardize,
-                                 progress=progress, layerwise=layerwise, spill=spill)[0]
-
-
 def activation_statistics(
     runners: list[Runner],
     plans: list[AlignmentPlan],

@@ -22,7 +22,7 @@ from torch import nn
 from torch.export import ExportedProgram
 from tqdm.auto import tqdm
 
-from .activations import activation_costs, first_batch
+from .activations import activation_statistics, first_batch
 from .checkpoint import CheckpointError, SafetensorsSource, ShardedWriter, TensorSource
 from .config import FusionParameters, resolve_options
 from .engine import Residual, align_sources, check_compatible, check_finite
@@ -79,7 +79,7 @@ def fuse_sources(
 
     The tensors written are the target source's, in its order (``dtype``: floating tensors cast to it; named
     ``out_names[name]`` when given). ``costs``: activation costs per model and space (activations alignment, see
-    :func:`~hf_otfusion.activations.activation_costs`); weights alignment without. ``options`` and ``overrides``
+    :func:`~hf_otfusion.activations.activation_statistics`); weights alignment without. ``options`` and ``overrides``
     (``FusionParameters`` field names: ``solver``, ``reg``, ``marginals``, ``match_heads``, ``residual``,
     ``sweeps``) as in :func:`~hf_otfusion.fuse`, validated once; no repair (it needs the fused model in memory).
     Returns the files written (the shards, then the index when sharded).
@@ -209,7 +209,7 @@ def fuse_checkpoints(
     without weights but with its buffers (``accelerate.init_empty_weights(include_buffers=False)``); its graph
     is exported on the first calibration batch and run layer by layer on each checkpoint's weights, read from disk
     as each node needs them, so memory holds one layer's activations and the statistics of the spaces in flight,
-    never a model (see :func:`~hf_otfusion.activations.activation_costs`, ``layerwise``). The checkpoints must then
+    never a model (see :func:`~hf_otfusion.activations.activation_statistics`, ``layerwise``). The checkpoints must then
     share the architecture's widths.
 
     Args:
@@ -299,11 +299,11 @@ def disk_activation_costs(exported: Sequence[ExportedProgram], builds: Sequence[
     """Activation costs of models whose weights stay on disk: each model's graph (``exported``, run with the
     buffers of its weightless ``builds``) on weights read from its source as each node needs them, all models in
     lockstep, layer by layer, each finished cost written to a file in ``spill`` and read back when the walk needs
-    it (:func:`~hf_otfusion.activations.activation_costs`)."""
+    it (:func:`~hf_otfusion.activations.activation_statistics`)."""
     device = torch.device(device)
     runners = [Runner(ep, built, device, source=source, aliases=plan.aliases)
                for ep, built, source, plan in zip(exported, builds, sources, plans, strict=True)]
     streams = {s.name for s in plans[target].spaces if s.kind == "residual"} if residual == "mean" else set()
     with timed("activations"):
-        return activation_costs(runners, list(plans), target, calibration, per_site=streams,
-                                standardize=standardize, progress=progress, layerwise=True, spill=spill)
+        return activation_statistics(runners, list(plans), target, calibration, per_site=streams,
+                                     standardize=standardize, progress=progress, layerwise=True, spill=spill)[0]

@@ -8,7 +8,7 @@ import torch
 import zoo
 
 from hf_otfusion import build_plan
-from hf_otfusion.activations import SpilledCosts, _Costs, activation_costs
+from hf_otfusion.activations import SpilledCosts, _Costs, activation_statistics
 from hf_otfusion.graph import Runner
 from hf_otfusion.trace import export_model
 
@@ -30,10 +30,14 @@ def _setup(name: str, rows: int = 70):
 def test_layer_by_layer_gives_the_chunk_by_chunk_costs(name, standardize, tmp_path):
     runners, plans, calibration = _setup(name)
     streams = {s.name for s in plans[0].spaces if s.kind == "residual"}
-    chunked = activation_costs(runners, plans, 0, calibration, per_site=streams, standardize=standardize,
-                               progress=False)
-    layered = activation_costs(runners, plans, 0, calibration, per_site=streams, standardize=standardize,
-                               progress=False, layerwise=True, spill=tmp_path)
+    chunked, chunked_similar = activation_statistics(runners, plans, 0, calibration, per_site=streams,
+                                                     standardize=standardize, progress=False, similarity=True)
+    layered, layered_similar = activation_statistics(runners, plans, 0, calibration, per_site=streams,
+                                                     standardize=standardize, progress=False, layerwise=True,
+                                                     spill=tmp_path, similarity=True)
+    assert chunked_similar[0] is None and chunked_similar[1].keys() == layered_similar[1].keys()
+    for name, similar in chunked_similar[1].items():  # E[a_i b_j], the same either way
+        torch.testing.assert_close(similar, layered_similar[1][name], rtol=1e-9, atol=1e-9)
     assert isinstance(layered[1], SpilledCosts)
     assert len(list((tmp_path / "model-1").iterdir())) == len(plans[0].spaces)  # one file a space
     assert chunked[0] is None and layered[0] is None
@@ -58,7 +62,7 @@ def test_layer_by_layer_holds_only_the_spaces_in_flight(monkeypatch):
 
     monkeypatch.setattr(_Costs, "value", counting)
     for mode in ("chunked", "layered"):
-        activation_costs(runners, plans, 0, calibration, progress=False, layerwise=mode == "layered")
+        activation_statistics(runners, plans, 0, calibration, progress=False, layerwise=mode == "layered")
     n_spaces = len(plans[0].spaces)
     assert n_spaces >= 4
     assert peaks["chunked"] == n_spaces
@@ -70,7 +74,7 @@ def test_empty_calibration_is_an_error():
     from hf_otfusion.errors import FusionError
 
     with pytest.raises(FusionError, match="empty"):
-        activation_costs(runners, plans, 0, [], progress=False, layerwise=True)
+        activation_statistics(runners, plans, 0, [], progress=False, layerwise=True)
 
 
 def test_spilled_costs_read_back_what_was_written(tmp_path):

@@ -40,7 +40,7 @@ def align_pair(
     them: averaging ``(1 - w)·target + w·aligned`` is the fused model of the pair. ``options``: the fusion options
     (default: every default), as for ``fuse``.
     """
-    from ..activations import activation_costs
+    from ..activations import activation_statistics
     from ..engine import align
     from ..graph import Runner
     from ..trace import build_plan, export_model
@@ -57,7 +57,7 @@ def align_pair(
         exported = export_model(target.model, example)  # one graph serves both when the shapes are equal (as in fuse)
         runners = [Runner(exported, target.model, device),
                    Runner(exported if same_shapes else export_model(other.model, example), other.model, device)]
-        costs = activation_costs(runners, [plan, plan_o], 0, calibration, progress=False)[1]
+        costs = activation_statistics(runners, [plan, plan_o], 0, calibration, progress=False)[0][1]
     state, couplings = align(_state(other.model), plan_o, _state(target.model), plan, options, costs=costs)
     for alias, name in plan.aliases.items():
         state[alias] = state[name]
