@@ -175,8 +175,7 @@ def _fusion_options(config: MergeConfig) -> list[tuple[str, str]]:
                      "(every space re-solved from all its weights, kept if the total weight similarity rises)"
                      + ("; every space without heads also scores a map by its activations' similarity on the "
                         "calibration data, scaled to count as much as its weights'"
-                        if options.alignment == "activations" or options.alignment == "learned"
-                        and options.learn_from == "activations" else "")))
+                        if options.on_activations else "")))
     if options.alignment == "activations":
         rows.append(("activations compared by", "correlation" if options.standardize else "Euclidean distance"))
     if config.calibration is not None:

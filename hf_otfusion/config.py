@@ -187,6 +187,12 @@ class FusionParameters(_Frozen):
         return self
 
     @property
+    def on_activations(self) -> bool:
+        """Whether the alignment reads the calibration data's activations: activations mode, or learned maps started
+        from it (``learn_from="activations"``)."""
+        return self.alignment == "activations" or self.alignment == "learned" and self.learn_from == "activations"
+
+    @property
     def repair_params(self) -> BaseModel:
         """The repair's options: ``repair_parameters``, else its parameters model's defaults."""
         if self.repair_parameters is not None:

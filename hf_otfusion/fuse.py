@@ -338,10 +338,9 @@ def fuse(
 
     with timed("trace"):
         target_model = models[target]
-        on_activations = alignment == "activations" or learned and opts.learn_from == "activations"
-        if plan is not None and plan.expanded and (on_activations or repair.fn is not None):
+        if plan is not None and plan.expanded and (opts.on_activations or repair.fn is not None):
             plan = None  # an expanded plan has no activation sites: trace the target's graph
-        ep_t = export_model(target_model, example_input) if plan is None or on_activations else None
+        ep_t = export_model(target_model, example_input) if plan is None or opts.on_activations else None
         plan_t = plan if plan is not None else build_plan(target_model, example_input, exported=ep_t)
         if plan_t.verification is None and example_input is not None:  # every plan is checked before it is used
             from .verify import verify_plan
@@ -394,7 +393,7 @@ def fuse(
 
     costs: list[dict[str, torch.Tensor] | None] = [None] * len(models)
     evidence = None  # weight matching in activations mode: the activations' similarities count too
-    if on_activations:
+    if opts.on_activations:
         runners = [Runner(exported.get(i, ep_t), m, dev) for i, m in enumerate(models)]
         streams = {s.name for s in plan_t.spaces if s.kind == "residual"} if opts.residual == "mean" else set()
         with timed("activations"):
